@@ -1,0 +1,180 @@
+"""`edge-build`: the offline pipeline's command line.
+
+    edge-build keygen   --out DIR [--name NAME]       ed25519 signing key pair
+    edge-build export   MODEL_DIR OUT                 HF causal LM → ONNX with KV cache
+    edge-build quantize IN OUT [--block-size 128]     fp32 ONNX → 4-bit MatMulNBits
+    edge-build package  IN OUT --key KEY --name N     artifact → signed bundle
+    edge-build demo     --out DIR [--preset default]  a local demo model, end to end
+
+Every failure the user can fix is an `EdgeError`: printed as one line, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_runtime.errors import EdgeError
+
+
+def _print_record(record: dict) -> None:
+    print(
+        json.dumps(
+            {"stage": record["stage"], "metrics": record["metrics"], "seconds": record["seconds"]},
+            indent=2,
+        )
+    )
+
+
+def _windows(artifact: Path, count: int, length: int, text_file: Path | None) -> list[list[int]]:
+    from edge_build.corpus import stdlib_corpus
+    from edge_build.evaluate import eval_windows
+
+    texts = [text_file.read_text()] if text_file else stdlib_corpus().heldout
+    windows = eval_windows(artifact / "tokenizer.json", texts, count=count, length=length)
+    if not windows:
+        raise EdgeError(f"no {length}-token evaluation window could be cut from the text")
+    return windows
+
+
+def cmd_keygen(a: argparse.Namespace) -> None:
+    from edge_runtime.signing import generate_keypair
+
+    out = Path(a.out)
+    kid = generate_keypair(out / f"{a.name}.key", out / f"{a.name}.pub", overwrite=a.force)
+    print(
+        f"key {kid}: private {out / (a.name + '.key')} (keep secret), "
+        f"public {out / (a.name + '.pub')} (give to devices)"
+    )
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from edge_build import export
+
+    _print_record(export.run(Path(a.model_dir), Path(a.out), opset=a.opset, atol=a.atol))
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from edge_build import quantize
+
+    windows = _windows(Path(a.input), a.eval_windows, a.eval_tokens, a.eval_text)
+    _print_record(
+        quantize.run(
+            Path(a.input),
+            Path(a.out),
+            eval_windows=windows,
+            block_size=a.block_size,
+            accuracy_level=a.accuracy_level,
+            symmetric=not a.asymmetric,
+            min_top1=a.min_top1,
+            max_kl=a.max_kl,
+        )
+    )
+
+
+def cmd_package(a: argparse.Namespace) -> None:
+    from edge_build import package
+
+    path = package.run(
+        Path(a.input),
+        Path(a.out),
+        Path(a.key),
+        name=a.name,
+        version=a.version,
+        context_length=a.context_length,
+        max_new_tokens=a.max_new_tokens,
+        overwrite=a.force,
+    )
+    print(f"bundle {path}")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from edge_build.demo import build_demo
+
+    key = Path(a.key) if a.key else None
+    path = build_demo(Path(a.out), preset=a.preset, key_path=key)
+    pub = (
+        Path(a.key).with_suffix(".pub")
+        if a.key
+        else Path(a.out).with_name(Path(a.out).name + ".work") / "signing.pub"
+    )
+    print(f"bundle {path}\nverify with: edge-runtime verify {path} --pubkey {pub}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    k = sub.add_parser("keygen", help="make an ed25519 signing key pair")
+    k.add_argument("--out", default=".", help="directory for NAME.key and NAME.pub")
+    k.add_argument("--name", default="signing")
+    k.add_argument("--force", action="store_true", help="overwrite existing key files")
+    k.set_defaults(fn=cmd_keygen)
+
+    e = sub.add_parser("export", help="HF causal-LM directory → ONNX with KV cache")
+    e.add_argument("model_dir")
+    e.add_argument("out")
+    e.add_argument("--opset", type=int, default=None)
+    e.add_argument("--atol", type=float, default=1e-3, help="max |logit diff| vs PyTorch")
+    e.set_defaults(fn=cmd_export)
+
+    q = sub.add_parser("quantize", help="ONNX → 4-bit weight-only (MatMulNBits), with metrics")
+    q.add_argument("input")
+    q.add_argument("out")
+    q.add_argument("--block-size", type=int, default=128, help="group size along K")
+    q.add_argument("--accuracy-level", type=int, default=4, choices=range(5))
+    q.add_argument("--asymmetric", action="store_true", help="keep zero points")
+    q.add_argument(
+        "--eval-text",
+        type=Path,
+        default=None,
+        help="text file for the fixed evaluation windows (default: stdlib held-out)",
+    )
+    q.add_argument("--eval-windows", type=int, default=8)
+    q.add_argument("--eval-tokens", type=int, default=128)
+    q.add_argument("--min-top1", type=float, default=None, help="fail below this agreement")
+    q.add_argument("--max-kl", type=float, default=None, help="fail above this mean KL")
+    q.set_defaults(fn=cmd_quantize)
+
+    g = sub.add_parser("package", help="artifact → signed bundle")
+    g.add_argument("input")
+    g.add_argument("out")
+    g.add_argument("--key", required=True, help="ed25519 private key (edge-build keygen)")
+    g.add_argument("--name", required=True, help="model name clients will ask for")
+    g.add_argument("--version", default="0.1.0")
+    g.add_argument("--context-length", type=int, default=None)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--force", action="store_true", help="replace an existing bundle")
+    g.set_defaults(fn=cmd_package)
+
+    d = sub.add_parser("demo", help="build the local demo model into a bundle")
+    d.add_argument("--out", required=True)
+    d.add_argument("--preset", default="default", choices=["tiny", "default"])
+    d.add_argument("--key", default=None, help="signing key (default: a new one beside OUT)")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.fn(args)
+    except (EdgeError, FileExistsError) as e:
+        print(f"edge-build {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Quality measures shared by the stages: logits of an ONNX decoder over fixed token windows,
+and how two sets of logits compare (top-1 agreement, mean KL, perplexity).
+
+Everything here runs on ONNX Runtime and numpy, so a stage measures the artifact it actually
+wrote, not the framework model it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.bundle import KVCacheSpec
+from edge_runtime.engines.ort import OrtEngine
+
+
+def eval_windows(
+    tokenizer_file: Path, texts: Sequence[str], count: int, length: int
+) -> list[list[int]]:
+    """`count` windows of `length` tokens, taken in order from `texts` (deterministic)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    windows: list[list[int]] = []
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        for start in range(0, len(ids) - length + 1, length):
+            windows.append(list(ids[start : start + length]))
+            if len(windows) == count:
+                return windows
+    return windows
+
+
+def onnx_logits(
+    model: Path, kv: KVCacheSpec, windows: Sequence[Sequence[int]], threads: int | None = None
+) -> list[np.ndarray]:
+    """Full-sequence logits [S, V] per window, from an empty cache (one prefill each)."""
+    engine = OrtEngine(model, threads=threads, providers=["CPUExecutionProvider"])
+    names = {s.name for s in engine.inputs}
+    out = []
+    for w in windows:
+        n = len(w)
+        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([w], dtype=np.int64)}
+        if "attention_mask" in names:
+            feeds["attention_mask"] = np.ones((1, n), dtype=np.int64)
+        if "position_ids" in names:
+            feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+        empty = np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), dtype=kv.dtype)
+        for i in range(kv.num_layers):
+            feeds[kv.past_key.format(layer=i)] = empty
+            feeds[kv.past_value.format(layer=i)] = empty
+        host, _ = engine.run(feeds, ("logits",))
+        out.append(host["logits"][0].astype(np.float32))
+    engine.close()
+    return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(
+    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]
+) -> dict[str, float]:
+    """Top-1 agreement, mean KL(reference ‖ candidate) per token, and max |Δlogit|."""
+    if not reference:
+        raise ValueError("compare_logits needs at least one window")
+    agree = total = 0
+    kl_sum = 0.0
+    max_abs = 0.0
+    for ref, cand in zip(reference, candidate, strict=True):
+        agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        total += ref.shape[0]
+        lp, lq = _log_softmax(ref), _log_softmax(cand)
+        kl_sum += float((np.exp(lp) * (lp - lq)).sum())
+        max_abs = max(max_abs, float(np.abs(ref - cand).max()))
+    return {
+        "top1_agreement": agree / total,
+        "mean_kl": kl_sum / total,
+        "max_abs_logit_diff": max_abs,
+    }
+
+
+def perplexity(logits: Sequence[np.ndarray], windows: Sequence[Sequence[int]]) -> float:
+    """exp(mean next-token negative log-likelihood) over the windows."""
+    nll = 0.0
+    n = 0
+    for lg, w in zip(logits, windows, strict=True):
+        lp = _log_softmax(lg[:-1])
+        targets = np.asarray(w[1:])
+        nll -= float(lp[np.arange(len(targets)), targets].sum())
+        n += len(targets)
+    return float(np.exp(nll / n))

@@ -1,0 +1,65 @@
+"""Inference engines behind one small protocol: load a graph, describe its I/O, run it.
+
+The generator never touches backend types. Inputs are numpy arrays or values an engine
+returned earlier (`DeviceTensor`, opaque: an `OrtValue` for ONNX Runtime, a device buffer
+for TensorRT). Outputs the caller needs on the host (logits) come back as numpy; outputs it
+only feeds back in (the KV cache) stay where the engine keeps them, so a GPU backend never
+copies the cache through host memory between decode steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from edge_runtime.bundle import TensorSpec
+
+DeviceTensor = Any
+"""An engine-owned tensor; only the engine that made it may read it."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded graph."""
+
+    @property
+    def name(self) -> str:
+        """Backend and device, for logs and /metrics (`onnxruntime:CPUExecutionProvider`)."""
+        ...
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]: ...
+
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray | DeviceTensor],
+        host_outputs: Sequence[str],
+        device_outputs: Sequence[str] = (),
+    ) -> tuple[dict[str, np.ndarray], dict[str, DeviceTensor]]:
+        """Run once; return (host outputs as numpy, device outputs as engine tensors)."""
+        ...
+
+    def empty(self, shape: Sequence[int], dtype: str) -> DeviceTensor:
+        """A zero-size or zero-filled engine tensor (the empty KV cache of a first step)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def load_engine(path: str, backend: str = "auto", threads: int | None = None) -> Engine:
+    """Open `path` with the best backend available here (`auto`), or the one named."""
+    if backend in ("auto", "onnxruntime"):
+        from edge_runtime.engines.ort import OrtEngine
+
+        return OrtEngine(path, threads=threads)
+    from edge_runtime.errors import EngineError
+
+    raise EngineError(f"unknown engine backend {backend!r} (known: auto, onnxruntime)")
+
+
+__all__ = ["DeviceTensor", "Engine", "load_engine"]
