@@ -11,8 +11,9 @@ only what it must: pick a token, detokenize incrementally, look for stop strings
 
 from __future__ import annotations
 
+import collections.abc
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,10 @@ class GenerationStats:
     def decode_tokens_per_s(self) -> float:
         steps = self.completion_tokens - 1
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+ChunkStream = collections.abc.Generator["Chunk", None, None]
+"""What `Generator.stream` returns; `close()` on it stops generation between tokens."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,10 @@ class Generator:
         # Reused every step: a view [:, :n] of a C-contiguous row is itself contiguous.
         self._ones = np.ones((1, ctx), dtype=np.int64)
         self._positions = np.arange(ctx, dtype=np.int64)[None, :]
+        self._logits: np.ndarray | None = None
+        spec = next((o for o in graph.outputs if o.name == "logits"), None)
+        if graph.last_token_logits and spec is not None and isinstance(spec.shape[-1], int):
+            self._logits = np.empty((1, 1, spec.shape[-1]), dtype=spec.dtype)
 
     @classmethod
     def from_bundle(
@@ -186,7 +195,9 @@ class Generator:
             feeds["attention_mask"] = self._ones[:, :end]
         if self._has_positions:
             feeds["position_ids"] = self._positions[:, start:end]
-        host, device = self.engine.run(feeds, ("logits",), self._present)
+        # A last-position graph always yields [1, 1, V]: ORT writes into one reused buffer.
+        out = {"logits": self._logits} if self._logits is not None else None
+        host, device = self.engine.run(feeds, ("logits",), self._present, out=out)
         logits = host["logits"][0, -1]  # [V]
         cache = {p: device[q] for p, q in zip(self._past, self._present, strict=True)}
         return logits, cache
@@ -198,7 +209,7 @@ class Generator:
             for name in self._past
         }
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Chunk]:
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> ChunkStream:
         """Yield text deltas as tokens are decoded; the last chunk carries finish and stats."""
         if not prompt_ids:
             raise GenerationError("prompt is empty", "prompt")

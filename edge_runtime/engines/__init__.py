@@ -40,8 +40,14 @@ class Engine(Protocol):
         feeds: Mapping[str, np.ndarray | DeviceTensor],
         host_outputs: Sequence[str],
         device_outputs: Sequence[str] = (),
+        out: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, DeviceTensor]]:
-        """Run once; return (host outputs as numpy, device outputs as engine tensors)."""
+        """Run once; return (host outputs as numpy, device outputs as engine tensors).
+
+        `out` may give preallocated, C-contiguous host buffers of the exact output shape for
+        some host outputs: the engine writes into them instead of allocating (the decode
+        loop's logits buffer). An engine is used by one thread at a time.
+        """
         ...
 
     def empty(self, shape: Sequence[int], dtype: str) -> DeviceTensor:
