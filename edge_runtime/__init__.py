@@ -13,6 +13,7 @@ from edge_runtime.errors import (
     EngineError,
     GenerationError,
     OffloadError,
+    OverloadedError,
     SignatureError,
 )
 from edge_runtime.generator import Chunk, Completion, Generator
@@ -34,6 +35,7 @@ __all__ = [
     "Generator",
     "Manifest",
     "OffloadError",
+    "OverloadedError",
     "SamplingParams",
     "SignatureError",
     "__version__",

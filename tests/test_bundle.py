@@ -76,7 +76,7 @@ def test_untrusted_key_and_missing_signature(bundle_copy, tmp_path):
     with pytest.raises(SignatureError, match="no trusted public key"):
         verify_bundle(bundle_copy, [])
     (bundle_copy / SIGNATURE).unlink()
-    with pytest.raises(BundleIntegrityError, match="manifest.sig"):
+    with pytest.raises(BundleIntegrityError, match=r"manifest\.sig"):
         verify_bundle(bundle_copy, [load_public_key(tmp_path / "other.pub")])
 
 

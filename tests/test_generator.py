@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from edge_build import package
+
 from edge_runtime.bundle import verify_bundle
 from edge_runtime.errors import ContextLengthError, GenerationError
 from edge_runtime.generator import Generator, StopMatcher

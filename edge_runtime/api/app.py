@@ -1,0 +1,130 @@
+"""The FastAPI app: thin routers over the serving layer.
+
+    GET  /healthz               200 while the process is alive
+    GET  /readyz                200 once the model is loaded and warmed up, else 503
+    GET  /metrics               Prometheus text
+    GET  /v1/models             the one served model (`bundle.manifest.name`)
+    GET  /v1/models/{model}
+    POST /v1/chat/completions   JSON or SSE (`stream: true`)
+    POST /v1/completions        JSON or SSE
+
+The app's lifespan starts and stops the worker, so whoever runs the app (the CLI, a test's
+uvicorn thread) gets loading, warm-up and a clean shutdown without extra calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from edge_runtime.accesslog import AccessLog
+from edge_runtime.api import schemas as s
+from edge_runtime.api.completions import ServingState, create_completion
+from edge_runtime.api.errors import APIError, install_handlers
+from edge_runtime.api.middleware import (
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+)
+from edge_runtime.config import Config
+from edge_runtime.metrics import Metrics
+from edge_runtime.serving import LocalWorker, ModelInfo
+
+
+def create_app(
+    worker: LocalWorker,
+    model: ModelInfo,
+    config: Config | None = None,
+    access_log: AccessLog | None = None,
+) -> FastAPI:
+    """An app serving `model` through `worker` (started and stopped by the app's lifespan)."""
+    config = config or Config()
+    metrics = Metrics()
+    metrics.track_queue(lambda: worker.depth, lambda: worker.ready)
+    state = ServingState(
+        worker=worker,
+        model=model,
+        metrics=metrics,
+        max_wait_s=config.queue.max_wait_s,
+        retry_after_s=config.queue.retry_after_s,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="edge-runtime", lifespan=lifespan)
+    app.state.serving = state
+    app.state.metrics = metrics
+    install_handlers(app)
+    app.include_router(_health_router(state))
+    app.include_router(_v1_router(state))
+    # add_middleware wraps: the last one added is the outermost.
+    app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes)
+    token = config.server.resolved_api_key()
+    if token is not None:
+        app.add_middleware(AuthMiddleware, token=token)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log=access_log)
+    return app
+
+
+def _health_router(state: ServingState) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz")
+    async def readyz() -> JSONResponse:
+        worker = state.worker
+        if worker.ready:
+            body: dict[str, Any] = {"status": "ready", "model": state.model.name}
+            return JSONResponse(body)
+        if worker.error is not None:
+            body = {"status": "failed", "error": str(worker.error)}
+        else:
+            body = {"status": "loading"}
+        return JSONResponse(body, status_code=503)
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        data, content_type = state.metrics.render()
+        return Response(data, media_type=content_type)
+
+    return router
+
+
+def _v1_router(state: ServingState) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    card = s.ModelCard(id=state.model.name, created=state.model.created)
+
+    @router.get("/models")
+    async def list_models() -> s.ModelList:
+        return s.ModelList(data=[card])
+
+    @router.get("/models/{model:path}")
+    async def get_model(model: str) -> s.ModelCard:
+        if model != card.id:
+            raise APIError(
+                404, f"model '{model}' does not exist", param="model", code="model_not_found"
+            )
+        return card
+
+    @router.post("/chat/completions")
+    async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> Response:
+        return await create_completion(request, body, state)
+
+    @router.post("/completions")
+    async def completions(body: s.CompletionRequest, request: Request) -> Response:
+        return await create_completion(request, body, state)
+
+    return router

@@ -1,0 +1,266 @@
+"""OpenAI completion requests → engine requests → OpenAI responses (JSON or SSE).
+
+    body ─▶ model check ─▶ prompt ids (tokenized off the event loop) ─▶ SamplingParams
+         ─▶ LocalWorker.submit ─▶ first event ─▶ one JSON body, or an SSE stream:
+
+    data: {"object": "chat.completion.chunk", ... "delta": {"role": "assistant", "content": ""}}
+    data: {... "delta": {"content": "Hel"}}                 one per text delta
+    data: {... "delta": {}, "finish_reason": "stop"}
+    data: {... "choices": [], "usage": {...}}               with stream_options.include_usage
+    data: [DONE]
+
+The response starts only once the first event is back, so a request refused in the queue
+(deadline passed) still gets a real 429 rather than an error inside a 200 stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive
+
+from edge_runtime.api import schemas as s
+from edge_runtime.api.errors import SERVER_ERROR, APIError, from_edge_error
+from edge_runtime.api.middleware import RequestContext, request_context
+from edge_runtime.errors import ContextLengthError, EdgeError, GenerationError
+from edge_runtime.generator import Chunk, GenerationStats
+from edge_runtime.metrics import Metrics
+from edge_runtime.sampling import SamplingParams
+from edge_runtime.serving import LocalWorker, ModelInfo, TextGenerator
+from edge_runtime.serving import Request as EngineRequest
+
+T = TypeVar("T")
+SERVED_BY = "local"
+# 499: the client closed the connection before the response began (nginx's convention).
+CLIENT_GONE = 499
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """What the completion handlers share; one per app."""
+
+    worker: LocalWorker
+    model: ModelInfo
+    metrics: Metrics
+    max_wait_s: float
+    retry_after_s: int
+
+
+async def create_completion(
+    request: Request, body: s.ChatCompletionRequest | s.CompletionRequest, state: ServingState
+) -> Response:
+    ctx = request_context(request.scope)
+    if body.model != state.model.name:
+        raise APIError(
+            404,
+            f"model '{body.model}' does not exist; this server serves '{state.model.name}'",
+            param="model",
+            code="model_not_found",
+        )
+    ctx.model = body.model
+    gen = state.worker.generator
+    if gen is None:
+        raise APIError(
+            503,
+            "the model is still loading; retry shortly",
+            SERVER_ERROR,
+            code="model_not_ready",
+            headers={"Retry-After": str(max(1, state.retry_after_s))},
+        )
+    chat = isinstance(body, s.ChatCompletionRequest)
+    if isinstance(body, s.ChatCompletionRequest):
+        messages = [m.for_template() for m in body.messages]
+        prompt_ids = await run_in_threadpool(gen.chat_prompt, messages)
+    else:
+        prompt_ids = await run_in_threadpool(gen.text_prompt, body.prompt_text)
+    params = _sampling_params(gen, body, prompt_ids)
+    ctx.prompt_tokens = len(prompt_ids)
+
+    req = EngineRequest(
+        id=ctx.id,
+        prompt_ids=prompt_ids,
+        params=params,
+        loop=asyncio.get_running_loop(),
+        deadline=time.monotonic() + state.max_wait_s,
+    )
+    state.worker.submit(req)  # OverloadedError → 429 (errors.from_edge_error)
+    fmt = _Format(chat, f"{'chatcmpl' if chat else 'cmpl'}-{ctx.id}", state.model)
+    chunks = req.chunks()
+    if not body.stream:
+        collected = await _unless_disconnected(request.receive, req, _collect(chunks))
+        if collected is None:
+            return Response(status_code=CLIENT_GONE)
+        text, last = collected
+        stats = _finished(last, req, state.metrics, ctx)
+        usage = s.Usage.of(stats.prompt_tokens, stats.completion_tokens)
+        assert last.finish_reason is not None
+        return JSONResponse(fmt.complete(text, last.finish_reason, usage).model_dump())
+    first = await _unless_disconnected(request.receive, req, anext(chunks))
+    if first is None:
+        return Response(status_code=CLIENT_GONE)
+    events = _sse(fmt, first, chunks, req, state.metrics, ctx, body.include_usage)
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        # No proxy or client cache may hold tokens back.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _sampling_params(
+    gen: TextGenerator, body: s.ChatCompletionRequest | s.CompletionRequest, prompt_ids: list[int]
+) -> SamplingParams:
+    """Validate against the model (context length) and fill in the bundle's defaults."""
+    prompt_param = "messages" if isinstance(body, s.ChatCompletionRequest) else "prompt"
+    max_tokens, max_param = body.max_tokens, "max_tokens"
+    if isinstance(body, s.ChatCompletionRequest) and body.max_completion_tokens is not None:
+        max_tokens, max_param = body.max_completion_tokens, "max_completion_tokens"
+    if not prompt_ids:
+        raise APIError(400, "the prompt encodes to no tokens", param=prompt_param)
+    d = gen.defaults
+    try:
+        return SamplingParams(
+            max_tokens=gen.resolve_max_tokens(len(prompt_ids), max_tokens),
+            temperature=d.temperature if body.temperature is None else body.temperature,
+            top_p=d.top_p if body.top_p is None else body.top_p,
+            top_k=d.top_k if body.top_k is None else body.top_k,
+            seed=body.seed,
+            stop=body.stop_strings,
+        )
+    except ContextLengthError as e:
+        # The generator names the chat field and OpenAI's older max_tokens; answer in the
+        # caller's terms.
+        param = prompt_param if e.field == "messages" else max_param
+        raise APIError(400, str(e), param=param, code="context_length_exceeded") from e
+    except GenerationError as e:
+        raise APIError(400, str(e), param=e.field) from e
+
+
+async def _collect(chunks: AsyncIterator[Chunk]) -> tuple[str, Chunk]:
+    parts: list[str] = []
+    async for chunk in chunks:
+        parts.append(chunk.text)
+        if chunk.finish_reason is not None:
+            return "".join(parts), chunk
+    raise AssertionError("generation ended without a finish chunk")
+
+
+async def _unless_disconnected(
+    receive: Receive, req: EngineRequest, work: Awaitable[T]
+) -> T | None:
+    """`work`'s result, or None (and the generation cancelled) if the client goes away first."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # The watcher must be gone before a StreamingResponse starts reading `receive`.
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    req.cancel()
+    task.cancel()
+    return None
+
+
+def _finished(
+    last: Chunk, req: EngineRequest, metrics: Metrics, ctx: RequestContext
+) -> GenerationStats:
+    assert last.stats is not None
+    ctx.completion_tokens = last.stats.completion_tokens
+    metrics.observe_generation(last.stats, req.queue_wait_s, SERVED_BY)
+    return last.stats
+
+
+async def _sse(
+    fmt: _Format,
+    first: Chunk,
+    chunks: AsyncIterator[Chunk],
+    req: EngineRequest,
+    metrics: Metrics,
+    ctx: RequestContext,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    try:
+        if fmt.chat:
+            yield _event(fmt.chunk(s.Delta(role="assistant", content="")))
+        chunk = first
+        while True:
+            if chunk.text:
+                yield _event(fmt.chunk(s.Delta(content=chunk.text), text=chunk.text))
+            if chunk.finish_reason is not None:
+                stats = _finished(chunk, req, metrics, ctx)
+                yield _event(fmt.chunk(s.Delta(), finish_reason=chunk.finish_reason))
+                if include_usage:
+                    usage = s.Usage.of(stats.prompt_tokens, stats.completion_tokens)
+                    yield _event(fmt.usage_chunk(usage))
+                break
+            chunk = await anext(chunks)
+    except EdgeError as e:
+        # Headers are sent: the error travels as an event, which OpenAI's clients raise.
+        err = from_edge_error(e)
+        ctx.error = err.code or err.type
+        yield "data: " + bytes(err.response().body).decode() + "\n\n"
+    finally:
+        # Normal end: a no-op. Client gone (this generator is closed): stop the worker.
+        req.cancel()
+    yield "data: [DONE]\n\n"
+
+
+def _event(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+class _Format:
+    """Chat or text-completion response objects for one request."""
+
+    def __init__(self, chat: bool, id: str, model: ModelInfo) -> None:
+        self.chat = chat
+        self.id = id
+        self.created = int(time.time())
+        self.model = model.name
+
+    def complete(self, text: str, finish: str, usage: s.Usage) -> BaseModel:
+        if self.chat:
+            msg = s.AssistantMessage(content=text)
+            return s.ChatCompletion(
+                id=self.id,
+                created=self.created,
+                model=self.model,
+                choices=[s.ChatChoice(message=msg, finish_reason=finish)],
+                usage=usage,
+            )
+        return self._text([s.TextChoice(text=text, finish_reason=finish)], usage)
+
+    def chunk(self, delta: s.Delta, text: str = "", finish_reason: str | None = None) -> BaseModel:
+        if self.chat:
+            return self._chat_chunk([s.ChunkChoice(delta=delta, finish_reason=finish_reason)])
+        return self._text([s.TextChoice(text=text, finish_reason=finish_reason)])
+
+    def usage_chunk(self, usage: s.Usage) -> BaseModel:
+        return self._chat_chunk([], usage) if self.chat else self._text([], usage)
+
+    def _chat_chunk(
+        self, choices: list[s.ChunkChoice], usage: s.Usage | None = None
+    ) -> s.ChatCompletionChunk:
+        return s.ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def _text(self, choices: list[s.TextChoice], usage: s.Usage | None = None) -> s.TextCompletion:
+        return s.TextCompletion(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )

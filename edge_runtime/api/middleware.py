@@ -1,0 +1,213 @@
+"""Pure ASGI middleware, outermost first:
+
+    RequestContextMiddleware   request id, `x-served-by`, metrics, access log, catch-all 500
+    AuthMiddleware             bearer token on /v1/* and /metrics (when a token is set)
+    BodyLimitMiddleware        413 for bodies over the limit, before anything parses them
+
+Pure ASGI rather than Starlette's BaseHTTPMiddleware: these wrap streamed (SSE) responses,
+which BaseHTTPMiddleware buffers through an extra task and memory stream.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edge_runtime.accesslog import AccessLog
+from edge_runtime.api.errors import SERVER_ERROR, APIError
+from edge_runtime.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CONTEXT_KEY = "edge_runtime.context"
+# A client may bring its own request id (for tracing across services) if it is short and tame.
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+@dataclass
+class RequestContext:
+    """What a handler learns about a request that the access log and metrics report."""
+
+    id: str
+    served_by: str = "local"
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+
+
+def request_context(scope: Scope) -> RequestContext:
+    ctx = scope.get(CONTEXT_KEY)
+    assert isinstance(ctx, RequestContext), "RequestContextMiddleware is not installed"
+    return ctx
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: AccessLog | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        given = _header(scope, b"x-request-id")
+        ctx = RequestContext(id=given if given and _CLIENT_ID.match(given) else uuid.uuid4().hex)
+        scope[CONTEXT_KEY] = ctx
+        status = 0
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                # Read served_by now, not earlier: the handler decides it before responding.
+                headers = [
+                    *message.get("headers", []),
+                    (b"x-request-id", ctx.id.encode("latin-1")),
+                    (b"x-served-by", ctx.served_by.encode("latin-1")),
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as e:
+            # The catch-all: a bug must give the client a JSON 500, never a bare close.
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            ctx.error = "internal_error"
+            if status == 0:
+                err = APIError(500, f"internal server error ({type(e).__name__})", SERVER_ERROR)
+                await err.response()(scope, receive, send_with_headers)
+            # Else the response had started: all we can do is cut it short, and log it.
+        finally:
+            seconds = time.perf_counter() - t0
+            self.metrics.observe_request(scope["path"], status or 499, ctx.served_by, seconds)
+            if self.access_log is not None:
+                self.access_log.write(_record(scope, ctx, status, seconds))
+
+
+def _record(scope: Scope, ctx: RequestContext, status: int, seconds: float) -> dict[str, Any]:
+    client = scope.get("client")
+    return {
+        "request_id": ctx.id,
+        "client": f"{client[0]}:{client[1]}" if client else None,
+        "method": scope["method"],
+        "path": scope["path"],
+        "model": ctx.model,
+        "prompt_tokens": ctx.prompt_tokens,
+        "completion_tokens": ctx.completion_tokens,
+        "served_by": ctx.served_by,
+        # 499 (nginx's "client closed request"): the client left before a response began.
+        "status": status or 499,
+        "latency_ms": round(seconds * 1000, 2),
+        "error": ctx.error,
+    }
+
+
+class AuthMiddleware:
+    """`Authorization: Bearer <token>` on protected paths; health checks stay open."""
+
+    def __init__(
+        self, app: ASGIApp, token: str, protected: tuple[str, ...] = ("/v1", "/metrics")
+    ) -> None:
+        self.app = app
+        self.token = token.encode("utf-8")
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.protected):
+            scheme, _, given = (_header(scope, b"authorization") or "").partition(" ")
+            # Constant-time comparison: the token must not leak through response timing.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "replace"), self.token
+            ):
+                scope[CONTEXT_KEY].error = "invalid_api_key"
+                err = APIError(
+                    401,
+                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `limit` bytes, by Content-Length and by counting what arrives.
+
+    The body is read here in full (it is at most `limit` bytes) and replayed to the app, so a
+    chunked upload without Content-Length is held to the same limit. Before answering 413 the
+    rest of the upload is read and dropped (up to `drain_limit`): a client still writing its
+    body when the server closes would see a reset instead of the 413.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, drain_limit: int = 16 << 20) -> None:
+        self.app = app
+        self.limit = limit
+        self.drain_limit = max(drain_limit, limit)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        too_large = declared is not None and declared.isdigit() and int(declared) > self.limit
+        chunks: list[bytes] = []
+        size = 0
+        more = True  # whether the client has more body to send
+        while more and not too_large:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left mid-upload; there is nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            more = message.get("more_body", False)
+            too_large = size > self.limit
+            chunks.append(chunk)
+        if too_large:
+            await self._drain(receive, size, more_body=more)
+            scope[CONTEXT_KEY].error = "request_too_large"
+            err = APIError(
+                413,
+                f"request body exceeds the limit of {self.limit} bytes",
+                param=None,
+                code="request_too_large",
+            )
+            await err.response()(scope, receive, send)
+            return
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: http.disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _drain(self, receive: Receive, size: int, more_body: bool) -> None:
+        while more_body and size <= self.drain_limit:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            more_body = message.get("more_body", False)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None

@@ -1,0 +1,197 @@
+"""`edge-runtime`: serve a bundle over the OpenAI-compatible API, or verify one.
+
+    edge-runtime serve  [--bundle DIR] [--pubkey PEM ...] [--host H] [--port P]
+                        [--config FILE] [--threads N] [--api-key KEY] [--backend B]
+    edge-runtime verify BUNDLE [--pubkey PEM ...]
+
+User errors (a bad bundle, a bad config, a missing key) print one line and exit 1; only
+bugs print tracebacks. Exit code 2 is argparse's, for a malformed command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edge_runtime import __version__
+from edge_runtime.bundle import Bundle, verify_bundle
+from edge_runtime.config import LOG_LEVELS, Config, load_config
+from edge_runtime.errors import ConfigError, EdgeError, SignatureError
+from edge_runtime.signing import default_trust_dir, trusted_keys
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from edge_runtime.serving import LocalWorker
+
+log = logging.getLogger("edge_runtime")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EdgeError as e:
+        print(f"edge-runtime: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-runtime", description="Serve or verify an edge model bundle."
+    )
+    p.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pubkey = {
+        "action": "extend",
+        "nargs": "+",
+        "type": Path,
+        "metavar": "PEM",
+        "help": "trusted ed25519 public key (repeatable); default: *.pub in the trust dir",
+    }
+
+    serve = sub.add_parser("serve", help="serve a bundle over the OpenAI-compatible HTTP API")
+    serve.add_argument("--bundle", type=Path, help="bundle directory (default: the demo bundle)")
+    serve.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
+    serve.add_argument("--config", type=Path, help="TOML config file; flags override its keys")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="TCP port (default 8000; 0 = any free port)")
+    serve.add_argument("--threads", type=int, help="CPU engine threads (default: automatic)")
+    serve.add_argument("--backend", help="engine backend (default: auto)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    serve.add_argument("--access-log", help="JSON-lines access log: path, '-' = stdout, '' = off")
+    serve.add_argument("--log-level", choices=LOG_LEVELS)
+    serve.set_defaults(func=_serve)
+
+    verify = sub.add_parser("verify", help="check a bundle's signature and file hashes")
+    verify.add_argument("bundle", type=Path, metavar="BUNDLE")
+    verify.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
+    verify.set_defaults(func=_verify)
+    return p
+
+
+def _trusted_bundle(root: Path, pubkeys: Sequence[Path]) -> Bundle:
+    trusted = trusted_keys(list(pubkeys))
+    if not trusted:
+        raise SignatureError(
+            f"no trusted public key: pass --pubkey PEM or put *.pub files in {default_trust_dir()}"
+        )
+    return verify_bundle(root, trusted)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    bundle = _trusted_bundle(args.bundle, args.pubkey or [])
+    m = bundle.manifest
+    print(f"OK {m.name} {m.version}: signed by {bundle.signer}, {len(m.files)} files verified")
+    return 0
+
+
+def _demo_bundle() -> tuple[Path, Path]:
+    try:
+        from edge_build.demo import default_bundle
+    except ImportError as e:
+        raise ConfigError(
+            f"no --bundle given and the demo bundle cannot be built here ({e}): "
+            "pip install 'edge-runtime[build]', or pass --bundle DIR --pubkey PEM"
+        ) from e
+    log.info("no --bundle given: using the demo bundle (built once, then cached)")
+    return default_bundle()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config) if args.config else Config()
+    cfg = cfg.override(
+        {
+            "server.host": args.host,
+            "server.port": args.port,
+            "server.api_key": args.api_key,
+            "model.bundle": args.bundle,
+            "model.pubkeys": tuple(args.pubkey) if args.pubkey else None,
+            "model.threads": args.threads,
+            "model.backend": args.backend,
+            "log.access_log": args.access_log,
+            "log.level": args.log_level,
+        }
+    )
+    logging.basicConfig(
+        level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    root, pubkeys = cfg.model.bundle, cfg.model.pubkeys
+    if root is None:
+        root, demo_key = _demo_bundle()
+        pubkeys = (*pubkeys, demo_key)
+    bundle = _trusted_bundle(root, pubkeys)  # always verify before anything is loaded
+    token = cfg.server.resolved_api_key()
+    if not cfg.server.is_loopback and token is None:
+        log.warning(
+            "binding %s without an API key: anyone who can reach this address can use the "
+            "model (set --api-key or server.api_key)",
+            cfg.server.host,
+        )
+    return _run_server(cfg, bundle)
+
+
+def _run_server(cfg: Config, bundle: Bundle) -> int:
+    # Imported here so that `edge-runtime verify` does not pay for the web stack.
+    import uvicorn
+
+    from edge_runtime.accesslog import AccessLog
+    from edge_runtime.api import create_app
+    from edge_runtime.generator import Generator
+    from edge_runtime.serving import LocalWorker, ModelInfo
+
+    server: uvicorn.Server | None = None
+
+    def load() -> Generator:
+        return Generator.from_bundle(bundle, backend=cfg.model.backend, threads=cfg.model.threads)
+
+    def on_failure(error: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True  # a daemon that cannot load its model must not linger
+
+    worker = LocalWorker(
+        load,
+        max_queued=cfg.queue.max_queued,
+        retry_after_s=cfg.queue.retry_after_s,
+        on_failure=on_failure,
+    )
+    access_log = AccessLog.open(cfg.log.access_log)
+    app = create_app(worker, ModelInfo.from_bundle(bundle), cfg, access_log)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=cfg.server.host,
+            port=cfg.server.port,
+            log_level=cfg.log.level,
+            access_log=False,  # ours is structured (accesslog.py)
+            lifespan="on",
+        )
+    )
+    try:
+        asyncio.run(_serve_until_exit(server, worker, bundle))
+    finally:
+        if access_log is not None:
+            access_log.close()
+    if worker.error is not None:
+        raise EdgeError(f"cannot serve {bundle.root}: {worker.error}")
+    return 0
+
+
+async def _serve_until_exit(server: uvicorn.Server, worker: LocalWorker, bundle: Bundle) -> None:
+    """Run uvicorn; print the URL once it listens and the model is warmed up."""
+    task = asyncio.create_task(server.serve())
+    while not (server.started and worker.ready) and not task.done():
+        await asyncio.sleep(0.05)
+    if not task.done():
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        m = bundle.manifest
+        print(f"edge-runtime: serving {m.name} {m.version} at http://{shown}:{port}/v1", flush=True)
+    await task

@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.config import Config, ServerConfig, load_config
+from edge_runtime.errors import ConfigError
+
+FULL = """
+[server]
+host = "0.0.0.0"
+port = 9000
+api_key_file = "secrets/key"
+max_body_bytes = 2048
+
+[model]
+bundle = "bundles/demo"
+pubkeys = ["keys/a.pub", "/etc/edge/b.pub"]
+threads = 2
+
+[queue]
+max_queued = 4
+max_wait_s = 5
+retry_after_s = 2
+
+[log]
+access_log = ""
+level = "debug"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "edge.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_bind_loopback_without_auth() -> None:
+    cfg = Config()
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8000
+    assert cfg.server.is_loopback and cfg.server.resolved_api_key() is None
+    assert cfg.server.max_body_bytes == 1 << 20
+    assert cfg.model.bundle is None and cfg.model.pubkeys == ()
+
+
+def test_full_file_with_paths_relative_to_it(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, FULL))
+    assert cfg.server == ServerConfig(
+        host="0.0.0.0", port=9000, api_key_file=tmp_path / "secrets/key", max_body_bytes=2048
+    )
+    assert not cfg.server.is_loopback
+    assert cfg.model.bundle == tmp_path / "bundles/demo"
+    assert cfg.model.pubkeys == (tmp_path / "keys/a.pub", Path("/etc/edge/b.pub"))
+    assert cfg.model.threads == 2
+    assert cfg.queue.max_wait_s == 5.0 and isinstance(cfg.queue.max_wait_s, float)
+    assert cfg.log.access_log == "" and cfg.log.level == "debug"
+
+
+def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[server]\nhots = 'x'\n", "unknown key 'server.hots'"),
+        ("[srever]\n", "unknown section 'srever'"),
+        ("[server]\nport = '80'\n", "'server.port' must be int"),
+        ("[server]\nport = true\n", "'server.port' must be int"),
+        ("[server]\nport = 70000\n", "server.port must be in [0, 65535]"),
+        ("[model]\npubkeys = 'a.pub'\n", "'model.pubkeys' must be a list"),
+        ("[model]\nthreads = 0\n", "model.threads must be >= 1"),
+        ("[queue]\nmax_queued = 0\n", "queue.max_queued must be >= 1"),
+        ("[log]\nlevel = 'loud'\n", "log.level must be one of"),
+        ("server = 3\n", "[server] must be a table"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert needle in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_overrides_win_and_none_is_skipped(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, FULL)).override(
+        {"server.port": 8123, "server.host": None, "model.threads": 4}
+    )
+    assert cfg.server.port == 8123 and cfg.server.host == "0.0.0.0"
+    assert cfg.model.threads == 4 and cfg.queue.max_queued == 4
+    with pytest.raises(ConfigError, match=r"server\.port must be in"):
+        cfg.override({"server.port": -1})
+    with pytest.raises(ConfigError, match=r"unknown config key 'server\.nope'"):
+        cfg.override({"server.nope": 1})
+
+
+def test_api_key_file(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("tok-123\nignored\n")
+    assert ServerConfig(api_key_file=tmp_path / "key").resolved_api_key() == "tok-123"
+    assert ServerConfig(api_key="a", api_key_file=tmp_path / "key").resolved_api_key() == "a"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        ServerConfig(api_key_file=tmp_path / "empty").resolved_api_key()
+    with pytest.raises(ConfigError, match="cannot read"):
+        ServerConfig(api_key_file=tmp_path / "missing").resolved_api_key()
+    with pytest.raises(ConfigError, match="must not be empty"):
+        ServerConfig(api_key=" ")
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("192.168.1.5", False),
+        ("device.local", False),
+    ],
+)
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert ServerConfig(host=host).is_loopback is loopback
