@@ -185,7 +185,7 @@ def train_model(cfg: DemoConfig, corpus: Corpus, out: Path, progress: bool = Tru
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            loss_val = float(loss)
+            loss_val = loss.item()
             tps = (step + 1) * cfg.batch_size * cfg.seq_len / (time.time() - started)
             bar.update(task, advance=1, info=f"loss {loss_val:.3f}  {tps:,.0f} tok/s")
     model.eval()
