@@ -1,0 +1,1 @@
+"""Helpers for `scripts/bench_decode.py` (artifact preparation, contenders, report)."""
