@@ -1,8 +1,30 @@
 #!/usr/bin/env bash
-# The test command: install (idempotent) and run the whole suite, lint and type checks.
+# The test command: install (idempotent), lint, type-check and run the whole suite; then run
+# the device-runtime tests again on Python 3.10 (JetPack 6's system Python) with the base
+# install only — no torch, no transformers — against a tiny bundle built by the first leg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
 .venv/bin/pytest -q -p no:cacheprovider "$@"
+
+PY310="${PY310:-$(command -v python3.10 || ls /root/.pyenv/versions/3.10*/bin/python3.10 2>/dev/null | head -1 || true)}"
+if [ -z "$PY310" ]; then
+    echo "device leg: no Python 3.10 on this machine; skipped (set PY310=/path/to/python3.10)"
+    exit 0
+fi
+prebuilt=".test-cache/prebuilt"
+if [ ! -f "$prebuilt/bundle/manifest.json" ]; then
+    rm -rf "$prebuilt"
+    .venv/bin/edge-build demo --preset tiny --out "$prebuilt/bundle" > /dev/null
+fi
+[ -x .venv310/bin/python ] || "$PY310" -m venv .venv310
+.venv310/bin/python -m pip install -q --upgrade pip
+.venv310/bin/python -m pip install -q -e ".[dev]"
+if .venv310/bin/python -c "import torch" 2>/dev/null; then
+    echo "device leg: torch is importable on the 3.10 venv; it must not be" >&2
+    exit 1
+fi
+echo "device leg: $(.venv310/bin/python --version), base install, prebuilt tiny bundle"
+EDGE_TEST_PREBUILT="$prebuilt" .venv310/bin/pytest -q -p no:cacheprovider "$@"

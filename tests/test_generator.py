@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from edge_build import package
 
 from edge_runtime.bundle import verify_bundle
 from edge_runtime.errors import ContextLengthError, GenerationError
@@ -23,6 +22,9 @@ def gen(tiny_bundle) -> Generator:
 @pytest.fixture(scope="module")
 def fp32_gen(tiny_bundle, tmp_path_factory) -> Generator:
     """The fp32 export, packaged like any bundle, to compare with transformers exactly."""
+    pytest.importorskip("torch")
+    from edge_build import package
+
     out = tmp_path_factory.mktemp("fp32") / "bundle"
     package.run(tiny_bundle.work / "onnx", out, tiny_bundle.key, name="fp32", version="1")
     return Generator.from_bundle(verify_bundle(out, [load_public_key(tiny_bundle.pubkey)]))

@@ -94,7 +94,6 @@ class OrtEngine:
         log.info("loaded %s with providers %s", path, active)
         self._inputs = [_spec(a) for a in self._sess.get_inputs()]
         self._outputs = [_spec(a) for a in self._sess.get_outputs()]
-        self._binding = self._sess.io_binding()  # reused: one thread runs an engine
 
     @property
     def name(self) -> str:
@@ -118,9 +117,10 @@ class OrtEngine:
         device_outputs: Sequence[str] = (),
         out: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, DeviceTensor]]:
-        binding = self._binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        # A fresh binding per run: outputs of the last run (this step's `past` inputs) are
+        # owned by the binding that produced them, and clearing a reused binding frees them
+        # with ONNX Runtime 1.23, the newest wheel for Python 3.10 (seen: a segfault).
+        binding = self._sess.io_binding()
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
