@@ -12,7 +12,6 @@ only what it must: pick a token, detokenize incrementally, look for stop strings
 from __future__ import annotations
 
 import collections.abc
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +20,9 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, GenerationDefaults, GraphSpec
 from edge_runtime.engines import DeviceTensor, Engine, load_engine
-from edge_runtime.errors import BundleError, ContextLengthError, GenerationError
-from edge_runtime.sampling import Sampler, SamplingParams
-from edge_runtime.tokenizer import IncrementalDecoder, TextTokenizer
+from edge_runtime.errors import BundleError, ContextLengthError
+from edge_runtime.sampling import SamplingParams
+from edge_runtime.tokenizer import TextTokenizer
 
 
 @dataclass(frozen=True)
@@ -132,12 +131,10 @@ class Generator:
         self._eos = frozenset(defaults.eos_token_ids)
         ctx = defaults.context_length
         # Reused every step: a view [:, :n] of a C-contiguous row is itself contiguous.
-        self._ones = np.ones((1, ctx), dtype=np.int64)
-        self._positions = np.arange(ctx, dtype=np.int64)[None, :]
-        self._logits: np.ndarray | None = None
+        self.ones = np.ones((1, ctx), dtype=np.int64)
+        self.positions = np.arange(ctx, dtype=np.int64)[None, :]
         spec = next((o for o in graph.outputs if o.name == "logits"), None)
-        if graph.last_token_logits and spec is not None and isinstance(spec.shape[-1], int):
-            self._logits = np.empty((1, 1, spec.shape[-1]), dtype=spec.dtype)
+        self._logits_spec = spec if spec is not None and isinstance(spec.shape[-1], int) else None
 
     @classmethod
     def from_bundle(
@@ -185,80 +182,63 @@ class Generator:
 
     # -- generation ---------------------------------------------------------------------
 
-    def _step(
-        self, ids: np.ndarray, start: int, past: Mapping[str, DeviceTensor]
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos
+
+    @property
+    def last_token_logits(self) -> bool:
+        return self._logits_spec is not None and self.graph.last_token_logits
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._logits_spec.shape[-1]) if self._logits_spec is not None else 0
+
+    @property
+    def logits_dtype(self) -> str:
+        return self._logits_spec.dtype if self._logits_spec is not None else "float32"
+
+    def forward(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        positions: np.ndarray,
+        past: Mapping[str, DeviceTensor],
+        out: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, DeviceTensor]]:
-        """Run positions [start, start + len(ids)); return last-position logits and cache."""
-        end = start + ids.shape[1]
+        """One graph run: ids/positions [B, S], mask [B, P + S] → logits, new cache.
+
+        `out`, when given, is a [B, 1, V] buffer the engine writes the logits into.
+        """
         feeds: dict[str, Any] = {"input_ids": ids, **past}
         if self._has_mask:
-            feeds["attention_mask"] = self._ones[:, :end]
+            feeds["attention_mask"] = mask
         if self._has_positions:
-            feeds["position_ids"] = self._positions[:, start:end]
-        # A last-position graph always yields [1, 1, V]: ORT writes into one reused buffer.
-        out = {"logits": self._logits} if self._logits is not None else None
-        host, device = self.engine.run(feeds, ("logits",), self._present, out=out)
-        logits = host["logits"][0, -1]  # [V]
+            feeds["position_ids"] = positions
+        host, device = self.engine.run(
+            feeds, ("logits",), self._present, out={"logits": out} if out is not None else None
+        )
         cache = {p: device[q] for p, q in zip(self._past, self._present, strict=True)}
-        return logits, cache
+        return host["logits"], cache
 
-    def _empty_cache(self) -> dict[str, DeviceTensor]:
+    def empty_cache(self, batch: int) -> dict[str, DeviceTensor]:
         kv = self._kv
         return {
-            name: self.engine.empty((1, kv.num_kv_heads, 0, kv.head_dim), kv.dtype)
+            name: self.engine.empty((batch, kv.num_kv_heads, 0, kv.head_dim), kv.dtype)
             for name in self._past
         }
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> ChunkStream:
-        """Yield text deltas as tokens are decoded; the last chunk carries finish and stats."""
-        if not prompt_ids:
-            raise GenerationError("prompt is empty", "prompt")
-        n_prompt = len(prompt_ids)
-        max_tokens = self.resolve_max_tokens(n_prompt, params.max_tokens)
-        t0 = time.perf_counter()
-        stats = GenerationStats(prompt_tokens=n_prompt)
-        sampler = Sampler(params)
-        decoder = IncrementalDecoder(self.tokenizer)
-        stops = StopMatcher(params.stop)
+        """Yield text deltas as tokens are decoded; the last chunk carries finish and stats.
 
-        ids = np.asarray([prompt_ids], dtype=np.int64)  # [1, S]
-        logits, cache = self._step(ids, 0, self._empty_cache())
-        pos = n_prompt
-        finish = "length"
-        tail: str | None = None  # text before a stop string, once one is hit
-        t_first = t0
-        pending: list[int] = []  # tokens whose text is not yet out (held back or partial)
-        step_ids = np.empty((1, 1), dtype=np.int64)
-        while True:
-            token = sampler(logits)
-            if stats.completion_tokens == 0:
-                t_first = time.perf_counter()
-                stats.ttft_s = t_first - t0
-            if token in self._eos:
-                finish = "stop"
-                break
-            stats.completion_tokens += 1
-            pending.append(token)
-            text, hit = stops.feed(decoder.push(token))
-            if hit:
-                finish, tail = "stop", text
-                break
-            if text:
-                yield Chunk(text, pending)
-                pending = []
-            if stats.completion_tokens >= max_tokens:
-                break
-            step_ids[0, 0] = token
-            logits, cache = self._step(step_ids, pos, cache)
-            pos += 1
-        if tail is None:  # EOS or length: release what was held back
-            tail, hit = stops.feed(decoder.flush())
-            if hit:
-                finish = "stop"
-            else:
-                tail += stops.flush()
-        stats.decode_s = time.perf_counter() - t_first
-        yield Chunk(tail, pending, finish, stats)
+        A batch of one: the same code path as continuous batching, without its surgery.
+        """
+        from edge_runtime.batching import BatchDecoder
+
+        dec = BatchDecoder(self, max_batch=1)
+        yield from dec.add(0, prompt_ids, params)
+        while dec.active:
+            yield from dec.step()[0]
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
         parts: list[str] = []

@@ -54,6 +54,14 @@ class Engine(Protocol):
         """A zero-size or zero-filled engine tensor (the empty KV cache of a first step)."""
         ...
 
+    def to_host(self, value: DeviceTensor) -> np.ndarray:
+        """A host copy of an engine tensor (cache surgery when a batch changes)."""
+        ...
+
+    def from_host(self, array: np.ndarray) -> DeviceTensor:
+        """An engine tensor holding `array` (on the engine's device)."""
+        ...
+
     def close(self) -> None: ...
 
 

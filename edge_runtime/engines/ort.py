@@ -110,6 +110,13 @@ class OrtEngine:
     def empty(self, shape: Sequence[int], dtype: str) -> DeviceTensor:
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(tuple(shape), dtype=dtype))
 
+    def to_host(self, value: DeviceTensor) -> np.ndarray:
+        return np.asarray(value.numpy())
+
+    def from_host(self, array: np.ndarray) -> DeviceTensor:
+        # On CPU the OrtValue wraps the array's memory (and keeps a reference to it).
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._device)
+
     def run(
         self,
         feeds: Mapping[str, np.ndarray | DeviceTensor],
