@@ -1,0 +1,272 @@
+"""The overload scheduler: a pure decision component (no I/O, no threads, no wall clock).
+
+For every request it answers one question — serve it here, send it to the cloud, or refuse
+it now — so that requests served locally keep their deadline instead of queueing without
+bound (what a first-come-first-served server like Ollama does under load).
+
+    arrival ─▶ admit(req, now) ──local──▶ queue ─▶ next_batch(now, free) ─▶ engine loop
+                       │                    │
+                       │                    └─ review(now): a queued request that can no
+                       │                       longer make its deadline is offloaded or refused
+                       ├──offload──▶ cloud (when the cloud is up and the remaining deadline
+                       │             exceeds its measured p99 round trip)
+                       └──reject───▶ 429 + Retry-After (overloaded) or 503 (cloud down too)
+
+The wait estimate is an event simulation of the decode batch from measured rates: prefill
+tokens/s, and the time of one decode step at each batch size (both updated online by the
+engine loop through `Rates`). Everything it needs comes in as arguments — the clock
+included — so every decision is unit-tested exactly with hand-built rates.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+
+class Action(enum.Enum):
+    LOCAL = "local"
+    OFFLOAD = "offload"
+    REJECT = "reject"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    """Why, in words an operator can act on (also the error message of a rejection)."""
+    status: int = 200
+    """For REJECT: 429 (overloaded, retry later) or 503 (no path can serve it)."""
+    retry_after_s: float = 0.0
+    estimated_finish: float | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """`[scheduler]` in the config file."""
+
+    max_batch: int = 4
+    """Sequences decoded together (continuous batching)."""
+    max_queue: int = 64
+    """Requests waiting for a batch slot; beyond it, offload or reject."""
+    default_deadline_s: float = 30.0
+    """Deadline of a request that does not send `x-request-deadline-ms`."""
+    safety: float = 1.2
+    """Local estimates are multiplied by this before comparing with a deadline."""
+    offload_enabled: bool = True
+    engine_error_limit: int = 3
+    """Recent engine errors that make the scheduler stop serving locally."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_queue < 0:
+            raise ValueError("scheduler.max_batch must be >= 1 and max_queue >= 0")
+        if self.default_deadline_s <= 0 or self.safety < 1.0:
+            raise ValueError("scheduler.default_deadline_s must be > 0 and safety >= 1")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the scheduler knows of a request."""
+
+    key: Hashable
+    arrival: float
+    deadline: float
+    """Absolute time (same clock as `now`) by which the response must be complete."""
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass
+class Rates:
+    """Service rates measured online (exponentially weighted), seeded by the warm-up."""
+
+    prefill_tokens_per_s: float = 500.0
+    step_s: dict[int, float] = field(default_factory=lambda: {1: 0.05})
+    """Seconds per decode step at each batch size seen so far."""
+    alpha: float = 0.2
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            rate = tokens / seconds
+            self.prefill_tokens_per_s += self.alpha * (rate - self.prefill_tokens_per_s)
+
+    def observe_step(self, batch: int, seconds: float) -> None:
+        if batch > 0 and seconds > 0:
+            old = self.step_s.get(batch)
+            self.step_s[batch] = seconds if old is None else old + self.alpha * (seconds - old)
+
+    def step_time(self, batch: int) -> float:
+        """Decode step time at `batch`; unseen sizes scale the nearest smaller one up
+        linearly (pessimistic: weight reads are shared, so real steps grow slower)."""
+        if batch in self.step_s:
+            return self.step_s[batch]
+        below = [b for b in self.step_s if b < batch]
+        base = max(below) if below else min(self.step_s)
+        return self.step_s[base] * batch / base
+
+    def prefill_time(self, tokens: int) -> float:
+        return tokens / self.prefill_tokens_per_s
+
+
+@dataclass(frozen=True)
+class CloudState:
+    available: bool
+    """Configured and its circuit breaker is closed (or half-open with a probe free)."""
+    p99_s: float
+    """Measured p99 round trip of an offloaded request (publish → last chunk)."""
+    configured: bool = True
+
+
+@dataclass(frozen=True)
+class Pressure:
+    """Reasons not to take local work, from telemetry and the engine loop."""
+
+    engine_errors: int = 0
+    memory: bool = False
+    thermal: bool = False
+
+
+class Scheduler:
+    """Decides local / offload / reject and the order of local work (earliest deadline
+    first). It owns the queue of admitted local jobs; running jobs are reported to it."""
+
+    def __init__(self, config: SchedulerConfig, rates: Rates | None = None) -> None:
+        self.config = config
+        self.rates = rates or Rates()
+        self.queue: list[Job] = []
+        self.running: dict[Hashable, int] = {}
+        """Running jobs → tokens they may still generate."""
+
+    # -- decisions ----------------------------------------------------------------------
+
+    def admit(self, job: Job, now: float, cloud: CloudState, pressure: Pressure) -> Decision:
+        """Decide for a new request. LOCAL also enqueues it."""
+        trouble = self._local_trouble(pressure)
+        if trouble is None:
+            if len(self.queue) >= self.config.max_queue:
+                trouble = f"the local queue is full ({self.config.max_queue} waiting)"
+            else:
+                finish = self._estimate_finish(job, now)
+                if finish <= job.deadline:
+                    self._enqueue(job)
+                    return Decision(
+                        Action.LOCAL, "local estimate meets the deadline", estimated_finish=finish
+                    )
+                trouble = (
+                    f"local estimate {finish - now:.2f}s exceeds the deadline "
+                    f"{job.deadline - now:.2f}s"
+                )
+        return self._elsewhere(job, now, cloud, trouble)
+
+    def review(
+        self, now: float, cloud: CloudState, pressure: Pressure
+    ) -> list[tuple[Job, Decision]]:
+        """Re-decide queued jobs that can no longer finish in time (or cannot be served
+        locally at all); they leave the queue with an OFFLOAD or REJECT decision."""
+        out: list[tuple[Job, Decision]] = []
+        trouble = self._local_trouble(pressure)
+        for job in list(self.queue):
+            reason = trouble
+            if reason is None:
+                finish = self._estimate_finish(job, now, queued=True)
+                if finish <= job.deadline:
+                    continue
+                reason = f"waited {now - job.arrival:.2f}s; local finish now past its deadline"
+            self.queue.remove(job)
+            out.append((job, self._elsewhere(job, now, cloud, reason)))
+        return out
+
+    def next_batch(self, free_slots: int) -> list[Job]:
+        """Queued jobs to start now (earliest deadline first); they count as running."""
+        take = self.queue[: max(0, free_slots)]
+        del self.queue[: len(take)]
+        for job in take:
+            self.running[job.key] = job.max_tokens
+        return take
+
+    # -- bookkeeping from the engine loop -------------------------------------------------
+
+    def progressed(self, key: Hashable, tokens: int = 1) -> None:
+        if key in self.running:
+            self.running[key] = max(0, self.running[key] - tokens)
+
+    def finished(self, key: Hashable) -> None:
+        self.running.pop(key, None)
+
+    def cancel(self, key: Hashable) -> bool:
+        """Drop a queued or running job whose client went away."""
+        before = len(self.queue)
+        self.queue = [j for j in self.queue if j.key != key]
+        return self.running.pop(key, None) is not None or len(self.queue) != before
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _enqueue(self, job: Job) -> None:
+        """Keep the queue in deadline order (ties: arrival order), as the estimate assumes."""
+        i = len(self.queue)
+        while i > 0 and self.queue[i - 1].deadline > job.deadline:
+            i -= 1
+        self.queue.insert(i, job)
+
+    def _local_trouble(self, pressure: Pressure) -> str | None:
+        if pressure.engine_errors >= self.config.engine_error_limit:
+            return f"the local engine failed {pressure.engine_errors} times recently"
+        if pressure.memory:
+            return "the device is under memory pressure"
+        if pressure.thermal:
+            return "the device is thermally throttled"
+        return None
+
+    def _elsewhere(self, job: Job, now: float, cloud: CloudState, why: str) -> Decision:
+        remaining = job.deadline - now
+        if self.config.offload_enabled and cloud.configured and cloud.available:
+            if remaining > cloud.p99_s:
+                return Decision(Action.OFFLOAD, f"{why}; offloaded")
+            why = (
+                f"{why}; too little time left for the cloud ({remaining:.2f}s ≤ p99 "
+                f"{cloud.p99_s:.2f}s)"
+            )
+            return Decision(Action.REJECT, why, 429, self._retry_after(now))
+        if self.config.offload_enabled and cloud.configured:
+            return Decision(
+                Action.REJECT, f"{why}; the cloud path is down too", 503, self._retry_after(now)
+            )
+        return Decision(Action.REJECT, why, 429, self._retry_after(now))
+
+    def _retry_after(self, now: float) -> float:
+        """When the current local work should have drained: a hint, at least one second."""
+        drain = self._simulate(now, list(self.running.values()), self.queue, target=None)
+        return float(max(1, math.ceil(drain - now)))
+
+    def _estimate_finish(self, job: Job, now: float, queued: bool = False) -> float:
+        ahead = [j for j in self.queue if j is not job] if queued else list(self.queue)
+        # Earliest deadline first: jobs due later than this one do not delay it.
+        ahead = [j for j in ahead if j.deadline <= job.deadline]
+        end = self._simulate(now, list(self.running.values()), [*ahead, job], target=job.key)
+        return now + (end - now) * self.config.safety
+
+    def _simulate(
+        self, now: float, running: list[int], queue: Iterable[Job], target: Hashable | None
+    ) -> float:
+        """Event simulation of the decode batch; returns when `target` finishes (or, with
+        no target, when everything does). Jobs are assumed to use all their max_tokens."""
+        t = now
+        active: list[tuple[Hashable | None, int]] = [(None, r) for r in running if r > 0]
+        pending = list(queue)
+        cap = self.config.max_batch
+        while pending or active:
+            while pending and len(active) < cap:
+                j = pending.pop(0)
+                t += self.rates.prefill_time(j.prompt_tokens)  # prefill pauses decoding
+                active.append((j.key, max(0, j.max_tokens - 1)))  # prefill yields token 1
+            if not active:
+                break
+            k = min(rem for _, rem in active)
+            t += k * self.rates.step_time(len(active))
+            done = {key for key, rem in active if rem == k}
+            if target is not None and target in done:
+                return t
+            active = [(key, rem - k) for key, rem in active if rem != k]
+        return t

@@ -1,0 +1,127 @@
+"""Scheduler decisions with an injected clock and hand-built rates: exact numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_runtime.scheduler import (
+    Action,
+    CloudState,
+    Job,
+    Pressure,
+    Rates,
+    Scheduler,
+    SchedulerConfig,
+)
+
+UP = CloudState(available=True, p99_s=0.5)
+DOWN = CloudState(available=False, p99_s=0.5)
+NONE = CloudState(available=False, p99_s=0.0, configured=False)
+OK = Pressure()
+
+
+def rates() -> Rates:
+    # prefill 100 tok/s; a decode step takes 0.1 s alone, 0.15 s in pairs.
+    return Rates(prefill_tokens_per_s=100.0, step_s={1: 0.1, 2: 0.15})
+
+
+def job(key, now=0.0, deadline=10.0, prompt=10, max_tokens=11):
+    return Job(
+        key=key, arrival=now, deadline=now + deadline, prompt_tokens=prompt, max_tokens=max_tokens
+    )
+
+
+def sched(**kw) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_batch=kw.pop("max_batch", 1), safety=1.0, **kw), rates())
+
+
+def test_idle_device_serves_locally_with_exact_estimate():
+    s = sched()
+    d = s.admit(job("a"), 0.0, UP, OK)
+    # prefill 10 tokens = 0.1 s, then 10 more tokens at 0.1 s = 1.0 s.
+    assert d.action is Action.LOCAL
+    assert d.estimated_finish == pytest.approx(1.1)
+    assert [j.key for j in s.queue] == ["a"]
+
+
+def test_queue_wait_pushes_past_deadline_then_offloads():
+    s = sched()
+    assert s.admit(job("a"), 0.0, UP, OK).action is Action.LOCAL
+    s.next_batch(1)
+    # "b" must wait for "a" (11 tokens at 0.1 s), then its own 1.1 s: 2.2 s > deadline 2.0.
+    d = s.admit(job("b", deadline=2.0), 0.0, UP, OK)
+    assert d.action is Action.OFFLOAD
+    assert "exceeds the deadline" in d.reason
+    assert [j.key for j in s.queue] == []
+    # With a looser deadline it stays local.
+    assert s.admit(job("c", deadline=2.3), 0.0, UP, OK).action is Action.LOCAL
+
+
+def test_batching_is_in_the_estimate():
+    s = sched(max_batch=2)
+    s.admit(job("a"), 0.0, UP, OK)
+    s.next_batch(2)
+    d = s.admit(job("b"), 0.0, UP, OK)
+    # a: 11 left (running). b: prefill 0.1 s, then 10 steps at 0.15 s (batch of 2).
+    assert d.estimated_finish == pytest.approx(0.1 + 10 * 0.15)
+
+
+def test_reject_codes_depend_on_the_cloud():
+    s = sched(max_queue=0)
+    assert s.admit(job("a"), 0.0, NONE, OK).status == 429
+    d = s.admit(job("b"), 0.0, DOWN, OK)
+    assert (d.action, d.status) == (Action.REJECT, 503)
+    assert "cloud path is down" in d.reason
+    # The cloud is up but the deadline is shorter than its p99: refuse, do not gamble.
+    d = s.admit(job("c", deadline=0.4), 0.0, UP, OK)
+    assert (d.action, d.status) == (Action.REJECT, 429)
+    assert d.retry_after_s >= 1.0
+
+
+def test_pressure_sends_everything_away():
+    s = sched()
+    for p, word in [
+        (Pressure(engine_errors=3), "engine failed"),
+        (Pressure(memory=True), "memory"),
+        (Pressure(thermal=True), "thermal"),
+    ]:
+        d = s.admit(job("x"), 0.0, UP, p)
+        assert d.action is Action.OFFLOAD and word in d.reason
+    assert s.admit(job("y"), 0.0, UP, Pressure(engine_errors=2)).action is Action.LOCAL
+
+
+def test_review_moves_late_queued_jobs_out_in_time():
+    s = sched()
+    s.admit(job("a", max_tokens=11), 0.0, UP, OK)
+    s.next_batch(1)
+    assert s.admit(job("b", deadline=2.5), 0.0, UP, OK).action is Action.LOCAL
+    assert s.review(0.0, UP, OK) == []
+    # "a" ran slower than estimated: at t=1.5 it still has 6 tokens to go.
+    s.progressed("a", 5)
+    out = s.review(1.5, UP, OK)
+    assert [(j.key, d.action) for j, d in out] == [("b", Action.OFFLOAD)]
+    assert s.queue == []
+
+
+def test_earliest_deadline_first_and_cancel():
+    s = sched()
+    s.admit(job("late", deadline=30.0), 0.0, UP, OK)
+    # An urgent job does not wait behind one that is due later.
+    d = s.admit(job("urgent", deadline=1.2), 0.0, UP, OK)
+    assert d.action is Action.LOCAL
+    assert [j.key for j in s.queue] == ["urgent", "late"]
+    assert [j.key for j in s.next_batch(1)] == ["urgent"]
+    s.finished("urgent")
+    assert s.cancel("late") and not s.cancel("late")
+    assert s.queue == [] and s.running == {}
+
+
+def test_rates_learn_and_extrapolate():
+    r = Rates(prefill_tokens_per_s=100.0, step_s={1: 0.1}, alpha=0.5)
+    r.observe_step(1, 0.2)
+    assert r.step_time(1) == pytest.approx(0.15)
+    assert r.step_time(4) == pytest.approx(0.6)  # linear from batch 1, pessimistic
+    r.observe_prefill(100, 0.5)
+    assert r.prefill_tokens_per_s == pytest.approx(150.0)
+    with pytest.raises(ValueError):
+        SchedulerConfig(max_batch=0)
