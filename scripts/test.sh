@@ -9,8 +9,16 @@ cd "$(dirname "$0")/.."
 .venv/bin/mypy
 .venv/bin/pytest -q -p no:cacheprovider "$@"
 
-PY310="${PY310:-$(command -v python3.10 || ls /root/.pyenv/versions/3.10*/bin/python3.10 2>/dev/null | head -1 || true)}"
-if [ -z "$PY310" ]; then
+# The first candidate that really is a working 3.10 (pyenv shims exist but may refuse to run).
+if [ -z "${PY310:-}" ]; then
+    for cand in python3.10 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10; do
+        if "$cand" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null; then
+            PY310="$cand"
+            break
+        fi
+    done
+fi
+if [ -z "${PY310:-}" ]; then
     echo "device leg: no Python 3.10 on this machine; skipped (set PY310=/path/to/python3.10)"
     exit 0
 fi
