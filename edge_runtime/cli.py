@@ -3,6 +3,8 @@
     edge-runtime serve  [--bundle DIR] [--pubkey PEM ...] [--host H] [--port P]
                         [--config FILE] [--threads N] [--api-key KEY] [--backend B]
     edge-runtime verify BUNDLE [--pubkey PEM ...]
+    edge-runtime cloud-worker --bundle DIR [--pubkey PEM ...] --broker mqtt://HOST:PORT
+                        [--group G] [--concurrency N] [--threads N] [--echo]
 
 User errors (a bad bundle, a bad config, a missing key) print one line and exit 1; only
 bugs print tracebacks. Exit code 2 is argparse's, for a malformed command line.
@@ -74,6 +76,19 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("bundle", type=Path, metavar="BUNDLE")
     verify.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
     verify.set_defaults(func=_verify)
+
+    worker = sub.add_parser("cloud-worker", help="serve offloaded requests from an MQTT broker")
+    worker.add_argument("--bundle", type=Path, help="bundle directory (required unless --echo)")
+    worker.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
+    worker.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
+    worker.add_argument("--group", default="cloud", help="shared-subscription group (cloud)")
+    worker.add_argument("--concurrency", type=int, default=1, help="requests served at once")
+    worker.add_argument("--threads", type=int, help="CPU engine threads per generator")
+    worker.add_argument("--backend", default="auto", help="engine backend (default: auto)")
+    worker.add_argument("--echo", action="store_true",
+                        help="no model: answer every request at once (to measure transport)")
+    worker.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    worker.set_defaults(func=_cloud_worker)
     return p
 
 
@@ -138,6 +153,46 @@ def _serve(args: argparse.Namespace) -> int:
     return _run_server(cfg, bundle)
 
 
+def _cloud_worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from edge_runtime.cloud_worker import CloudWorker
+    from edge_runtime.generator import Generator
+    from edge_runtime.mqtt import BrokerURL
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.concurrency < 1:
+        raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")
+    BrokerURL.parse(args.broker)  # a bad URL is a one-line error, before loading anything
+    load = None
+    if not args.echo:
+        if args.bundle is None:
+            raise ConfigError("cloud-worker needs --bundle DIR (or --echo)")
+        bundle = _trusted_bundle(args.bundle, args.pubkey or [])
+
+        def load() -> Generator:
+            return Generator.from_bundle(bundle, backend=args.backend, threads=args.threads)
+
+    worker = CloudWorker(args.broker, load, group=args.group, concurrency=args.concurrency)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    # Not subscribed yet is not fatal: the client keeps reconnecting until the broker is up.
+    subscribed = worker.start()
+    if worker.errors:
+        raise EdgeError(f"cannot load the model: {worker.errors[0]}")
+    state = "subscribed" if subscribed else "waiting for the broker"
+    print(f"edge-runtime: cloud worker {state} on {args.broker} "
+          f"(group {args.group}, concurrency {args.concurrency})", flush=True)
+    stop.wait()
+    worker.stop()
+    log.info("cloud worker stopped: %s", dict(worker.counts))
+    return 0
+
+
 def _run_server(cfg: Config, bundle: Bundle) -> int:
     # Imported here so that `edge-runtime verify` does not pay for the web stack.
     import uvicorn
@@ -156,12 +211,7 @@ def _run_server(cfg: Config, bundle: Bundle) -> int:
         if server is not None:
             server.should_exit = True  # a daemon that cannot load its model must not linger
 
-    worker = LocalWorker(
-        load,
-        max_queued=cfg.queue.max_queued,
-        retry_after_s=cfg.queue.retry_after_s,
-        on_failure=on_failure,
-    )
+    worker = LocalWorker(load, cfg.scheduler, on_failure=on_failure)
     access_log = AccessLog.open(cfg.log.access_log)
     app = create_app(worker, ModelInfo.from_bundle(bundle), cfg, access_log)
     server = uvicorn.Server(

@@ -2,8 +2,9 @@
 
     [server]   where and how the HTTP API listens
     [model]    which bundle to serve and which keys may sign it
-    [queue]    how many requests may wait, and for how long
+    [scheduler] batch size, queue bound, default deadline, offload policy (scheduler.py)
     [log]      the JSON-lines access log and the log level
+    [offload]  the MQTT broker of the cloud path, and its circuit breaker
 
 Every key is optional; a missing file section means its defaults. Unknown keys are errors
 (a typo must not silently fall back to a default). Relative paths are relative to the config
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.scheduler import SchedulerConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -91,24 +93,6 @@ class ModelConfig:
             raise ConfigError(f"model.threads must be >= 1, got {self.threads}")
 
 
-@dataclass(frozen=True)
-class QueueConfig:
-    max_queued: int = 16
-    """Requests that may wait behind the one being served; the next one gets 429."""
-    max_wait_s: float = 60.0
-    """A request not started after waiting this long gets 429 instead of a late answer."""
-    retry_after_s: int = 1
-    """The Retry-After header (seconds) sent with 429."""
-
-    def __post_init__(self) -> None:
-        if self.max_queued < 1:
-            raise ConfigError(f"queue.max_queued must be >= 1, got {self.max_queued}")
-        if self.max_wait_s <= 0:
-            raise ConfigError(f"queue.max_wait_s must be > 0, got {self.max_wait_s}")
-        if self.retry_after_s < 0:
-            raise ConfigError(f"queue.retry_after_s must be >= 0, got {self.retry_after_s}")
-
-
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -125,11 +109,53 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    broker: str | None = None
+    """`mqtt://host:port` or `mqtts://host:port`; unset turns cloud offload off."""
+    device_id: str | None = None
+    """This device's id in topic names (edge/{device_id}/...); unset: the host name."""
+    username: str | None = None
+    password_file: Path | None = None
+    """A file whose first line is the broker password (kept out of this file and of `ps`)."""
+    ca_file: Path | None = None
+    """CA of the broker's certificate (mqtts); unset: the system's CAs."""
+    cert_file: Path | None = None
+    """This device's client certificate, for brokers that authenticate by certificate."""
+    key_file: Path | None = None
+    keepalive_s: int = 30
+    """MQTT keep-alive: how soon a half-open connection is noticed (1.5x this)."""
+    failure_rate: float = 0.5
+    """The breaker opens when this share of recent offloads failed..."""
+    window_s: float = 30.0
+    """...over this sliding window..."""
+    min_requests: int = 5
+    """...and at least this many offloads are in it."""
+    open_s: float = 5.0
+    """Seconds the breaker stays open before it lets probe requests through."""
+    half_open_probes: int = 1
+    """Probe requests allowed at once while half-open."""
+    latency_window: int = 256
+    """Recent round trips kept for the p50/p99 estimates the scheduler reads."""
+
+    def __post_init__(self) -> None:
+        if self.keepalive_s < 5:
+            raise ConfigError(f"offload.keepalive_s must be >= 5, got {self.keepalive_s}")
+        if not 0.0 < self.failure_rate <= 1.0:
+            raise ConfigError(f"offload.failure_rate must be in (0, 1], got {self.failure_rate}")
+        if self.window_s <= 0 or self.open_s < 0:
+            raise ConfigError("offload.window_s must be > 0 and offload.open_s >= 0")
+        for key in ("min_requests", "half_open_probes", "latency_window"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"offload.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    queue: QueueConfig = field(default_factory=QueueConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     def override(self, changes: Mapping[str, Any]) -> Config:
         """A copy with dotted keys (`"server.port"`) replaced; None values are skipped."""
@@ -151,8 +177,9 @@ class Config:
 _SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
     "model": ModelConfig,
-    "queue": QueueConfig,
+    "scheduler": SchedulerConfig,
     "log": LogConfig,
+    "offload": OffloadConfig,
 }
 
 

@@ -9,7 +9,13 @@
     ├── GenerationError            a generation request that cannot be served as asked
     │   └── ContextLengthError     prompt + max_tokens exceed the model's context
     ├── OverloadedError            the device cannot take the request now; retry later
-    └── OffloadError               the cloud path failed (later issues)
+    ├── OffloadError               the cloud path failed
+    │   ├── OffloadUnavailableError  breaker open, broker unreachable or no cloud worker:
+    │   │                            decided at once, never by waiting for a timeout
+    │   ├── OffloadTimeoutError      no complete answer before the request's deadline
+    │   └── OffloadRemoteError       a cloud worker answered with an error (its type, code)
+    ├── BrokerError                the MQTT broker is unreachable or refused an operation
+    └── MessageError               a malformed MQTT payload, property set or topic id
 
 The build side (`edge_build`) derives its own stage errors from `EdgeError` too, so a CLI can
 catch one base class and print a clear message instead of a traceback.
@@ -59,12 +65,39 @@ class ContextLengthError(GenerationError):
 
 
 class OverloadedError(EdgeError):
-    """The request queue is full or the request waited past its deadline (HTTP 429)."""
+    """No path can serve the request in time: HTTP 429 (retry later) or 503 (the cloud path
+    is down too, or the server is shutting down), with a Retry-After hint."""
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+    def __init__(self, message: str, retry_after_s: float = 1.0, status: int = 429) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.status = status
 
 
 class OffloadError(EdgeError):
     """The cloud offload path failed."""
+
+
+class OffloadUnavailableError(OffloadError):
+    """The cloud path is known to be down (breaker open, broker gone, nobody subscribed)."""
+
+
+class OffloadTimeoutError(OffloadError):
+    """The cloud did not finish answering before the request's deadline."""
+
+
+class OffloadRemoteError(OffloadError):
+    """A cloud worker answered with an error chunk; `type` and `code` are the worker's."""
+
+    def __init__(self, message: str, type: str = "server_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.type = type
+        self.code = code
+
+
+class BrokerError(EdgeError):
+    """Not connected to the MQTT broker, or it refused a publish/subscribe (mqtt.py)."""
+
+
+class MessageError(EdgeError):
+    """An MQTT payload, its properties or a topic id do not follow messages.py / topics.py."""

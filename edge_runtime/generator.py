@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections.abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from edge_runtime.engines import DeviceTensor, Engine, load_engine
 from edge_runtime.errors import BundleError, ContextLengthError
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from edge_runtime.batching import BatchDecoder
 
 
 @dataclass(frozen=True)
@@ -228,14 +231,18 @@ class Generator:
             for name in self._past
         }
 
+    def batch(self, max_batch: int) -> BatchDecoder:
+        """A continuous batch of up to `max_batch` sequences on this generator's engine."""
+        from edge_runtime.batching import BatchDecoder
+
+        return BatchDecoder(self, max_batch)
+
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> ChunkStream:
         """Yield text deltas as tokens are decoded; the last chunk carries finish and stats.
 
         A batch of one: the same code path as continuous batching, without its surgery.
         """
-        from edge_runtime.batching import BatchDecoder
-
-        dec = BatchDecoder(self, max_batch=1)
+        dec = self.batch(1)
         yield from dec.add(0, prompt_ids, params)
         while dec.active:
             yield from dec.step()[0]

@@ -25,6 +25,8 @@ import math
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
+from edge_runtime.errors import ConfigError
+
 
 class Action(enum.Enum):
     LOCAL = "local"
@@ -60,10 +62,18 @@ class SchedulerConfig:
     """Recent engine errors that make the scheduler stop serving locally."""
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_queue < 0:
-            raise ValueError("scheduler.max_batch must be >= 1 and max_queue >= 0")
-        if self.default_deadline_s <= 0 or self.safety < 1.0:
-            raise ValueError("scheduler.default_deadline_s must be > 0 and safety >= 1")
+        checks = [
+            (self.max_batch >= 1, f"scheduler.max_batch must be >= 1, got {self.max_batch}"),
+            (self.max_queue >= 0, f"scheduler.max_queue must be >= 0, got {self.max_queue}"),
+            (
+                self.default_deadline_s > 0,
+                f"scheduler.default_deadline_s must be > 0, got {self.default_deadline_s}",
+            ),
+            (self.safety >= 1.0, f"scheduler.safety must be >= 1, got {self.safety}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
 
 @dataclass(frozen=True)

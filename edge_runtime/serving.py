@@ -1,26 +1,26 @@
-"""Local serving: one worker thread runs the generator for requests taken from a bounded queue.
+"""Local serving: the engine loop. One thread decodes a continuous batch; the scheduler says
+what joins it, what goes to the cloud and what is refused.
 
-    event loop (API)                                worker thread
-    ────────────────                                ─────────────
-    LocalWorker.submit(Request) ─▶ queue.Queue ─▶  take one ─▶ generator.stream(ids, params)
+    event loop (API)                               engine-loop thread
+    ────────────────                               ──────────────────
+    LocalWorker.submit(Request) ─▶ scheduler.admit ─▶ LOCAL: queued (deadline order)
+                                                    ─▶ review(): late ones → offload/refuse
+         ◀── OFFLOAD / REJECT decision              ─▶ next_batch(free slots) → batch.add
+                                                    ─▶ batch.step() → a token per sequence
     async for c in request.chunks() ◀── loop.call_soon_threadsafe(put_nowait) ◀── each Chunk
 
 The generator is synchronous and not thread-safe, so exactly one thread drives it and the
-event loop never blocks on a decode step. Requests are served one at a time for now. The
-queue is where a later scheduler slots in: `submit` is the single admission point (today:
-"queue full → OverloadedError → 429"), and `Request` already carries what a scheduler needs
-to decide local / offload / reject and to drop abandoned work: arrival time, deadline and a
-cancellation flag that the worker checks between tokens.
+event loop never blocks on a decode step. The scheduler and its measured rates are shared
+between the two threads under one lock; it does no I/O, so the lock is held for microseconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,8 +28,38 @@ from edge_runtime.bundle import MANIFEST, Bundle, GenerationDefaults
 from edge_runtime.errors import OverloadedError
 from edge_runtime.generator import Chunk, ChunkStream
 from edge_runtime.sampling import SamplingParams
+from edge_runtime.scheduler import (
+    Action,
+    CloudState,
+    Decision,
+    Job,
+    Pressure,
+    Scheduler,
+    SchedulerConfig,
+)
 
 log = logging.getLogger(__name__)
+
+NO_CLOUD = CloudState(available=False, p99_s=0.0, configured=False)
+ENGINE_ERROR_WINDOW_S = 60.0
+
+
+class DecodeBatch(Protocol):
+    """What the engine loop drives (edge_runtime.batching.BatchDecoder)."""
+
+    @property
+    def active(self) -> int: ...
+
+    @property
+    def keys(self) -> list[Hashable]: ...
+
+    def add(
+        self, key: Hashable, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> list[Chunk]: ...
+
+    def step(self) -> dict[Hashable, list[Chunk]]: ...
+
+    def remove(self, key: Hashable) -> bool: ...
 
 
 class TextGenerator(Protocol):
@@ -47,6 +77,8 @@ class TextGenerator(Protocol):
     def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int: ...
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> ChunkStream: ...
+
+    def batch(self, max_batch: int) -> DecodeBatch: ...
 
     def warmup(self) -> None: ...
 
@@ -67,9 +99,18 @@ class ModelInfo:
         return cls(name=m.name, version=m.version, created=mtime)
 
 
+class OffloadRequested(OverloadedError):
+    """Delivered to a queued request that the scheduler sent to the cloud after all. The API
+    carries it out; where nothing does, it is an honest 503 rather than a 500."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.reason, decision.retry_after_s or 1.0, status=503)
+        self.decision = decision
+
+
 @dataclass(eq=False)
 class Request:
-    """One generation request on its way through the queue.
+    """One generation request on its way through the engine loop.
 
     Created on the event loop; the worker hands results back through `deliver`, which is the
     only method meant to be called from the worker thread.
@@ -80,11 +121,11 @@ class Request:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     arrival: float = field(default_factory=time.monotonic)
-    """time.monotonic() when the request was admitted."""
+    """time.monotonic() when the request arrived."""
     deadline: float | None = None
-    """time.monotonic() by which generation must have started, else OverloadedError."""
+    """time.monotonic() by which the response must be complete (None: the config's default)."""
     started: float | None = None
-    """time.monotonic() when the worker began generating (set by the worker)."""
+    """time.monotonic() when its prefill began (set by the worker)."""
     events: asyncio.Queue[Chunk | BaseException] = field(default_factory=asyncio.Queue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -93,7 +134,7 @@ class Request:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
-        """The client went away: the worker skips this request or stops it between tokens."""
+        """The client went away: the worker drops this request or stops it between tokens."""
         self._cancelled.set()
 
     @property
@@ -119,21 +160,30 @@ class Request:
 
 
 class LocalWorker:
-    """Loads the model, then serves queued requests on one thread, one at a time."""
+    """Loads the model, then runs the engine loop on one thread."""
 
     def __init__(
         self,
         load: Callable[[], TextGenerator],
-        max_queued: int = 16,
-        retry_after_s: float = 1.0,
+        config: SchedulerConfig | None = None,
+        cloud: Callable[[], CloudState] | None = None,
+        pressure: Callable[[], Pressure] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._load = load
-        self._queue: queue.Queue[Request | None] = queue.Queue(maxsize=max_queued)
-        self._retry_after_s = retry_after_s
+        self.config = config or SchedulerConfig()
+        self.scheduler = Scheduler(self.config)
+        self._cloud = cloud or (lambda: NO_CLOUD)
+        self._pressure = pressure or Pressure
         self._on_failure = on_failure
-        self._thread = threading.Thread(target=self._run, name="edge-runtime-worker", daemon=True)
-        self._busy = False
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._requests: dict[Hashable, Request] = {}
+        self._stopping = False
+        self._engine_errors: list[float] = []
+        self._thread = threading.Thread(target=self._run, name="edge-runtime-engine", daemon=True)
         self.generator: TextGenerator | None = None
         """Set once loading and warm-up are done; the API tokenizes prompts with it."""
         self.error: BaseException | None = None
@@ -146,18 +196,22 @@ class LocalWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the request in progress, fail the waiting ones, join the thread."""
+        """Refuse the queued requests, let the running ones finish, join the thread."""
         if not self._thread.is_alive():
             return
-        # A full queue must not block shutdown: make room for the sentinel by failing the
-        # oldest waiting request.
-        while True:
-            try:
-                self._queue.put_nowait(None)
-                break
-            except queue.Full:
-                self._fail_waiting(1)
-        self._thread.join(timeout)
+        self._refuse_queued()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _refuse_queued(self) -> None:
+        with self._lock:
+            self._stopping = True
+            for job in self.scheduler.next_batch(len(self.scheduler.queue)):
+                self.scheduler.finished(job.key)
+                req = self._requests.pop(job.key, None)
+                if req is not None:
+                    req.deliver(OverloadedError("the server is shutting down", 1.0, status=503))
+            self._wake.notify_all()
 
     @property
     def ready(self) -> bool:
@@ -168,20 +222,43 @@ class LocalWorker:
 
     @property
     def depth(self) -> int:
-        """Requests waiting plus the one being generated."""
-        return self._queue.qsize() + int(self._busy)
+        """Requests waiting plus those being generated."""
+        return len(self.scheduler.queue) + len(self.scheduler.running)
 
-    def submit(self, request: Request) -> None:
-        """Queue `request` or raise OverloadedError (the API answers 429)."""
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise OverloadedError(
-                f"the request queue is full ({self._queue.maxsize} waiting); retry later",
-                self._retry_after_s,
-            ) from None
+    def pressure(self) -> Pressure:
+        now = self._clock()
+        recent = [t for t in self._engine_errors if now - t < ENGINE_ERROR_WINDOW_S]
+        self._engine_errors = recent
+        base = self._pressure()
+        return Pressure(
+            engine_errors=base.engine_errors + len(recent), memory=base.memory, thermal=base.thermal
+        )
 
-    # -- worker thread ------------------------------------------------------------------
+    def submit(self, request: Request) -> Decision:
+        """Admit `request`: LOCAL queues it; OFFLOAD is returned for the caller to carry out;
+        REJECT raises OverloadedError (429, or 503 when no path can serve it)."""
+        now = self._clock()
+        if request.deadline is None:
+            request.deadline = now + self.config.default_deadline_s
+        job = Job(
+            key=request.id,
+            arrival=now,
+            deadline=request.deadline,
+            prompt_tokens=len(request.prompt_ids),
+            max_tokens=request.params.max_tokens,
+        )
+        with self._lock:
+            if self._stopping:
+                raise OverloadedError("the server is shutting down", 1.0, status=503)
+            decision = self.scheduler.admit(job, now, self._cloud(), self.pressure())
+            if decision.action is Action.LOCAL:
+                self._requests[job.key] = request
+                self._wake.notify()
+        if decision.action is Action.REJECT:
+            raise OverloadedError(decision.reason, decision.retry_after_s, decision.status)
+        return decision
+
+    # -- engine-loop thread --------------------------------------------------------------
 
     def _run(self) -> None:
         try:
@@ -192,54 +269,100 @@ class LocalWorker:
             self.error = e
             if self._on_failure is not None:
                 self._on_failure(e)
-            self._fail_waiting()
+            self._refuse_queued()
             return
         self.generator = gen
+        batch = gen.batch(self.config.max_batch)
         self._ready.set()
-        while (request := self._queue.get()) is not None:
-            self._busy = True
-            try:
-                self._serve(gen, request)
-            finally:
-                self._busy = False
-        self._fail_waiting()
+        while True:
+            with self._lock:
+                starting = self._admit_work(batch)
+                if starting is None:
+                    break
+                if not starting and not batch.active:
+                    self._wake.wait(timeout=0.05)  # bounded: review() must still run
+                    continue
+            for job in starting:
+                self._start(batch, job.key)
+            if batch.active:
+                self._step(batch)
 
-    def _serve(self, gen: TextGenerator, request: Request) -> None:
-        if request.cancelled:  # the client left while the request was waiting
-            return
-        now = time.monotonic()
-        if request.deadline is not None and now > request.deadline:
-            request.deliver(
-                OverloadedError(
-                    f"request waited {now - request.arrival:.1f}s in the queue without "
-                    "starting; retry later",
-                    self._retry_after_s,
+    def _admit_work(self, batch: DecodeBatch) -> list[Job] | None:
+        """Under the lock: re-decide late queued jobs, drop cancelled ones, take new ones.
+        None when the loop should end."""
+        if self._stopping and not batch.active and not self.scheduler.queue:
+            return None
+        now = self._clock()
+        for job, decision in self.scheduler.review(now, self._cloud(), self.pressure()):
+            req = self._requests.pop(job.key, None)
+            if req is None:
+                continue
+            if decision.action is Action.OFFLOAD:
+                req.deliver(OffloadRequested(decision))
+            else:
+                req.deliver(
+                    OverloadedError(decision.reason, decision.retry_after_s, decision.status)
                 )
-            )
-            return
-        request.started = now
-        chunks = gen.stream(request.prompt_ids, request.params)
-        try:
-            for chunk in chunks:
-                # Checked between tokens: closing the generator below ends the generation
-                # without computing another step.
-                if request.cancelled:
-                    log.info("request %s cancelled by its client", request.id)
-                    return
-                request.deliver(chunk)
-        except Exception as e:  # an engine failure fails this request, not the daemon
-            log.exception("request %s failed", request.id)
-            request.deliver(e)
-        finally:
-            chunks.close()
+        for job in list(self.scheduler.queue):
+            if self._requests[job.key].cancelled:
+                self.scheduler.cancel(job.key)
+                self._requests.pop(job.key, None)
+        return self.scheduler.next_batch(self.config.max_batch - batch.active)
 
-    def _fail_waiting(self, limit: int | None = None) -> None:
-        n = 0
-        while limit is None or n < limit:
-            try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if request is not None:
-                request.deliver(OverloadedError("the server is shutting down", 1.0))
-                n += 1
+    def _start(self, batch: DecodeBatch, key: Hashable) -> None:
+        req = self._requests[key]
+        if req.cancelled:
+            self._finish(key)
+            return
+        req.started = self._clock()
+        t = time.perf_counter()
+        try:
+            chunks = batch.add(key, req.prompt_ids, req.params)
+        except Exception as e:  # a request the engine cannot run fails alone
+            log.exception("request %s failed in prefill", key)
+            self._engine_errors.append(self._clock())
+            req.deliver(e)
+            self._finish(key)
+            return
+        with self._lock:
+            self.scheduler.rates.observe_prefill(len(req.prompt_ids), time.perf_counter() - t)
+        self._deliver(key, chunks)
+
+    def _step(self, batch: DecodeBatch) -> None:
+        for key in batch.keys:
+            if self._requests[key].cancelled:
+                log.info("request %s cancelled by its client", key)
+                batch.remove(key)
+                self._finish(key)
+        size = batch.active
+        if not size:
+            return
+        t = time.perf_counter()
+        try:
+            results = batch.step()
+        except Exception as e:  # an engine failure fails the batch's requests, not the daemon
+            log.exception("decode step failed for %d sequences", size)
+            self._engine_errors.append(self._clock())
+            for key in batch.keys:
+                batch.remove(key)
+                self._requests[key].deliver(e)
+                self._finish(key)
+            return
+        with self._lock:
+            self.scheduler.rates.observe_step(size, time.perf_counter() - t)
+            for key in results:
+                self.scheduler.progressed(key)
+        for key, chunks in results.items():
+            self._deliver(key, chunks)
+
+    def _deliver(self, key: Hashable, chunks: list[Chunk]) -> None:
+        req = self._requests[key]
+        for chunk in chunks:
+            req.deliver(chunk)
+            if chunk.finish_reason is not None:
+                self._finish(key)
+
+    def _finish(self, key: Hashable) -> None:
+        with self._lock:
+            self.scheduler.finished(key)
+            self._requests.pop(key, None)

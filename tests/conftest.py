@@ -50,3 +50,7 @@ def bundle_copy(tiny_bundle: BuiltBundle, tmp_path: Path) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(tiny_bundle.path, dst)
     return dst
+
+
+# A real Mosquitto per test (`broker`, `persistent_broker`): see mqtt_fixtures.py.
+from mqtt_fixtures import broker, persistent_broker  # noqa: E402, F401

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -137,6 +137,52 @@ class FakeGenerator:
 
         return chunks()
 
+    def batch(self, max_batch: int) -> StreamBatch:
+        return StreamBatch(self, max_batch)
+
     def warmup(self) -> None:
         if self.warmup_gate is not None:
             self.warmup_gate.wait(30)
+
+
+class StreamBatch:
+    """The engine loop's batch interface over `FakeGenerator.stream` iterators: each step
+    advances every sequence by one chunk (one character)."""
+
+    def __init__(self, gen: FakeGenerator, max_batch: int) -> None:
+        self._gen = gen
+        self._max = max_batch
+        self._its: dict[Hashable, ChunkStream] = {}
+
+    @property
+    def active(self) -> int:
+        return len(self._its)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return list(self._its)
+
+    def add(self, key: Hashable, prompt_ids: Sequence[int], params: SamplingParams) -> list[Chunk]:
+        assert len(self._its) < self._max
+        it = self._gen.stream(prompt_ids, params)
+        first = next(it)
+        if first.finish_reason is None:
+            self._its[key] = it
+        else:
+            it.close()
+        return [first]
+
+    def step(self) -> dict[Hashable, list[Chunk]]:
+        out: dict[Hashable, list[Chunk]] = {}
+        for key, it in list(self._its.items()):
+            chunk = next(it)
+            out[key] = [chunk]
+            if chunk.finish_reason is not None:
+                self._its.pop(key).close()
+        return out
+
+    def remove(self, key: Hashable) -> bool:
+        it = self._its.pop(key, None)
+        if it is not None:
+            it.close()
+        return it is not None

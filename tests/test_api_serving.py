@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge_runtime.accesslog import AccessLog
 from edge_runtime.api import create_app
-from edge_runtime.config import Config, QueueConfig, ServerConfig
+from edge_runtime.config import Config, SchedulerConfig, ServerConfig
 from edge_runtime.serving import LocalWorker, ModelInfo
 
 MODEL = ModelInfo(name="fake-model", version="1", created=1_700_000_000)
@@ -34,11 +35,19 @@ def serve(
 ) -> Iterator[tuple[str, FakeGenerator]]:
     gen = gen or FakeGenerator()
     cfg = config or Config()
-    worker = LocalWorker(load or (lambda: gen), cfg.queue.max_queued, cfg.queue.retry_after_s)
+    worker = LocalWorker(load or (lambda: gen), cfg.scheduler)
     app = create_app(worker, MODEL, cfg, access_log)
     with serve_in_thread(app) as url:
+        WORKERS[url] = worker
         wait_until(lambda: worker.ready or worker.error is not None)
         yield url, gen
+
+
+WORKERS: dict[str, LocalWorker] = {}
+
+
+def _worker(url: str) -> LocalWorker:
+    return WORKERS[url]
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -159,7 +168,7 @@ def test_models_endpoints() -> None:
 
 def test_full_queue_answers_429_with_retry_after() -> None:
     gate = threading.Event()
-    cfg = Config(queue=QueueConfig(max_queued=1, retry_after_s=3))
+    cfg = Config(scheduler=SchedulerConfig(max_batch=1, max_queue=1))
     with serve(FakeGenerator(gate=gate), cfg) as (url, gen):
         results: list[httpx.Response] = []
         threads = [
@@ -173,28 +182,64 @@ def test_full_queue_answers_429_with_retry_after() -> None:
         threads[1].start()
         wait_until(lambda: metric(url, "edge_runtime_queue_depth") == 2)
         r = httpx.post(f"{url}/v1/chat/completions", json=CHAT)
-        assert r.status_code == 429
-        assert r.headers["retry-after"] == "3"
+        assert r.status_code == 429  # no cloud path configured: overloaded, retry later
+        assert int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["code"] == "overloaded"
+        assert "queue is full" in r.json()["error"]["message"]
         gate.set()
         for t in threads:
             t.join(10)
         assert [x.status_code for x in results] == [200, 200]
 
 
-def test_request_that_waits_past_its_deadline_gets_429() -> None:
+def test_deadline_the_device_cannot_meet_is_refused_at_arrival() -> None:
     gate = threading.Event()
-    cfg = Config(queue=QueueConfig(max_wait_s=0.2))
-    with serve(FakeGenerator(gate=gate), cfg) as (url, gen):
+    with serve(FakeGenerator(gate=gate)) as (url, gen):
         first = threading.Thread(
             target=httpx.post, args=(f"{url}/v1/chat/completions",), kwargs={"json": CHAT}
         )
         first.start()
         wait_until(gen.started.is_set)
-        threading.Timer(0.5, gate.set).start()  # the first finishes after the second's deadline
-        r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10)
+        # The running request has 32 tokens to go at the seeded 50 ms a step: 200 ms is short.
+        r = httpx.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers={"x-request-deadline-ms": "200"}
+        )
+        assert r.status_code == 429
+        assert "exceeds the deadline" in r.json()["error"]["message"]
+        bad = httpx.post(
+            f"{url}/v1/chat/completions", json=CHAT, headers={"x-request-deadline-ms": "soon"}
+        )
+        assert bad.status_code == 400
+        assert bad.json()["error"]["param"] == "x-request-deadline-ms"
+        gate.set()
         first.join(10)
+
+
+def test_queued_request_past_its_deadline_gets_an_explicit_429() -> None:
+    cfg = Config(scheduler=SchedulerConfig(max_batch=1))
+    gen = FakeGenerator(delay_s=0.05)  # 32 tokens: about 1.6 s
+    with serve(gen, cfg) as (url, _):
+        worker_rates = _worker(url).scheduler.rates
+        worker_rates.alpha = 0.0  # frozen, optimistic rates: admission accepts...
+        worker_rates.step_s = {1: 0.001}
+        first = threading.Thread(
+            target=httpx.post, args=(f"{url}/v1/chat/completions",), kwargs={"json": CHAT}
+        )
+        first.start()
+        wait_until(gen.started.is_set)
+        t0 = time.monotonic()
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json=CHAT,
+            timeout=10,
+            headers={"x-request-deadline-ms": "500"},
+        )
+        waited = time.monotonic() - t0
+        first.join(10)
+    # ...and the review between decode steps refuses it once its deadline has passed,
+    # long before the first request is done: an answer, not a hang and not a late reply.
     assert r.status_code == 429 and "waited" in r.json()["error"]["message"]
+    assert 0.4 < waited < 1.4
 
 
 def test_stream_client_disconnect_stops_generation_between_tokens() -> None:

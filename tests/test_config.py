@@ -19,10 +19,11 @@ bundle = "bundles/demo"
 pubkeys = ["keys/a.pub", "/etc/edge/b.pub"]
 threads = 2
 
-[queue]
-max_queued = 4
-max_wait_s = 5
-retry_after_s = 2
+[scheduler]
+max_batch = 2
+max_queue = 4
+default_deadline_s = 5
+offload_enabled = false
 
 [log]
 access_log = ""
@@ -53,7 +54,9 @@ def test_full_file_with_paths_relative_to_it(tmp_path: Path) -> None:
     assert cfg.model.bundle == tmp_path / "bundles/demo"
     assert cfg.model.pubkeys == (tmp_path / "keys/a.pub", Path("/etc/edge/b.pub"))
     assert cfg.model.threads == 2
-    assert cfg.queue.max_wait_s == 5.0 and isinstance(cfg.queue.max_wait_s, float)
+    sc = cfg.scheduler
+    assert sc.default_deadline_s == 5.0 and isinstance(sc.default_deadline_s, float)
+    assert (sc.max_batch, sc.max_queue, sc.offload_enabled) == (2, 4, False)
     assert cfg.log.access_log == "" and cfg.log.level == "debug"
 
 
@@ -71,7 +74,7 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("[server]\nport = 70000\n", "server.port must be in [0, 65535]"),
         ("[model]\npubkeys = 'a.pub'\n", "'model.pubkeys' must be a list"),
         ("[model]\nthreads = 0\n", "model.threads must be >= 1"),
-        ("[queue]\nmax_queued = 0\n", "queue.max_queued must be >= 1"),
+        ("[scheduler]\nmax_batch = 0\n", "scheduler.max_batch must be >= 1"),
         ("[log]\nlevel = 'loud'\n", "log.level must be one of"),
         ("server = 3\n", "[server] must be a table"),
         ("[server\n", "not valid TOML"),
@@ -93,7 +96,7 @@ def test_overrides_win_and_none_is_skipped(tmp_path: Path) -> None:
         {"server.port": 8123, "server.host": None, "model.threads": 4}
     )
     assert cfg.server.port == 8123 and cfg.server.host == "0.0.0.0"
-    assert cfg.model.threads == 4 and cfg.queue.max_queued == 4
+    assert cfg.model.threads == 4 and cfg.scheduler.max_queue == 4
     with pytest.raises(ConfigError, match=r"server\.port must be in"):
         cfg.override({"server.port": -1})
     with pytest.raises(ConfigError, match=r"unknown config key 'server\.nope'"):

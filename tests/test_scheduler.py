@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from edge_runtime.errors import ConfigError
 from edge_runtime.scheduler import (
     Action,
     CloudState,
@@ -123,5 +124,5 @@ def test_rates_learn_and_extrapolate():
     assert r.step_time(4) == pytest.approx(0.6)  # linear from batch 1, pessimistic
     r.observe_prefill(100, 0.5)
     assert r.prefill_tokens_per_s == pytest.approx(150.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match=r"scheduler\.max_batch must be >= 1, got 0"):
         SchedulerConfig(max_batch=0)

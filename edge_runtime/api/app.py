@@ -49,8 +49,7 @@ def create_app(
         worker=worker,
         model=model,
         metrics=metrics,
-        max_wait_s=config.queue.max_wait_s,
-        retry_after_s=config.queue.retry_after_s,
+        retry_after_s=1,
     )
 
     @asynccontextmanager

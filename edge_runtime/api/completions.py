@@ -34,6 +34,7 @@ from edge_runtime.errors import ContextLengthError, EdgeError, GenerationError
 from edge_runtime.generator import Chunk, GenerationStats
 from edge_runtime.metrics import Metrics
 from edge_runtime.sampling import SamplingParams
+from edge_runtime.scheduler import Action
 from edge_runtime.serving import LocalWorker, ModelInfo, TextGenerator
 from edge_runtime.serving import Request as EngineRequest
 
@@ -50,8 +51,28 @@ class ServingState:
     worker: LocalWorker
     model: ModelInfo
     metrics: Metrics
-    max_wait_s: float
     retry_after_s: int
+
+
+DEADLINE_HEADER = "x-request-deadline-ms"
+"""The client's latency budget for the whole response, in milliseconds from arrival."""
+
+
+def _deadline(request: Request) -> float | None:
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return None
+    try:
+        budget_ms = float(raw)
+    except ValueError:
+        budget_ms = float("nan")
+    if not 0 < budget_ms <= 86_400_000:  # also rejects nan and inf
+        raise APIError(
+            400,
+            f"{DEADLINE_HEADER} must be a number of milliseconds in (0, 86400000], got {raw!r}",
+            param=DEADLINE_HEADER,
+        )
+    return time.monotonic() + budget_ms / 1000
 
 
 async def create_completion(
@@ -75,6 +96,7 @@ async def create_completion(
             code="model_not_ready",
             headers={"Retry-After": str(max(1, state.retry_after_s))},
         )
+    deadline = _deadline(request)
     chat = isinstance(body, s.ChatCompletionRequest)
     if isinstance(body, s.ChatCompletionRequest):
         messages = [m.for_template() for m in body.messages]
@@ -89,9 +111,19 @@ async def create_completion(
         prompt_ids=prompt_ids,
         params=params,
         loop=asyncio.get_running_loop(),
-        deadline=time.monotonic() + state.max_wait_s,
+        deadline=deadline,
     )
-    state.worker.submit(req)  # OverloadedError → 429 (errors.from_edge_error)
+    # REJECT raises OverloadedError → 429/503 with Retry-After (errors.from_edge_error).
+    decision = state.worker.submit(req)
+    if decision.action is Action.OFFLOAD:
+        # The scheduler offloads only when a cloud path is configured; none is wired here.
+        raise APIError(
+            503,
+            f"{decision.reason}, but no cloud path is configured",
+            SERVER_ERROR,
+            code="overloaded",
+            headers={"Retry-After": str(max(1, state.retry_after_s))},
+        )
     fmt = _Format(chat, f"{'chatcmpl' if chat else 'cmpl'}-{ctx.id}", state.model)
     chunks = req.chunks()
     if not body.stream:

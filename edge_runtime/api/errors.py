@@ -65,7 +65,7 @@ def from_edge_error(e: EdgeError) -> APIError:
     if isinstance(e, OverloadedError):
         retry = str(max(1, round(e.retry_after_s)))
         return APIError(
-            429, str(e), SERVER_ERROR, code="overloaded", headers={"Retry-After": retry}
+            e.status, str(e), SERVER_ERROR, code="overloaded", headers={"Retry-After": retry}
         )
     # Engine or bundle failures are the server's fault, not the request's.
     return APIError(500, str(e), SERVER_ERROR)

@@ -1,0 +1,336 @@
+"""The one module that imports paho-mqtt: a small MQTT 5 client for offload and fleet.
+
+    MqttClient(url, client_id, ...).start()       connect in the background, keep reconnecting
+    .subscribe(filter, handler)                   (re)subscribed on every connect, QoS 1
+    .publish(topic, payload, props, on_ack=...)   QoS 1; on_ack gets the PUBACK reason code
+    .stop()                                       DISCONNECT, then join the network thread
+
+paho's network thread (`loop_start`) runs every callback, so handlers must be quick and
+hand work to other threads. Reconnects are paho's own loop; we set the first delay with
+jitter on every disconnect so that a fleet that lost its broker does not come back in
+lockstep, and paho doubles it up to a cap. TCP_NODELAY is set as soon as the socket opens:
+without it, Nagle's algorithm holds small publishes back until the previous one is acked
+(measured on loopback: 88 ms against 0.45 ms per request/response round trip).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edge_runtime.errors import BrokerError, ConfigError
+from edge_runtime.messages import PublishProps
+
+log = logging.getLogger(__name__)
+
+NO_MATCHING_SUBSCRIBERS = 0x10
+"""PUBACK reason code: the broker took the message but nobody is subscribed to it."""
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        """`mqtt://host[:1883]` or `mqtts://host[:8883]` (`tcp://`, `ssl://` as aliases)."""
+        u = urllib.parse.urlsplit(url)
+        schemes = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True}
+        if u.scheme not in schemes or not u.hostname:
+            raise ConfigError(f"broker URL must look like mqtt://host:port, got {url!r}")
+        tls = schemes[u.scheme]
+        try:
+            port = u.port or (8883 if tls else 1883)
+        except ValueError:
+            raise ConfigError(f"broker URL {url!r} has a bad port") from None
+        return cls(u.hostname, port, tls)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_file: str | None = None
+    """CA bundle that signed the broker's certificate (None: the system's)."""
+    cert_file: str | None = None
+    """This client's certificate, for brokers that authenticate devices by certificate."""
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    props: PublishProps
+    received_at: float
+    """time.perf_counter() when paho handed the message over."""
+
+
+Handler = Callable[[Message], None]
+
+
+class MqttClient:
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: TlsFiles | None = None,
+        keepalive_s: int = 30,
+        session_expiry_s: int = 0,
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+        on_connection: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.url = BrokerURL.parse(url)
+        self.client_id = client_id
+        self._keepalive = keepalive_s
+        self._session_expiry = session_expiry_s
+        self._reconnect = (reconnect_min_s, reconnect_max_s)
+        self._on_connection = on_connection
+        self._handlers: dict[str, tuple[Handler, int]] = {}
+        self._acks: dict[int, Callable[[int], None]] = {}
+        self._early_acks: dict[int, int] = {}  # PUBACKs that beat their publish() call home
+        self._pending_subs: set[int] = set()
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._stopping = False
+        self._subscribed = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        if username is not None:
+            c.username_pw_set(username, password)
+        if self.url.tls or tls is not None:
+            t = tls or TlsFiles()
+            c.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file)
+        c.on_socket_open = self._on_socket_open
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        self._client = c
+        self._set_reconnect_delay()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, wait_s: float | None = None) -> bool:
+        """Connect in the background (retrying until `stop`); optionally wait for it."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry
+        self._client.connect_async(
+            self.url.host, self.url.port, self._keepalive, clean_start=True, properties=props
+        )
+        self._client.loop_start()
+        return self._connected.wait(wait_s) if wait_s is not None else self.connected
+
+    def stop(self) -> None:
+        self._stopping = True  # our own DISCONNECT is not worth a warning
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Connected and every subscription acknowledged (SUBACK) by the broker."""
+        return self._connected.wait(timeout_s) and self._subscribed.wait(timeout_s)
+
+    # -- subscribe / publish ----------------------------------------------------------------
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        with self._lock:
+            self._handlers[topic_filter] = (handler, qos)
+            self._subscribed.clear()
+        if self.connected:
+            self._send_subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._handlers.pop(topic_filter, None)
+        if self.connected:
+            self._client.unsubscribe(topic_filter)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        props: PublishProps | None = None,
+        qos: int = 1,
+        on_ack: Callable[[int], None] | None = None,
+        wait_s: float | None = None,
+    ) -> int:
+        """Queue one message; BrokerError if not connected. Returns its message id.
+
+        `on_ack(reason_code)` runs on the network thread when the PUBACK arrives (QoS 1);
+        `wait_s` blocks until then instead, and raises BrokerError if it does not come.
+        """
+        if not self.connected:
+            raise BrokerError(f"not connected to the broker at {self.url.host}:{self.url.port}")
+        info = self._client.publish(topic, payload, qos, properties=_to_paho(props))
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise BrokerError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+        if on_ack is not None and qos > 0:
+            with self._lock:
+                early = self._early_acks.pop(info.mid, None)
+                if early is None:
+                    self._acks[info.mid] = on_ack
+            if early is not None:
+                on_ack(early)
+        if wait_s is not None and qos > 0:
+            try:
+                info.wait_for_publish(wait_s)
+            except (RuntimeError, ValueError) as e:
+                raise BrokerError(f"publish to {topic!r} failed: {e}") from None
+            if not info.is_published():
+                raise BrokerError(f"no PUBACK for {topic!r} within {wait_s:.1f} s")
+        return info.mid
+
+    # -- paho callbacks (network thread) ----------------------------------------------------
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        try:
+            cast(socket.socket, sock).setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError) as e:  # e.g. a unix socket or a websocket wrapper
+            log.debug("cannot set TCP_NODELAY: %s", e)
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
+    ) -> None:
+        if rc.is_failure:
+            log.error("broker %s refused the connection: %s", self.url.host, rc)
+            return
+        log.info("connected to mqtt://%s:%d as %s", self.url.host, self.url.port,
+                 self.client_id)
+        with self._lock:
+            subs = list(self._handlers.items())
+            self._pending_subs.clear()
+            if not subs:
+                self._subscribed.set()
+        # clean_start: the broker forgot our subscriptions, so every connect makes them again.
+        for topic_filter, (_, qos) in subs:
+            self._send_subscribe(topic_filter, qos)
+        self._connected.set()
+        self._notify(True)
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
+    ) -> None:
+        was = self.connected
+        self._connected.clear()
+        self._subscribed.clear()
+        with self._lock:
+            self._acks.clear()  # those PUBACKs will never come; callers see the disconnect
+            self._early_acks.clear()
+        self._set_reconnect_delay()
+        if was:
+            if not self._stopping:
+                log.warning("lost the broker at %s:%d: %s", self.url.host, self.url.port, rc)
+            self._notify(False)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        t = time.perf_counter()
+        p = msg.properties
+        props = PublishProps(
+            response_topic=getattr(p, "ResponseTopic", None),
+            correlation_data=getattr(p, "CorrelationData", None),
+            message_expiry_s=getattr(p, "MessageExpiryInterval", None),
+            user=tuple(getattr(p, "UserProperty", ())),
+        )
+        message = Message(msg.topic, bytes(msg.payload), props, t)
+        with self._lock:
+            handlers = [h for f, (h, _) in self._handlers.items() if _matches(f, msg.topic)]
+        for handler in handlers:
+            try:
+                handler(message)
+            except Exception:  # a handler bug must not kill paho's network thread
+                log.exception("handler for %s failed", msg.topic)
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any
+    ) -> None:
+        with self._lock:
+            cb = self._acks.pop(mid, None)
+            if cb is None:
+                self._early_acks[mid] = rc.value
+                if len(self._early_acks) > 1024:  # acks for publishes that wanted none
+                    self._early_acks.pop(next(iter(self._early_acks)))
+        if cb is not None:
+            try:
+                cb(rc.value)
+            except Exception:
+                log.exception("PUBACK callback failed")
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, rcs: list[ReasonCode], props: Any
+    ) -> None:
+        for rc in rcs:
+            if rc.is_failure:
+                log.error("the broker refused a subscription: %s", rc)
+        with self._lock:
+            self._pending_subs.discard(mid)
+            if not self._pending_subs:
+                self._subscribed.set()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _send_subscribe(self, topic_filter: str, qos: int) -> None:
+        with self._lock:
+            rc, mid = self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._pending_subs.add(mid)
+
+    def _set_reconnect_delay(self) -> None:
+        lo, hi = self._reconnect
+        # paho waits this long before the first retry, then doubles up to `hi`. It reads the
+        # values as seconds and sleeps on them, so a float is fine despite the int hint.
+        delay = cast(int, lo * random.uniform(0.5, 1.5))
+        self._client.reconnect_delay_set(delay, cast(int, hi))
+
+    def _notify(self, up: bool) -> None:
+        if self._on_connection is not None:
+            try:
+                self._on_connection(up)
+            except Exception:
+                log.exception("connection callback failed")
+
+
+def _matches(topic_filter: str, topic: str) -> bool:
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2]  # $share/{group}/{filter}
+    return paho.topic_matches_sub(topic_filter, topic)
+
+
+def _to_paho(props: PublishProps | None) -> Properties | None:
+    if props is None:
+        return None
+    p = Properties(PacketTypes.PUBLISH)
+    if props.response_topic is not None:
+        p.ResponseTopic = props.response_topic
+    if props.correlation_data is not None:
+        p.CorrelationData = props.correlation_data
+    if props.message_expiry_s is not None:
+        p.MessageExpiryInterval = props.message_expiry_s
+    if props.user:
+        p.UserProperty = list(props.user)
+    return p

@@ -1,0 +1,345 @@
+"""The daemon's side of cloud offload: one MQTT connection, many requests in flight.
+
+    scheduler ── available()? latency().first_p99_s < remaining deadline? ──▶ submit(...)
+    submit ─▶ breaker.allow ─▶ PUBLISH edge/{device}/offload/req (QoS 1, correlation id)
+    paho thread: chunk on edge/{device}/offload/res/{session} ─▶ call_soon_threadsafe
+    event loop:  OffloadStream reorders by seq, drops duplicates ─▶ async for chunk in stream
+
+Every request ends in exactly one outcome for the breaker: the last chunk (success), an error
+chunk, the deadline (OffloadTimeoutError), a lost broker (OffloadUnavailableError, and the
+breaker trips at once), or the caller's `cancel()` (no verdict). While the breaker is open,
+`submit` raises OffloadUnavailableError without touching the network: a dead cloud costs one
+fast decision, not a timeout per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from edge_runtime import topics
+from edge_runtime.breaker import BreakerConfig, CircuitBreaker
+from edge_runtime.config import OffloadConfig
+from edge_runtime.errors import (
+    BrokerError,
+    ConfigError,
+    MessageError,
+    OffloadRemoteError,
+    OffloadTimeoutError,
+    OffloadUnavailableError,
+)
+from edge_runtime.messages import OffloadChunk, OffloadRequest, decode_chunk, encode_request
+from edge_runtime.mqtt import NO_MATCHING_SUBSCRIBERS, Message, MqttClient, TlsFiles
+
+log = logging.getLogger(__name__)
+
+# Errors that are the request's fault, not the cloud's: they must not open the breaker.
+CLIENT_ERRORS = frozenset({"invalid_request_error"})
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Round trips of recent successful offloads, from publish to first and to last chunk."""
+
+    samples: int
+    first_p50_s: float | None
+    first_p99_s: float | None
+    last_p50_s: float | None
+    last_p99_s: float | None
+
+
+class OffloadStream:
+    """The chunks of one offloaded request, in order. Consume it on the loop that made it."""
+
+    def __init__(self, client: OffloadClient, request_id: str, deadline: float) -> None:
+        self.request_id = request_id
+        self.deadline = deadline
+        self.loop = asyncio.get_running_loop()
+        self.published_at = 0.0
+        self.first_at: float | None = None
+        self.duplicates = 0
+        self._client = client
+        self._events: asyncio.Queue[OffloadChunk | BaseException] = asyncio.Queue()
+        self._next = 0
+        self._held: dict[int, OffloadChunk] = {}  # arrived ahead of a missing seq
+        self.done = False
+
+    def __aiter__(self) -> OffloadStream:
+        return self
+
+    async def __anext__(self) -> OffloadChunk:
+        if self.done and self._events.empty():
+            raise StopAsyncIteration
+        remaining = self.deadline - self._client.clock()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            item = await asyncio.wait_for(self._events.get(), remaining)
+        except asyncio.TimeoutError:
+            if not self.done:
+                self._end(ok=False)
+            missing = f"; chunk {self._next} never came" if self._held else ""
+            raise OffloadTimeoutError(
+                f"offload {self.request_id}: no complete answer before its deadline "
+                f"({self._next} chunks received{missing})"
+            ) from None
+        if isinstance(item, BaseException):
+            raise item
+        if item.error is not None:
+            raise OffloadRemoteError(item.error.message, item.error.type, item.error.code)
+        return item
+
+    def cancel(self) -> None:
+        """The caller stops listening (its client left): forget the request, no verdict."""
+        if not self.done:
+            self.done = True
+            self._client._forget(self, outcome=None)
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    # -- called on the loop, via call_soon_threadsafe from paho's thread ------------------
+
+    def _feed(self, chunk: OffloadChunk) -> None:
+        if self.done:
+            return
+        if chunk.seq < self._next or chunk.seq in self._held:
+            self.duplicates += 1  # QoS 1 may deliver twice after a reconnect
+            return
+        self._held[chunk.seq] = chunk
+        while self._next in self._held:
+            c = self._held.pop(self._next)
+            self._next += 1
+            if self.first_at is None:
+                self.first_at = c.received_at
+            self._events.put_nowait(c)
+            if c.final:
+                remote_fault = c.error is not None and c.error.type not in CLIENT_ERRORS
+                self._end(ok=not remote_fault, last_at=c.received_at)
+                return
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.done:
+            self._events.put_nowait(error)
+            self._end(ok=False)
+
+    def _end(self, ok: bool, last_at: float | None = None) -> None:
+        self.done = True
+        self._client._forget(self, outcome=ok)
+        if ok and last_at is not None and self.first_at is not None:
+            self._client._observe(self.first_at - self.published_at, last_at - self.published_at)
+
+
+class OffloadClient:
+    """One per daemon: a session id, a response topic, the breaker and the latency window."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        device: str,
+        *,
+        breaker: CircuitBreaker | None = None,
+        latency_window: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        **mqtt_options: Any,
+    ) -> None:
+        """`mqtt_options` go to MqttClient (username, password, tls, keepalive_s, ...)."""
+        self.device = topics.check_device(device)
+        self.session = secrets.token_hex(6)
+        self.request_topic = topics.offload_request(device)
+        self.response_topic = topics.offload_response(device, self.session)
+        self.breaker = breaker or CircuitBreaker(BreakerConfig(), clock)
+        self.clock = clock
+        self._wall = wall_clock
+        self._lock = threading.Lock()  # the breaker and _pending are shared with paho's thread
+        self._pending: dict[bytes, OffloadStream] = {}
+        self._latency: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=latency_window
+        )
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.mqtt = MqttClient(
+            broker_url,
+            f"edge-{device}-{self.session}",
+            on_connection=self._on_connection,
+            **mqtt_options,
+        )
+        self.mqtt.subscribe(self.response_topic, self._on_response)
+
+    @classmethod
+    def from_config(cls, cfg: OffloadConfig) -> OffloadClient:
+        """The daemon's client from its [offload] section; ConfigError if it has no broker."""
+        if cfg.broker is None:
+            raise ConfigError("offload.broker is not set: cloud offload is off")
+        password = None
+        if cfg.password_file is not None:
+            try:
+                password = cfg.password_file.read_text().splitlines()[0].strip()
+            except (OSError, IndexError) as e:
+                raise ConfigError(f"cannot read offload.password_file: {e}") from e
+        tls = None
+        if cfg.ca_file or cfg.cert_file:
+            tls = TlsFiles(*(str(p) if p else None
+                             for p in (cfg.ca_file, cfg.cert_file, cfg.key_file)))
+        breaker = CircuitBreaker(BreakerConfig(
+            failure_rate=cfg.failure_rate, window_s=cfg.window_s,
+            min_requests=cfg.min_requests, open_s=cfg.open_s, probes=cfg.half_open_probes))
+        device = cfg.device_id or socket.gethostname().split(".")[0]
+        return cls(cfg.broker, device, breaker=breaker, latency_window=cfg.latency_window,
+                   username=cfg.username, password=password, tls=tls,
+                   keepalive_s=cfg.keepalive_s)
+
+    def start(self, wait_s: float | None = None) -> bool:
+        """Connect in the background; with `wait_s`, wait until subscribed (True) or not."""
+        self.mqtt.start()
+        return self.mqtt.wait_subscribed(wait_s) if wait_s is not None else self.mqtt.connected
+
+    def stop(self) -> None:
+        self.mqtt.stop()
+        self._fail_all(OffloadUnavailableError("the offload client stopped"))
+
+    # -- what the scheduler reads -----------------------------------------------------------
+
+    def available(self) -> bool:
+        """Would a submit now go out? False while disconnected or the breaker is open."""
+        with self._lock:
+            return self.mqtt.connected and self.breaker.available()
+
+    def latency(self) -> LatencyStats:
+        with self._lock:
+            samples = list(self._latency)
+        first = sorted(f for f, _ in samples)
+        last = sorted(t for _, t in samples)
+        return LatencyStats(
+            len(samples), _pct(first, 0.5), _pct(first, 0.99), _pct(last, 0.5), _pct(last, 0.99)
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # -- submit -----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        body: Mapping[str, Any],
+        endpoint: str,
+        deadline: float,
+        stream: bool = True,
+        request_id: str | None = None,
+    ) -> OffloadStream:
+        """Publish one request; iterate the result for its chunks. Call on the event loop.
+
+        `deadline` is on this client's clock (time.monotonic() by default), like
+        serving.Request.deadline. Raises at once: OffloadUnavailableError (not connected,
+        breaker open), OffloadTimeoutError (deadline already passed), MessageError (body).
+        """
+        now = self.clock()
+        if deadline <= now:
+            raise OffloadTimeoutError("the request's deadline passed before it was offloaded")
+        request_id = request_id or secrets.token_hex(8)
+        corr = request_id.encode()
+        deadline_ms = int((self._wall() + (deadline - now)) * 1000)
+        payload, props = encode_request(
+            OffloadRequest(body, endpoint, self.device, deadline_ms, stream,
+                           self.response_topic, corr),
+            now_ms=int(self._wall() * 1000),
+        )
+        s = OffloadStream(self, request_id, deadline)
+        with self._lock:
+            if not self.mqtt.connected:
+                self.counts["unavailable"] += 1
+                raise OffloadUnavailableError("not connected to the MQTT broker")
+            if not self.breaker.allow():
+                self.counts["unavailable"] += 1
+                raise OffloadUnavailableError("the cloud circuit breaker is open")
+            if corr in self._pending:
+                self.breaker.release()
+                raise MessageError(f"request id {request_id!r} is already in flight")
+            self._pending[corr] = s
+        self.counts["submitted"] += 1
+        s.published_at = time.perf_counter()
+        try:
+            self.mqtt.publish(self.request_topic, payload, props, qos=1,
+                              on_ack=lambda rc: self._on_ack(s, rc))
+        except BrokerError as e:  # the connection dropped a moment ago
+            s.done = True
+            self._forget(s, outcome=False)
+            raise OffloadUnavailableError(str(e)) from None
+        return s
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _forget(self, s: OffloadStream, outcome: bool | None) -> None:
+        with self._lock:
+            self._pending.pop(s.request_id.encode(), None)
+            if outcome is None:
+                self.breaker.release()
+            elif outcome:
+                self.breaker.record_success()
+            else:
+                self.breaker.record_failure()
+        self.counts[{None: "cancelled", True: "ok", False: "failed"}[outcome]] += 1
+
+    def _observe(self, first_s: float, last_s: float) -> None:
+        with self._lock:
+            self._latency.append((first_s, last_s))
+
+    def _on_ack(self, s: OffloadStream, reason: int) -> None:  # paho thread
+        if reason == NO_MATCHING_SUBSCRIBERS:
+            err = OffloadUnavailableError("no cloud worker is subscribed to offload requests")
+        elif reason >= 0x80:
+            err = OffloadUnavailableError(f"the broker refused the request (reason {reason})")
+        else:
+            return
+        _call_soon(s, s._fail, err)
+
+    def _on_response(self, msg: Message) -> None:  # paho thread
+        corr = msg.props.correlation_data
+        with self._lock:
+            s = self._pending.get(corr) if corr is not None else None
+        if s is None:
+            self.counts["late"] += 1  # cancelled, timed out, or not ours
+            return
+        try:
+            chunk = decode_chunk(msg.payload, received_at=msg.received_at)
+        except MessageError as e:
+            _call_soon(s, s._fail, OffloadRemoteError(f"malformed answer: {e}"))
+            return
+        _call_soon(s, s._feed, chunk)
+
+    def _on_connection(self, up: bool) -> None:  # paho thread
+        if up:
+            return
+        with self._lock:
+            self.breaker.trip()  # no statistics needed: nothing can reach the cloud now
+        self._fail_all(OffloadUnavailableError("lost the connection to the MQTT broker"))
+
+    def _fail_all(self, error: OffloadUnavailableError) -> None:
+        with self._lock:
+            streams = list(self._pending.values())
+        for s in streams:
+            _call_soon(s, s._fail, error)
+
+
+def _call_soon(s: OffloadStream, fn: Callable[..., None], arg: Any) -> None:
+    # RuntimeError: the loop is closed, so nobody is waiting any more.
+    with contextlib.suppress(RuntimeError):
+        s.loop.call_soon_threadsafe(fn, arg)
+
+
+def _pct(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None without samples (the scheduler decides what that means)."""
+    if not sorted_values:
+        return None
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]

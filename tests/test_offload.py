@@ -1,0 +1,282 @@
+"""Offload end to end on a real Mosquitto: device client ↔ broker ↔ cloud worker(s).
+
+Nothing is mocked: each test starts its own broker (mqtt_fixtures.py). Workers run in this
+process where the test is about the protocol, and as `edge-runtime cloud-worker` processes
+where one must be killed. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from mqtt_fixtures import Broker
+
+from edge_runtime.breaker import BreakerConfig, CircuitBreaker, State
+from edge_runtime.bundle import verify_bundle
+from edge_runtime.cloud_worker import CloudWorker
+from edge_runtime.errors import (
+    OffloadError,
+    OffloadRemoteError,
+    OffloadTimeoutError,
+    OffloadUnavailableError,
+)
+from edge_runtime.generator import Generator
+from edge_runtime.messages import OffloadChunk, PublishProps
+from edge_runtime.mqtt import MqttClient
+from edge_runtime.offload import OffloadClient
+from edge_runtime.sampling import SamplingParams
+from edge_runtime.signing import load_public_key
+
+CHAT: dict[str, Any] = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "Tell me a story"}],
+    "max_tokens": 16,
+    "temperature": 0,
+}
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.01)
+
+
+async def collect(client: OffloadClient, body: dict[str, Any], endpoint: str = "chat",
+                  timeout_s: float = 10.0, stream: bool = True) -> list[OffloadChunk]:
+    s = client.submit(body, endpoint, time.monotonic() + timeout_s, stream=stream)
+    return [c async for c in s]
+
+
+@pytest.fixture
+def device(broker: Broker) -> Iterator[OffloadClient]:
+    breaker = CircuitBreaker(BreakerConfig(min_requests=2, open_s=0.3))
+    client = OffloadClient(broker.url, "dev1", breaker=breaker, reconnect_min_s=0.1,
+                           reconnect_max_s=0.5)
+    assert client.start(wait_s=10)
+    yield client
+    client.stop()
+
+
+def echo_worker(broker: Broker, **kw: Any) -> CloudWorker:
+    w = CloudWorker(broker.url, None, reconnect_min_s=0.1, reconnect_max_s=0.5, **kw)
+    assert w.start(wait_s=10)
+    return w
+
+
+@pytest.fixture(scope="module")
+def local_gen(tiny_bundle: Any) -> Generator:
+    bundle = verify_bundle(tiny_bundle.path, [load_public_key(tiny_bundle.pubkey)])
+    return Generator.from_bundle(bundle, threads=1)
+
+
+@pytest.fixture
+def model_worker(broker: Broker, tiny_bundle: Any) -> Iterator[CloudWorker]:
+    bundle = verify_bundle(tiny_bundle.path, [load_public_key(tiny_bundle.pubkey)])
+    w = CloudWorker(broker.url, lambda: Generator.from_bundle(bundle, threads=1))
+    assert w.start(wait_s=10)
+    yield w
+    w.stop()
+
+
+# -- the protocol, with a real model ------------------------------------------------------
+
+
+def test_offloaded_text_equals_local_greedy(model_worker: CloudWorker, device: OffloadClient,
+                                            local_gen: Generator) -> None:
+    ids = local_gen.chat_prompt(CHAT["messages"])
+    local = local_gen.generate(ids, SamplingParams(max_tokens=16, temperature=0.0))
+    chunks = asyncio.run(collect(device, CHAT))
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert all(c.served_by == "cloud" for c in chunks)
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    last = chunks[-1]
+    assert "".join(c.text for c in chunks) == local.text
+    assert last.finish_reason == local.finish_reason
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (
+        len(ids), local.stats.completion_tokens)
+    lat = device.latency()
+    assert lat.samples == 1 and lat.first_p99_s is not None and lat.last_p99_s is not None
+    assert 0 < lat.first_p99_s <= lat.last_p99_s
+
+
+def test_completions_not_streamed_is_one_chunk(model_worker: CloudWorker, device: OffloadClient,
+                                               local_gen: Generator) -> None:
+    body = {"model": "tiny", "prompt": "Once upon", "max_tokens": 8, "temperature": 0}
+    local = local_gen.generate(local_gen.text_prompt("Once upon"),
+                               SamplingParams(max_tokens=8, temperature=0.0))
+    chunks = asyncio.run(collect(device, body, "completions", stream=False))
+    assert len(chunks) == 1 and chunks[0].seq == 0
+    assert chunks[0].text == local.text and chunks[0].finish_reason == local.finish_reason
+
+
+def test_mosquitto_rr_calls_the_worker(model_worker: CloudWorker, broker: Broker) -> None:
+    rr = shutil.which("mosquitto_rr")
+    if rr is None:
+        pytest.skip("mosquitto_rr is not installed (apt-get install mosquitto-clients)")
+    body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 5, "temperature": 0})
+    out = subprocess.run(
+        [rr, "-V", "5", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-W", "10",
+         "-t", "edge/rr-dev/offload/req", "-e", "edge/rr-dev/offload/res/cli", "-m", body],
+        capture_output=True, text=True, timeout=20, check=True,
+    )
+    answer = json.loads(out.stdout)
+    assert answer["v"] == 1 and answer["seq"] == 0 and answer["served_by"] == "cloud"
+    assert answer["finish_reason"] in ("stop", "length") and isinstance(answer["text"], str)
+    assert answer["usage"]["completion_tokens"] <= 5
+    assert answer["usage"]["total_tokens"] == (answer["usage"]["prompt_tokens"]
+                                               + answer["usage"]["completion_tokens"])
+
+
+def test_malformed_body_gets_an_error_chunk_not_a_breaker_failure(
+        model_worker: CloudWorker, device: OffloadClient) -> None:
+    bad = {**CHAT, "temperature": "hot"}
+    for _ in range(3):  # more than min_requests: the breaker must stay closed
+        with pytest.raises(OffloadRemoteError) as e:
+            asyncio.run(collect(device, bad))
+        assert e.value.type == "invalid_request_error" and "temperature" in str(e.value)
+    assert device.breaker.state is State.CLOSED
+    assert model_worker.counts["invalid"] == 3
+
+
+# -- the protocol, on the echo worker ------------------------------------------------------
+
+
+def test_expired_request_is_dropped_not_served(broker: Broker) -> None:
+    w = echo_worker(broker)
+    got: list[bytes] = []
+    c = MqttClient(broker.url, "raw")
+    try:
+        c.subscribe("edge/d/offload/res/s", lambda m: got.append(m.payload))
+        assert c.start(wait_s=5) and c.wait_subscribed(5)
+        past_ms = int(time.time() * 1000) - 50
+        props = PublishProps(response_topic="edge/d/offload/res/s", correlation_data=b"1",
+                             message_expiry_s=5, user=(("deadline_ms", str(past_ms)),))
+        c.publish("edge/d/offload/req", json.dumps(CHAT).encode(), props, wait_s=5)
+        wait_until(lambda: w.counts["expired"] == 1, 5)
+        time.sleep(0.2)
+        assert got == [] and w.counts["served"] == 0
+    finally:
+        c.stop()
+        w.stop()
+
+
+def test_two_workers_on_one_shared_subscription_split_the_load(
+        broker: Broker, device: OffloadClient) -> None:
+    a, b = echo_worker(broker), echo_worker(broker)
+    try:
+        async def many() -> None:
+            for _ in range(20):
+                chunks = await collect(device, CHAT)
+                assert chunks[-1].finish_reason == "length"
+        asyncio.run(many())
+        assert a.counts["served"] + b.counts["served"] == 20
+        assert a.counts["served"] > 0 and b.counts["served"] > 0
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_no_worker_is_a_fast_unavailable_and_opens_the_breaker(device: OffloadClient) -> None:
+    # Mosquitto acks with "no matching subscribers": no need to wait for the deadline.
+    for _ in range(2):
+        t0 = time.monotonic()
+        with pytest.raises(OffloadUnavailableError, match="no cloud worker"):
+            asyncio.run(collect(device, CHAT, timeout_s=10))
+        assert time.monotonic() - t0 < 1.0
+    assert device.breaker.state is State.OPEN and not device.available()
+    with pytest.raises(OffloadUnavailableError, match="breaker"):
+        asyncio.run(collect(device, CHAT))
+
+
+def test_deadline_is_explicit(broker: Broker, device: OffloadClient) -> None:
+    w = echo_worker(broker)
+    w.stop()  # unsubscribed, but a raw subscriber swallows requests without answering
+    sink = MqttClient(broker.url, "sink")
+    sink.subscribe("$share/cloud/edge/+/offload/req", lambda m: None)
+    assert sink.start(wait_s=5) and sink.wait_subscribed(5)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(OffloadTimeoutError):
+            asyncio.run(collect(device, CHAT, timeout_s=0.3))
+        assert 0.25 < time.monotonic() - t0 < 1.0
+        assert device.in_flight == 0
+    finally:
+        sink.stop()
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+def test_broker_killed_then_restarted(broker: Broker, device: OffloadClient) -> None:
+    w = echo_worker(broker)
+    try:
+        asyncio.run(collect(device, CHAT))
+        broker.kill()
+        t0 = time.monotonic()
+        wait_until(lambda: not device.available(), 1.0)
+        assert time.monotonic() - t0 < 1.0
+        assert device.breaker.state is State.OPEN
+        with pytest.raises(OffloadUnavailableError):  # at once, no timeout
+            asyncio.run(collect(device, CHAT))
+        broker.start()
+        wait_until(device.available, 10)
+        assert w.mqtt.wait_subscribed(10)
+        chunks = asyncio.run(collect(device, CHAT))  # the half-open probe closes it
+        assert chunks[-1].finish_reason == "length"
+        assert device.breaker.state is State.CLOSED
+    finally:
+        w.stop()
+
+
+def _spawn_worker(broker: Broker, tiny_bundle: Any) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-c", "import sys; from edge_runtime.cli import main; "
+           "sys.exit(main(sys.argv[1:]))", "cloud-worker", "--bundle", str(tiny_bundle.path),
+           "--pubkey", str(tiny_bundle.pubkey), "--broker", broker.url, "--threads", "1",
+           "--log-level", "warning"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+
+def test_one_of_two_workers_killed_mid_request(broker: Broker, device: OffloadClient,
+                                               tiny_bundle: Any) -> None:
+    procs = [_spawn_worker(broker, tiny_bundle) for _ in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            assert "subscribed" in p.stdout.readline()
+        deadline_s = 3.0
+        body = {**CHAT, "max_tokens": 200}
+
+        async def run_all() -> list[object]:
+            async def one() -> object:
+                try:
+                    return await collect(device, body, timeout_s=deadline_s)
+                except OffloadError as e:
+                    return e
+            tasks = [asyncio.ensure_future(one()) for _ in range(6)]
+            await asyncio.sleep(0.05)  # both workers have taken requests by now
+            procs[0].kill()
+            return await asyncio.gather(*tasks)
+
+        t0 = time.monotonic()
+        results = asyncio.run(run_all())
+        assert time.monotonic() - t0 < deadline_s + 0.5  # nothing hangs past its deadline
+        answered = [r for r in results if isinstance(r, list)]
+        failed = [r for r in results if isinstance(r, OffloadError)]
+        assert len(answered) + len(failed) == 6
+        assert answered, "the surviving worker answered nothing"
+        assert all(r[-1].final and r[-1].error is None for r in answered)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
