@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_runtime.errors import GenerationError
+from edge_runtime.errors import EngineError, GenerationError
 from edge_runtime.sampling import Sampler, SamplingParams
 from edge_runtime.tokenizer import IncrementalDecoder
 
@@ -54,6 +54,11 @@ class BatchDecoder:
     def __init__(self, gen: Generator, max_batch: int = 8) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_batch > 1 and not gen.graph.left_padded_batch:
+            raise EngineError(
+                f"this bundle's decoder cannot batch left-padded sequences (fused "
+                f"GroupQueryAttention); serve it with scheduler.max_batch = 1, not {max_batch}"
+            )
         self.gen = gen
         self.max_batch = max_batch
         self._seqs: list[_Seq] = []

@@ -79,6 +79,9 @@ class GraphSpec:
     # `logits` covers only the last position ([batch, 1, vocab]) when True: serving needs
     # nothing else, and full-prompt logits would cost prompt_len x vocab floats per prefill.
     last_token_logits: bool = False
+    left_padded_batch: bool = True
+    """The graph decodes a left-padded batch correctly (continuous batching). False for
+    fused GroupQueryAttention graphs, whose kernel assumes right-padded KV."""
     weights: dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,6 +163,7 @@ class Manifest:
                     outputs=[TensorSpec(**t) for t in g["outputs"]],
                     kv_cache=KVCacheSpec(**kv) if kv else None,
                     last_token_logits=bool(g.get("last_token_logits", False)),
+                    left_padded_batch=bool(g.get("left_padded_batch", True)),
                     weights=dict(g.get("weights", {})),
                 )
             return cls(

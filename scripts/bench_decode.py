@@ -72,6 +72,7 @@ PROMPT_SEED = 0
 # Which artifact each contender needs (prepared in a subprocess before measuring).
 NEEDS: dict[str, str] = {
     "ours": "onnx-int4",
+    "ours-fused": "onnx-int4-fused",
     "ort-bare": "onnx-int4",
     "torch-fp32": "hf",
     "llama.cpp": "gguf-q4_0",
@@ -140,6 +141,8 @@ def prepare(what: str, workdir: Path, threads: int) -> None:
     hf = artifacts.build_hf_model(workdir)
     if what == "onnx-int4":
         artifacts.build_bundle(workdir, hf)
+    elif what == "onnx-int4-fused":
+        artifacts.build_fused_bundle(workdir, hf)
     elif what == "gguf-q4_0":
         artifacts.build_gguf_q4_0(workdir, hf, threads)
     elif what != "hf":

@@ -127,6 +127,8 @@ def run(
                     if k in q
                 },
             }
+        # A fused GQA graph must not be fed a left-padded batch (see bundle.GraphSpec).
+        left_padded_batch = not any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
         slice_last_position(model)
         large = model.ByteSize() > _TWO_GB
         onnx.save(
@@ -180,6 +182,7 @@ def run(
                     "outputs": [vars(s) for s in outputs],
                     "kv_cache": vars(kv),
                     "last_token_logits": True,
+                    "left_padded_batch": left_padded_batch,
                     "weights": weights,
                 }
             },

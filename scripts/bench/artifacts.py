@@ -45,6 +45,7 @@ SEED = 0
 TOKENIZER_VOCAB = 8192
 HF_DIR = "hf-qwen2-0.5b-random"
 BUNDLE_DIR = "bundle-int4-b128-acc4"
+FUSED_BUNDLE_DIR = "bundle-int4-b128-acc4-fused"
 GGUF_DIR = "gguf"
 INT4_BLOCK_SIZE = 128
 INT4_ACCURACY_LEVEL = 4
@@ -173,6 +174,24 @@ def build_bundle(workdir: Path, hf_dir: Path) -> Path:
     _log("package: signed bundle")
     return package.run(int4_dir, final, keys / "bench.key", name="qwen2-0.5b-shapes",
                        version="bench", context_length=4096, overwrite=True)
+
+
+def build_fused_bundle(workdir: Path, hf_dir: Path) -> Path:
+    """The same int4 graph after `edge_build.fuse` (GroupQueryAttention, fused norms)."""
+    final = workdir / FUSED_BUNDLE_DIR
+    if (final / "manifest.json").is_file():
+        return final
+    build_bundle(workdir, hf_dir)
+    from edge_build import fuse, package
+
+    fused_dir = workdir / "stage-int4-fused"
+    if not (fused_dir / "stage.json").is_file():
+        _log("fuse: GroupQueryAttention + SkipSimplifiedLayerNormalization")
+        fuse.run(workdir / "stage-int4", fused_dir, max_positions=4096)
+    _log("package: signed fused bundle")
+    return package.run(fused_dir, final, workdir / "keys" / "bench.key",
+                       name="qwen2-0.5b-shapes-fused", version="bench", context_length=4096,
+                       overwrite=True)
 
 
 # --- 3. GGUF Q4_0 ----------------------------------------------------------------------------

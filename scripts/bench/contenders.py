@@ -134,7 +134,7 @@ def _measure(
 # --- 1. ours ---------------------------------------------------------------------------------
 
 
-def bench_ours(cfg: BenchConfig) -> ContenderResult:
+def bench_ours(cfg: BenchConfig, bundle_dir: str | None = None) -> ContenderResult:
     """Our generator (edge_runtime) on the signed int4 bundle, exactly as the daemon loads it:
     verify signature and hashes, open the decoder with ONNX Runtime, generate greedily."""
     from bench import artifacts
@@ -147,7 +147,7 @@ def bench_ours(cfg: BenchConfig) -> ContenderResult:
 
     workdir = Path(cfg.workdir)
     t0 = time.perf_counter()
-    bundle = verify_bundle(workdir / artifacts.BUNDLE_DIR,
+    bundle = verify_bundle(workdir / (bundle_dir or artifacts.BUNDLE_DIR),
                            [load_public_key(workdir / "keys" / "bench.pub")])
     gen = Generator.from_bundle(bundle, backend="onnxruntime", threads=cfg.threads)
     load_s = time.perf_counter() - t0
@@ -160,6 +160,13 @@ def bench_ours(cfg: BenchConfig) -> ContenderResult:
         return RunTiming(st.ttft_s, st.decode_s, st.completion_tokens, list(done.token_ids))
 
     return _measure(cfg, generate, load_s)
+
+
+def bench_ours_fused(cfg: BenchConfig) -> ContenderResult:
+    """The same, on the bundle whose graph went through `edge_build.fuse` (batch 1 only)."""
+    from bench import artifacts
+
+    return bench_ours(cfg, artifacts.FUSED_BUNDLE_DIR)
 
 
 def _ensure_repo_importable() -> None:
@@ -371,12 +378,14 @@ def bench_llama_cpp(cfg: BenchConfig) -> ContenderResult:
 
 CONTENDERS: dict[str, Callable[[BenchConfig], ContenderResult]] = {
     "ours": bench_ours,
+    "ours-fused": bench_ours_fused,
     "ort-bare": bench_ort_bare,
     "torch-fp32": bench_torch_fp32,
     "llama.cpp": bench_llama_cpp,
 }
 LABELS = {
     "ours": "ours (edge_runtime, int4 ONNX)",
+    "ours-fused": "ours, fused graph (GQA; batch 1 only)",
     "ort-bare": "ORT bare loop (int4 ONNX)",
     "torch-fp32": "PyTorch eager fp32",
     "llama.cpp": "llama.cpp Q4_0",

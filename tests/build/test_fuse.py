@@ -1,0 +1,100 @@
+"""Stage `fuse` on a tiny Qwen2: GQA/RMSNorm fusion decodes exactly like the exported graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")  # the offline pipeline's extra is not on the device leg
+
+import onnx  # noqa: E402
+
+from edge_build import fuse, quantize  # noqa: E402
+from edge_build.stage import StageError, read_stage  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from optimum.exporters.onnx import main_export
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("fuse")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    Qwen2ForCausalLM(cfg).eval().save_pretrained(root / "hf")
+    # Optimum directly (as the export stage does): the stage also wants a tokenizer.
+    main_export(str(root / "hf"), output=str(root / "onnx"), task="text-generation-with-past",
+                no_post_process=True, do_validation=False, device="cpu")
+    return root / "onnx"
+
+
+@pytest.mark.parametrize("int4", [False, True], ids=["fp32", "int4"])
+def test_fused_graph_decodes_like_the_export(tiny_export: Path, tmp_path: Path, int4: bool):
+    src = tiny_export
+    if int4:
+        src = tmp_path / "int4"
+        quantize.run(tiny_export, src, eval_windows=[list(range(5, 37))], block_size=32)
+    rec = fuse.run(src, tmp_path / "fused")
+    assert read_stage(tmp_path / "fused")["stage"] == "fuse"
+    assert rec["metrics"]["GroupQueryAttention"] == 2
+    assert rec["metrics"]["SkipSimplifiedLayerNormalization"] == 4  # 2 per layer, final norm
+    ref = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    got = onnx.load(str(tmp_path / "fused" / "model.onnx"), load_external_data=False)
+    # Same I/O contract: the generator runs the fused graph unchanged.
+    for a, b in ((ref.graph.input, got.graph.input), (ref.graph.output, got.graph.output)):
+        assert [(v.name, v.type) for v in a] == [(v.name, v.type) for v in b]
+    assert sum(n.op_type == "Softmax" for n in got.graph.node) == 0
+    if int4:  # every projection and the LM head stay quantized
+        def count(m: onnx.ModelProto) -> int:
+            return sum(n.op_type == "MatMulNBits" for n in m.graph.node)
+
+        assert count(got) == count(ref) == 2 * 7 + 1
+    for prompt in (list(range(3, 35)), [7, 300, 11, 42, 99, 5, 250, 17]):
+        want, want_logits = fuse.greedy(src / "model.onnx", prompt, 32, layers=2)
+        have, have_logits = fuse.greedy(tmp_path / "fused" / "model.onnx", prompt, 32, layers=2)
+        assert have == want
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(want_logits, have_logits,
+                                                               strict=True))
+        assert diff < 1e-4, diff
+
+
+def test_unexpected_graph_is_a_named_error(tiny_export: Path):
+    model = onnx.load(str(tiny_export / "model.onnx"))
+    config = {"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2}
+    # A graph whose present.0.key is not Concat(past, new) is not what the stage rewrites.
+    for node in model.graph.node:
+        if "present.0.key" in node.output:
+            node.op_type = "Add"
+    with pytest.raises(fuse.FusePatternError, match=r"present\.0\.key.*Concat"):
+        fuse.fuse_decoder(model, config)
+    assert issubclass(fuse.FusePatternError, StageError)
+    with pytest.raises(fuse.FusePatternError, match=r"no input 'past_key_values\.2\.key'"):
+        fuse.fuse_decoder(model, {**config, "num_hidden_layers": 3})
+
+
+def test_fused_bundle_refuses_a_left_padded_batch(tiny_bundle, tmp_path):
+    """package marks a GQA graph as unable to batch left-padded sequences; the decoder holds
+    to it instead of producing wrong tokens."""
+    from edge_build import package
+    from edge_runtime.bundle import verify_bundle
+    from edge_runtime.errors import EngineError
+    from edge_runtime.generator import Generator
+    from edge_runtime.sampling import SamplingParams
+    from edge_runtime.signing import load_public_key
+
+    fuse.run(tiny_bundle.work / "int4", tmp_path / "fused")
+    out = package.run(tmp_path / "fused", tmp_path / "bundle", tiny_bundle.key, name="f",
+                      version="1")
+    bundle = verify_bundle(out, [load_public_key(tiny_bundle.pubkey)])
+    assert bundle.graph().left_padded_batch is False
+    assert verify_bundle(tiny_bundle.path, [load_public_key(tiny_bundle.pubkey)]) \
+        .graph().left_padded_batch is True
+    gen = Generator.from_bundle(bundle)
+    with pytest.raises(EngineError, match="max_batch = 1"):
+        gen.batch(2)
+    done = gen.generate(gen.text_prompt("def f(x):"), SamplingParams(max_tokens=8,
+                                                                       temperature=0.0))
+    assert done.stats.completion_tokens == 8 or done.finish_reason == "stop"
