@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from live_server import wait_until
 from mqtt_fixtures import Broker
 
 from edge_runtime.breaker import BreakerConfig, CircuitBreaker, State
@@ -41,14 +42,6 @@ CHAT: dict[str, Any] = {
     "max_tokens": 16,
     "temperature": 0,
 }
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.01)
 
 
 async def collect(client: OffloadClient, body: dict[str, Any], endpoint: str = "chat",
