@@ -200,7 +200,7 @@ def _run_server(cfg: Config, bundle: Bundle) -> int:
     from edge_runtime.accesslog import AccessLog
     from edge_runtime.api import create_app
     from edge_runtime.generator import Generator
-    from edge_runtime.serving import LocalWorker, ModelInfo
+    from edge_runtime.serving import LocalWorker, ModelInfo, cloud_state
 
     server: uvicorn.Server | None = None
 
@@ -211,9 +211,16 @@ def _run_server(cfg: Config, bundle: Bundle) -> int:
         if server is not None:
             server.should_exit = True  # a daemon that cannot load its model must not linger
 
-    worker = LocalWorker(load, cfg.scheduler, on_failure=on_failure)
+    offload = None
+    if cfg.offload.broker is not None and cfg.scheduler.offload_enabled:
+        from edge_runtime.offload import OffloadClient
+
+        offload = OffloadClient.from_config(cfg.offload)
+        offload.start()  # connects in the background and keeps retrying
+    worker = LocalWorker(load, cfg.scheduler, cloud=cloud_state(offload, cfg.scheduler),
+                         on_failure=on_failure)
     access_log = AccessLog.open(cfg.log.access_log)
-    app = create_app(worker, ModelInfo.from_bundle(bundle), cfg, access_log)
+    app = create_app(worker, ModelInfo.from_bundle(bundle), cfg, access_log, offload)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -229,6 +236,8 @@ def _run_server(cfg: Config, bundle: Bundle) -> int:
     finally:
         if access_log is not None:
             access_log.close()
+        if offload is not None:
+            offload.stop()
     if worker.error is not None:
         raise EdgeError(f"cannot serve {bundle.root}: {worker.error}")
     return 0

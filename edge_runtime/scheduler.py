@@ -58,6 +58,9 @@ class SchedulerConfig:
     safety: float = 1.2
     """Local estimates are multiplied by this before comparing with a deadline."""
     offload_enabled: bool = True
+    """Offload to the cloud when [offload] names a broker (off: reject instead)."""
+    cloud_p99_prior_s: float = 2.0
+    """The cloud round trip assumed before any offload has been measured."""
     engine_error_limit: int = 3
     """Recent engine errors that make the scheduler stop serving locally."""
 

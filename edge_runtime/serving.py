@@ -44,6 +44,28 @@ NO_CLOUD = CloudState(available=False, p99_s=0.0, configured=False)
 ENGINE_ERROR_WINDOW_S = 60.0
 
 
+class CloudPath(Protocol):
+    """What the scheduler reads of the offload client (edge_runtime.offload.OffloadClient)."""
+
+    def available(self) -> bool: ...
+
+    def latency(self) -> Any: ...
+
+
+def cloud_state(cloud: CloudPath | None, config: SchedulerConfig) -> Callable[[], CloudState]:
+    """The scheduler's view of the cloud path: up or not, and its p99 round trip (publish to
+    last chunk), or the configured prior until there are measurements."""
+    if cloud is None:
+        return lambda: NO_CLOUD
+
+    def state() -> CloudState:
+        p99 = cloud.latency().last_p99_s
+        return CloudState(available=cloud.available(),
+                          p99_s=config.cloud_p99_prior_s if p99 is None else p99)
+
+    return state
+
+
 class DecodeBatch(Protocol):
     """What the engine loop drives (edge_runtime.batching.BatchDecoder)."""
 

@@ -32,6 +32,7 @@ from edge_runtime.api.middleware import (
 )
 from edge_runtime.config import Config
 from edge_runtime.metrics import Metrics
+from edge_runtime.offload import OffloadClient
 from edge_runtime.serving import LocalWorker, ModelInfo
 
 
@@ -40,6 +41,7 @@ def create_app(
     model: ModelInfo,
     config: Config | None = None,
     access_log: AccessLog | None = None,
+    offload: OffloadClient | None = None,
 ) -> FastAPI:
     """An app serving `model` through `worker` (started and stopped by the app's lifespan)."""
     config = config or Config()
@@ -50,6 +52,7 @@ def create_app(
         model=model,
         metrics=metrics,
         retry_after_s=1,
+        offload=offload,
     )
 
     @asynccontextmanager

@@ -19,7 +19,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -33,13 +33,13 @@ from edge_runtime.api.middleware import RequestContext, request_context
 from edge_runtime.errors import ContextLengthError, EdgeError, GenerationError
 from edge_runtime.generator import Chunk, GenerationStats
 from edge_runtime.metrics import Metrics
+from edge_runtime.offload import OffloadClient, OffloadStream
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.scheduler import Action
-from edge_runtime.serving import LocalWorker, ModelInfo, TextGenerator
+from edge_runtime.serving import LocalWorker, ModelInfo, OffloadRequested, TextGenerator
 from edge_runtime.serving import Request as EngineRequest
 
 T = TypeVar("T")
-SERVED_BY = "local"
 # 499: the client closed the connection before the response began (nginx's convention).
 CLIENT_GONE = 499
 
@@ -52,6 +52,31 @@ class ServingState:
     model: ModelInfo
     metrics: Metrics
     retry_after_s: int
+    offload: OffloadClient | None = None
+    """The cloud path, when [offload] names a broker."""
+
+
+class Cancellable(Protocol):
+    """What a response needs of the work behind it: local request or cloud stream."""
+
+    @property
+    def queue_wait_s(self) -> float: ...
+
+    def cancel(self) -> None: ...
+
+
+@dataclass
+class _CloudWork:
+    req: EngineRequest
+    stream: OffloadStream
+
+    @property
+    def queue_wait_s(self) -> float:
+        return self.req.queue_wait_s
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+        self.req.cancel()
 
 
 DEADLINE_HEADER = "x-request-deadline-ms"
@@ -115,30 +140,75 @@ async def create_completion(
     )
     # REJECT raises OverloadedError → 429/503 with Retry-After (errors.from_edge_error).
     decision = state.worker.submit(req)
-    if decision.action is Action.OFFLOAD:
-        # The scheduler offloads only when a cloud path is configured; none is wired here.
-        raise APIError(
-            503,
-            f"{decision.reason}, but no cloud path is configured",
-            SERVER_ERROR,
-            code="overloaded",
-            headers={"Retry-After": str(max(1, state.retry_after_s))},
-        )
     fmt = _Format(chat, f"{'chatcmpl' if chat else 'cmpl'}-{ctx.id}", state.model)
-    chunks = req.chunks()
+    if decision.action is Action.OFFLOAD:
+        return await _respond(request, body, state, ctx, fmt, *_to_cloud(body, state, ctx, req))
+    try:
+        return await _respond(request, body, state, ctx, fmt, req, req.chunks())
+    except OffloadRequested:  # queued, then sent away by the scheduler's review
+        return await _respond(request, body, state, ctx, fmt, *_to_cloud(body, state, ctx, req))
+
+
+def _to_cloud(
+    body: s.ChatCompletionRequest | s.CompletionRequest,
+    state: ServingState,
+    ctx: RequestContext,
+    req: EngineRequest,
+) -> tuple[Cancellable, AsyncIterator[Chunk]]:
+    """Publish the request to the cloud; its answer as our chunks."""
+    if state.offload is None:  # the scheduler offloads only when a cloud path is wired
+        raise APIError(503, "no cloud path is configured", SERVER_ERROR, code="overloaded")
+    ctx.served_by = "cloud"
+    req.started = time.monotonic()
+    endpoint = "chat" if isinstance(body, s.ChatCompletionRequest) else "completions"
+    assert req.deadline is not None  # set by LocalWorker.submit
+    stream = state.offload.submit(
+        body.model_dump(mode="json", exclude_none=True),
+        endpoint,
+        req.deadline,
+        stream=body.stream,
+        request_id=ctx.id,
+    )
+    return _CloudWork(req, stream), _cloud_chunks(stream, len(req.prompt_ids))
+
+
+async def _cloud_chunks(stream: OffloadStream, prompt_tokens: int) -> AsyncIterator[Chunk]:
+    async for c in stream:
+        if c.finish_reason is None:
+            yield Chunk(c.text, [])
+            continue
+        u = c.usage
+        stats = GenerationStats(
+            prompt_tokens=u.prompt_tokens if u else prompt_tokens,
+            completion_tokens=u.completion_tokens if u else 0,
+        )
+        yield Chunk(c.text, [], c.finish_reason, stats)
+        return
+
+
+async def _respond(
+    request: Request,
+    body: s.ChatCompletionRequest | s.CompletionRequest,
+    state: ServingState,
+    ctx: RequestContext,
+    fmt: _Format,
+    work: Cancellable,
+    chunks: AsyncIterator[Chunk],
+) -> Response:
+    """One JSON body, or an SSE stream, from chunks produced here or in the cloud."""
     if not body.stream:
-        collected = await _unless_disconnected(request.receive, req, _collect(chunks))
+        collected = await _unless_disconnected(request.receive, work, _collect(chunks))
         if collected is None:
             return Response(status_code=CLIENT_GONE)
         text, last = collected
-        stats = _finished(last, req, state.metrics, ctx)
+        stats = _finished(last, work, state.metrics, ctx)
         usage = s.Usage.of(stats.prompt_tokens, stats.completion_tokens)
         assert last.finish_reason is not None
         return JSONResponse(fmt.complete(text, last.finish_reason, usage).model_dump())
-    first = await _unless_disconnected(request.receive, req, anext(chunks))
+    first = await _unless_disconnected(request.receive, work, anext(chunks))
     if first is None:
         return Response(status_code=CLIENT_GONE)
-    events = _sse(fmt, first, chunks, req, state.metrics, ctx, body.include_usage)
+    events = _sse(fmt, first, chunks, work, state.metrics, ctx, body.include_usage)
     return StreamingResponse(
         events,
         media_type="text/event-stream",
@@ -186,7 +256,7 @@ async def _collect(chunks: AsyncIterator[Chunk]) -> tuple[str, Chunk]:
 
 
 async def _unless_disconnected(
-    receive: Receive, req: EngineRequest, work: Awaitable[T]
+    receive: Receive, req: Cancellable, work: Awaitable[T]
 ) -> T | None:
     """`work`'s result, or None (and the generation cancelled) if the client goes away first."""
 
@@ -209,11 +279,11 @@ async def _unless_disconnected(
 
 
 def _finished(
-    last: Chunk, req: EngineRequest, metrics: Metrics, ctx: RequestContext
+    last: Chunk, req: Cancellable, metrics: Metrics, ctx: RequestContext
 ) -> GenerationStats:
     assert last.stats is not None
     ctx.completion_tokens = last.stats.completion_tokens
-    metrics.observe_generation(last.stats, req.queue_wait_s, SERVED_BY)
+    metrics.observe_generation(last.stats, req.queue_wait_s, ctx.served_by)
     return last.stats
 
 
@@ -221,7 +291,7 @@ async def _sse(
     fmt: _Format,
     first: Chunk,
     chunks: AsyncIterator[Chunk],
-    req: EngineRequest,
+    req: Cancellable,
     metrics: Metrics,
     ctx: RequestContext,
     include_usage: bool,

@@ -18,7 +18,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from edge_runtime.errors import ContextLengthError, EdgeError, GenerationError, OverloadedError
+from edge_runtime.errors import (
+    ContextLengthError,
+    EdgeError,
+    GenerationError,
+    OffloadError,
+    OffloadRemoteError,
+    OffloadTimeoutError,
+    OverloadedError,
+)
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
@@ -67,6 +75,15 @@ def from_edge_error(e: EdgeError) -> APIError:
         return APIError(
             e.status, str(e), SERVER_ERROR, code="overloaded", headers={"Retry-After": retry}
         )
+    if isinstance(e, OffloadRemoteError):
+        # The cloud worker judged the request: its client errors are the client's too.
+        status = 400 if e.type == INVALID_REQUEST else 502
+        return APIError(status, str(e), e.type, code=e.code)
+    if isinstance(e, OffloadTimeoutError):
+        return APIError(504, str(e), SERVER_ERROR, code="deadline_exceeded")
+    if isinstance(e, OffloadError):
+        return APIError(503, str(e), SERVER_ERROR, code="cloud_unavailable",
+                        headers={"Retry-After": "1"})
     # Engine or bundle failures are the server's fault, not the request's.
     return APIError(500, str(e), SERVER_ERROR)
 
