@@ -15,7 +15,12 @@
     │   ├── OffloadTimeoutError      no complete answer before the request's deadline
     │   └── OffloadRemoteError       a cloud worker answered with an error (its type, code)
     ├── BrokerError                the MQTT broker is unreachable or refused an operation
-    └── MessageError               a malformed MQTT payload, property set or topic id
+    ├── MessageError               a malformed MQTT payload, property set or topic id
+    └── FleetError                 fleet management (device agent, bundle slots)
+        ├── DeployError            a bundle could not be staged, switched to or rolled back;
+        │   │                      the active bundle is left as it was
+        │   └── DiskSpaceError     not enough free space to stage a bundle (checked first)
+        └── HealthCheckError       a freshly activated bundle failed its health check
 
 The build side (`edge_build`) derives its own stage errors from `EdgeError` too, so a CLI can
 catch one base class and print a clear message instead of a traceback.
@@ -101,3 +106,19 @@ class BrokerError(EdgeError):
 
 class MessageError(EdgeError):
     """An MQTT payload, its properties or a topic id do not follow messages.py / topics.py."""
+
+
+class FleetError(EdgeError):
+    """Fleet management failed: the device agent or its on-disk bundle slots."""
+
+
+class DeployError(FleetError):
+    """A bundle could not be staged, activated or rolled back; `active` is unchanged."""
+
+
+class DiskSpaceError(DeployError):
+    """Staging would not leave the required free space; nothing was written."""
+
+
+class HealthCheckError(FleetError):
+    """A newly activated bundle failed its health check; the agent rolls it back."""

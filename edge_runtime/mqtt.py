@@ -5,6 +5,10 @@
     .publish(topic, payload, props, on_ack=...)   QoS 1; on_ack gets the PUBACK reason code
     .stop()                                       DISCONNECT, then join the network thread
 
+A fleet agent passes `clean_start=False` with a `session_expiry_s` so that the broker keeps
+its subscriptions and queues QoS 1 commands while it is away, and a `Will` (retained
+offline status) that the broker publishes if the connection dies without a DISCONNECT.
+
 paho's network thread (`loop_start`) runs every callback, so handlers must be quick and
 hand work to other threads. Reconnects are paho's own loop; we set the first delay with
 jitter on every disconnect so that a fleet that lost its broker does not come back in
@@ -83,6 +87,16 @@ class Message:
 Handler = Callable[[Message], None]
 
 
+@dataclass(frozen=True)
+class Will:
+    """The Last Will: published by the broker when the connection dies uncleanly."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
 class MqttClient:
     def __init__(
         self,
@@ -94,6 +108,8 @@ class MqttClient:
         tls: TlsFiles | None = None,
         keepalive_s: int = 30,
         session_expiry_s: int = 0,
+        clean_start: bool = True,
+        will: Will | None = None,
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         on_connection: Callable[[bool], None] | None = None,
@@ -102,6 +118,7 @@ class MqttClient:
         self.client_id = client_id
         self._keepalive = keepalive_s
         self._session_expiry = session_expiry_s
+        self._clean_start = clean_start
         self._reconnect = (reconnect_min_s, reconnect_max_s)
         self._on_connection = on_connection
         self._handlers: dict[str, tuple[Handler, int]] = {}
@@ -118,6 +135,8 @@ class MqttClient:
         if self.url.tls or tls is not None:
             t = tls or TlsFiles()
             c.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file)
+        if will is not None:
+            c.will_set(will.topic, will.payload, will.qos, will.retain)
         c.on_socket_open = self._on_socket_open
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
@@ -134,7 +153,8 @@ class MqttClient:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry
         self._client.connect_async(
-            self.url.host, self.url.port, self._keepalive, clean_start=True, properties=props
+            self.url.host, self.url.port, self._keepalive, clean_start=self._clean_start,
+            properties=props,
         )
         self._client.loop_start()
         return self._connected.wait(wait_s) if wait_s is not None else self.connected
@@ -179,6 +199,7 @@ class MqttClient:
         qos: int = 1,
         on_ack: Callable[[int], None] | None = None,
         wait_s: float | None = None,
+        retain: bool = False,
     ) -> int:
         """Queue one message; BrokerError if not connected. Returns its message id.
 
@@ -187,7 +208,7 @@ class MqttClient:
         """
         if not self.connected:
             raise BrokerError(f"not connected to the broker at {self.url.host}:{self.url.port}")
-        info = self._client.publish(topic, payload, qos, properties=_to_paho(props))
+        info = self._client.publish(topic, payload, qos, retain, properties=_to_paho(props))
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise BrokerError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
         if on_ack is not None and qos > 0:
@@ -227,7 +248,8 @@ class MqttClient:
             self._pending_subs.clear()
             if not subs:
                 self._subscribed.set()
-        # clean_start: the broker forgot our subscriptions, so every connect makes them again.
+        # With clean_start the broker forgot our subscriptions; without it, it may still have
+        # them, but subscribing again is harmless and covers an expired session.
         for topic_filter, (_, qos) in subs:
             self._send_subscribe(topic_filter, qos)
         self._connected.set()
