@@ -4,6 +4,8 @@
     edge-build export   MODEL_DIR OUT                 HF causal LM → ONNX with KV cache
     edge-build quantize IN OUT [--block-size 128]     fp32 ONNX → 4-bit MatMulNBits
     edge-build package  IN OUT --key KEY --name N     artifact → signed bundle
+    edge-build distill  TEACHER OUT [--data F...]     teacher → shallower distilled student
+    edge-build prune    IN OUT [--mlp-ratio R ...]    structured width / depth pruning
     edge-build demo     --out DIR [--preset default]  a local demo model, end to end
 
 Every failure the user can fix is an `EdgeError`: printed as one line, exit status 1.
@@ -92,6 +94,75 @@ def cmd_package(a: argparse.Namespace) -> None:
     print(f"bundle {path}")
 
 
+def cmd_distill(a: argparse.Namespace) -> None:
+    from edge_build import distill
+
+    layers = a.layers if a.layers == "every_other" else tuple(int(x) for x in a.layers.split(","))
+    cfg = distill.DistillConfig(
+        layers=layers,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        seq_len=a.seq_len,
+        grad_accum=a.grad_accum,
+        learning_rate=a.lr,
+        warmup_steps=a.warmup_steps,
+        temperature=a.temperature,
+        hidden_weight=a.hidden_weight,
+        checkpoint_every=a.checkpoint_every,
+        seed=a.seed,
+        eval_windows=a.eval_windows,
+        eval_tokens=a.eval_tokens,
+    )
+    record = distill.run(
+        Path(a.teacher),
+        Path(a.out),
+        cfg,
+        data=[Path(p) for p in a.data] if a.data else None,
+        init_from=Path(a.init_from) if a.init_from else None,
+        resume=not a.no_resume,
+        max_steps=a.max_steps,
+        device=a.device,
+        progress=not a.no_progress,
+        min_top1=a.min_top1,
+        max_kl=a.max_kl,
+    )
+    if record is None:
+        print(f"stopped at --max-steps {a.max_steps}; rerun to resume from the checkpoint")
+    else:
+        _print_record(record)
+
+
+def cmd_prune(a: argparse.Namespace) -> None:
+    from edge_build import prune
+
+    _print_record(
+        prune.run(
+            Path(a.input),
+            Path(a.out),
+            mlp_ratio=a.mlp_ratio,
+            heads_ratio=a.heads_ratio,
+            drop_layers=a.drop_layers,
+            data=[Path(p) for p in a.data] if a.data else None,
+            teacher_dir=Path(a.teacher) if a.teacher else None,
+            calib_windows=a.calib_windows,
+            eval_windows_count=a.eval_windows,
+            window_tokens=a.eval_tokens,
+            device=a.device,
+            min_top1=a.min_top1,
+            max_kl=a.max_kl,
+        )
+    )
+
+
+def _add_quality_flags(p: argparse.ArgumentParser, windows: int) -> None:
+    p.add_argument("--data", nargs="+", default=None, help=".txt/.jsonl files (default: stdlib)")
+    p.add_argument("--eval-windows", type=int, default=windows)
+    p.add_argument("--eval-tokens", type=int, default=128)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    p.add_argument("--min-top1", type=float, default=None, help="fail below this agreement")
+    p.add_argument("--max-kl", type=float, default=None, help="fail above this mean KL")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from edge_build.demo import build_demo
 
@@ -153,6 +224,38 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--force", action="store_true", help="replace an existing bundle")
     g.set_defaults(fn=cmd_package)
+
+    t = sub.add_parser("distill", help="teacher → student from a subset of its layers, by KD")
+    t.add_argument("teacher")
+    t.add_argument("out")
+    t.add_argument("--layers", default="every_other", help="'every_other' or e.g. 0,2,5")
+    t.add_argument("--init-from", default=None, help="start from this model dir (e.g. pruned)")
+    t.add_argument("--steps", type=int, default=500)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--warmup-steps", type=int, default=20)
+    t.add_argument("--temperature", type=float, default=2.0)
+    t.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state MSE weight")
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-steps", type=int, default=None, help="stop early; rerun resumes")
+    t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    _add_quality_flags(t, windows=16)
+    t.set_defaults(fn=cmd_distill)
+
+    r = sub.add_parser("prune", help="structured pruning: MLP channels, KV groups, layers")
+    r.add_argument("input")
+    r.add_argument("out")
+    r.add_argument("--mlp-ratio", type=float, default=0.0, help="share of MLP channels removed")
+    r.add_argument("--heads-ratio", type=float, default=0.0, help="share of KV groups removed")
+    r.add_argument("--drop-layers", type=int, default=0, help="whole layers removed")
+    r.add_argument("--teacher", default=None, help="also measure against this model")
+    r.add_argument("--calib-windows", type=int, default=32)
+    _add_quality_flags(r, windows=16)
+    r.set_defaults(fn=cmd_prune)
 
     d = sub.add_parser("demo", help="build the local demo model into a bundle")
     d.add_argument("--out", required=True)
