@@ -4,6 +4,8 @@ the official `openai` client, with raw JSON (what curl sends) and by scraping /m
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -183,3 +185,20 @@ def test_metrics_after_requests(live: tuple[str, str], client: Any) -> None:
     assert after[("edge_runtime_queue_depth", ())] == 0
     ttft = ("edge_runtime_time_to_first_token_seconds_count", (("served_by", "local"),))
     assert after[ttft] >= 1
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl binary")
+def test_curl_exactly_as_the_readme_shows(live: tuple[str, str]) -> None:
+    """`curl URL -d '{...}'` (no Content-Type: curl labels it form-urlencoded) must work."""
+    url, model = live
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 4})
+    out = subprocess.run(["curl", "-s", "-i", f"{url}/v1/chat/completions", "-d", body],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    head, _, payload = out.replace("\r\n", "\n").partition("\n\n")
+    assert head.startswith("HTTP/1.1 200"), out
+    assert json.loads(payload)["object"] == "chat.completion"
+    # A form body is still refused, with a clear JSON error rather than a 500.
+    out = subprocess.run(["curl", "-s", "-i", f"{url}/v1/chat/completions", "-d", "a=1"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.startswith("HTTP/1.1 400") and "JSON object" in out
