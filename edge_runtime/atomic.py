@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace `path` with `data` atomically and durably."""
+def atomic_write_bytes(
+    path: str | os.PathLike[str], data: bytes, before_rename: Callable[[], None] | None = None
+) -> None:
+    """Replace `path` with `data` atomically and durably. `before_rename` runs once the temp
+    file is durable, before it replaces `path` (the crash tests stop a process there)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -33,6 +37,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

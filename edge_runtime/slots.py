@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime import signing
-from edge_runtime.atomic import fsync_dir
+from edge_runtime.atomic import atomic_write_bytes, fsync_dir
 from edge_runtime.bundle import MANIFEST, Bundle, sha256_file, verify_bundle
 from edge_runtime.errors import BundleError, DeployError, DiskSpaceError
 
@@ -112,21 +112,9 @@ class Slots:
         return self.path(a) if a else None
 
     def _write_state(self, state: dict[str, Any], step: str) -> None:
-        # atomic_write_json's recipe, spelt out so the crash tests can stop between the
-        # durable temp file and the rename.
         data = (json.dumps(state, indent=2, sort_keys=True) + "\n").encode()
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{STATE}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            crash_point(f"{step}:tmp")
-            os.replace(tmp, self.root / STATE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        fsync_dir(self.root)
+        atomic_write_bytes(self.root / STATE, data, before_rename=lambda: crash_point(
+            f"{step}:tmp"))
         crash_point(f"{step}:done")
 
     # -- staging ------------------------------------------------------------------------
