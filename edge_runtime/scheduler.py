@@ -180,10 +180,15 @@ class Scheduler:
         locally at all); they leave the queue with an OFFLOAD or REJECT decision."""
         out: list[tuple[Job, Decision]] = []
         trouble = self._local_trouble(pressure)
+        # One simulation gives every queued job's finish (the queue is in deadline order,
+        # so the jobs ahead of each are exactly those it waits for): O(queue), not O(queue²).
+        finishes = (
+            {} if trouble else self._finish_times(now, list(self.running.values()), self.queue)
+        )
         for job in list(self.queue):
             reason = trouble
             if reason is None:
-                finish = self._estimate_finish(job, now, queued=True)
+                finish = now + (finishes[job.key] - now) * self.config.safety
                 if finish <= job.deadline:
                     continue
                 reason = f"waited {now - job.arrival:.2f}s; local finish now past its deadline"
@@ -263,8 +268,22 @@ class Scheduler:
     def _simulate(
         self, now: float, running: list[int], queue: Iterable[Job], target: Hashable | None
     ) -> float:
-        """Event simulation of the decode batch; returns when `target` finishes (or, with
-        no target, when everything does). Jobs are assumed to use all their max_tokens."""
+        """When `target` finishes (with no target: when everything does)."""
+        finishes = self._finish_times(now, running, queue, stop_at=target)
+        if target is not None:
+            return finishes[target]
+        return max(finishes.values(), default=now)
+
+    def _finish_times(
+        self,
+        now: float,
+        running: list[int],
+        queue: Iterable[Job],
+        stop_at: Hashable | None = None,
+    ) -> dict[Hashable | None, float]:
+        """Event simulation of the decode batch: the finish time of each queued job (and, under
+        None, of the last running one). Jobs are assumed to use all their max_tokens."""
+        finishes: dict[Hashable | None, float] = {}
         t = now
         active: list[tuple[Hashable | None, int]] = [(None, r) for r in running if r > 0]
         pending = list(queue)
@@ -278,8 +297,10 @@ class Scheduler:
                 break
             k = min(rem for _, rem in active)
             t += k * self.rates.step_time(len(active))
-            done = {key for key, rem in active if rem == k}
-            if target is not None and target in done:
-                return t
+            for key, rem in active:
+                if rem == k:
+                    finishes[key] = t
+            if stop_at is not None and stop_at in finishes:
+                break
             active = [(key, rem - k) for key, rem in active if rem != k]
-        return t
+        return finishes

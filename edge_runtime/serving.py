@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from edge_runtime.bundle import MANIFEST, Bundle, GenerationDefaults
 from edge_runtime.errors import OverloadedError
-from edge_runtime.generator import Chunk, ChunkStream
+from edge_runtime.generator import Chunk, ChunkStream, Generator
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.scheduler import (
     Action,
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 NO_CLOUD = CloudState(available=False, p99_s=0.0, configured=False)
 ENGINE_ERROR_WINDOW_S = 60.0
+REVIEW_INTERVAL_S = 0.02
+"""How often queued jobs are re-decided (scheduler.review) while the engine is busy."""
+RATE_PROBE_INTERVAL_S = 1.0
+"""Least time between two rate probes of an idle engine that is sending work away."""
 
 
 class CloudPath(Protocol):
@@ -211,6 +215,10 @@ class LocalWorker:
         self.error: BaseException | None = None
         """Why loading failed, if it did."""
         self._ready = threading.Event()
+        self._sent_away = False
+        """A request was offloaded or refused since the last rate probe."""
+        self._probed_at = 0.0
+        self._reviewed_at = -1.0
 
     # -- control (event loop / main thread) ----------------------------------------------
 
@@ -276,6 +284,8 @@ class LocalWorker:
             if decision.action is Action.LOCAL:
                 self._requests[job.key] = request
                 self._wake.notify()
+        if decision.action is not Action.LOCAL and isinstance(self.generator, Generator):
+            self._sent_away = True  # the engine loop re-measures the rates when it is idle
         if decision.action is Action.REJECT:
             raise OverloadedError(decision.reason, decision.retry_after_s, decision.status)
         return decision
@@ -286,6 +296,11 @@ class LocalWorker:
         try:
             gen = self._load()
             gen.warmup()
+            if isinstance(gen, Generator):  # a real model (test doubles keep the priors)
+                try:
+                    self._seed_rates(gen)
+                except Exception as e:  # e.g. a graph that cannot batch: keep the priors
+                    log.warning("could not measure service rates at start-up: %s", e)
         except BaseException as e:
             log.error("loading the model failed: %s", e)
             self.error = e
@@ -302,12 +317,71 @@ class LocalWorker:
                 if starting is None:
                     break
                 if not starting and not batch.active:
-                    self._wake.wait(timeout=0.05)  # bounded: review() must still run
-                    continue
+                    if not (self._sent_away and self._probe_due()):
+                        self._wake.wait(timeout=0.05)  # bounded: review() must still run
+                        continue
+                    self._sent_away = False
+                    probe = True
+                else:
+                    probe = False
+            if probe:  # idle, yet work went elsewhere: the rates may be stale
+                try:
+                    self._seed_rates(gen)
+                except Exception as e:
+                    log.warning("could not re-measure service rates: %s", e)
+                continue
             for job in starting:
                 self._start(batch, job.key)
             if batch.active:
                 self._step(batch)
+
+    def _seed_rates(self, gen: TextGenerator, prompt_tokens: int = 8, steps: int = 8) -> None:
+        """Time prefill and decode steps at every batch size up to max_batch (engine thread).
+
+        The scheduler serves locally only when its estimate meets a deadline, and it learns
+        rates only from local work: with a pessimistic rate (the generic prior of 50 ms a
+        step, or one measured while the CPU was busy) a tight deadline is never served
+        locally, so the rate is never measured again. This probe measures it directly, at
+        start-up and again when the engine is idle while requests are being sent away.
+        """
+        batch = gen.batch(self.config.max_batch)
+        warm = 2  # the first steps at a new shape are slow (allocation, thread wake-up)
+        per_seq = (steps + warm) * self.config.max_batch + 2
+        params = SamplingParams(max_tokens=per_seq, temperature=0.0)
+        prompt = [0] * prompt_tokens
+        prefill: list[float] = []
+        step_s: dict[int, float] = {}
+        try:
+            for size in range(1, self.config.max_batch + 1):
+                t = time.perf_counter()
+                batch.add(size, prompt, params)
+                prefill.append(time.perf_counter() - t)
+                samples = []
+                for i in range(steps + warm):
+                    if batch.active != size:  # a sequence finished early (EOS): stop here
+                        break
+                    t = time.perf_counter()
+                    batch.step()
+                    if i >= warm:
+                        samples.append(time.perf_counter() - t)
+                if len(samples) < 2:
+                    break
+                # Lower quartile: on a shared CPU, noise only ever makes a step slower.
+                step_s[size] = sorted(samples)[len(samples) // 4]
+        finally:
+            for key in batch.keys:
+                batch.remove(key)
+        with self._lock:
+            rates = self.scheduler.rates
+            rates.step_s.update(step_s)
+            if prefill:
+                rates.prefill_tokens_per_s = prompt_tokens / sorted(prefill)[len(prefill) // 2]
+        self._probed_at = time.monotonic()
+        log.info("measured step times %s s, prefill %.0f tokens/s",
+                 {b: round(v, 4) for b, v in sorted(step_s.items())}, rates.prefill_tokens_per_s)
+
+    def _probe_due(self) -> bool:
+        return time.monotonic() - self._probed_at >= RATE_PROBE_INTERVAL_S
 
     def _admit_work(self, batch: DecodeBatch) -> list[Job] | None:
         """Under the lock: re-decide late queued jobs, drop cancelled ones, take new ones.
@@ -315,7 +389,14 @@ class LocalWorker:
         if self._stopping and not batch.active and not self.scheduler.queue:
             return None
         now = self._clock()
-        for job, decision in self.scheduler.review(now, self._cloud(), self.pressure()):
+        # review() simulates the queue ahead of every queued job (quadratic in its length):
+        # at most every REVIEW_INTERVAL_S, not before every decode step.
+        real = time.monotonic()  # not self._clock: a test's frozen clock must not stop it
+        due = real - self._reviewed_at >= REVIEW_INTERVAL_S
+        reviewed = self.scheduler.review(now, self._cloud(), self.pressure()) if due else []
+        if due:
+            self._reviewed_at = real
+        for job, decision in reviewed:
             req = self._requests.pop(job.key, None)
             if req is None:
                 continue

@@ -75,6 +75,10 @@ def from_edge_error(e: EdgeError) -> APIError:
         return APIError(
             e.status, str(e), SERVER_ERROR, code="overloaded", headers={"Retry-After": retry}
         )
+    if isinstance(e, OffloadRemoteError) and e.code == "worker_busy":
+        # Every cloud slot is taken: both paths are full. That is overload (retry later),
+        # not a broken gateway.
+        return APIError(429, str(e), SERVER_ERROR, code="overloaded", headers={"Retry-After": "1"})
     if isinstance(e, OffloadRemoteError):
         # The cloud worker judged the request: its client errors are the client's too.
         status = 400 if e.type == INVALID_REQUEST else 502

@@ -1,0 +1,1 @@
+"""Helpers for `scripts/bench_overload.py` (processes, open-loop load, report)."""

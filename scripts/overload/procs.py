@@ -1,0 +1,185 @@
+"""Processes of the overload benchmark: Mosquitto, the daemon, cloud workers; all on loopback.
+
+Every process runs in its own process group (`start_new_session`), logs to a file in the
+run's work directory and is stopped by `Procs.close()` (SIGTERM to the group, SIGKILL after a
+grace period), which the benchmark calls from a `finally`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, chars: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class Procs:
+    """The processes one benchmark run started; `close()` stops them all."""
+
+    workdir: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def spawn(self, name: str, cmd: list[str]) -> Proc:
+        log = self.workdir / f"{name}.log"
+        with open(log, "ab") as f:
+            popen = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc, grace_s: float = 5.0) -> None:
+        if proc.alive():
+            for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(proc.popen.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.popen.wait(wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def close(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+    # -- the three kinds -----------------------------------------------------------------
+
+    def mosquitto(self) -> tuple[Proc, str]:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        port = free_port()
+        conf = self.workdir / "mosquitto.conf"
+        lines = [
+            f"listener {port} 127.0.0.1",
+            "allow_anonymous true",
+            "set_tcp_nodelay true",
+            "persistence false",
+            "log_type error",
+            "log_type warning",
+            "log_dest stderr",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")
+        conf.write_text("\n".join(lines) + "\n")
+        proc = self.spawn("mosquitto", [binary, "-c", str(conf)])
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return proc, f"mqtt://127.0.0.1:{port}"
+            except OSError:
+                if not proc.alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"mosquitto did not start: {tail(proc.log)}") from None
+                time.sleep(0.02)
+
+    def cloud_worker(
+        self, i: int, bundle: Path, pubkey: Path, broker: str, concurrency: int, threads: int
+    ) -> Proc:
+        return self.spawn(f"cloud-worker-{i}", [
+            str(BIN / "edge-runtime"), "cloud-worker", "--bundle", str(bundle),
+            "--pubkey", str(pubkey), "--broker", broker, "--concurrency", str(concurrency),
+            "--threads", str(threads), "--log-level", "warning",
+        ])
+
+    def wait_worker(self, proc: Proc, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while "cloud worker subscribed" not in tail(proc.log, 100_000):
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.name} did not subscribe: {tail(proc.log)}")
+            time.sleep(0.1)
+
+    def daemon(self, name: str, config_toml: str, port: int) -> Proc:
+        conf = self.workdir / f"{name}.toml"
+        conf.write_text(config_toml)
+        return self.spawn(name, [
+            str(BIN / "edge-runtime"), "serve", "--config", str(conf), "--port", str(port),
+        ])
+
+    def wait_daemon(self, proc: Proc, base_url: str, timeout_s: float = 180.0) -> str:
+        """Wait for /readyz; the served model's name."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                r = httpx.get(f"{base_url}/readyz", timeout=2.0)
+                if r.status_code == 200:
+                    return str(r.json()["model"])
+            except httpx.HTTPError:
+                pass
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.name} did not become ready: {tail(proc.log)}")
+            time.sleep(0.1)
+
+
+def daemon_config(
+    *,
+    bundle: Path,
+    pubkey: Path,
+    threads: int,
+    max_batch: int,
+    max_queue: int,
+    default_deadline_s: float,
+    broker: str | None,
+    cloud_p99_prior_s: float = 2.0,
+    safety: float = 1.2,
+) -> str:
+    """The TOML config of one daemon; offload is on exactly when `broker` is given."""
+    lines = [
+        "[model]",
+        f'bundle = "{bundle}"',
+        f'pubkeys = ["{pubkey}"]',
+        f"threads = {threads}",
+        "",
+        "[scheduler]",
+        f"max_batch = {max_batch}",
+        f"max_queue = {max_queue}",
+        f"default_deadline_s = {default_deadline_s:.3f}",
+        f"offload_enabled = {'true' if broker else 'false'}",
+        f"cloud_p99_prior_s = {cloud_p99_prior_s:.3f}",
+        f"safety = {safety:.3f}",
+        "",
+        "[log]",
+        'access_log = ""',
+        'level = "warning"',
+    ]
+    if broker:
+        lines += ["", "[offload]", f'broker = "{broker}"', 'device_id = "bench"']
+    return "\n".join(lines) + "\n"
