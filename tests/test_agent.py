@@ -26,11 +26,20 @@ DEVICE = "dev-1"
 
 @pytest.fixture(scope="module")
 def bundle_v2(tiny_bundle: BuiltBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edge_build import package
+    """The same model re-released as version 2: re-signed with edge_runtime alone, so these
+    tests also run on the device leg (no onnx, no torch)."""
+    import json
 
+    from edge_runtime.bundle import MANIFEST, write_bundle
+    from edge_runtime.signing import load_private_key
+
+    src = tiny_bundle.path
+    fields = json.loads((src / MANIFEST).read_text())
+    files = {rel: src / rel for rel in fields.pop("files")}
+    del fields["schema_version"]
+    fields.update(name="demo", version="2")
     out = tmp_path_factory.mktemp("v2") / "bundle"
-    return package.run(tiny_bundle.work / "int4", out, tiny_bundle.key, name="demo",
-                       version="2")
+    return write_bundle(out, files, fields, load_private_key(tiny_bundle.key))
 
 
 class Controller:
