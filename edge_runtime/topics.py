@@ -71,6 +71,10 @@ def fleet_status(device: str) -> str:
     return f"fleet/{check_device(device)}/status"
 
 
+FLEET_STATUS_ALL = "fleet/+/status"
+"""Every device's retained status: what an operator reads to list the fleet."""
+
+
 def fleet_telemetry(device: str) -> str:
     return f"fleet/{check_device(device)}/telemetry"
 

@@ -1,0 +1,77 @@
+"""`edge-fleet` against a real Mosquitto: the fleet's state from retained statuses."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+from mqtt_fixtures import Broker, free_port
+
+from edge_runtime import fleet_cli, topics
+from edge_runtime.fleet_messages import status_payload, telemetry_payload
+from edge_runtime.mqtt import MqttClient
+
+
+def _publisher(broker: Broker) -> MqttClient:
+    c = MqttClient(broker.url, "test-publisher")
+    assert c.start(wait_s=10)
+    return c
+
+
+def test_devices_lists_retained_statuses(broker: Broker, capsys: Any) -> None:
+    pub = _publisher(broker)
+    try:
+        for device, online in (("cell-1", True), ("cell-2", True), ("kiosk-9", False)):
+            payload = status_payload(device, online, bundle=f"demo-{device}",
+                                     runtime_version="0.1.0")
+            pub.publish(topics.fleet_status(device), payload, retain=True)
+        pub.publish(topics.fleet_status("broken"), b"{not json", retain=True)
+    finally:
+        pub.stop()
+    # A new subscriber, after the publishers left: the broker alone knows the fleet.
+    assert fleet_cli.main(["--broker", broker.url, "devices", "--wait", "0.5", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert {d: s.get("online") for d, s in got.items() if "error" not in s} == {
+        "cell-1": True, "cell-2": True, "kiosk-9": False}
+    assert got["cell-1"]["bundle"] == "demo-cell-1"
+    assert "not JSON" in got["broken"]["error"]
+    assert fleet_cli.main(["--broker", broker.url, "devices", "--wait", "0.5"]) == 0
+    table = capsys.readouterr().out
+    assert "4 devices, 2 online" in table and "kiosk-9" in table and "offline" in table
+
+
+def test_telemetry_streams_json_lines(broker: Broker, capsys: Any) -> None:
+    pub = _publisher(broker)
+    stop = threading.Event()
+
+    def beat() -> None:
+        n = 0
+        while not stop.wait(0.05) and n < 200:  # bounded
+            pub.publish(topics.fleet_telemetry("cell-1"),
+                        telemetry_payload("cell-1", {"cpu": n}, {"tokens_per_s": 42.0}), qos=0)
+            n += 1
+
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    try:
+        code = fleet_cli.main(["--broker", broker.url, "telemetry", "cell-1", "--count", "3",
+                               "--timeout", "5"])
+    finally:
+        stop.set()
+        t.join(5)
+        pub.stop()
+    assert code == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(x["device"] == "cell-1" for x in lines)
+    assert lines[0]["runtime"] == {"tokens_per_s": 42.0}
+
+
+def test_unreachable_broker_is_a_one_line_error(capsys: Any) -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(SystemExit):
+        fleet_cli.main(["devices"])  # --broker is required
+    capsys.readouterr()
+    assert fleet_cli.main(["--broker", url, "--connect-timeout", "0.5", "devices"]) == 1
+    assert "cannot reach the MQTT broker" in capsys.readouterr().err
