@@ -22,22 +22,27 @@ def _publisher(broker: Broker) -> MqttClient:
 
 def test_devices_lists_retained_statuses(broker: Broker, capsys: Any) -> None:
     pub = _publisher(broker)
+    acked = threading.Semaphore(0)
     try:
         for device, online in (("cell-1", True), ("cell-2", True), ("kiosk-9", False)):
             payload = status_payload(device, online, bundle=f"demo-{device}",
                                      runtime_version="0.1.0")
-            pub.publish(topics.fleet_status(device), payload, retain=True)
-        pub.publish(topics.fleet_status("broken"), b"{not json", retain=True)
+            pub.publish(topics.fleet_status(device), payload, retain=True,
+                        on_ack=lambda rc: acked.release())
+        pub.publish(topics.fleet_status("broken"), b"{not json", retain=True,
+                    on_ack=lambda rc: acked.release())
+        # Stored by the broker (PUBACK) before this publisher disconnects.
+        assert all(acked.acquire(timeout=10) for _ in range(4))
     finally:
         pub.stop()
     # A new subscriber, after the publishers left: the broker alone knows the fleet.
-    assert fleet_cli.main(["--broker", broker.url, "devices", "--wait", "0.5", "--json"]) == 0
+    assert fleet_cli.main(["--broker", broker.url, "devices", "--wait", "1.5", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert {d: s.get("online") for d, s in got.items() if "error" not in s} == {
         "cell-1": True, "cell-2": True, "kiosk-9": False}
     assert got["cell-1"]["bundle"] == "demo-cell-1"
     assert "not JSON" in got["broken"]["error"]
-    assert fleet_cli.main(["--broker", broker.url, "devices", "--wait", "0.5"]) == 0
+    assert fleet_cli.main(["--broker", broker.url, "devices", "--wait", "1.5"]) == 0
     table = capsys.readouterr().out
     assert "4 devices, 2 online" in table and "kiosk-9" in table and "offline" in table
 
