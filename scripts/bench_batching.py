@@ -33,6 +33,8 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.report import update_section
+
 from edge_runtime.bundle import verify_bundle
 from edge_runtime.generator import Generator
 from edge_runtime.sampling import SamplingParams
@@ -79,19 +81,6 @@ def run_batch(
     elapsed = time.perf_counter() - t0
     produced = sum(len(v) for v in ids.values()) - before
     return elapsed, produced, ids
-
-
-def update_section(path: Path, name: str, body: str) -> None:
-    """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` (or append)."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

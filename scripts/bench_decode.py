@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report.markdown_section(ordered, LABELS, env, meta)
     print(section)
     if not args.no_write:
-        report.write_section(args.md, section)
+        report.update_section(args.md, report.SECTION, section)
         report.write_json(args.json, {"environment": env, "meta": meta, "results": ordered})
         console.log(f"wrote {args.md} and {args.json}")
     return 0 if all(r["status"] != "failed" for r in ordered) else 1

@@ -36,7 +36,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import signal
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.report import cpu_model, update_section
 from overload.load import Result, Workload, closed_loop, open_loop, pct, summarize
 from overload.procs import Procs, daemon_config, free_port, tail
 
@@ -53,29 +53,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 PLOT = ROOT / "docs" / "overload_p99.png"
 MARK = "bench_overload"
-
-
-def update_section(path: Path, name: str, body: str) -> None:
-    """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` (or append)."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -353,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"- **Command:** `{cmd}` (needs `pip install matplotlib` for the plot)",
         f"- **Date:** {now:%Y-%m-%d %H:%M} UTC (total wall time {wall / 60:.1f} min)",
-        f"- **Machine:** {cpu_name()}, {os.cpu_count()} logical cores shared by the load "
+        f"- **Machine:** {cpu_model()}, {os.cpu_count()} logical cores shared by the load "
         f"generator, the daemon ({args.daemon_threads} engine threads), Mosquitto and "
         f"{args.workers} cloud worker(s) (concurrency {args.worker_concurrency}, "
         f"{args.worker_threads} thread(s) each) — and by other jobs on the machine: load "

@@ -1,1 +1,2 @@
-"""Helpers for `scripts/bench_decode.py` (artifact preparation, contenders, report)."""
+"""Benchmark helpers: artifact preparation and contenders of `bench_decode.py`, and the
+environment facts and BENCHMARKS.md section writer (report.py) every benchmark script uses."""
