@@ -209,7 +209,8 @@ class BatchDecoder:
         self._cache, self._width = merged, width
 
     def _drop(self, rows: list[int]) -> None:
-        keep = [i for i in range(len(self._seqs)) if i not in set(rows)]
+        gone = set(rows)
+        keep = [i for i in range(len(self._seqs)) if i not in gone]
         self._seqs = [self._seqs[i] for i in keep]
         if not keep:
             self._cache, self._width = {}, 0

@@ -258,10 +258,10 @@ class Scheduler:
         drain = self._simulate(now, list(self.running.values()), self.queue, target=None)
         return float(max(1, math.ceil(drain - now)))
 
-    def _estimate_finish(self, job: Job, now: float, queued: bool = False) -> float:
-        ahead = [j for j in self.queue if j is not job] if queued else list(self.queue)
+    def _estimate_finish(self, job: Job, now: float) -> float:
+        """When a new job would finish (review() estimates queued ones in one pass)."""
         # Earliest deadline first: jobs due later than this one do not delay it.
-        ahead = [j for j in ahead if j.deadline <= job.deadline]
+        ahead = [j for j in self.queue if j.deadline <= job.deadline]
         end = self._simulate(now, list(self.running.values()), [*ahead, job], target=job.key)
         return now + (end - now) * self.config.safety
 

@@ -28,7 +28,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     """(base URL, model name)."""
     if request.param == "fake":
         model = ModelInfo(name="fake-model", version="1", created=0)
-        worker = LocalWorker(FakeGenerator)
+        worker = LocalWorker(FakeGenerator, measure_rates=False)
     else:
         tiny = request.getfixturevalue("tiny_bundle")
         bundle = verify_bundle(tiny.path, trusted_keys([tiny.pubkey]))

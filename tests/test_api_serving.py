@@ -35,7 +35,7 @@ def serve(
 ) -> Iterator[tuple[str, FakeGenerator]]:
     gen = gen or FakeGenerator()
     cfg = config or Config()
-    worker = LocalWorker(load or (lambda: gen), cfg.scheduler)
+    worker = LocalWorker(load or (lambda: gen), cfg.scheduler, measure_rates=False)
     app = create_app(worker, MODEL, cfg, access_log)
     with serve_in_thread(app) as url:
         WORKERS[url] = worker
@@ -62,7 +62,7 @@ def metric(url: str, name: str, **labels: str) -> float:
 def test_readyz_is_503_until_warmup_is_done() -> None:
     warmup_gate = threading.Event()
     gen = FakeGenerator(warmup_gate=warmup_gate)
-    worker = LocalWorker(lambda: gen)
+    worker = LocalWorker(lambda: gen, measure_rates=False)
     with serve_in_thread(create_app(worker, MODEL)) as url:
         assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
         r = httpx.get(f"{url}/readyz")
