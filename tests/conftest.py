@@ -54,3 +54,21 @@ def bundle_copy(tiny_bundle: BuiltBundle, tmp_path: Path) -> Path:
 
 # A real Mosquitto per test (`broker`, `persistent_broker`): see mqtt_fixtures.py.
 from mqtt_fixtures import broker, persistent_broker  # noqa: E402, F401
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI a missing component must fail loudly, not skip: with EDGE_TEST_FAIL_ON_SKIP=1
+    (scripts/test.sh sets it) any skip fails the run unless its reason names something in
+    EDGE_TEST_ALLOWED_SKIPS (the Python 3.10 device leg allows 'torch', by design absent)."""
+    if os.environ.get("EDGE_TEST_FAIL_ON_SKIP") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    allowed = [a for a in os.environ.get("EDGE_TEST_ALLOWED_SKIPS", "").split(",") if a]
+    bad = []
+    for report in (reporter.stats.get("skipped", []) if reporter else []):
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
+        if not any(a in reason for a in allowed):
+            bad.append(f"{report.nodeid}: {reason}")
+    if bad:
+        print("\nskips are failures here (EDGE_TEST_FAIL_ON_SKIP=1):\n  " + "\n  ".join(bad))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
