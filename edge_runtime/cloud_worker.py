@@ -265,18 +265,8 @@ class CloudWorker:
 def _sampling_params(
     gen: TextGenerator, body: s.ChatCompletionRequest | s.CompletionRequest, n_prompt: int
 ) -> SamplingParams:
-    """The API's rules (completions._sampling_params): body values, else bundle defaults."""
-    max_tokens = body.max_tokens
-    if isinstance(body, s.ChatCompletionRequest) and body.max_completion_tokens is not None:
-        max_tokens = body.max_completion_tokens
+    """The API's rules (schemas._Sampling.sampling_params): body values, else defaults."""
     if n_prompt == 0:
         raise GenerationError("the prompt encodes to no tokens", "prompt")
-    d = gen.defaults
-    return SamplingParams(
-        max_tokens=gen.resolve_max_tokens(n_prompt, max_tokens),
-        temperature=d.temperature if body.temperature is None else body.temperature,
-        top_p=d.top_p if body.top_p is None else body.top_p,
-        top_k=d.top_k if body.top_k is None else body.top_k,
-        seed=body.seed,
-        stop=body.stop_strings,
-    )
+    max_tokens, _ = body.requested_max_tokens()
+    return body.sampling_params(gen.defaults, gen.resolve_max_tokens(n_prompt, max_tokens))

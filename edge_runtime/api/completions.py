@@ -222,21 +222,12 @@ def _sampling_params(
 ) -> SamplingParams:
     """Validate against the model (context length) and fill in the bundle's defaults."""
     prompt_param = "messages" if isinstance(body, s.ChatCompletionRequest) else "prompt"
-    max_tokens, max_param = body.max_tokens, "max_tokens"
-    if isinstance(body, s.ChatCompletionRequest) and body.max_completion_tokens is not None:
-        max_tokens, max_param = body.max_completion_tokens, "max_completion_tokens"
+    max_tokens, max_param = body.requested_max_tokens()
     if not prompt_ids:
         raise APIError(400, "the prompt encodes to no tokens", param=prompt_param)
-    d = gen.defaults
     try:
-        return SamplingParams(
-            max_tokens=gen.resolve_max_tokens(len(prompt_ids), max_tokens),
-            temperature=d.temperature if body.temperature is None else body.temperature,
-            top_p=d.top_p if body.top_p is None else body.top_p,
-            top_k=d.top_k if body.top_k is None else body.top_k,
-            seed=body.seed,
-            stop=body.stop_strings,
-        )
+        resolved = gen.resolve_max_tokens(len(prompt_ids), max_tokens)
+        return body.sampling_params(gen.defaults, resolved)
     except ContextLengthError as e:
         # The generator names the chat field and OpenAI's older max_tokens; answer in the
         # caller's terms.

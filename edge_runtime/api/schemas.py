@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+from edge_runtime.bundle import GenerationDefaults
+from edge_runtime.sampling import SamplingParams
+
 MAX_STOP_STRINGS = 4
 
 
@@ -82,11 +85,33 @@ class _Sampling(_Request):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """The bound on new tokens the client asked for, and the field it came in."""
+        return self.max_tokens, "max_tokens"
+
+    def sampling_params(self, defaults: GenerationDefaults, max_tokens: int) -> SamplingParams:
+        """This request's sampling, the bundle's defaults where it is silent. The one rule
+        for the daemon and the cloud worker alike; `max_tokens` is already resolved against
+        the context. Raises GenerationError naming the field."""
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
+            top_k=defaults.top_k if self.top_k is None else self.top_k,
+            seed=self.seed,
+            stop=self.stop_strings,
+        )
+
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     """OpenAI's newer name for max_tokens; wins when both are given."""
+
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 class CompletionRequest(_Sampling):
