@@ -2,8 +2,9 @@
 
     scheduler ── available()? latency().first_p99_s < remaining deadline? ──▶ submit(...)
     submit ─▶ breaker.allow ─▶ PUBLISH edge/{device}/offload/req (QoS 1, correlation id)
-    paho thread: chunk on edge/{device}/offload/res/{session} ─▶ call_soon_threadsafe
-    event loop:  OffloadStream reorders by seq, drops duplicates ─▶ async for chunk in stream
+    chunk on edge/{device}/offload/res/{session} ─▶ OffloadStream (on its loop: directly
+    when the MQTT I/O runs on that loop, else via call_soon_threadsafe from paho's thread)
+    ─▶ reorders by seq, drops duplicates ─▶ async for chunk in stream
 
 Every request ends in exactly one outcome for the breaker: the last chunk (success), an error
 chunk, the deadline (OffloadTimeoutError), a lost broker (OffloadUnavailableError, and the
@@ -69,7 +70,10 @@ class OffloadStream:
         self.first_at: float | None = None
         self.duplicates = 0
         self._client = client
-        self._events: asyncio.Queue[OffloadChunk | BaseException] = asyncio.Queue()
+        # A deque and one waiter future rather than asyncio.Queue + wait_for: wait_for makes
+        # a Task per chunk, tens of µs on a round trip that should take well under a ms.
+        self._events: collections.deque[OffloadChunk | BaseException] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._next = 0
         self._held: dict[int, OffloadChunk] = {}  # arrived ahead of a missing seq
         self.done = False
@@ -78,13 +82,12 @@ class OffloadStream:
         return self
 
     async def __anext__(self) -> OffloadChunk:
-        if self.done and self._events.empty():
+        if self.done and not self._events:
             raise StopAsyncIteration
-        remaining = self.deadline - self._client.clock()
         try:
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            item = await asyncio.wait_for(self._events.get(), remaining)
+            if not self._events:
+                await self._wait(self.deadline - self._client.clock())
+            item = self._events.popleft()
         except asyncio.TimeoutError:
             if not self.done:
                 self._end(ok=False)
@@ -98,6 +101,23 @@ class OffloadStream:
         if item.error is not None:
             raise OffloadRemoteError(item.error.message, item.error.type, item.error.code)
         return item
+
+    async def _wait(self, remaining: float) -> None:
+        """Until an event arrives; TimeoutError after `remaining` seconds."""
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        fut = self._waiter = self.loop.create_future()
+        timer = self.loop.call_later(remaining, _set_timeout, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _put(self, item: OffloadChunk | BaseException) -> None:
+        self._events.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def cancel(self) -> None:
         """The caller stops listening (its client left): forget the request, no verdict."""
@@ -122,7 +142,7 @@ class OffloadStream:
             self._next += 1
             if self.first_at is None:
                 self.first_at = c.received_at
-            self._events.put_nowait(c)
+            self._put(c)
             if c.final:
                 remote_fault = c.error is not None and c.error.type not in CLIENT_ERRORS
                 self._end(ok=not remote_fault, last_at=c.received_at)
@@ -130,7 +150,7 @@ class OffloadStream:
 
     def _fail(self, error: BaseException) -> None:
         if not self.done:
-            self._events.put_nowait(error)
+            self._put(error)
             self._end(ok=False)
 
     def _end(self, ok: bool, last_at: float | None = None) -> None:
@@ -199,9 +219,16 @@ class OffloadClient:
                    username=cfg.username, password=password, tls=tls,
                    keepalive_s=cfg.keepalive_s)
 
-    def start(self, wait_s: float | None = None) -> bool:
-        """Connect in the background; with `wait_s`, wait until subscribed (True) or not."""
-        self.mqtt.start()
+    def start(
+        self, wait_s: float | None = None, loop: asyncio.AbstractEventLoop | None = None
+    ) -> bool:
+        """Connect in the background; with `wait_s`, wait until subscribed (True) or not.
+
+        Pass the event loop that calls `submit` (the daemon's) as `loop`: the MQTT I/O then
+        runs on it and answers reach their streams without crossing threads (see
+        mqtt_loop.py). Without it, paho's own thread does the I/O (any loop may submit).
+        """
+        self.mqtt.start(loop=loop)
         return self.mqtt.wait_subscribed(wait_s) if wait_s is not None else self.mqtt.connected
 
     def stop(self) -> None:
@@ -333,9 +360,23 @@ class OffloadClient:
 
 
 def _call_soon(s: OffloadStream, fn: Callable[..., None], arg: Any) -> None:
+    """Run `fn(arg)` on the stream's loop: at once when already there (the MQTT I/O runs on
+    that loop), else handed over."""
+    try:
+        here = asyncio.get_running_loop() is s.loop
+    except RuntimeError:
+        here = False
+    if here:
+        fn(arg)
+        return
     # RuntimeError: the loop is closed, so nobody is waiting any more.
     with contextlib.suppress(RuntimeError):
         s.loop.call_soon_threadsafe(fn, arg)
+
+
+def _set_timeout(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
 
 
 def _pct(sorted_values: list[float], q: float) -> float | None:

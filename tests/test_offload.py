@@ -273,3 +273,52 @@ def test_one_of_two_workers_killed_mid_request(broker: Broker, device: OffloadCl
         for p in procs:
             p.kill()
             p.wait(10)
+
+
+# -- the client's MQTT I/O on the caller's event loop (as the daemon runs it) ----------------
+
+
+def test_on_loop_round_trip_and_broker_restart(broker: Broker) -> None:
+    """start(loop=...): no paho thread; requests, answers, PUBACKs, keepalive and reconnects
+    all on the loop that submits. The broker dies and comes back: the breaker opens at once
+    and the client recovers by itself."""
+    w = echo_worker(broker)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        breaker = CircuitBreaker(BreakerConfig(min_requests=2, open_s=0.3))
+        client = OffloadClient(broker.url, "dev1", breaker=breaker, reconnect_min_s=0.1,
+                               reconnect_max_s=0.5)
+        client.start(loop=loop)
+        with pytest.raises(ValueError, match="block the loop"):
+            client.mqtt.start(wait_s=1, loop=loop)
+        try:
+            assert await loop.run_in_executor(None, client.mqtt.wait_subscribed, 10.0)
+            assert client.mqtt._client._thread is None  # type: ignore[attr-defined]
+            for _ in range(5):
+                chunks = [c async for c in client.submit(CHAT, "chat", time.monotonic() + 5)]
+                assert chunks[-1].finish_reason == "length"
+            assert client.latency().samples == 5
+            await loop.run_in_executor(None, broker.kill)
+            t0 = time.monotonic()
+            while client.available():
+                assert time.monotonic() - t0 < 1.0, "the breaker did not open within 1 s"
+                await asyncio.sleep(0.01)
+            with pytest.raises(OffloadUnavailableError):
+                client.submit(CHAT, "chat", time.monotonic() + 5)
+            await loop.run_in_executor(None, broker.start)
+            t0 = time.monotonic()
+            while not (client.available() and w.mqtt.wait_subscribed(0)):
+                assert time.monotonic() - t0 < 10, "no reconnect within 10 s"
+                await asyncio.sleep(0.05)
+            chunks = [c async for c in client.submit(CHAT, "chat", time.monotonic() + 5)]
+            assert chunks[-1].finish_reason == "length"
+            assert client.breaker.state is State.CLOSED
+        finally:
+            client.stop()
+        assert not client.mqtt.connected
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        w.stop()
