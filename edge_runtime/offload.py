@@ -62,9 +62,13 @@ class LatencyStats:
 class OffloadStream:
     """The chunks of one offloaded request, in order. Consume it on the loop that made it."""
 
-    def __init__(self, client: OffloadClient, request_id: str, deadline: float) -> None:
+    def __init__(
+        self, client: OffloadClient, request_id: str, deadline: float, max_tokens: int = 0
+    ) -> None:
         self.request_id = request_id
         self.deadline = deadline
+        self.max_tokens = max_tokens
+        """The generation length asked for (0: unknown): the latency bucket it counts in."""
         self.loop = asyncio.get_running_loop()
         self.published_at = 0.0
         self.first_at: float | None = None
@@ -91,6 +95,10 @@ class OffloadStream:
         except asyncio.TimeoutError:
             if not self.done:
                 self._end(ok=False)
+                # A timed-out round trip took at least this long: it counts in the p99 (the
+                # successes alone would make a cloud that times out look fast).
+                waited = time.perf_counter() - self.published_at
+                self._client._observe(self.max_tokens, waited, waited)
             missing = f"; chunk {self._next} never came" if self._held else ""
             raise OffloadTimeoutError(
                 f"offload {self.request_id}: no complete answer before its deadline "
@@ -157,7 +165,8 @@ class OffloadStream:
         self.done = True
         self._client._forget(self, outcome=ok)
         if ok and last_at is not None and self.first_at is not None:
-            self._client._observe(self.first_at - self.published_at, last_at - self.published_at)
+            self._client._observe(self.max_tokens, self.first_at - self.published_at,
+                                  last_at - self.published_at)
 
 
 class OffloadClient:
@@ -184,9 +193,10 @@ class OffloadClient:
         self._wall = wall_clock
         self._lock = threading.Lock()  # the breaker and _pending are shared with paho's thread
         self._pending: dict[bytes, OffloadStream] = {}
-        self._latency: collections.deque[tuple[float, float]] = collections.deque(
-            maxlen=latency_window
-        )
+        self._window = latency_window
+        self._latency: dict[int, collections.deque[tuple[float, float]]] = {}
+        """(first chunk s, last chunk s) of recent round trips per generation-length bucket
+        (length_bucket): a 16-token answer and a 512-token one have different p99s."""
         self.counts: collections.Counter[str] = collections.Counter()
         self.mqtt = MqttClient(
             broker_url,
@@ -242,14 +252,31 @@ class OffloadClient:
         with self._lock:
             return self.mqtt.connected and self.breaker.available()
 
-    def latency(self) -> LatencyStats:
+    def latency(self, max_tokens: int | None = None) -> LatencyStats:
+        """Round trips of recent offloads (successes, and timeouts at the time they took):
+        all of them, or those in the generation-length bucket of `max_tokens`."""
         with self._lock:
-            samples = list(self._latency)
+            if max_tokens is None:
+                samples = [x for d in self._latency.values() for x in d]
+            else:
+                samples = list(self._latency.get(length_bucket(max_tokens), ()))
         first = sorted(f for f, _ in samples)
         last = sorted(t for _, t in samples)
         return LatencyStats(
             len(samples), _pct(first, 0.5), _pct(first, 0.99), _pct(last, 0.5), _pct(last, 0.99)
         )
+
+    def p99_by_tokens(self, min_samples: int = 5) -> tuple[tuple[int, float], ...]:
+        """(bucket's max_tokens, p99 publish → last chunk) for each generation-length bucket
+        with at least `min_samples` round trips, ascending: scheduler.CloudState's table."""
+        with self._lock:
+            buckets = {b: sorted(t for _, t in d) for b, d in self._latency.items()}
+        table = []
+        for b, last in sorted(buckets.items()):
+            p99 = _pct(last, 0.99)
+            if b and len(last) >= min_samples and p99 is not None:  # b 0: length unknown
+                table.append((b, p99))
+        return tuple(table)
 
     @property
     def in_flight(self) -> int:
@@ -264,6 +291,7 @@ class OffloadClient:
         deadline: float,
         stream: bool = True,
         request_id: str | None = None,
+        max_tokens: int | None = None,
     ) -> OffloadStream:
         """Publish one request; iterate the result for its chunks. Call on the event loop.
 
@@ -282,7 +310,10 @@ class OffloadClient:
                            self.response_topic, corr),
             now_ms=int(self._wall() * 1000),
         )
-        s = OffloadStream(self, request_id, deadline)
+        if max_tokens is None:  # what the body asks for; 0 (unknown) if it leaves it open
+            asked = body.get("max_completion_tokens", body.get("max_tokens"))
+            max_tokens = asked if isinstance(asked, int) and asked > 0 else 0
+        s = OffloadStream(self, request_id, deadline, max_tokens)
         with self._lock:
             if not self.mqtt.connected:
                 self.counts["unavailable"] += 1
@@ -318,9 +349,13 @@ class OffloadClient:
                 self.breaker.record_failure()
         self.counts[{None: "cancelled", True: "ok", False: "failed"}[outcome]] += 1
 
-    def _observe(self, first_s: float, last_s: float) -> None:
+    def _observe(self, max_tokens: int, first_s: float, last_s: float) -> None:
+        bucket = length_bucket(max_tokens)
         with self._lock:
-            self._latency.append((first_s, last_s))
+            d = self._latency.get(bucket)
+            if d is None:
+                d = self._latency[bucket] = collections.deque(maxlen=self._window)
+            d.append((first_s, last_s))
 
     def _on_ack(self, s: OffloadStream, reason: int) -> None:  # paho thread
         if reason == NO_MATCHING_SUBSCRIBERS:
@@ -372,6 +407,14 @@ def _call_soon(s: OffloadStream, fn: Callable[..., None], arg: Any) -> None:
     # RuntimeError: the loop is closed, so nobody is waiting any more.
     with contextlib.suppress(RuntimeError):
         s.loop.call_soon_threadsafe(fn, arg)
+
+
+def length_bucket(max_tokens: int) -> int:
+    """The generation-length bucket of a request: the next power of two, at least 16 (0 for
+    an unknown length). Round trips are compared within a bucket."""
+    if max_tokens <= 0:
+        return 0
+    return max(16, 1 << (max_tokens - 1).bit_length())
 
 
 def _set_timeout(fut: asyncio.Future[None]) -> None:

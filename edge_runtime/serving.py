@@ -63,17 +63,21 @@ class CloudPath(Protocol):
 
     def latency(self) -> Any: ...
 
+    def p99_by_tokens(self) -> tuple[tuple[int, float], ...]: ...
+
 
 def cloud_state(cloud: CloudPath | None, config: SchedulerConfig) -> Callable[[], CloudState]:
     """The scheduler's view of the cloud path: up or not, and its p99 round trip (publish to
-    last chunk), or the configured prior until there are measurements."""
+    last chunk) per generation-length bucket; over all lengths, or the configured prior
+    until there are measurements, where a bucket has too few."""
     if cloud is None:
         return lambda: NO_CLOUD
 
     def state() -> CloudState:
         p99 = cloud.latency().last_p99_s
         return CloudState(available=cloud.available(),
-                          p99_s=config.cloud_p99_prior_s if p99 is None else p99)
+                          p99_s=config.cloud_p99_prior_s if p99 is None else p99,
+                          p99_by_tokens=cloud.p99_by_tokens())
 
     return state
 

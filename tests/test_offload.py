@@ -164,6 +164,26 @@ def test_expired_request_is_dropped_not_served(broker: Broker) -> None:
         w.stop()
 
 
+def test_round_trips_are_kept_per_generation_length(broker: Broker,
+                                                    device: OffloadClient) -> None:
+    w = echo_worker(broker)
+    try:
+        async def run() -> None:
+            for tokens, n in ((8, 6), (16, 2), (200, 5), (None, 5)):
+                body = {**CHAT, "max_tokens": tokens} if tokens else {
+                    k: v for k, v in CHAT.items() if k != "max_tokens"}
+                for _ in range(n):
+                    assert (await collect(device, body))[-1].final
+        asyncio.run(run())
+        # 8 and 16 share the 16 bucket; 200 is in 256; an unknown length stays out.
+        table = device.p99_by_tokens()
+        assert [b for b, _ in table] == [16, 256]
+        assert device.latency(9).samples == 8 and device.latency(129).samples == 5
+        assert device.latency().samples == 18
+    finally:
+        w.stop()
+
+
 def test_two_workers_on_one_shared_subscription_split_the_load(
         broker: Broker, device: OffloadClient) -> None:
     a, b = echo_worker(broker), echo_worker(broker)
@@ -204,6 +224,10 @@ def test_deadline_is_explicit(broker: Broker, device: OffloadClient) -> None:
             asyncio.run(collect(device, CHAT, timeout_s=0.3))
         assert 0.25 < time.monotonic() - t0 < 1.0
         assert device.in_flight == 0
+        # The timeout counts in the cloud's p99 at the time it took (CHAT asks 16 tokens).
+        lat = device.latency(16)
+        assert lat.samples == 1 and lat.last_p99_s is not None and lat.last_p99_s >= 0.25
+        assert device.latency(17).samples == 0
     finally:
         sink.stop()
 
