@@ -47,6 +47,8 @@ def create_app(
     config = config or Config()
     metrics = Metrics()
     metrics.track_queue(lambda: worker.depth, lambda: worker.ready)
+    if offload is not None:
+        metrics.track_offload(offload.available)
     state = ServingState(
         worker=worker,
         model=model,
