@@ -193,6 +193,7 @@ class OffloadClient:
         self._wall = wall_clock
         self._lock = threading.Lock()  # the breaker and _pending are shared with paho's thread
         self._pending: dict[bytes, OffloadStream] = {}
+        self._tripped_by_disconnect = False
         self._window = latency_window
         self._latency: dict[int, collections.deque[tuple[float, float]]] = {}
         """(first chunk s, last chunk s) of recent round trips per generation-length bucket
@@ -380,11 +381,18 @@ class OffloadClient:
             return
         _call_soon(s, s._feed, chunk)
 
-    def _on_connection(self, up: bool) -> None:  # paho thread
+    def _on_connection(self, up: bool) -> None:  # paho thread (or the loop)
         if up:
+            with self._lock:
+                if self._tripped_by_disconnect:
+                    # Reconnected: the cause of that trip is gone. Probe at once instead of
+                    # waiting out the open interval; a failing probe reopens it as usual.
+                    self._tripped_by_disconnect = False
+                    self.breaker.probe_now()
             return
         with self._lock:
             self.breaker.trip()  # no statistics needed: nothing can reach the cloud now
+            self._tripped_by_disconnect = True
         self._fail_all(OffloadUnavailableError("lost the connection to the MQTT broker"))
 
     def _fail_all(self, error: OffloadUnavailableError) -> None:

@@ -46,8 +46,9 @@ from types import FrameType
 from typing import Any
 
 from bench.report import cpu_model, update_section
+from overload import faults
 from overload.load import Result, Workload, closed_loop, open_loop, pct, summarize
-from overload.procs import Procs, daemon_config, free_port, tail
+from overload.procs import Proc, Procs, daemon_config, free_port, tail
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -71,6 +72,8 @@ class Bench:
             (args.bundle, args.pubkey) if args.bundle else default_bundle()
         )
         self.broker = ""
+        self.broker_proc: Proc | None = None
+        self.workers: list[Proc] = []
         self.log: list[str] = []
 
     def say(self, msg: str) -> None:
@@ -88,7 +91,43 @@ class Bench:
         return proc, base, model
 
     def workload(self, base: str, model: str, deadline_ms: float | None) -> Workload:
-        return Workload(base, model, self.args.max_tokens, self.args.hard_cap_s, deadline_ms)
+        return Workload(base, model, tuple(self.args.max_tokens), self.args.hard_cap_s,
+                        deadline_ms)
+
+    def fault_phases(self, base: str, model: str, budget_ms: float,
+                     capacity: float) -> dict[str, Any]:
+        """Kill the broker under load, then one of two cloud workers (overload/faults.py)."""
+        a = self.args
+        w = self.workload(base, model, budget_ms)
+        rate = a.fault_load * capacity
+        n = min(a.requests, max(a.min_requests, int(rate * a.max_level_s)))
+        port = int(self.broker.rsplit(":", 1)[1])
+
+        def kill_broker() -> None:
+            assert self.broker_proc is not None
+            self.procs.kill(self.broker_proc)
+
+        def restart_broker() -> None:
+            self.broker_proc, _ = self.procs.mosquitto(port)
+
+        out: dict[str, Any] = {"rate": rate, "n": n}
+        b = out["broker"] = faults.broker_phase(w, rate, n, a.seed + 100, kill_broker,
+                                                restart_broker)
+        self.say(f"broker phase ({a.fault_load:g}x, n={n}): {b['marks']}, offload recovered "
+                 f"{b['offload_recovered_after_s']} s after the restart; during the outage "
+                 f"{b['outage']}; local {b['local_during_outage']}")
+        while len(self.workers) < 2:  # the worker phase needs two to kill one of
+            wp = self.procs.cloud_worker(len(self.workers), self.bundle, self.pubkey,
+                                         self.broker, a.worker_concurrency, a.worker_threads)
+            self.procs.wait_worker(wp)
+            self.workers.append(wp)
+        time.sleep(3.0)  # the workers' own reconnects after the broker phase (backoff)
+        victim = self.workers.pop(0)
+        k = out["worker"] = faults.worker_phase(w, rate, n, a.seed + 200,
+                                                lambda: self.procs.kill(victim))
+        self.say(f"worker phase ({a.fault_load:g}x, n={n}): {k['marks']}, {k['counts']}; "
+                 f"unexplained (lost, hung or past the deadline) {k['unexplained']}")
+        return out
 
     def calibrate(self) -> dict[str, Any]:
         a = self.args
@@ -172,6 +211,45 @@ def table(rows: Sequence[dict[str, Any]], slo_s: float) -> str:
     return "\n".join(lines)
 
 
+def length_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| Load | max_tokens | Served local / cloud | Local p99 s | Cloud p99 s |",
+             "|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        if r["mode"] != "ours":
+            continue
+        for tokens, x in r["by_length"].items():
+            lines.append(f"| {r['mult']:g}x | {tokens} | {x['n_local']} / {x['n_cloud']} | "
+                         f"{fmt(x['p99_local'])} | {fmt(x['p99_cloud'])} |")
+    return "\n".join(lines)
+
+
+def fault_report(f: dict[str, Any], slo_s: float, args: argparse.Namespace) -> str:
+    b, k = f["broker"], f["worker"]
+    m = b["marks"]
+
+    def s_(x: float | None) -> str:
+        return "never" if x is None else f"{x:.2f} s"
+
+    return "\n".join([
+        f"**Faults under load** ({args.fault_load:g}x capacity = {f['rate']:.2f} req/s, "
+        f"{f['n']} requests per phase, same daemon and deadlines as `ours`):",
+        "",
+        f"- *Broker killed* (SIGKILL) at {m['broker_killed']:.1f} s, restarted at "
+        f"{m['broker_restarted']:.1f} s: /metrics showed offload unavailable (breaker open) "
+        f"**{s_(m.get('breaker_open_after_s'))}** after the kill and available again "
+        f"{s_(m.get('offload_available_after_s'))} after the restart; the first request "
+        f"served by the cloud after the restart finished "
+        f"**{s_(b['offload_recovered_after_s'])}** after it. Requests that arrived during "
+        f"the outage: {b['outage']}; served locally then: {b['local_during_outage']['ok']} "
+        f"ok, **{b['local_during_outage']['failed']} failed**.",
+        f"- *One of two cloud workers killed* (SIGKILL) at {k['marks']['worker_killed']:.1f} "
+        f"s: outcomes {k['counts']} — **{k['unexplained']} lost, hung or ended later than "
+        f"{faults.LATE_MARGIN_S:g} s past their deadline** (ok_cloud/ok_local = answered; "
+        "rejected = 429/503; expired_* = an explicit error at the deadline; error_cloud = "
+        "an explicit error from the cloud path).",
+    ])
+
+
 def plot(rows: Sequence[dict[str, Any]], slo_s: float, capacity: float, path: Path) -> None:
     import matplotlib
 
@@ -234,7 +312,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--min-requests", type=int, default=30, help="min requests per level (30)")
     ap.add_argument("--max-level-s", type=float, default=12.0,
                     help="arrivals span at most about this long per level (12 s)")
-    ap.add_argument("--max-tokens", type=int, default=96, help="max_tokens per request (96)")
+    ap.add_argument("--max-tokens", type=lambda s: [int(x) for x in s.split(",")],
+                    default=[32, 96], help="max_tokens of each request, one of these "
+                    "(seeded): the cloud's p99 is compared per length (32,96)")
+    ap.add_argument("--fault-load", type=float, default=2.0,
+                    help="load (x capacity) of the broker-kill and worker-kill phases (2)")
+    ap.add_argument("--no-faults", action="store_true", help="skip the fault phases")
     ap.add_argument("--hard-cap-s", type=float, default=45.0,
                     help="a request with no end after this is hung (45 s)")
     ap.add_argument("--seed", type=int, default=0)
@@ -257,14 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs = Procs(Path(tmp))
         bench = Bench(args, procs)
         try:
-            _, bench.broker = procs.mosquitto()
-            workers = [
+            bench.broker_proc, bench.broker = procs.mosquitto()
+            bench.workers = [
                 procs.cloud_worker(i, bench.bundle, bench.pubkey, bench.broker,
                                    args.worker_concurrency, args.worker_threads)
                 for i in range(args.workers)
             ]
             bench.say(f"mosquitto on {bench.broker}; {args.workers} cloud worker(s) starting")
-            for wp in workers:  # loaded before calibrating: loading competes for the CPU
+            for wp in bench.workers:  # loaded before calibrating: loading competes for the CPU
                 procs.wait_worker(wp)
             calib = bench.calibrate()
             slo_s, capacity = calib["slo_s"], calib["capacity"]
@@ -280,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             budget_ms = slo_s * 1000 * (1 - args.deadline_margin)
             rows += bench.run_levels("ours", base, model, budget_ms, capacity)
+            fault = None if args.no_faults else bench.fault_phases(base, model, budget_ms,
+                                                                    capacity)
             procs.stop(proc)
             dead = [p.name for p in procs.procs if not p.alive()]
             if dead:
@@ -309,8 +394,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{fifo_top['hung']} hung."
     )
     print(verdict)
+    lengths = length_table(rows)
+    print(lengths)
+    fault_md = fault_report(fault, slo_s, args) if fault else ""
+    print(fault_md)
     if args.json:
-        args.json.write_text(json.dumps({"calibration": calib, "rows": rows,
+        args.json.write_text(json.dumps({"calibration": calib, "rows": rows, "faults": fault,
                                          "log": bench.log}, indent=2, default=str) + "\n")
     if args.no_write:
         return 0
@@ -336,7 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.worker_threads} thread(s) each) — and by other jobs on the machine: load "
         f"average before {load_before[0]:.2f}, after {load_after[0]:.2f}",
         f"- **Model:** demo bundle (`{bench.bundle}`), int4 ONNX on ONNX Runtime CPU; each "
-        f"request a streamed `/v1/completions`, greedy, max_tokens {args.max_tokens}, one "
+        f"request a streamed `/v1/completions`, greedy, max_tokens one of "
+        f"{', '.join(map(str, args.max_tokens))}, one "
         "of 8 short prompts (seeded)",
         f"- **Calibration** (closed loop, max_batch 4, no deadline): {cal}. Unloaded latency "
         f"{calib['unloaded_s']:.3f} s; **SLO {slo_s:.2f} s** "
@@ -370,6 +460,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the device's own engine.",
         "",
         "![p99 latency vs offered load](overload_p99.png)",
+        "",
+        "**By generation length** (ours; the scheduler compares a request's remaining "
+        "deadline with the cloud's p99 round trip measured for its own length bucket):",
+        "",
+        lengths,
+        "",
+        fault_md,
     ])
     update_section(DOC, MARK, body)
     print(f"wrote {DOC} and {PLOT}")

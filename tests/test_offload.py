@@ -310,7 +310,9 @@ def test_on_loop_round_trip_and_broker_restart(broker: Broker) -> None:
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        breaker = CircuitBreaker(BreakerConfig(min_requests=2, open_s=0.3))
+        # open_s far beyond the test: recovery comes from the reconnect (probe_now), not
+        # from waiting out the open interval.
+        breaker = CircuitBreaker(BreakerConfig(min_requests=2, open_s=60.0))
         client = OffloadClient(broker.url, "dev1", breaker=breaker, reconnect_min_s=0.1,
                                reconnect_max_s=0.5)
         client.start(loop=loop)
