@@ -2,7 +2,7 @@
 """Overload: p99 latency vs offered load, FIFO (Ollama-like) vs ours (batching + SLO + offload).
 
     pip install matplotlib        # the plot needs it; it is not a project dependency
-    python scripts/bench_overload.py [--workers 1] [--slo-ms MS] [--requests 80]
+    python scripts/bench_overload.py [--workers 1] [--slo-ms MS] [--requests 60]
 
 Everything runs on loopback and is started by this script: its own Mosquitto (free port,
 TCP_NODELAY, no persistence), K `edge-runtime cloud-worker` processes (`--workers`, default
@@ -21,7 +21,15 @@ TOML config. All processes are in their own process groups and are stopped on ex
      every request (`--deadline-margin`), offload to the cloud workers over MQTT 5.
    Per request: TTFT and latency from the *scheduled* arrival (open loop), `x-served-by`,
    status; 429/503 count as rejected; no answer within `--hard-cap-s` counts as hung.
-3. A table in docs/BENCHMARKS.md (between the `bench_overload` markers) and a plot of p99
+   Each request asks for one of `--max-tokens` (32 or 96 by default): a table gives local
+   and cloud p99 per length, which the scheduler compares per length too.
+3. Faults, on the `ours` daemon at `--fault-load` x capacity (overload/faults.py; skip with
+   `--no-faults`): the broker is SIGKILLed under load and restarted (time until offload is
+   reported unavailable = the breaker opened, until it is available again, until the first
+   cloud answer; local requests during the outage must not fail); then one of two cloud
+   workers is SIGKILLed mid-request (every request answered, refused or failed explicitly
+   within its deadline; counts by outcome).
+4. A table in docs/BENCHMARKS.md (between the `bench_overload` markers) and a plot of p99
    latency vs offered load in docs/overload_p99.png (`--no-write` to skip both).
 
 The device and the "cloud" share this machine's cores, so the cloud path is no faster than
@@ -49,6 +57,7 @@ from bench.report import cpu_model, update_section
 from overload import faults
 from overload.load import Result, Workload, closed_loop, open_loop, pct, summarize
 from overload.procs import Proc, Procs, daemon_config, free_port, tail
+from overload.report import fault_report, fmt, length_table, plot, table
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -100,7 +109,7 @@ class Bench:
         a = self.args
         w = self.workload(base, model, budget_ms)
         rate = a.fault_load * capacity
-        n = min(a.requests, max(a.min_requests, int(rate * a.max_level_s)))
+        n = max(a.min_requests, int(rate * a.fault_span_s))
         port = int(self.broker.rsplit(":", 1)[1])
 
         def kill_broker() -> None:
@@ -121,7 +130,12 @@ class Bench:
                                          self.broker, a.worker_concurrency, a.worker_threads)
             self.procs.wait_worker(wp)
             self.workers.append(wp)
-        time.sleep(3.0)  # the workers' own reconnects after the broker phase (backoff)
+        # Before the worker phase: offload available again and the workers back from their
+        # own reconnects (paho's backoff) after the broker phase.
+        deadline = time.monotonic() + 60
+        while not faults.offload_available(base) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3.0)
         victim = self.workers.pop(0)
         k = out["worker"] = faults.worker_phase(w, rate, n, a.seed + 200,
                                                 lambda: self.procs.kill(victim))
@@ -183,111 +197,6 @@ class Bench:
         return out
 
 
-def fmt(x: float | int, digits: int = 2) -> str:
-    if isinstance(x, float) and math.isnan(x):
-        return "–"
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def table(rows: Sequence[dict[str, Any]], slo_s: float) -> str:
-    head = ("| Mode | Load | Offered req/s | Requests | Served local / cloud | Offloaded | "
-            "Rejected (429/503) | Failed at deadline | Errors | Lost | Hung | "
-            "Latency p50 / p95 / p99 s | "
-            "Local p99 s | TTFT p50 / p99 s | Local TTFT p99 s | Client send lag p99 s |")
-    lines = [head, "|---" + "|--:" * 15 + "|"]
-    for r in rows:
-        local_p99 = fmt(r["lat_local_p99"])
-        if not math.isnan(r["lat_local_p99"]) and r["mode"] == "ours":
-            local_p99 += " ✓" if r["lat_local_p99"] <= slo_s else " ✗"
-        lines.append(
-            f"| {r['mode']} | {r['mult']:g}x | {r['rate']:.2f} | {r['n']} | "
-            f"{r['local']} / {r['cloud']} | {100 * r['offload_share']:.0f}% | "
-            f"{r['rejected']} | {r['expired']} | "
-            f"{r['errors']} | {r['lost']} | {r['hung']} | "
-            f"{fmt(r['lat_p50'])} / {fmt(r['lat_p95'])} / {fmt(r['lat_p99'])} | {local_p99} | "
-            f"{fmt(r['ttft_p50'])} / {fmt(r['ttft_p99'])} | {fmt(r['ttft_local_p99'])} | "
-            f"{fmt(r['send_lag_p99'])} |"
-        )
-    return "\n".join(lines)
-
-
-def length_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| Load | max_tokens | Served local / cloud | Local p99 s | Cloud p99 s |",
-             "|--:|--:|--:|--:|--:|"]
-    for r in rows:
-        if r["mode"] != "ours":
-            continue
-        for tokens, x in r["by_length"].items():
-            lines.append(f"| {r['mult']:g}x | {tokens} | {x['n_local']} / {x['n_cloud']} | "
-                         f"{fmt(x['p99_local'])} | {fmt(x['p99_cloud'])} |")
-    return "\n".join(lines)
-
-
-def fault_report(f: dict[str, Any], slo_s: float, args: argparse.Namespace) -> str:
-    b, k = f["broker"], f["worker"]
-    m = b["marks"]
-
-    def s_(x: float | None) -> str:
-        return "never" if x is None else f"{x:.2f} s"
-
-    return "\n".join([
-        f"**Faults under load** ({args.fault_load:g}x capacity = {f['rate']:.2f} req/s, "
-        f"{f['n']} requests per phase, same daemon and deadlines as `ours`):",
-        "",
-        f"- *Broker killed* (SIGKILL) at {m['broker_killed']:.1f} s, restarted at "
-        f"{m['broker_restarted']:.1f} s: /metrics showed offload unavailable (breaker open) "
-        f"**{s_(m.get('breaker_open_after_s'))}** after the kill and available again "
-        f"{s_(m.get('offload_available_after_s'))} after the restart; the first request "
-        f"served by the cloud after the restart finished "
-        f"**{s_(b['offload_recovered_after_s'])}** after it. Requests that arrived during "
-        f"the outage: {b['outage']}; served locally then: {b['local_during_outage']['ok']} "
-        f"ok, **{b['local_during_outage']['failed']} failed**.",
-        f"- *One of two cloud workers killed* (SIGKILL) at {k['marks']['worker_killed']:.1f} "
-        f"s: outcomes {k['counts']} — **{k['unexplained']} lost, hung or ended later than "
-        f"{faults.LATE_MARGIN_S:g} s past their deadline** (ok_cloud/ok_local = answered; "
-        "rejected = 429/503; expired_* = an explicit error at the deadline; error_cloud = "
-        "an explicit error from the cloud path).",
-    ])
-
-
-def plot(rows: Sequence[dict[str, Any]], slo_s: float, capacity: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
-    series = [
-        ("fifo", "lat_p99", "FIFO, no offload (Ollama-like)", "tab:red", "o-"),
-        ("ours", "lat_p99", "ours: all served requests", "tab:blue", "s-"),
-        ("ours", "lat_local_p99", "ours: served locally", "tab:cyan", "^--"),
-    ]
-    for mode, key, label, color, style in series:
-        pts = [(r["mult"], r[key]) for r in rows if r["mode"] == mode and not math.isnan(r[key])]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
-    for r in rows:
-        if r["mode"] == "ours" and (r["cloud"] or r["rejected"]):
-            ax.annotate(f"{100 * r['offload_share']:.0f}% cloud\n{r['rejected']} rej.",
-                        (r["mult"], r["lat_p99"]), textcoords="offset points", xytext=(-18, 10),
-                        fontsize=7, color="tab:blue")
-    ax.axhline(slo_s, color="gray", linestyle=":", label=f"SLO {slo_s:.2f} s")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    mults = sorted({r["mult"] for r in rows})
-    ax.set_xlim(mults[0] / 1.3, mults[-1] * 1.3)
-    ax.set_xticks(mults)
-    ax.set_xticklabels([f"{m:g}x" for m in mults])
-    ax.set_xlabel(f"offered load (x capacity = {capacity:.2f} req/s, Poisson arrivals)")
-    ax.set_ylabel("p99 latency, s (log)")
-    ax.set_title("p99 latency vs offered load (demo bundle, 2-core CPU, loopback)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, help="bundle directory (default: the demo bundle)")
@@ -317,6 +226,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "(seeded): the cloud's p99 is compared per length (32,96)")
     ap.add_argument("--fault-load", type=float, default=2.0,
                     help="load (x capacity) of the broker-kill and worker-kill phases (2)")
+    ap.add_argument("--fault-span-s", type=float, default=15.0,
+                    help="arrivals of each fault phase span about this long; the broker dies "
+                         "at 1/4 and returns at 1/2 of it, the worker dies at 1/3 (15 s)")
     ap.add_argument("--no-faults", action="store_true", help="skip the fault phases")
     ap.add_argument("--hard-cap-s", type=float, default=45.0,
                     help="a request with no end after this is hung (45 s)")

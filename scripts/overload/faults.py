@@ -3,8 +3,9 @@
 Both run open-loop load against the `ours` daemon and act on a timeline measured from the
 first scheduled arrival (the arrivals span about n / rate seconds):
 
-    broker:  kill Mosquitto (SIGKILL) at 1/3 of the span, start it again on the same port at
-             2/3. Recorded: when /metrics says offload is unavailable (the breaker opened, or
+    broker:  kill Mosquitto (SIGKILL) at 1/4 of the span, start it again on the same port at
+             1/2 (the second half shows the recovery: the daemon's and the workers'
+             reconnect backoff, then the breaker's probe). Recorded: when /metrics says offload is unavailable (the breaker opened, or
              the connection is known lost), when it is available again, and when the first
              request after the restart is served by the cloud. Local serving must go on with
              no errors; requests that were in the cloud when it died fail explicitly.
@@ -28,6 +29,14 @@ GAUGE = "edge_runtime_offload_available"
 LATE_MARGIN_S = 0.25
 """An end counts as late when it comes this long after the request's deadline (the daemon
 answers at the deadline; this covers the loopback hop and the client's own scheduling)."""
+
+
+def offload_available(base: str) -> bool:
+    """The daemon's gauge, read once (blocking)."""
+    async def read() -> bool | None:
+        async with httpx.AsyncClient() as client:
+            return await _offload_available(client, base)
+    return asyncio.run(read()) is True
 
 
 async def _offload_available(client: httpx.AsyncClient, base: str) -> bool | None:
@@ -101,7 +110,7 @@ def broker_phase(w: Workload, rate: float, n: int, seed: int, kill: Callable[[],
     deadline_s = w.deadline_ms / 1000
     results, marks = asyncio.run(_run(
         w, rate, n, seed,
-        [(1 / 3, "broker_killed", kill), (2 / 3, "broker_restarted", restart)], probe=True))
+        [(1 / 4, "broker_killed", kill), (1 / 2, "broker_restarted", restart)], probe=True))
     killed, back = marks["broker_killed"] or 0.0, marks["broker_restarted"] or 0.0
     during = [r for r in results if killed <= r.t_arrival < back]
     after = [r for r in results if r.t_arrival >= back]
