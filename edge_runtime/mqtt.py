@@ -219,6 +219,7 @@ class MqttClient:
             self._handlers.pop(topic_filter, None)
         if self.connected:
             self._client.unsubscribe(topic_filter)
+            self._kick()
 
     def publish(
         self,
@@ -241,8 +242,7 @@ class MqttClient:
         info = self._client.publish(topic, payload, qos, retain, properties=_to_paho(props))
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise BrokerError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
-        if self._driver is not None and self._driver.on_loop():
-            self._driver.flush()  # on the loop: out now, not one loop iteration later
+        self._kick()
         if on_ack is not None and qos > 0:
             with self._lock:
                 early = self._early_acks.pop(info.mid, None)
@@ -351,11 +351,24 @@ class MqttClient:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _kick(self) -> None:
+        """With the I/O on an asyncio loop, get what was just queued written: at once when
+        called on the loop (not one iteration later), else by the loop. From another thread
+        paho's register-write flag alone could lose that wake-up (it is checked here while
+        the loop thread clears it)."""
+        if self._driver is None:
+            return
+        if self._driver.on_loop():
+            self._driver.flush()
+        else:
+            self._driver.flush_soon()
+
     def _send_subscribe(self, topic_filter: str, qos: int) -> None:
         with self._lock:
             rc, mid = self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 self._pending_subs.add(mid)
+        self._kick()
 
     def _set_reconnect_delay(self) -> None:
         lo, hi = self._reconnect

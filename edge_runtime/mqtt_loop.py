@@ -19,6 +19,7 @@ This module holds no paho import: it drives the client object that mqtt.py made.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -90,6 +91,11 @@ class LoopDriver:
         """Write what publish() queued now, not at the next loop iteration (loop thread)."""
         if self._sock is not None:
             self._client.loop_write()
+
+    def flush_soon(self) -> None:
+        """From another thread: have the loop write what is queued."""
+        with contextlib.suppress(RuntimeError):  # the loop closed: nothing to write to
+            self.loop.call_soon_threadsafe(self.flush)
 
     # -- internals (loop thread unless said otherwise) ---------------------------------------
 

@@ -70,7 +70,10 @@ async def measure(
     unless `on_loop` is False (paho's network thread)."""
     loop = asyncio.get_running_loop()
     client = OffloadClient(url, "bench")
-    client.start(loop=loop if on_loop else None)
+    if on_loop:
+        client.start(loop=loop)
+    else:
+        client.start()  # also what an older OffloadClient takes: before/after comparisons
     try:
         if not await loop.run_in_executor(None, client.mqtt.wait_subscribed, 10.0):
             raise SystemExit("cannot connect to the broker")

@@ -361,9 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"**{verdict}**",
         "",
         "Rejected = an explicit 429/503 with Retry-After (the scheduler's answer when neither "
-        "path can meet the deadline); failed at deadline = the stream ended with an explicit "
-        "error event at the request's deadline (an offloaded answer that the cloud could not "
-        "finish in time); errors = other statuses or error events; lost = connection failed "
+        "path can meet the deadline); failed at deadline = the request ended with an explicit "
+        "`deadline_exceeded` error (a 504, or an error event once streaming) at its deadline: "
+        "an offloaded answer the cloud could not finish in time, or a local generation the "
+        "engine loop stopped (in brackets) because the next step would end past it; errors = other statuses or error events; lost = connection failed "
         "or the stream ended without a finish. Latency "
         "percentiles are over completed requests. Client send lag = scheduled arrival to the "
         "moment the load generator (same machine, same cores) actually sends: time the "

@@ -30,7 +30,7 @@ def table(rows: Sequence[dict[str, Any]], slo_s: float) -> str:
         lines.append(
             f"| {r['mode']} | {r['mult']:g}x | {r['rate']:.2f} | {r['n']} | "
             f"{r['local']} / {r['cloud']} | {100 * r['offload_share']:.0f}% | "
-            f"{r['rejected']} | {r['expired']} | "
+            f"{r['rejected']} | {r['expired']} ({r.get('expired_local', 0)} local) | "
             f"{r['errors']} | {r['lost']} | {r['hung']} | "
             f"{fmt(r['lat_p50'])} / {fmt(r['lat_p95'])} / {fmt(r['lat_p99'])} | {local_p99} | "
             f"{fmt(r['ttft_p50'])} / {fmt(r['ttft_p99'])} | {fmt(r['ttft_local_p99'])} | "
