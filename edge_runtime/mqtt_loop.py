@@ -141,6 +141,9 @@ class LoopDriver:
         self._on_open(sock)
 
         def watch() -> None:
+            if self._stopping:  # stop() came while this connect was under way
+                self._client._sock_close()
+                return
             self._sock = sock
             self.loop.add_reader(sock, self._read)
             self._misc = self.loop.call_later(MISC_INTERVAL_S, self._tick)
