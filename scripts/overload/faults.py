@@ -5,9 +5,10 @@ first scheduled arrival (the arrivals span about n / rate seconds):
 
     broker:  kill Mosquitto (SIGKILL) at 1/4 of the span, start it again on the same port at
              1/2 (the second half shows the recovery: the daemon's and the workers'
-             reconnect backoff, then the breaker's probe). Recorded: when /metrics says offload is unavailable (the breaker opened, or
-             the connection is known lost), when it is available again, and when the first
-             request after the restart is served by the cloud. Local serving must go on with
+             reconnect backoff, then the breaker's probe). Recorded: when /metrics says
+             offload is unavailable (the breaker opened, or the connection is known lost),
+             when it is available again, and when the first request after the restart is
+             served by the cloud. Local serving must go on with
              no errors; requests that were in the cloud when it died fail explicitly.
     worker:  two cloud workers share the subscription; one is SIGKILLed at 1/3 of the span,
              in the middle of its requests. Every request must end — answered, refused
