@@ -140,7 +140,8 @@ class Bench:
         k = out["worker"] = faults.worker_phase(w, rate, n, a.seed + 200,
                                                 lambda: self.procs.kill(victim))
         self.say(f"worker phase ({a.fault_load:g}x, n={n}): {k['marks']}, {k['counts']}; "
-                 f"unexplained (lost, hung or past the deadline) {k['unexplained']}")
+                 f"unexplained (lost, hung or past the deadline) {k['unexplained']}"
+                 + (f"; late: {k['late']}" if k["late"] else ""))
         return out
 
     def calibrate(self) -> dict[str, Any]:

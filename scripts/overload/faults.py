@@ -139,5 +139,8 @@ def worker_phase(w: Workload, rate: float, n: int, seed: int,
                                       probe=False))
     c = _counts(results, deadline_s)
     unexplained = c.get("lost", 0) + c.get("hung", 0) + c["late"]
-    return {"marks": marks, "counts": c, "unexplained": unexplained,
+    late = [f"{r.outcome}/{r.served_by}: ended {r.end_s:.2f} s after arrival (send lag "
+            f"{r.send_lag_s or 0:.2f} s) {r.detail[:80]}"
+            for r in results if r.outcome != "hung" and _late(r, deadline_s) and r.end_s]
+    return {"marks": marks, "counts": c, "unexplained": unexplained, "late": late[:5],
             "summary": summarize(results)}
