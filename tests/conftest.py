@@ -45,6 +45,21 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> BuiltBundle:
                        work=work)
 
 
+@pytest.fixture(scope="session")
+def tiny_fused_bundle(tiny_bundle: BuiltBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's int4 graph with attention fused into GroupQueryAttention (batches
+    right-padded), signed with the same key. Prebuilt for the device leg (scripts/test.sh)."""
+    prebuilt = os.environ.get("EDGE_TEST_PREBUILT")
+    if prebuilt:
+        return Path(prebuilt) / "fused"
+    from edge_build import fuse, package
+
+    root = tmp_path_factory.mktemp("fused")
+    fuse.run(tiny_bundle.work / "int4", root / "work")
+    return package.run(root / "work", root / "bundle", tiny_bundle.key, name="edge-tiny-fused",
+                       version="1")
+
+
 @pytest.fixture
 def bundle_copy(tiny_bundle: BuiltBundle, tmp_path: Path) -> Path:
     dst = tmp_path / "bundle"

@@ -3,6 +3,7 @@
     edge-build keygen   --out DIR [--name NAME]       ed25519 signing key pair
     edge-build export   MODEL_DIR OUT                 HF causal LM → ONNX with KV cache
     edge-build quantize IN OUT [--block-size 128]     fp32 ONNX → 4-bit MatMulNBits
+    edge-build fuse     IN OUT                        attention → GroupQueryAttention
     edge-build package  IN OUT --key KEY --name N     artifact → signed bundle
     edge-build distill  TEACHER OUT [--data F...]     teacher → shallower distilled student
     edge-build prune    IN OUT [--mlp-ratio R ...]    structured width / depth pruning
@@ -163,6 +164,12 @@ def _add_quality_flags(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--max-kl", type=float, default=None, help="fail above this mean KL")
 
 
+def cmd_fuse(a: argparse.Namespace) -> None:
+    from edge_build import fuse
+
+    _print_record(fuse.run(Path(a.input), Path(a.out), max_positions=a.max_positions))
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from edge_build.demo import build_demo
 
@@ -213,6 +220,13 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--min-top1", type=float, default=None, help="fail below this agreement")
     q.add_argument("--max-kl", type=float, default=None, help="fail above this mean KL")
     q.set_defaults(fn=cmd_quantize)
+
+    f = sub.add_parser("fuse", help="ONNX decoder → fused GroupQueryAttention + RMSNorm ops")
+    f.add_argument("input")
+    f.add_argument("out")
+    f.add_argument("--max-positions", type=int, default=None,
+                   help="rotary table length (default: the model's max_position_embeddings)")
+    f.set_defaults(fn=cmd_fuse)
 
     g = sub.add_parser("package", help="artifact → signed bundle")
     g.add_argument("input")

@@ -127,8 +127,10 @@ def run(
                     if k in q
                 },
             }
-        # A fused GQA graph must not be fed a left-padded batch (see bundle.GraphSpec).
-        left_padded_batch = not any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+        # A fused GQA graph batches right-padded sequences, the decomposed one left-padded
+        # ones (see bundle.GraphSpec): present = past ++ new appends at the same column for
+        # every row, GQA appends at each row's own length.
+        fused = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
         slice_last_position(model)
         large = model.ByteSize() > _TWO_GB
         onnx.save(
@@ -182,7 +184,8 @@ def run(
                     "outputs": [vars(s) for s in outputs],
                     "kv_cache": vars(kv),
                     "last_token_logits": True,
-                    "left_padded_batch": left_padded_batch,
+                    "left_padded_batch": not fused,
+                    "right_padded_batch": fused,
                     "weights": weights,
                 }
             },
