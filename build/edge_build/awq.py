@@ -27,6 +27,7 @@ unchanged, so later layers see the same inputs whatever was folded before them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -107,10 +108,8 @@ def _capture(model: Any, i: int, calib: Any, batch_size: int) -> _LayerInputs:
     try:
         with torch.inference_mode():
             for s in range(0, calib.shape[0], batch_size):
-                try:
+                with contextlib.suppress(_Stop):  # the hook ends the pass after layer i
                     model(input_ids=calib[s : s + batch_size].to(dev), use_cache=False)
-                except _Stop:
-                    pass
     finally:
         for h in hooks:
             h.remove()
