@@ -65,8 +65,8 @@ def test_awq_scales_fold_without_changing_the_fp32_model(arch, teacher_dirs, win
     folded = copy.deepcopy(model)
     calib = lm_eval.windows_tensor(windows["calib"][:4])
     spec = awq.QuantSpec(group_size=GROUP, clip=False)
-    for i in range(len(folded.model.layers)):
-        awq._awq_layer(folded, i, calib, spec, batch_size=4)
+    for i, inputs in enumerate(awq._layer_inputs(folded, calib, batch_size=2)):
+        awq._awq_layer(folded, i, inputs, spec)
     if arch == "llama":  # untied: the LM head's scale goes into the final norm
         awq._awq_lm_head(folded, calib, spec, batch_size=4)
         assert not torch.equal(folded.model.norm.weight, model.model.norm.weight)
