@@ -164,12 +164,14 @@ def _search_scale(
     with torch.inference_mode():
         ref = block()
         orig = [lin.weight.data.clone() for lin in linears]
-        candidates = [(a / spec.alpha_grid, None) for a in range(spec.alpha_grid)]
+        candidates: list[tuple[float, Any]] = [
+            (a / spec.alpha_grid, None) for a in range(spec.alpha_grid)
+        ]
         if spec.duo_scaling and expand(stat).shape == stat.shape:
-            w = torch.cat(orig).abs().float()  # [ΣN, K]
-            g = w.reshape(w.shape[0], -1, spec.group_size)
-            w_stat = (g / (g.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)  # [K]
-            candidates += [(a / spec.alpha_grid, w_stat) for a in range(spec.alpha_grid)]
+            wabs = torch.cat(orig).abs().float()  # [ΣN, K]
+            g = wabs.reshape(wabs.shape[0], -1, spec.group_size)
+            w_mean = (g / (g.amax(-1, keepdim=True) + 1e-6)).reshape(wabs.shape).mean(0)  # [K]
+            candidates += [(a / spec.alpha_grid, w_mean) for a in range(spec.alpha_grid)]
         best, best_s = float("inf"), torch.ones_like(stat)
         try:
             for alpha, w_stat in candidates:
