@@ -246,7 +246,7 @@ def _awq_layer(model: Any, i: int, inp: _LayerInputs, spec: QuantSpec) -> dict:
         # o_proj, with s folded into v_proj's rows; one s per (KV head, dim), shared by the
         # query heads of that group. [H·hd] index = (g·r + q)·hd + d.
         r = heads // kv
-        o_div = torch.ones(att.o_proj.weight.shape[1])
+        o_div = torch.ones(att.o_proj.weight.shape[1], device=att.o_proj.weight.device)
         if att.v_proj.weight.shape[0] == kv * hd and att.o_proj.weight.shape[1] == heads * hd:
 
             def expand(s_kv: Any) -> Any:  # [G·hd] → [H·hd]
