@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 
 from edge_build import awq, cli, export, lm_eval, package, quantize  # noqa: E402
 from edge_build.evaluate import eval_windows  # noqa: E402
-from edge_build.int4 import QuantizedWeights  # noqa: E402
+from edge_build.int4 import QuantizedWeights, unpack_nibbles  # noqa: E402
 from edge_build.lower import rewrite  # noqa: E402
 from edge_build.quantize import LinearNotFoundError, QuantizationQualityError  # noqa: E402
 from edge_build.stage import StageError, lineage  # noqa: E402
@@ -131,6 +131,18 @@ def test_lowered_graphs_match_the_quantized_pytorch_model(arch, quantized, windo
     g = onnx.load(str(tmp_path / "qdq" / "model.onnx"))
     assert {o.domain for o in g.opset_import if o.version >= 21} >= {""}
     assert not any(node.domain == "com.microsoft" for node in g.graph.node)
+
+    # Both graphs hold the stored codes themselves, not a second quantization.
+    from onnx import numpy_helper
+
+    qt = QuantizedWeights.load(qdir).get("model.layers.1.mlp.up_proj")
+    name = "model.layers.1.mlp.up_proj.weight_Q4"
+    b = next(i for i in onnx.load(str(tmp_path / "nbits0" / "model.onnx")).graph.initializer
+             if i.name == name)  # fmt: skip
+    assert np.array_equal(unpack_nibbles(numpy_helper.to_array(b)).reshape(qt.shape), qt.codes)
+    dq = next(i for i in g.graph.initializer if i.name == name)
+    signed = numpy_helper.to_array(dq).astype(np.int16)  # [K, N]
+    assert np.array_equal(signed.T + (8 if qt.zero_points is None else 0), qt.codes)
 
     rec = quantize.lower(onnx_dir, qdir, tmp_path / "nbits4", fmt="matmulnbits")
     m = rec["metrics"]
