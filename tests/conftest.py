@@ -53,7 +53,7 @@ def bundle_copy(tiny_bundle: BuiltBundle, tmp_path: Path) -> Path:
 
 
 # A real Mosquitto per test (`broker`, `persistent_broker`): see mqtt_fixtures.py.
-from mqtt_fixtures import broker, persistent_broker  # noqa: E402, F401
+from mqtt_fixtures import broker, persistent_broker, pki, tls_broker  # noqa: E402, F401
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
