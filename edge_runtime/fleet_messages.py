@@ -48,6 +48,7 @@ FINAL_STATES = frozenset({"active", "rolled_back", "applied", "drained", "undrai
 MAX_COMMAND_BYTES = 256 << 10
 """A command is a few hundred bytes; a config document a few KiB. More is refused unread."""
 URL_SCHEMES = ("http", "https")
+MAX_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ def command_id_of(payload: bytes) -> str | None:
         cid = json.loads(payload).get("id")
     except (ValueError, AttributeError, RecursionError):
         return None
-    return cid if isinstance(cid, str) and cid else None
+    # An id the agent would refuse is not echoed either (it may be megabytes long).
+    return cid if isinstance(cid, str) and 0 < len(cid) <= MAX_ID_CHARS else None
 
 
 def parse_command(payload: bytes) -> Command:
@@ -112,8 +114,9 @@ def parse_command(payload: bytes) -> Command:
         raise MessageError(f"command schema v={d.get('v')!r} is not supported "
                            f"(this agent reads v={SCHEMA_VERSION})")
     cid = d.get("id")
-    if not isinstance(cid, str) or not cid or len(cid) > 128:
-        raise MessageError("command id must be a non-empty string of at most 128 characters")
+    if not isinstance(cid, str) or not cid or len(cid) > MAX_ID_CHARS:
+        raise MessageError(f"command id must be a non-empty string of at most {MAX_ID_CHARS} "
+                           "characters")
     ctype = d.get("type")
     if ctype not in COMMAND_TYPES:
         raise MessageError(f"unknown command type {ctype!r} (known: {', '.join(COMMAND_TYPES)})")

@@ -186,6 +186,23 @@ class Broker:
                 self.proc.kill()
                 self.proc.wait(5)
 
+    @property
+    def store(self) -> Path:
+        return self.workdir / "mosquitto.db"
+
+    def wait_saved(self, needle: bytes, timeout_s: float = 5.0) -> None:
+        """Until the broker's store on disk holds `needle` (a message's payload).
+
+        Mosquitto PUBACKs a message and saves its store (autosave) in the same event-loop
+        turn, the PUBACK first (a few ms apart here). A kill -9 inside that window
+        loses the message; the controller covers it by re-sending commands the device has
+        not acknowledged (command ids make that safe)."""
+        deadline = time.monotonic() + timeout_s
+        while not (self.store.exists() and needle in self.store.read_bytes()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not save {needle!r} in {timeout_s} s")
+            time.sleep(0.001)
+
     def restart(self) -> None:
         self.kill()
         self.start()
