@@ -355,6 +355,7 @@ def _extract_tar(src: Path, dst: Path) -> None:
                 shutil.copyfileobj(f, out)
                 out.flush()
                 os.fsync(out.fileno())
+            crash_point("stage:copying")  # some files out, others not yet
     for d in sorted({p for p in dst.rglob("*") if p.is_dir()} | {dst},
                     key=lambda p: -len(p.parts)):
         fsync_dir(d)
