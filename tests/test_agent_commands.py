@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from agent_fixtures import Controller, deploy, make_agent
@@ -229,3 +230,29 @@ def test_telemetry_carries_host_and_runtime_fields(
             assert key in system, key
     finally:
         agent.stop()
+
+
+def test_a_result_that_may_not_have_left_is_published_again(
+    broker: Broker, controller: Controller, device_root: Path, tiny_bundle: BuiltBundle,
+) -> None:
+    """Killed after the journal stored a final ack but before the broker PUBACKed it: the
+    next start publishes it again (as a duplicate) and then marks it delivered."""
+    from edge_runtime.fleet_messages import Ack
+    from edge_runtime.journal import JOURNAL, CommandJournal
+
+    journal = CommandJournal(device_root / JOURNAL)
+    assert journal.add("j-1", "drain", {}) is None
+    journal.finish("j-1", "drain", Ack("j-1", "dev-1", "drained").to_dict())
+    agent = make_agent(broker.url, device_root, tiny_bundle)
+    agent.start(10)
+    try:
+        final = controller.final("j-1")
+        assert (final.state, final.duplicate) == ("drained", True)
+        deadline = time.monotonic() + 10  # the PUBACK lands on paho's thread
+        while agent.journal.unacked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert agent.journal.unacked() == []
+    finally:
+        agent.stop()
+    assert CommandJournal(device_root / JOURNAL).unacked() == []
+    assert CommandJournal(device_root / JOURNAL).pending() == []
