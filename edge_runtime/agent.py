@@ -54,8 +54,9 @@ from edge_runtime.telemetry import HostTelemetry, meminfo
 
 log = logging.getLogger(__name__)
 
-HealthCheck = Callable[[Path], None]
-"""Raises (any exception) when the bundle at the path must not serve."""
+HealthCheck = Callable[[Path], "Mapping[str, Any] | None"]
+"""Raises (any exception) when the bundle at the path must not serve; what it returns (the
+probe's numbers, say) goes into the `active` ack as `detail.health`."""
 AGENT_STATE = "agent.json"
 """{"drained": bool}: survives restarts, so a drained device stays out of service."""
 _PROGRESS_EVERY_S = 5.0
@@ -257,14 +258,20 @@ class DeviceAgent:
             return self._deploy(cmd)
         if cmd.type == "set-config":
             return self._set_config(cmd)
-        fm.no_params(cmd)
         if cmd.type == "rollback":
+            expect = fm.rollback_params(cmd)
+            if expect is not None and expect != self.slots.active:
+                # A rollout's rollback must not undo a bundle it never installed.
+                return fm.Ack(cmd.id, self.device, "rejected", f"active bundle is "
+                              f"{self.slots.active}, not {expect}: nothing to roll back",
+                              bundle=self.slots.active)
             try:
                 now = self.slots.rollback()
             except EdgeError as e:
                 return self._reject(cmd, str(e))
             self._switched()
             return fm.Ack(cmd.id, self.device, "rolled_back", bundle=now)
+        fm.no_params(cmd)
         if cmd.type in ("drain", "undrain"):
             return self._set_drain(cmd, cmd.type == "drain")
         return self._reject(cmd, f"command type {cmd.type!r} is not supported by this agent")
@@ -301,7 +308,7 @@ class DeviceAgent:
         self._ack(fm.Ack(cmd.id, self.device, "checking", bundle=version))
         crash_point("agent:checking")
         try:
-            self.health_check(self.slots.path(version))
+            verdict = self.health_check(self.slots.path(version))
         except Exception as e:
             reason = f"health check failed: {type(e).__name__}: {e}"
             try:
@@ -315,7 +322,8 @@ class DeviceAgent:
             return fm.Ack(cmd.id, self.device, "rolled_back", reason, bundle=now)
         self.slots.commit()
         self.slots.gc()
-        return fm.Ack(cmd.id, self.device, "active", bundle=version)
+        detail = {"health": dict(verdict)} if isinstance(verdict, Mapping) else None
+        return fm.Ack(cmd.id, self.device, "active", bundle=version, detail=detail)
 
     def _download(self, cmd: fm.Command, p: fm.DeployParams) -> Path:
         part = part_path(self.slots.downloads, p.sha256)

@@ -5,9 +5,11 @@
          "params": {"bundle": "https://repo/b/demo-2.tar", "sha256": "…", "signer": "<key id>",
                     "size": 123456}}
         {"v": 1, "id": "c-43", "type": "rollback", "params": {}}
-        {"v": 1, "id": "c-44", "type": "set-config",
+        {"v": 1, "id": "c-44", "type": "rollback", "params": {"expect_active": "<version>"}}
+            (with expect_active: rejected, active unchanged, unless that bundle is active)
+        {"v": 1, "id": "c-45", "type": "set-config",
          "params": {"set": {"scheduler": {"max_batch": 4}}}}    (or {"toml": "<document>"})
-        {"v": 1, "id": "c-45", "type": "drain", "params": {}}  (and "undrain")
+        {"v": 1, "id": "c-46", "type": "drain", "params": {}}  (and "undrain")
     fleet/{device}/cmd/ack                        (device → controller, one per step)
         {"v": 1, "id": "c-42", "device": "d1", "state": "verifying", "reason": null,
          "bundle": null, "duplicate": false, "detail": null, "ts": 1712.3}
@@ -163,8 +165,20 @@ def config_params(cmd: Command) -> ConfigParams:
     return ConfigParams(toml=p.get("toml"), set=p.get("set"))
 
 
+def rollback_params(cmd: Command) -> str | None:
+    """rollback's optional `expect_active`: the bundle version that must be active."""
+    unknown = sorted(set(cmd.params) - {"expect_active"})
+    if unknown:
+        raise MessageError(f"rollback: unknown params {unknown} (known: expect_active)")
+    expect = cmd.params.get("expect_active")
+    if expect is not None and (not isinstance(expect, str) or not expect):
+        raise MessageError(f"rollback params.expect_active must be a bundle version id, "
+                           f"got {expect!r}")
+    return expect
+
+
 def no_params(cmd: Command) -> None:
-    """rollback, drain and undrain take none: a stray key is a controller bug, not a hint."""
+    """drain and undrain take none: a stray key is a controller bug, not a hint."""
     if cmd.params:
         raise MessageError(f"{cmd.type} takes no params, got {sorted(cmd.params)}")
 

@@ -24,7 +24,8 @@ def test_deploy_from_url_resumes_over_dropped_connections(
     bundle_v2_tar: Path,
 ) -> None:
     data = bundle_v2_tar.read_bytes()
-    agent = make_agent(broker.url, device_root, tiny_bundle, health_check=lambda p: None)
+    agent = make_agent(broker.url, device_root, tiny_bundle,
+                       health_check=lambda p: {"quality_drop": 0.001, "ttft_ms": 41.0})
     agent.start(10)
     try:
         assert agent.mqtt.wait_subscribed(10)
@@ -33,6 +34,7 @@ def test_deploy_from_url_resumes_over_dropped_connections(
                                    hashlib.sha256(data).hexdigest(), size=len(data)))
             final = controller.final("u-1")
         assert final.state == "active", final.reason
+        assert final.detail == {"health": {"quality_drop": 0.001, "ttft_ms": 41.0}}
         assert controller.states("u-1")[:3] == ["received", "downloading", "verifying"]
         assert [r for _, r in srv.requests] == [None, f"bytes={len(data) // 3}-",
                                                 f"bytes={2 * len(data) // 3}-"]
@@ -170,7 +172,10 @@ def _malformed(signer_ok: str) -> list[tuple[bytes, str | None, str]]:
         (cmd("m-13", "deploy", {**ok, "sha256": 5}), "m-13", "params.sha256"),
         (cmd("m-14", "deploy", ok), "m-14", "does not exist"),
         (cmd("m-15", "drain", {"force": True}), "m-15", "takes no params"),
-        (cmd("m-16", "rollback", {"to": "v1"}), "m-16", "takes no params"),
+        (cmd("m-16", "rollback", {"to": "v1"}), "m-16", "unknown params ['to']"),
+        (cmd("m-16b", "rollback", {"expect_active": 3}), "m-16b", "bundle version id"),
+        (cmd("m-16c", "rollback", {"expect_active": "x-1-abc"}), "m-16c",
+         "not x-1-abc: nothing to roll back"),
         (cmd("m-17", "set-config", {"set": []}), "m-17", "non-empty table"),
         (cmd("m-18", "set-config", {"toml": 5}), "m-18", "must be a string"),
         (cmd("m-19", "set-config", {"set": {"server.port": None}}), "m-19", "null"),
