@@ -14,7 +14,8 @@ and is not run. A command still pending at start-up (the agent died during it) i
 `Slots.recover` has already put the bundles back into a consistent state, a download
 resumes from its part file, and staging is idempotent.
 
-Commands (fleet_messages.py): deploy (a path or an http(s) URL, download.py), rollback,
+Commands (fleet_messages.py): deploy and rollback (deploy.py; a deploy's bundle may be an
+http(s) URL, download.py),
 set-config (config_update.py; `on_config` tells the daemon), drain / undrain (`on_drain`).
 The daemon's hooks are all optional: `health_check(path)` raises when a freshly switched
 bundle must not serve, `runtime_metrics()` feeds telemetry, `on_switch(path)` is told every
@@ -32,7 +33,6 @@ import platform
 import queue
 import socket
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +45,9 @@ from edge_runtime import signing, topics
 from edge_runtime.atomic import atomic_write_bytes, atomic_write_json
 from edge_runtime.config import Config
 from edge_runtime.config_update import prepare_config, write_config
-from edge_runtime.download import DownloadPolicy, download, part_path
-from edge_runtime.errors import ConfigError, EdgeError, HealthCheckError, MessageError
+from edge_runtime.deploy import Deployer, HealthCheck, default_health_check
+from edge_runtime.download import DownloadPolicy
+from edge_runtime.errors import ConfigError, EdgeError, MessageError
 from edge_runtime.journal import JOURNAL, CommandJournal
 from edge_runtime.mqtt import Message, MqttClient, TlsFiles, Will
 from edge_runtime.slots import Slots, crash_point
@@ -54,12 +55,8 @@ from edge_runtime.telemetry import HostTelemetry, meminfo
 
 log = logging.getLogger(__name__)
 
-HealthCheck = Callable[[Path], "Mapping[str, Any] | None"]
-"""Raises (any exception) when the bundle at the path must not serve; what it returns (the
-probe's numbers, say) goes into the `active` ack as `detail.health`."""
 AGENT_STATE = "agent.json"
 """{"drained": bool}: survives restarts, so a drained device stays out of service."""
-_PROGRESS_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -86,38 +83,6 @@ class AgentConfig:
     """Jetson telemetry: "auto" (if on PATH), a path to the binary, or None."""
 
 
-def default_health_check(trusted: list[Ed25519PublicKey]) -> HealthCheck:
-    """Verify, load the generator and run a short greedy generation.
-
-    A bundle whose build record holds `health_probe = {"prompt", "expected"}` must
-    reproduce `expected` exactly (greedy decoding is deterministic); otherwise 4 tokens
-    must come out.
-    """
-
-    def check(path: Path) -> None:
-        from edge_runtime.bundle import verify_bundle
-        from edge_runtime.generator import Generator
-        from edge_runtime.sampling import SamplingParams
-
-        bundle = verify_bundle(path, trusted)
-        gen = Generator.from_bundle(bundle)
-        probe = bundle.manifest.build.get("health_probe")
-        if isinstance(probe, dict) and "prompt" in probe and "expected" in probe:
-            want = str(probe["expected"])
-            n = max(1, len(gen.tokenizer.encode(want)))
-            out = gen.generate(gen.text_prompt(str(probe["prompt"])),
-                               SamplingParams(max_tokens=n, temperature=0.0))
-            if not out.text.startswith(want):
-                raise HealthCheckError(f"probe output {out.text[:40]!r} != {want[:40]!r}")
-            return
-        out = gen.generate(gen.text_prompt("Hello"), SamplingParams(max_tokens=4,
-                                                                    temperature=0.0))
-        if not out.token_ids:
-            raise HealthCheckError("the bundle generated no token")
-
-    return check
-
-
 class DeviceAgent:
     def __init__(
         self,
@@ -132,12 +97,13 @@ class DeviceAgent:
         self.config = config
         self.device = topics.check_device(config.device)
         self.trusted = list(trusted)
-        self._trusted_ids = {signing.key_id(k) for k in trusted}
         self.slots = Slots(config.root / "slots", trusted)
         self.health_check = health_check or default_health_check(trusted)
         self.runtime_metrics = runtime_metrics
         self.on_switch = on_switch
         """Told the new active bundle path after every switch (the daemon reloads there)."""
+        self.deployer = Deployer(self.device, self.slots, {signing.key_id(k) for k in trusted},
+                                 self.health_check, on_switch, self._ack, config.download)
         self.on_drain = on_drain
         self.on_config = on_config
         self.journal = CommandJournal(config.root / JOURNAL)
@@ -255,22 +221,11 @@ class DeviceAgent:
 
     def _run(self, cmd: fm.Command) -> fm.Ack:
         if cmd.type == "deploy":
-            return self._deploy(cmd)
+            return self.deployer.deploy(cmd)
         if cmd.type == "set-config":
             return self._set_config(cmd)
         if cmd.type == "rollback":
-            expect = fm.rollback_params(cmd)
-            if expect is not None and expect != self.slots.active:
-                # A rollout's rollback must not undo a bundle it never installed.
-                return fm.Ack(cmd.id, self.device, "rejected", f"active bundle is "
-                              f"{self.slots.active}, not {expect}: nothing to roll back",
-                              bundle=self.slots.active)
-            try:
-                now = self.slots.rollback()
-            except EdgeError as e:
-                return self._reject(cmd, str(e))
-            self._switched()
-            return fm.Ack(cmd.id, self.device, "rolled_back", bundle=now)
+            return self.deployer.rollback(cmd)
         fm.no_params(cmd)
         if cmd.type in ("drain", "undrain"):
             return self._set_drain(cmd, cmd.type == "drain")
@@ -278,76 +233,6 @@ class DeviceAgent:
 
     def _reject(self, cmd: fm.Command, reason: str) -> fm.Ack:
         return fm.Ack(cmd.id, self.device, "rejected", reason)
-
-    def _deploy(self, cmd: fm.Command) -> fm.Ack:
-        p = fm.deploy_params(cmd)
-        if p.signer not in self._trusted_ids:
-            return self._reject(cmd, f"signer {p.signer} is not trusted on this device")
-        src: str | Path = p.bundle
-        if p.is_url:
-            try:
-                src = self._download(cmd, p)
-            except (EdgeError, OSError) as e:
-                return self._reject(cmd, f"download failed: {e}")
-        self._ack(fm.Ack(cmd.id, self.device, "verifying"))
-        try:
-            version = self.slots.stage(src, p.sha256, p.signer)
-        except (EdgeError, OSError) as e:
-            return self._reject(cmd, f"refused before staging: {e}")
-        finally:
-            if p.is_url and self.slots.downloads.is_dir():
-                self.slots.clean_downloads()  # extracted (or refused): the archive is done
-        self._ack(fm.Ack(cmd.id, self.device, "staged", bundle=version))
-        if self.slots.active == version and self.slots.state()["confirmed"]:
-            return fm.Ack(cmd.id, self.device, "active", "already active", bundle=version)
-        try:
-            self.slots.activate(version)
-        except (EdgeError, OSError) as e:
-            return self._reject(cmd, f"could not switch: {e}")
-        self._switched()
-        self._ack(fm.Ack(cmd.id, self.device, "checking", bundle=version))
-        crash_point("agent:checking")
-        try:
-            verdict = self.health_check(self.slots.path(version))
-        except Exception as e:
-            reason = f"health check failed: {type(e).__name__}: {e}"
-            try:
-                now = self.slots.rollback()
-            except EdgeError as e2:
-                # No previous bundle: keep the new one rather than nothing at all.
-                log.error("cannot roll back %s: %s", version, e2)
-                self.slots.commit()
-                return self._reject(cmd, f"{reason}; no previous bundle to roll back to")
-            self._switched()
-            return fm.Ack(cmd.id, self.device, "rolled_back", reason, bundle=now)
-        self.slots.commit()
-        self.slots.gc()
-        detail = {"health": dict(verdict)} if isinstance(verdict, Mapping) else None
-        return fm.Ack(cmd.id, self.device, "active", bundle=version, detail=detail)
-
-    def _download(self, cmd: fm.Command, p: fm.DeployParams) -> Path:
-        part = part_path(self.slots.downloads, p.sha256)
-        have = part.stat().st_size if part.exists() else 0
-        self._ack(fm.Ack(cmd.id, self.device, "downloading",
-                         detail={"bytes": have, "total": p.size}))
-        last = [time.monotonic()]
-
-        def progress(done: int, total: int | None) -> None:
-            if time.monotonic() - last[0] >= _PROGRESS_EVERY_S:
-                last[0] = time.monotonic()
-                self._ack(fm.Ack(cmd.id, self.device, "downloading",
-                                 detail={"bytes": done, "total": total}))
-
-        path = download(
-            p.bundle, self.slots.downloads, p.sha256, size=p.size,
-            free_bytes=lambda d: self.slots.free_bytes(),
-            # Extracting needs the archive's size again, plus the slots' margin.
-            reserve_bytes=lambda total: total + self.slots.margin_bytes,
-            policy=self.config.download, progress=progress,
-            on_chunk=lambda n: crash_point("download:partial"),
-        )
-        crash_point("download:verified")
-        return path
 
     def _set_config(self, cmd: fm.Command) -> fm.Ack:
         cp = fm.config_params(cmd)
@@ -385,10 +270,6 @@ class DeviceAgent:
                                          f"{type(e).__name__}: {e}")
         return fm.Ack(cmd.id, self.device, "drained" if on else "undrained",
                       None if was != on else f"already {'drained' if on else 'serving'}")
-
-    def _switched(self) -> None:
-        if self.on_switch is not None:
-            self.on_switch(self.slots.active_path())
 
     # -- telemetry ----------------------------------------------------------------------
 
