@@ -15,8 +15,8 @@ and is not run. A command still pending at start-up (the agent died during it) i
 resumes from its part file, and staging is idempotent.
 
 Commands (fleet_messages.py): deploy and rollback (deploy.py; a deploy's bundle may be an
-http(s) URL, download.py),
-set-config (config_update.py; `on_config` tells the daemon), drain / undrain (`on_drain`).
+http(s) URL, download.py), set-config (config_update.py; `on_config` tells the daemon),
+drain / undrain (`on_drain`).
 The daemon's hooks are all optional: `health_check(path)` raises when a freshly switched
 bundle must not serve, `runtime_metrics()` feeds telemetry, `on_switch(path)` is told every
 new active bundle, `on_config(config)` every applied config (raise to refuse it: the
