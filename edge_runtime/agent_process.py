@@ -2,7 +2,8 @@
 
     python -m edge_runtime.agent_process --root DIR --device D --broker URL --pubkey PEM
         [--group G ...] [--config FILE.toml] [--health verify|generate]
-        [--ca CA.pem --cert CLIENT.pem --key CLIENT.key] [--telemetry-s 30]
+        [--ca CA.pem --cert CLIENT.pem --key CLIENT.key] [--download-ca CA.pem]
+        [--telemetry-s 30]
 
 Runs until SIGTERM / SIGINT. `--health verify` vouches for a bundle by its signature and
 hashes alone (a device without the model's runtime, or the kill -9 matrix of
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime.agent import AgentConfig, DeviceAgent, default_health_check
 from edge_runtime.bundle import verify_bundle
+from edge_runtime.download import DownloadPolicy
 from edge_runtime.errors import EdgeError
 from edge_runtime.mqtt import TlsFiles
 from edge_runtime.signing import load_public_key
@@ -45,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ca")
     ap.add_argument("--cert")
     ap.add_argument("--key")
+    ap.add_argument("--download-ca", help="CA bundle for https bundle URLs (default: system)")
     ap.add_argument("--telemetry-s", type=float, default=30.0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -53,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls = TlsFiles(args.ca, args.cert, args.key) if args.ca or args.cert else None
         cfg = AgentConfig(args.device, args.broker, args.root, groups=tuple(args.group),
                           telemetry_interval_s=args.telemetry_s, tls=tls,
-                          reconnect_min_s=0.2, reconnect_max_s=2.0, config_path=args.config)
+                          reconnect_min_s=0.2, reconnect_max_s=2.0, config_path=args.config,
+                          download=DownloadPolicy(ca_file=args.download_ca))
         check = (default_health_check(trusted) if args.health == "generate"
                  else lambda p: _verify_only(p, trusted))
         agent = DeviceAgent(cfg, trusted, health_check=check)

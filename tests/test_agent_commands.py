@@ -79,6 +79,11 @@ def test_set_config_validates_applies_atomically_and_reports_the_diff(
                                         "server.port": [8000, 8100]}}
         assert load_config(path).scheduler.max_batch == 3
         assert applied[-1].server.port == 8100
+        controller.send(Command("s-1", "set-config", {"set": {"server.port": 1}}))  # same id
+        controller.wait(lambda: any(x.duplicate for x in controller.acks if x.id == "s-1"))
+        dup = next(x for x in controller.acks if x.id == "s-1" and x.duplicate)
+        assert (dup.state, dup.detail) == ("applied", a.detail)  # the stored result, not rerun
+        assert len(applied) == 1 and load_config(path).server.port == 8100
         doc = "[log]\nlevel = \"debug\"\n"
         controller.send(Command("s-2", "set-config", {"toml": doc}))
         a = controller.final("s-2")
