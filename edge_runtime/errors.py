@@ -19,7 +19,9 @@
     └── FleetError                 fleet management (device agent, bundle slots)
         ├── DeployError            a bundle could not be staged, switched to or rolled back;
         │   │                      the active bundle is left as it was
-        │   └── DiskSpaceError     not enough free space to stage a bundle (checked first)
+        │   ├── DiskSpaceError     not enough free space to stage a bundle (checked first)
+        │   └── DownloadError      a bundle URL could not be fetched whole (HTTP status,
+        │                          size or SHA-256 mismatch, retries exhausted)
         └── HealthCheckError       a freshly activated bundle failed its health check
 
 The build side (`edge_build`) derives its own stage errors from `EdgeError` too, so a CLI can
@@ -118,6 +120,10 @@ class DeployError(FleetError):
 
 class DiskSpaceError(DeployError):
     """Staging would not leave the required free space; nothing was written."""
+
+
+class DownloadError(DeployError):
+    """A bundle archive could not be downloaded whole; `active` is unchanged."""
 
 
 class HealthCheckError(FleetError):

@@ -68,7 +68,14 @@ def bundle_copy(tiny_bundle: BuiltBundle, tmp_path: Path) -> Path:
 
 
 # A real Mosquitto per test (`broker`, `persistent_broker`): see mqtt_fixtures.py.
-from mqtt_fixtures import broker, persistent_broker  # noqa: E402, F401
+# The device agent's: a controller, a device root, bundle v2 (see agent_fixtures.py).
+from agent_fixtures import (  # noqa: E402, F401
+    bundle_v2,
+    bundle_v2_tar,
+    controller,
+    device_root,
+)
+from mqtt_fixtures import broker, persistent_broker, pki, tls_broker  # noqa: E402, F401
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
