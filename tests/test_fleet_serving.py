@@ -1,0 +1,233 @@
+"""The fleet agent inside a serving daemon: a real uvicorn daemon, a real Mosquitto, the real
+DeviceAgent, the tiny model on ONNX Runtime. Deploys happen while clients keep sending
+requests; none may fail, and a refused or sick bundle must leave the serving model alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import BuiltBundle
+from live_server import serve_in_thread, wait_until
+from mqtt_fixtures import Broker
+from test_agent import DEVICE, Controller, deploy
+
+from edge_runtime import probe, signing
+from edge_runtime.agent import AgentConfig, DeviceAgent
+from edge_runtime.api import create_app
+from edge_runtime.bundle import MANIFEST, verify_bundle, write_bundle
+from edge_runtime.fleet_serving import SLOTS, FleetServing, install_initial
+from edge_runtime.generator import Generator
+from edge_runtime.serving import LocalWorker, ModelInfo
+from edge_runtime.slots import Slots
+
+# Loose latency limits: the point here is the quality gate; CI's 2 cores are shared.
+LIMITS = probe.ProbeThresholds(max_ttft_ms=20_000, min_tokens_per_s=0.5)
+
+
+@dataclass(frozen=True)
+class Releases:
+    v1: Path
+    v2: Path
+    """The same model rebuilt as version 2, signed by the same key."""
+    sick: Path
+    """Version 3: signed, hashes right, but its model does not reproduce its references."""
+
+
+def repackage(src: Path, out: Path, key: Path, version: str,
+              reference: dict | None = None) -> Path:
+    """`src` re-released as `version` (and with `reference` as its probe file), re-signed."""
+    fields = json.loads((src / MANIFEST).read_text())
+    files = {rel: src / rel for rel in fields.pop("files")}
+    del fields["schema_version"]
+    fields["version"] = version
+    if reference is not None:
+        ref = out.with_name(out.name + ".reference.json")
+        ref.write_text(json.dumps(reference))
+        files[probe.REFERENCE_FILE] = ref
+    return write_bundle(out, files, fields, signing.load_private_key(key))
+
+
+@pytest.fixture(scope="module")
+def releases(tiny_bundle: BuiltBundle, tmp_path_factory: pytest.TempPathFactory) -> Releases:
+    root = tmp_path_factory.mktemp("releases")
+    trusted = [signing.load_public_key(tiny_bundle.pubkey)]
+    bundle = verify_bundle(tiny_bundle.path, trusted)
+    ref = probe.load_reference(bundle)
+    if ref is None:  # a bundle packaged before package.py wrote probes: make it the same way
+        gen = Generator.from_bundle(bundle)
+        prompts, windows = probe.reference_inputs(
+            gen.tokenizer.encode, [Path(asyncio.__file__).with_name("events.py").read_text()])
+        ref = probe.make_reference(gen, prompts, windows)
+    v1 = repackage(tiny_bundle.path, root / "v1", tiny_bundle.key, "1", ref)
+    v2 = repackage(tiny_bundle.path, root / "v2", tiny_bundle.key, "2", ref)
+    # Another model's references: other greedy tokens and a perplexity it does not reach.
+    claimed = {**ref, "perplexity": ref["perplexity"] / 2,
+               "prompts": [{**p, "token_ids": [(t + 7) % 64 for t in p["token_ids"]]}
+                           for p in ref["prompts"]]}
+    sick = repackage(tiny_bundle.path, root / "sick", tiny_bundle.key, "3", claimed)
+    return Releases(v1, v2, sick)
+
+
+@dataclass
+class Daemon:
+    url: str
+    worker: LocalWorker
+    hooks: FleetServing
+    agent: DeviceAgent
+
+
+@contextmanager
+def fleet_daemon(broker: Broker, root: Path, initial: Path, pubkey: Path) -> Iterator[Daemon]:
+    """What `edge-runtime serve --fleet` runs (cli._run_server), on a free port."""
+    trusted = [signing.load_public_key(pubkey)]
+    serving = install_initial(Slots(root / SLOTS, trusted), initial)
+    bundle = verify_bundle(serving, trusted)
+    worker = LocalWorker(lambda: Generator.from_bundle(bundle, threads=1))
+    app = create_app(worker, ModelInfo.from_bundle(bundle))
+    hooks = FleetServing(worker, trusted, serving, LIMITS, app.state.metrics, threads=1)
+    agent = hooks.make_agent(AgentConfig(DEVICE, broker.url, root, telemetry_interval_s=3600,
+                                         reconnect_min_s=0.1, reconnect_max_s=1.0))
+    with serve_in_thread(app) as url:
+        assert worker.wait_ready(30)
+        agent.start(10)
+        assert agent.mqtt.wait_subscribed(10)
+        try:
+            yield Daemon(url, worker, hooks, agent)
+        finally:
+            agent.stop()
+
+
+class Traffic:
+    """`clients` threads sending completions until stopped; every outcome is recorded."""
+
+    def __init__(self, url: str, clients: int = 3) -> None:
+        self.url = url
+        self.model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        self.versions: list[str] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+    def _run(self, i: int) -> None:
+        body = {"model": self.model, "max_tokens": 12, "temperature": 0.0,
+                "messages": [{"role": "user", "content": f"def f{i}():"}]}
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self._stop.is_set():
+                try:
+                    r = client.post("/v1/chat/completions", json=body)
+                except httpx.HTTPError as e:
+                    self.failures.append(f"{type(e).__name__}: {e}")
+                    continue
+                if r.status_code != 200 or not r.json()["choices"][0]["message"]["content"]:
+                    self.failures.append(f"{r.status_code}: {r.text[:200]}")
+                else:
+                    self.versions.append(r.headers["x-bundle-version"])
+
+    def wait_for(self, n: int) -> None:
+        """Until `n` requests have been answered (or failed) in all."""
+        wait_until(lambda: len(self.versions) + len(self.failures) >= n, 30)
+
+
+@pytest.fixture
+def controller(broker: Broker) -> Iterator[Controller]:
+    c = Controller(broker.url)
+    yield c
+    c.mqtt.stop()
+
+
+def _version(url: str) -> str:
+    return str(httpx.get(f"{url}/v1/models").json()["data"][0]["version"])
+
+
+def test_deploy_under_traffic_fails_no_request(
+    broker: Broker, controller: Controller, tiny_bundle: BuiltBundle, releases: Releases,
+    tmp_path: Path,
+) -> None:
+    with fleet_daemon(broker, tmp_path / "dev", releases.v1, tiny_bundle.pubkey) as d:
+        assert _version(d.url) == "1"
+        old = d.worker.generator
+        with Traffic(d.url) as traffic:
+            traffic.wait_for(6)
+            controller.send(deploy("up-2", releases.v2, tiny_bundle))
+            final = controller.final("up-2")
+            n = len(traffic.versions)
+            traffic.wait_for(n + 6)
+        assert final.state == "active", final.reason
+        assert traffic.failures == []
+        assert traffic.versions[0] == "1" and traffic.versions[-1] == "2"
+        assert _version(d.url) == "2" and d.worker.generator is not old
+        assert d.agent.slots.active == final.bundle and "-2-" in (final.bundle or "")
+        assert not d.worker._draining  # the old generator is released
+        m = d.hooks.runtime_metrics()
+        assert m["bundle_version"] == "2" and m["error_rate"] == 0.0 and m["requests"] >= 12
+        assert m["decode_tokens_per_s"] > 0 and m["ttft_p95_ms"] > 0 and m["quality_drop"] < 0.01
+
+
+def test_bad_signature_or_hash_is_refused_and_the_model_untouched(
+    broker: Broker, controller: Controller, tiny_bundle: BuiltBundle, releases: Releases,
+    tmp_path: Path,
+) -> None:
+    tampered = tmp_path / "tampered"
+    shutil.copytree(releases.v2, tampered)
+    graph = next(tampered.rglob("*.onnx"))
+    graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+    forged = tmp_path / "forged"
+    shutil.copytree(releases.v2, forged)
+    (forged / "manifest.sig").write_bytes(bytes(64))
+    with fleet_daemon(broker, tmp_path / "dev", releases.v1, tiny_bundle.pubkey) as d:
+        gen, before = d.worker.generator, d.agent.slots.active
+        with Traffic(d.url, clients=2) as traffic:
+            traffic.wait_for(4)
+            for cid, src in (("bad-hash", tampered), ("bad-sig", forged)):
+                controller.send(deploy(cid, src, tiny_bundle))
+                r = controller.final(cid)
+                assert r.state == "rejected" and "refused before staging" in (r.reason or "")
+                assert "staged" not in controller.states(cid), controller.states(cid)
+            traffic.wait_for(len(traffic.versions) + 4)
+        assert graph.name in (controller.final("bad-hash").reason or "")
+        assert "signature" in (controller.final("bad-sig").reason or "")
+        assert traffic.failures == [] and set(traffic.versions) == {"1"}
+        assert d.worker.generator is gen and d.agent.slots.active == before
+        assert [p.name for p in (tmp_path / "dev" / SLOTS / "bundles").iterdir()] == [before]
+
+
+def test_bundle_failing_its_quality_probe_is_rolled_back(
+    broker: Broker, controller: Controller, tiny_bundle: BuiltBundle, releases: Releases,
+    tmp_path: Path,
+) -> None:
+    with fleet_daemon(broker, tmp_path / "dev", releases.v1, tiny_bundle.pubkey) as d:
+        gen, before = d.worker.generator, d.agent.slots.active
+        with Traffic(d.url, clients=2) as traffic:
+            traffic.wait_for(4)
+            controller.send(deploy("sick-3", releases.sick, tiny_bundle))
+            final = controller.final("sick-3")
+            traffic.wait_for(len(traffic.versions) + 4)
+        assert final.state == "rolled_back" and final.bundle == before
+        assert controller.states("sick-3")[-2:] == ["checking", "rolled_back"]
+        reason = final.reason or ""
+        assert "greedy match 0.000 < 0.75" in reason and "perplexity" in reason, reason
+        # The sick model never answered a client: it was probed before it was swapped in.
+        assert traffic.failures == [] and set(traffic.versions) == {"1"}
+        assert d.worker.generator is gen and d.agent.slots.active == before
+        assert _version(d.url) == "1" and d.agent.slots.recover() == before
+        m = d.hooks.runtime_metrics()
+        assert m["probe"]["greedy_match"] == 0.0 and m["quality_drop"] >= 1.0
