@@ -298,12 +298,14 @@ async def _serve_until_exit(
     while not (server.started and worker.ready) and not task.done():
         await asyncio.sleep(0.05)
     if not task.done():
-        if agent is not None:
-            agent.start()  # connects in the background and keeps retrying
-            print(f"edge-runtime: fleet agent {agent.device} on {agent.config.broker_url}",
-                  flush=True)
         host, port = server.servers[0].sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         m = bundle.manifest
         print(f"edge-runtime: serving {m.name} {m.version} at http://{shown}:{port}/v1", flush=True)
+        if agent is not None:
+            # Off the event loop: start-up recovery hashes the bundle slots. The MQTT client
+            # connects in the background and keeps retrying.
+            await asyncio.to_thread(agent.start)
+            print(f"edge-runtime: fleet agent {agent.device} on {agent.config.broker_url}",
+                  flush=True)
     await task

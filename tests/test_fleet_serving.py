@@ -6,19 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from conftest import BuiltBundle
 from live_server import serve_in_thread, wait_until
 from mqtt_fixtures import Broker
 from test_agent import DEVICE, Controller, deploy
+from test_cli import _read_line
 
 from edge_runtime import probe, signing
 from edge_runtime.agent import AgentConfig, DeviceAgent
@@ -57,7 +63,7 @@ def repackage(src: Path, out: Path, key: Path, version: str,
 
 
 @pytest.fixture(scope="module")
-def releases(tiny_bundle: BuiltBundle, tmp_path_factory: pytest.TempPathFactory) -> Releases:
+def releases(tiny_bundle: Any, tmp_path_factory: pytest.TempPathFactory) -> Releases:
     root = tmp_path_factory.mktemp("releases")
     trusted = [signing.load_public_key(tiny_bundle.pubkey)]
     bundle = verify_bundle(tiny_bundle.path, trusted)
@@ -159,7 +165,7 @@ def _version(url: str) -> str:
 
 
 def test_deploy_under_traffic_fails_no_request(
-    broker: Broker, controller: Controller, tiny_bundle: BuiltBundle, releases: Releases,
+    broker: Broker, controller: Controller, tiny_bundle: Any, releases: Releases,
     tmp_path: Path,
 ) -> None:
     with fleet_daemon(broker, tmp_path / "dev", releases.v1, tiny_bundle.pubkey) as d:
@@ -183,7 +189,7 @@ def test_deploy_under_traffic_fails_no_request(
 
 
 def test_bad_signature_or_hash_is_refused_and_the_model_untouched(
-    broker: Broker, controller: Controller, tiny_bundle: BuiltBundle, releases: Releases,
+    broker: Broker, controller: Controller, tiny_bundle: Any, releases: Releases,
     tmp_path: Path,
 ) -> None:
     tampered = tmp_path / "tampered"
@@ -211,7 +217,7 @@ def test_bad_signature_or_hash_is_refused_and_the_model_untouched(
 
 
 def test_bundle_failing_its_quality_probe_is_rolled_back(
-    broker: Broker, controller: Controller, tiny_bundle: BuiltBundle, releases: Releases,
+    broker: Broker, controller: Controller, tiny_bundle: Any, releases: Releases,
     tmp_path: Path,
 ) -> None:
     with fleet_daemon(broker, tmp_path / "dev", releases.v1, tiny_bundle.pubkey) as d:
@@ -231,3 +237,40 @@ def test_bundle_failing_its_quality_probe_is_rolled_back(
         assert _version(d.url) == "1" and d.agent.slots.recover() == before
         m = d.hooks.runtime_metrics()
         assert m["probe"]["greedy_match"] == 0.0 and m["quality_drop"] >= 1.0
+
+
+def test_serve_fleet_cli_first_boot_deploy_and_restart(
+    broker: Broker, controller: Controller, tiny_bundle: Any, releases: Releases,
+    tmp_path: Path,
+) -> None:
+    """`edge-runtime serve --fleet` as a device runs it: first boot installs --bundle as the
+    active slot; a deploy switches it; a restart without --bundle serves the deployed one."""
+    config = tmp_path / "edge.toml"
+    config.write_text("[fleet]\ntelemetry_interval_s = 3600\nprobe_max_ttft_ms = 20000\n"
+                      "probe_min_tokens_per_s = 0.5\n")
+    exe = Path(sys.executable).with_name("edge-runtime")
+    cmd = [str(exe), "serve", "--config", str(config), "--fleet", "--fleet-broker", broker.url,
+           "--fleet-root", str(tmp_path / "dev"), "--device-id", DEVICE,
+           "--pubkey", str(tiny_bundle.pubkey), "--port", "0", "--threads", "1",
+           "--access-log", "", "--log-level", "warning"]
+    for argv, version in ((["--bundle", str(releases.v1)], "1"), ([], "2")):
+        proc = subprocess.Popen(cmd + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", _read_line(proc, 120))
+            assert match
+            url = match.group(1)
+            assert _version(url) == version
+            controller.wait(lambda: controller.status.get("online") is True)
+            if version == "1":
+                controller.send(deploy("cli-2", releases.v2, tiny_bundle))
+                assert controller.final("cli-2").state == "active"
+                assert _version(url) == "2"
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 130
+            controller.wait(lambda: controller.status.get("online") is False)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")

@@ -29,6 +29,7 @@ from edge_build.stage import StageError, lineage, require_dir
 from edge_runtime import probe, signing
 from edge_runtime.bundle import SCHEMA_VERSION, Manifest, verify_bundle, write_bundle
 from edge_runtime.engines.ort import OrtEngine
+from edge_runtime.errors import BundleError
 
 DECODER = "model/decoder.onnx"
 _TWO_GB = 2**31 - 1
@@ -99,11 +100,14 @@ def write_reference(
     engine = OrtEngine(graph_file, providers=["CPUExecutionProvider"])
     try:
         gen = Generator(engine, manifest.graphs["decoder"], tokenizer, manifest.generation)
-        prompts, windows = probe.reference_inputs(
-            tokenizer.encode, texts, spec.prompts, spec.prompt_tokens, spec.windows,
-            spec.window_tokens,
-        )
-        ref = probe.make_reference(gen, prompts, windows, spec.max_tokens)
+        try:
+            prompts, windows = probe.reference_inputs(
+                tokenizer.encode, texts, spec.prompts, spec.prompt_tokens, spec.windows,
+                spec.window_tokens,
+            )
+            ref = probe.make_reference(gen, prompts, windows, spec.max_tokens)
+        except BundleError as e:
+            raise StageError(f"quality probe: {e}") from e
     finally:
         engine.close()
     out.write_text(json.dumps(ref, indent=1) + "\n")
