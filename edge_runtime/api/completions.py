@@ -184,6 +184,7 @@ def _to_cloud(
     if state.offload is None:  # the scheduler offloads only when a cloud path is wired
         raise APIError(503, "no cloud path is configured", SERVER_ERROR, code="overloaded")
     ctx.served_by = "cloud"
+    ctx.bundle_version = None  # the cloud worker's model answers, not this device's bundle
     req.started = time.monotonic()
     endpoint = "chat" if isinstance(body, s.ChatCompletionRequest) else "completions"
     assert req.deadline is not None  # set by LocalWorker.submit
