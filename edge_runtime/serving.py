@@ -321,17 +321,12 @@ class LocalWorker:
                  model.version if model else "a new model", batch.active)
         return gen, gen.batch(self.config.max_batch)
 
-    def _step_draining(self) -> None:
-        """Step the swapped-out batches; drop a generator nothing refers to any more."""
+    def _release_drained(self) -> None:
+        """Under the lock: drop swapped-out generators nothing queued or running refers to."""
         for gen, batch in list(self._draining):
-            if batch.active:
-                self._step(batch)
-            with self._lock:
-                if not batch.active and not any(
-                    r.generator is gen for r in self._requests.values()
-                ):
-                    self._draining.remove((gen, batch))
-                    log.info("released the previous model")
+            if not batch.active and not any(r.generator is gen for r in self._requests.values()):
+                self._draining.remove((gen, batch))
+                log.info("released the previous model")
 
     @property
     def ready(self) -> bool:
@@ -411,10 +406,13 @@ class LocalWorker:
             with self._lock:
                 if self._swap is not None:
                     gen, batch = self._adopt(batch)
+                if self._draining:
+                    self._release_drained()
                 starting = self._admit_work(batch)
                 if starting is None:
                     break
-                if not starting and not batch.active and not self._draining:
+                draining = [b for _, b in self._draining if b.active]
+                if not starting and not batch.active and not draining:
                     if not (self._sent_away and self._probe_due()):
                         self._wake.wait(timeout=0.05)  # bounded: review() must still run
                         continue
@@ -432,8 +430,8 @@ class LocalWorker:
                 self._start(batch, job.key)
             if batch.active:
                 self._step(batch)
-            if self._draining:
-                self._step_draining()
+            for old in draining:  # swapped-out models finish what they started
+                self._step(old)
 
     def _seed_rates(self, gen: TextGenerator, prompt_tokens: int = 8, steps: int = 8) -> None:
         """Time prefill and decode steps at every batch size up to max_batch (engine thread).
