@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,12 +27,13 @@ from mqtt_fixtures import Broker
 from test_agent import DEVICE, Controller, deploy
 from test_cli import _read_line
 
-from edge_runtime import probe, signing
+from edge_runtime import probe, signing, topics
 from edge_runtime.agent import AgentConfig, DeviceAgent
 from edge_runtime.api import create_app
 from edge_runtime.bundle import MANIFEST, verify_bundle, write_bundle
 from edge_runtime.fleet_serving import SLOTS, FleetServing, install_initial
 from edge_runtime.generator import Generator
+from edge_runtime.mqtt import MqttClient
 from edge_runtime.serving import LocalWorker, ModelInfo
 from edge_runtime.slots import Slots
 
@@ -115,8 +117,9 @@ def fleet_daemon(broker: Broker, root: Path, initial: Path, pubkey: Path) -> Ite
 class Traffic:
     """`clients` threads sending completions until stopped; every outcome is recorded."""
 
-    def __init__(self, url: str, clients: int = 3) -> None:
+    def __init__(self, url: str, clients: int = 3, max_tokens: int = 12) -> None:
         self.url = url
+        self.max_tokens = max_tokens
         self.model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         self.versions: list[str] = []
         self.failures: list[str] = []
@@ -134,7 +137,7 @@ class Traffic:
             t.join(60)
 
     def _run(self, i: int) -> None:
-        body = {"model": self.model, "max_tokens": 12, "temperature": 0.0,
+        body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": 0.0,
                 "messages": [{"role": "user", "content": f"def f{i}():"}]}
         with httpx.Client(base_url=self.url, timeout=60) as client:
             while not self._stop.is_set():
@@ -166,12 +169,21 @@ def _version(url: str) -> str:
 
 def test_deploy_under_traffic_fails_no_request(
     broker: Broker, controller: Controller, tiny_bundle: Any, releases: Releases,
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="edge_runtime.serving")
+    telemetry: list[dict[str, Any]] = []
+    listener = MqttClient(broker.url, "telemetry-listener")
+    listener.subscribe(topics.fleet_telemetry(DEVICE),
+                       lambda m: telemetry.append(json.loads(m.payload)))
+    listener.start()
+    assert listener.wait_subscribed(10)
     with fleet_daemon(broker, tmp_path / "dev", releases.v1, tiny_bundle.pubkey) as d:
         assert _version(d.url) == "1"
         old = d.worker.generator
-        with Traffic(d.url) as traffic:
+        # Long enough answers (the tiny model never stops early) that the engine is always busy:
+        # the switch happens with sequences running on the old model.
+        with Traffic(d.url, max_tokens=64) as traffic:
             traffic.wait_for(6)
             controller.send(deploy("up-2", releases.v2, tiny_bundle))
             final = controller.final("up-2")
@@ -183,9 +195,16 @@ def test_deploy_under_traffic_fails_no_request(
         assert _version(d.url) == "2" and d.worker.generator is not old
         assert d.agent.slots.active == final.bundle and "-2-" in (final.bundle or "")
         assert not d.worker._draining  # the old generator is released
-        m = d.hooks.runtime_metrics()
-        assert m["bundle_version"] == "2" and m["error_rate"] == 0.0 and m["requests"] >= 12
-        assert m["decode_tokens_per_s"] > 0 and m["ttft_p95_ms"] > 0 and m["quality_drop"] < 0.01
+        # Requests were running on the old model at the switch, and finished there.
+        swaps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("now serv")]
+        assert len(swaps) == 1 and re.match(r"now serving 2; [1-9]\d* sequences finish", swaps[0])
+        d.agent.publish_telemetry()  # what the operator sees, through the real agent
+        wait_until(lambda: bool(telemetry), 10)
+    listener.stop()
+    m = telemetry[-1]["runtime"]
+    assert m["bundle_version"] == "2" and m["error_rate"] == 0.0 and m["requests"] >= 12
+    assert m["decode_tokens_per_s"] > 0 and m["ttft_p95_ms"] > 0 and m["quality_drop"] < 0.01
+    assert m["queue_depth"] >= 0 and m["offload_share"] == 0.0 and m["probe"]["ttft_ms"] > 0
 
 
 def test_bad_signature_or_hash_is_refused_and_the_model_untouched(
