@@ -92,10 +92,11 @@ class FleetServing:
         self.agent: DeviceAgent | None = None
 
     def make_agent(self, config: AgentConfig) -> DeviceAgent:
-        def check(path: Path) -> None:
-            # agent.HealthCheck returns None today: the numbers reach the operator through
-            # telemetry (`probe`, `quality_drop`) until the ack can carry them.
-            self.health_check(path)
+        def check(path: Path) -> Any:
+            # The probe's numbers as a mapping: an agent that puts the health check's result
+            # into its final ack reports them; telemetry carries them (`probe`) in any case.
+            result = self.health_check(path)
+            return result.to_dict() if result is not None else None
 
         self.agent = DeviceAgent(config, self.trusted, health_check=check,
                                  runtime_metrics=self.runtime_metrics, on_switch=self.on_switch)
