@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from edge_runtime import __version__
 from edge_runtime.bundle import Bundle, verify_bundle
 from edge_runtime.config import LOG_LEVELS, Config, load_config
@@ -30,9 +32,7 @@ from edge_runtime.signing import default_trust_dir, trusted_keys
 
 if TYPE_CHECKING:
     import uvicorn
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from edge_runtime.agent import DeviceAgent
     from edge_runtime.serving import LocalWorker
 
 log = logging.getLogger("edge_runtime")
@@ -258,13 +258,12 @@ def _run_server(
                          on_failure=on_failure)
     access_log = AccessLog.open(cfg.log.access_log)
     app = create_app(worker, ModelInfo.from_bundle(bundle), cfg, access_log, offload)
-    agent = None
-    if fleet_trust is not None:
+    if fleet_trust is not None:  # the app's lifespan starts it once the model is warm
         from edge_runtime.fleet_serving import FleetServing, agent_config
 
-        hooks = FleetServing(worker, fleet_trust, bundle.root, cfg.fleet.thresholds(),
-                             app.state.metrics, cfg.model.backend, cfg.model.threads)
-        agent = hooks.make_agent(agent_config(cfg))
+        app.state.fleet = FleetServing(worker, fleet_trust, bundle.root, cfg.fleet.thresholds(),
+                                       app.state.metrics, cfg.model.backend, cfg.model.threads)
+        app.state.fleet.make_agent(agent_config(cfg))
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -276,10 +275,8 @@ def _run_server(
         )
     )
     try:
-        asyncio.run(_serve_until_exit(server, worker, bundle, agent))
+        asyncio.run(_serve_until_exit(server, worker, bundle))
     finally:
-        if agent is not None:
-            agent.stop()
         if access_log is not None:
             access_log.close()
         if offload is not None:
@@ -289,11 +286,8 @@ def _run_server(
     return 0
 
 
-async def _serve_until_exit(
-    server: uvicorn.Server, worker: LocalWorker, bundle: Bundle, agent: DeviceAgent | None
-) -> None:
-    """Run uvicorn; print the URL once it listens and the model is warmed up; then start the
-    fleet agent (a deploy it resumes swaps into a running worker)."""
+async def _serve_until_exit(server: uvicorn.Server, worker: LocalWorker, bundle: Bundle) -> None:
+    """Run uvicorn; print the URL once it listens and the model is warmed up."""
     task = asyncio.create_task(server.serve())
     while not (server.started and worker.ready) and not task.done():
         await asyncio.sleep(0.05)
@@ -302,10 +296,4 @@ async def _serve_until_exit(
         shown = f"[{host}]" if ":" in host else host
         m = bundle.manifest
         print(f"edge-runtime: serving {m.name} {m.version} at http://{shown}:{port}/v1", flush=True)
-        if agent is not None:
-            # Off the event loop: start-up recovery hashes the bundle slots. The MQTT client
-            # connects in the background and keeps retrying.
-            await asyncio.to_thread(agent.start)
-            print(f"edge-runtime: fleet agent {agent.device} on {agent.config.broker_url}",
-                  flush=True)
     await task

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,6 +91,9 @@ class FleetServing:
         """The numbers of the last deploy's probe, passed or not (telemetry carries them)."""
         self._verdict: tuple[Path, probe.ProbeResult | None, BaseException | None] | None = None
         self.agent: DeviceAgent | None = None
+        self._life = threading.Lock()
+        self._stopping = False
+        self._started = False
 
     def make_agent(self, config: AgentConfig) -> DeviceAgent:
         def check(path: Path) -> Any:
@@ -101,6 +105,31 @@ class FleetServing:
         self.agent = DeviceAgent(config, self.trusted, health_check=check,
                                  runtime_metrics=self.runtime_metrics, on_switch=self.on_switch)
         return self.agent
+
+    # -- lifecycle (the app's lifespan) --------------------------------------------------
+
+    def start(self) -> None:
+        """Start the agent once the model is warm, in the background: a deploy it resumes
+        after a crash then swaps into a running worker, and start-up is not held up."""
+        threading.Thread(target=self._start_when_ready, name="fleet-start", daemon=True).start()
+
+    def _start_when_ready(self) -> None:
+        while not self.worker.wait_ready(0.1):
+            if self._stopping or self.worker.error is not None:
+                return
+        with self._life:
+            if self._stopping or self.agent is None:
+                return
+            self.agent.start()  # connects in the background and keeps retrying
+            self._started = True
+        log.info("fleet agent %s started on %s", self.agent.device,
+                 self.agent.config.broker_url)
+
+    def stop(self) -> None:
+        with self._life:
+            self._stopping = True
+            if self._started and self.agent is not None:
+                self.agent.stop()
 
     # -- agent hooks (agent worker thread) ------------------------------------------------
 

@@ -106,14 +106,12 @@ def fleet_daemon(broker: Broker, root: Path, initial: Path, pubkey: Path) -> Ite
     hooks = FleetServing(worker, trusted, serving, LIMITS, app.state.metrics, threads=1)
     agent = hooks.make_agent(AgentConfig(DEVICE, broker.url, root, telemetry_interval_s=3600,
                                          reconnect_min_s=0.1, reconnect_max_s=1.0))
+    app.state.fleet = hooks  # as the CLI does: the lifespan starts and stops the agent
     with serve_in_thread(app) as url:
         assert worker.wait_ready(30)
-        agent.start(10)
+        wait_until(lambda: agent.mqtt.connected, 10)
         assert agent.mqtt.wait_subscribed(10)
-        try:
-            yield Daemon(url, worker, hooks, agent)
-        finally:
-            agent.stop()
+        yield Daemon(url, worker, hooks, agent)
 
 
 class Traffic:

@@ -8,12 +8,14 @@
     POST /v1/chat/completions   JSON or SSE (`stream: true`)
     POST /v1/completions        JSON or SSE
 
-The app's lifespan starts and stops the worker, so whoever runs the app (the CLI, a test's
-uvicorn thread) gets loading, warm-up and a clean shutdown without extra calls.
+The app's lifespan starts and stops the worker (and the fleet agent, when `app.state.fleet`
+holds one), so whoever runs the app (the CLI, a test's uvicorn thread) gets loading, warm-up
+and a clean shutdown without extra calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -59,10 +61,17 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # `app.state.fleet` (fleet_serving.FleetServing): the device agent, when the daemon
+        # runs one; it starts once the model is warm and stops before the worker does.
+        fleet = getattr(app.state, "fleet", None)
         worker.start()
+        if fleet is not None:
+            fleet.start()
         try:
             yield
         finally:
+            if fleet is not None:
+                await asyncio.to_thread(fleet.stop)  # a clean MQTT goodbye takes a moment
             worker.stop()
 
     app = FastAPI(title="edge-runtime", lifespan=lifespan)
