@@ -103,6 +103,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.recent = RecentWindow()
+        """The last minute of completions, for fleet telemetry (not exported to Prometheus)."""
         r = self.registry
         self.requests = Counter(
             "edge_runtime_requests",
@@ -158,7 +160,6 @@ class Metrics:
         self.ready = Gauge(
             "edge_runtime_model_ready", "1 once the model is loaded and warmed up.", registry=r
         )
-        self.recent = RecentWindow()
 
     def track_queue(self, depth: Callable[[], float], ready: Callable[[], bool]) -> None:
         """Read queue depth and readiness at scrape time, so they are never stale."""
