@@ -136,12 +136,20 @@ class FleetServing:
     def on_switch(self, path: Path | None) -> None:
         """Load, probe (unconfirmed slots only) and swap to `path`; never raises: a failure
         is kept for `health_check`, and the daemon keeps serving what it served."""
-        if path is None or path == self.serving:
+        if path is None:
             return
         from edge_runtime.generator import Generator
 
         unconfirmed = self.agent is not None and not self.agent.slots.state()["confirmed"]
+        if path == self.serving:
+            # Already serving it: a resumed deploy whose slot nothing has vouched for yet is
+            # probed on a generator of its own (the serving one belongs to the engine loop).
+            self._verdict = (path, None, None)
+            if unconfirmed:
+                self._probe_beside(path)
+            return
         result: probe.ProbeResult | None = None
+        gen: Generator | None = None
         try:
             bundle = verify_bundle(path, self.trusted)
             gen = Generator.from_bundle(bundle, backend=self.backend, threads=self.threads)
@@ -155,8 +163,20 @@ class FleetServing:
         except Exception as e:  # kept for health_check, which reports it and rolls back
             log.error("not switching to %s: %s: %s", path.name, type(e).__name__, e)
             self._verdict = (path, result, e)
+            if gen is not None:
+                gen.engine.close()  # its memory back now, not at the next collection
             return
         self.serving = path
+        self._verdict = (path, result, None)
+
+    def _probe_beside(self, path: Path) -> None:
+        try:
+            bundle = verify_bundle(path, self.trusted)
+            result = probe.probe_bundle(bundle, self.limits, self.backend, self.threads)
+        except Exception as e:
+            self._verdict = (path, None, e)
+            return
+        self.last_probe = result
         self._verdict = (path, result, None)
 
     def health_check(self, path: Path) -> probe.ProbeResult | None:

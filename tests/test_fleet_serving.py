@@ -96,7 +96,8 @@ class Daemon:
 
 
 @contextmanager
-def fleet_daemon(broker: Broker, root: Path, initial: Path, pubkey: Path) -> Iterator[Daemon]:
+def fleet_daemon(broker: Broker, root: Path, initial: Path | None,
+                 pubkey: Path) -> Iterator[Daemon]:
     """What `edge-runtime serve --fleet` runs (cli._run_server), on a free port."""
     trusted = [signing.load_public_key(pubkey)]
     serving = install_initial(Slots(root / SLOTS, trusted), initial)
@@ -337,3 +338,21 @@ def test_serve_fleet_cli_first_boot_deploy_and_restart(
                 proc.kill()
                 proc.wait()
         assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+
+
+def test_an_unconfirmed_active_slot_is_probed_when_its_deploy_resumes(
+    broker: Broker, controller: Controller, tiny_bundle: Any, releases: Releases,
+    tmp_path: Path,
+) -> None:
+    """The device died after switching to v2 and before its health check, with nothing to go
+    back to: it serves v2, and the re-run deploy probes it beside the serving generator."""
+    root = tmp_path / "dev"
+    slots = Slots(root / SLOTS, [signing.load_public_key(tiny_bundle.pubkey)])
+    slots.activate(slots.stage(releases.v2))  # never committed
+    with fleet_daemon(broker, root, None, tiny_bundle.pubkey) as d:
+        gen = d.worker.generator
+        assert _version(d.url) == "2" and not d.agent.slots.state()["confirmed"]
+        controller.send(deploy("again-2", releases.v2, tiny_bundle))
+        assert controller.final("again-2").state == "active"
+        assert d.agent.slots.state()["confirmed"] and d.worker.generator is gen
+        assert d.hooks.last_probe is not None and d.hooks.last_probe.greedy_match == 1.0
