@@ -214,6 +214,12 @@ class DeviceAgent:
             return fm.Ack(cmd.id, self.device, "rejected", reason)
 
         if cmd.type == "rollback":
+            expect = cmd.params.get("expect_active")
+            if expect is not None and expect != self.slots.active:
+                # A rollout's rollback must not undo a bundle it never installed.
+                return fm.Ack(cmd.id, self.device, "rejected", f"active bundle is "
+                              f"{self.slots.active}, not {expect}: nothing to roll back",
+                              bundle=self.slots.active)
             try:
                 now = self.slots.rollback()
             except EdgeError as e:

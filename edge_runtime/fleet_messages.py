@@ -4,6 +4,8 @@
         {"v": 1, "id": "c-42", "type": "deploy",
          "params": {"bundle": "/srv/b/demo-2.tar", "sha256": "…", "signer": "<key id>"}}
         {"v": 1, "id": "c-43", "type": "rollback", "params": {}}
+        {"v": 1, "id": "c-44", "type": "rollback", "params": {"expect_active": "<version>"}}
+            (with expect_active: rejected, active unchanged, unless that bundle is active)
     fleet/{device}/cmd/ack                        (device → controller, one per step)
         {"v": 1, "id": "c-42", "device": "d1", "state": "verifying", "reason": null,
          "bundle": null, "duplicate": false, "ts": 1712.3}
