@@ -92,7 +92,7 @@ def _tokenize(text: str) -> list[_Tok]:
         m = _TOKEN.match(text, pos)
         if m is None or m.end() == pos:
             col = pos + len(text[pos:]) - len(text[pos:].lstrip()) + 1
-            bad = text[col - 1:].split(maxsplit=1)[0]
+            bad = re.match(r"\w+|[^\w\s]+", text[col - 1:]).group()  # type: ignore[union-attr]
             raise AbortRuleError(f"abort rule: unexpected {bad!r} at column {col} of {text!r}",
                                  bad, col)
         kind = next(k for k, v in m.groupdict().items() if v is not None)
@@ -187,7 +187,7 @@ class AbortRule:
         tripped, held = _eval(self.root, values)
         if not tripped:
             return Verdict(False, "")
-        return Verdict(True, " and ".join(
+        return Verdict(True, ", ".join(
             f"{c.metric}={values[c.metric]:.4g}{c.op}{c.threshold:g}" for c in held))
 
 

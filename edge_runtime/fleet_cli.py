@@ -148,8 +148,10 @@ def _drive(a: argparse.Namespace, rollout_id: str, rollback: bool = False) -> in
     from edge_runtime.rollout_driver import drive, print_event
 
     stop = threading.Event()
-    old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT,
-                                                                      signal.SIGTERM)}
+    old = {}
+    if threading.current_thread() is threading.main_thread():  # else Python refuses
+        old = {sig: signal.signal(sig, lambda *_: stop.set())
+               for sig in (signal.SIGINT, signal.SIGTERM)}
     store = _store(a)
     try:
         record = drive(store, rollout_id, a.broker, rollback=rollback,

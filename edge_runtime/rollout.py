@@ -287,8 +287,6 @@ class Controller:
         if ack.state == "active":
             self._dev(d, state="active", step=None, after=ack.bundle, active_ts=ack.ts,
                       reason=f"active{late}" if late else None)
-            if self.r.state in ("aborting", "rolling_back"):  # too late: send it back too
-                return [self._send_rollback(d, now)]
             return []
         how = "rolled back by its health check" if ack.state == "rolled_back" else "rejected"
         self._dev(d, state="failed", step=None, after=ack.bundle,

@@ -68,8 +68,9 @@ def sim_health_check(device: str) -> Any:
         sim = _sim_record(path)
         version = json.loads((path / MANIFEST).read_text())["version"]
         if _unit(device, version, "probe") < float(sim.get("fail_share", 0.0)):
-            raise HealthCheckError(f"quality probe: score {float(sim['quality']) * 0.6:.2f} "
-                                   f"below the bundle's threshold {float(sim['quality']) * 0.9:.2f}")
+            q = float(sim["quality"])
+            raise HealthCheckError(f"quality probe: score {q * 0.6:.2f} below the bundle's "
+                                   f"threshold {q * 0.9:.2f}")
 
     return check
 
@@ -105,11 +106,12 @@ def provision(root: Path, bundle: Path, trusted: list[Ed25519PublicKey]) -> None
 
 
 def sim_agent(device: str, broker_url: str, root: Path, trusted: list[Ed25519PublicKey], *,
-              group: str = "sim", telemetry_interval_s: float = 1.0) -> DeviceAgent:
+              group: str = "sim", telemetry_interval_s: float = 1.0,
+              health_check: Any = None) -> DeviceAgent:
     cfg = AgentConfig(device, broker_url, root, groups=(group,),
                       telemetry_interval_s=telemetry_interval_s, reconnect_min_s=0.2,
                       reconnect_max_s=5.0)
-    agent = DeviceAgent(cfg, trusted, health_check=sim_health_check(device))
+    agent = DeviceAgent(cfg, trusted, health_check=health_check or sim_health_check(device))
     agent.runtime_metrics = sim_metrics(agent)
     return agent
 
