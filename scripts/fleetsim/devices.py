@@ -57,7 +57,7 @@ def _sim_record(bundle_dir: Path) -> Mapping[str, Any]:
     return dict(doc.get("build", {}).get("sim", GOOD))
 
 
-def _unit(*parts: str) -> float:
+def unit(*parts: str) -> float:
     """A deterministic number in [0, 1) from strings."""
     h = hashlib.sha256("/".join(parts).encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64
@@ -67,7 +67,7 @@ def sim_health_check(device: str) -> Any:
     def check(path: Path) -> None:
         sim = _sim_record(path)
         version = json.loads((path / MANIFEST).read_text())["version"]
-        if _unit(device, version, "probe") < float(sim.get("fail_share", 0.0)):
+        if unit(device, version, "probe") < float(sim.get("fail_share", 0.0)):
             q = float(sim["quality"])
             raise HealthCheckError(f"quality probe: score {q * 0.6:.2f} below the bundle's "
                                    f"threshold {q * 0.9:.2f}")
@@ -86,7 +86,7 @@ def sim_metrics(agent: DeviceAgent) -> Any:
         if active not in cache:
             cache[active] = _sim_record(agent.slots.path(active))
         sim = cache[active]
-        jitter = 0.9 + 0.2 * _unit(agent.device, active, "jitter")
+        jitter = 0.9 + 0.2 * unit(agent.device, active, "jitter")
         return {"bundle": active, "quality": round(float(sim["quality"]) * (0.98 + 0.04 * (
                     jitter - 0.9) / 0.2), 4),
                 "error_rate": round(float(sim["error_rate"]) * jitter, 5),
