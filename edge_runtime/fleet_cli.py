@@ -14,10 +14,10 @@ Devices publish a retained status on `fleet/{device}/status` (online, bundle, gr
 runtime, host) and their broker publishes their Last Will (offline) when they vanish, so a
 new subscriber learns the whole fleet's state at once, without asking any device.
 
-A rollout (see rollout.py for the policy) deploys to a random canary of the group's online
-devices, then to batches; after each phase it waits for every device's final ack, then
-soaks: post-deploy telemetry is averaged over the phase and `--abort-if` evaluated. A
-trip, or more failed/timed-out devices than `--max-failures` of those attempted, aborts
+A rollout (rollout.py and rollout_plan.py hold the policy) deploys to a random canary of
+the group's online devices, then to batches; after each phase it waits for every device's
+final ack, then soaks: post-deploy telemetry is averaged over the phase and `--abort-if`
+evaluated. A trip, or more failed/timed-out devices than `--max-failures` of those attempted, aborts
 and rolls back every device the rollout switched. State lives in SQLite (`--db`, default
 $EDGE_FLEET_DB or ~/.local/state/edge-fleet/rollouts.db). Exit status: 0 completed or
 rolled back, 1 error, 2 aborted, 130 interrupted (resume it).
@@ -173,8 +173,8 @@ def _drive(a: argparse.Namespace, rollout_id: str, rollback: bool = False) -> in
 
 def cmd_deploy(a: argparse.Namespace) -> int:
     from edge_runtime import signing
-    from edge_runtime.rollout import parse_share
     from edge_runtime.rollout_driver import create_rollout, rollout_spec
+    from edge_runtime.rollout_plan import parse_share
 
     broker = _broker(a)
     if a.abort_if:
@@ -244,8 +244,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         print(f"{d['device']:<24} {phase:<9} {d['state']:<16} "
               f"{d['after'] or d['before'] or '-':<32} {d['reason'] or ''}")
     print("\ntimeline:")
-    from edge_runtime.rollout import Event
     from edge_runtime.rollout_driver import print_event
+    from edge_runtime.rollout_plan import Event
 
     for e in s["events"]:
         print_event(Event(**e))

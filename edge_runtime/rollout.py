@@ -1,6 +1,6 @@
-"""Staged rollouts: the plan and the controller, a pure state machine (no I/O, no clock).
+"""The staged-rollout controller: a pure state machine (no I/O, no threads, no clock).
 
-    devices = plan(rollout_id, statuses, spec)        canary, then batches (phase 0, 1, ...)
+    devices = plan(rollout_id, statuses, spec)        rollout_plan.py: canary, then batches
     ctl = Controller(record, devices, rule)
     sends = ctl.start(now)        first phase's deploys, or a resumed rollout's re-sends
     ctl.on_ack(ack, now); ctl.on_telemetry(device, doc); sends = ctl.tick(now)
@@ -16,8 +16,7 @@ more) the controller collects post-deploy telemetry; the abort rule is evaluated
 phase's means over devices. A trip, or a metric the rule names that nothing measured,
 aborts: every device this rollout may have switched (active, still deploying, timed out)
 gets a rollback command that only acts if the device still runs the new bundle
-(`expect_active`). Devices offline when the rollout was planned are skipped, and so are
-devices already on the new bundle (rerunning a deploy catches up the stragglers).
+(`expect_active`).
 
 Command ids are `{rollout}.{deploy|rollback}.{device}`: a resumed controller re-sends the
 same ids and the agents answer a command they already ran with its stored final ack.
@@ -26,9 +25,7 @@ Telemetry samples are not persisted: a soak interrupted by a crash starts over o
 
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -36,105 +33,18 @@ from typing import Any
 
 from edge_runtime import fleet_messages as fm
 from edge_runtime.abort_rules import METRICS, AbortRule
-from edge_runtime.errors import ConfigError, RolloutError
+from edge_runtime.errors import RolloutError
+from edge_runtime.rollout_plan import (
+    FINISHED,
+    DeviceRecord,
+    Event,
+    RolloutRecord,
+    command_id,
+    phase_name,
+)
 
-DEVICE_STATES = ("pending", "deploying", "active", "failed", "timeout", "skipped",
-                 "rolling_back", "rolled_back", "rollback_failed", "rollback_timeout")
-ROLLOUT_STATES = ("running", "completed", "aborting", "aborted", "rolling_back", "rolled_back")
-FINISHED = frozenset({"completed", "aborted", "rolled_back"})
 _MAY_RUN_NEW = frozenset({"active", "deploying", "timeout"})
 """Device states in which the new bundle may be (or become) active: rolled back on abort."""
-
-
-def parse_share(text: str, what: str) -> str:
-    """`10%` or a device count `5`; returned normalised, ConfigError when neither."""
-    t = str(text).strip()
-    try:
-        value = float(t[:-1]) if t.endswith("%") else int(t)
-    except ValueError:
-        raise ConfigError(f"{what} must be a share like 10% or a device count, got {text!r}"
-                          ) from None
-    if (t.endswith("%") and not 0 < value <= 100) or (not t.endswith("%") and value < 1):
-        raise ConfigError(f"{what} must be in (0%, 100%] or a count >= 1, got {text!r}")
-    return t
-
-
-def share_count(share: str, n: int) -> int:
-    """How many of `n` devices a share names: at least 1, at most n."""
-    k = math.ceil(n * float(share[:-1]) / 100 - 1e-9) if share.endswith("%") else int(share)
-    return max(1, min(n, k))
-
-
-def phase_name(phase: int) -> str:
-    return "canary" if phase == 0 else f"batch {phase}"
-
-
-def command_id(rollout: str, kind: str, device: str) -> str:
-    cid = f"{rollout}.{kind}.{device}"
-    if len(cid) > 128:  # the agent's limit; a long device id is hashed, still deterministic
-        cid = f"{rollout}.{kind}.{hashlib.sha256(device.encode()).hexdigest()[:32]}"
-    return cid
-
-
-@dataclass(frozen=True)
-class RolloutSpec:
-    group: str
-    bundle: str
-    """What devices are told to fetch: a path on the device or a URL."""
-    sha256: str
-    signer: str
-    version: str
-    """The version id devices will report once the bundle is active (slots.version_id)."""
-    canary: str = "10%"
-    batch: str = "25%"
-    abort_if: str | None = None
-    soak_s: float = 60.0
-    ack_timeout_s: float = 300.0
-    max_failures: float = 0.1
-    """Share of the devices attempted so far that may fail or time out before aborting."""
-    broker: str = ""
-
-
-@dataclass
-class DeviceRecord:
-    device: str
-    phase: int
-    seq: int
-    state: str = "pending"
-    reason: str | None = None
-    step: str | None = None
-    """The last progress ack of the current command (verifying, staged, checking...)."""
-    before: str | None = None
-    after: str | None = None
-    """The bundle the device reported in its last final ack."""
-    sent_at: float | None = None
-    active_ts: float | None = None
-    """Device clock of its `active` ack: telemetry dated after it measures the new bundle."""
-    baseline_quality: float | None = None
-
-
-@dataclass
-class RolloutRecord:
-    id: str
-    spec: RolloutSpec
-    phases: int
-    state: str = "running"
-    phase: int = 0
-    step: str = "deploy"
-    step_started: float = 0.0
-    phase_started: float = 0.0
-    """When the current phase's deploy step began (0: the rollout has not started)."""
-    reason: str | None = None
-    created: float = 0.0
-    updated: float = 0.0
-
-
-@dataclass(frozen=True)
-class Event:
-    ts: float
-    phase: int
-    kind: str
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -150,43 +60,6 @@ class Changes:
     rollout: RolloutRecord | None = None
     devices: list[DeviceRecord] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-
-
-def plan(rollout_id: str, statuses: Mapping[str, Mapping[str, Any]], spec: RolloutSpec
-         ) -> list[DeviceRecord]:
-    """The group's devices in phases; the canary is a random sample seeded by the id."""
-    members = sorted(d for d, st in statuses.items()
-                     if "error" not in st and spec.group in (st.get("groups") or []))
-    if not members:
-        raise RolloutError(f"no device announces group {spec.group!r} in its status "
-                           f"({len(statuses)} devices seen on the broker)")
-    out: list[DeviceRecord] = []
-    targets = []
-    for d in members:
-        st = statuses[d]
-        if not st.get("online"):
-            out.append(DeviceRecord(d, -1, -1, "skipped", "offline when the rollout started",
-                                    before=st.get("bundle")))
-        elif st.get("bundle") == spec.version:
-            out.append(DeviceRecord(d, -1, -1, "skipped", f"already runs {spec.version}",
-                                    before=st.get("bundle")))
-        else:
-            targets.append(d)
-    if not targets:
-        raise RolloutError(f"nothing to deploy in group {spec.group!r}: its {len(members)} "
-                           "devices are offline or already run the bundle")
-    random.Random(rollout_id).shuffle(targets)
-    n = len(targets)
-    sizes = [share_count(spec.canary, n)]
-    step = share_count(spec.batch, n)
-    while sum(sizes) < n:
-        sizes.append(min(step, n - sum(sizes)))
-    i = 0
-    for phase, size in enumerate(sizes):
-        for d in targets[i:i + size]:
-            out.append(DeviceRecord(d, phase, i, before=statuses[d].get("bundle")))
-            i += 1
-    return out
 
 
 class Controller:

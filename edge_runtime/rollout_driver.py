@@ -33,15 +33,8 @@ from edge_runtime.bundle import MANIFEST, sha256_file, verify_bundle
 from edge_runtime.errors import BrokerError, MessageError, RolloutError
 from edge_runtime.messages import PublishProps
 from edge_runtime.mqtt import Message, MqttClient
-from edge_runtime.rollout import (
-    Controller,
-    Event,
-    RolloutRecord,
-    RolloutSpec,
-    Send,
-    phase_name,
-    plan,
-)
+from edge_runtime.rollout import Controller, Send
+from edge_runtime.rollout_plan import Event, RolloutRecord, RolloutSpec, phase_name, plan
 from edge_runtime.rollout_store import RolloutStore
 
 SESSION_EXPIRY_S = 24 * 3600

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import RolloutError
-from edge_runtime.rollout import Changes, DeviceRecord, Event, RolloutRecord, RolloutSpec
+from edge_runtime.rollout import Changes
+from edge_runtime.rollout_plan import DeviceRecord, Event, RolloutRecord, RolloutSpec
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (

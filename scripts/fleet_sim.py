@@ -175,10 +175,10 @@ def _say(pipe: IO[str] | None, text: str) -> None:
 def phase_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
     """Per phase: devices, deploy time (sent → last final ack or timeout), soak, total."""
     rows: dict[int, dict[str, Any]] = {}
-    for e in status["events"]:
+    for e in status.get("events", []):
         rows.setdefault(e["phase"], {}).setdefault(e["kind"], e["ts"])
     counts: dict[int, dict[str, int]] = {}
-    for d in status["devices"]:
+    for d in status.get("devices", []):
         if d["phase"] >= 0:
             c = counts.setdefault(d["phase"], {})
             c[d["state"]] = c.get(d["state"], 0) + 1

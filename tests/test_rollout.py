@@ -10,11 +10,10 @@ import pytest
 from edge_runtime.abort_rules import AbortRule
 from edge_runtime.errors import AbortRuleError, ConfigError, RolloutError
 from edge_runtime.fleet_messages import Ack
-from edge_runtime.rollout import (
-    Controller,
+from edge_runtime.rollout import Controller, Send
+from edge_runtime.rollout_plan import (
     RolloutRecord,
     RolloutSpec,
-    Send,
     command_id,
     parse_share,
     plan,
