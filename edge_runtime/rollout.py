@@ -73,6 +73,7 @@ class Controller:
             d.device: d.baseline_quality for d in self.devices.values()
             if d.baseline_quality is not None}
         self._changes = Changes()
+        self._changed: set[str] = set()
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -145,6 +146,7 @@ class Controller:
 
     def take_changes(self) -> Changes:
         out, self._changes = self._changes, Changes()
+        self._changed = set()
         return out
 
     # -- deploy step ----------------------------------------------------------------------
@@ -306,7 +308,8 @@ class Controller:
         if any(getattr(d, k) != v for k, v in kw.items()):
             for k, v in kw.items():
                 setattr(d, k, v)
-            if d not in self._changes.devices:
+            if d.device not in self._changed:
+                self._changed.add(d.device)
                 self._changes.devices.append(d)
 
     def _set(self, **kw: Any) -> None:
