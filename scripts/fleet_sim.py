@@ -247,8 +247,9 @@ def markdown(a: argparse.Namespace, staged: dict[str, Any], abort: dict[str, Any
         "for a device that will not answer before counting it as failed.",
         f"- **Abort:** {b.get('state')} in {abort['wall_s']:.1f} s: \"{b.get('reason')}\"; "
         f"rollback of the canary took {_f(checks['rollback_s'])} s; canary devices back "
-        f"on v2 (retained status): {checks['canary_back']}/{checks['canary']}; devices outside "
-        f"the canary that got a command: {checks['outside_touched']}.",
+        f"on their previous bundle (retained status): "
+        f"{checks['canary_back']}/{checks['canary']}; devices outside the canary that got a "
+        f"command: {checks['outside_touched']}.",
         "",
         "Deploy s = first deploy sent to the last device's final ack (or its timeout); soak "
         "s = post-deploy telemetry window until the abort rule was evaluated (the soak, plus "

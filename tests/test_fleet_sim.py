@@ -26,7 +26,7 @@ def test_fleet_sim_smoke(tmp_path: Path) -> None:
     text = out.stdout
     assert "rollout sim-staged completed" in text
     assert "rollout sim-abort aborted: canary after" in text
-    assert "canary devices back on v2 (retained status): 1/1" in text
+    assert "canary devices back on their previous bundle (retained status): 1/1" in text
     assert "devices outside the canary that got a command: 0" in text
     assert "| staged v1→v2 | canary | 1 |" in text
     assert " timeout" in text  # an offline device of a later batch timed out
