@@ -110,6 +110,9 @@ def drive(store: RolloutStore, rollout_id: str, broker: str | None = None, *,
         try:
             return _loop(store, ctl, client, inbox, rollback, tick_s, on_event, stop)
         finally:
+            if ctl.finished:  # else the broker would queue every ack for a session never back
+                for topic_filter in ("fleet/+/cmd/ack", "fleet/+/telemetry"):
+                    client.unsubscribe(topic_filter)
             client.stop()
 
 

@@ -19,8 +19,10 @@ from fleet_fixtures import Observer, SimBundles, SimFleet, sim_bundles  # noqa: 
 from mqtt_fixtures import Broker
 
 from edge_runtime import fleet_cli
+from edge_runtime.bundle import verify_bundle
 from edge_runtime.errors import HealthCheckError
 from edge_runtime.rollout_store import RolloutStore
+from edge_runtime.slots import version_id
 
 RULE = "error_rate>0.02 or ttft_p95_ms>800 or quality_drop>0.05"
 
@@ -158,6 +160,19 @@ def test_offline_and_failing_devices_count_against_max_failures(
     assert states[victim][0] == "timeout" and "no final ack within 3s" in states[victim][1]
     assert s["counts"] == {"active": 4, "failed": 1, "timeout": 1}
     store.close()
+    # Roll it all back. The offline device's deploy expired at the broker, so when it comes
+    # back its (queued) rollback is refused by expect_active: it never ran the new bundle.
+    v1 = version_id(verify_bundle(sim_bundles.v1, fleet.trusted))
+    assert fleet_cli.main(["--db", str(db), "rollback", "f1"]) == 0
+    s = _status(db, "f1", capsys)
+    assert s["counts"] == {"rolled_back": 4, "failed": 1, "rollback_timeout": 1}
+    fleet.start(victim)
+    assert fleet_cli.main(["--db", str(db), "rollback", "f1"]) == 0  # re-sent, same id
+    s = _status(db, "f1", capsys)
+    assert s["state"] == "rolled_back" and s["counts"] == {"rolled_back": 5, "failed": 1}
+    gone = next(d for d in s["devices"] if d["device"] == victim)
+    assert gone["reason"].startswith("was not running sim-2-") and gone["after"] == v1
+    assert {a.slots.active for a in fleet.agents.values()} == {v1}
 
 
 def test_controller_killed_mid_rollout_resumes(
