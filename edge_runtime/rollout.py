@@ -321,11 +321,10 @@ class Controller:
 
 
 def sample_metrics(doc: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers a rule may name from one telemetry payload (top level or `runtime`)."""
+    """The numbers a rule may name from one telemetry payload: at its top level or one level
+    down (`runtime`, or wherever the agent groups its probe results)."""
     out: dict[str, float] = {}
-    for src in (doc, doc.get("runtime") or {}):
-        if not isinstance(src, Mapping):
-            continue
+    for src in (doc, *(v for v in doc.values() if isinstance(v, Mapping))):
         for k, v in src.items():
             if k in METRICS and isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[k] = float(v)

@@ -300,3 +300,12 @@ def test_store_round_trip_lock_and_unknown(tmp_path: Path) -> None:
         pass
     with pytest.raises(RolloutError, match=r"unknown rollout 'r9' in .*r\.db \(latest: r1\)"):
         other.load("r9")
+
+
+def test_sample_metrics_reads_top_level_and_one_level_down() -> None:
+    from edge_runtime.rollout import sample_metrics
+
+    doc = {"v": 1, "device": "d", "ts": 5.0, "error_rate": 0.01,
+           "runtime": {"ttft_p95_ms": 420, "tokens_per_s": "fast", "queue_depth": True},
+           "probe": {"quality": 0.88}, "system": {"cpu_percent": 50.0}}
+    assert sample_metrics(doc) == {"error_rate": 0.01, "ttft_p95_ms": 420.0, "quality": 0.88}
