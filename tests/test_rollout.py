@@ -309,3 +309,21 @@ def test_sample_metrics_reads_top_level_and_one_level_down() -> None:
            "runtime": {"ttft_p95_ms": 420, "tokens_per_s": "fast", "queue_depth": True},
            "probe": {"quality": 0.88}, "system": {"cpu_percent": 50.0}}
     assert sample_metrics(doc) == {"error_rate": 0.01, "ttft_p95_ms": 420.0, "quality": 0.88}
+
+
+def test_resumed_abort_resends_its_rollbacks() -> None:
+    f = Fleet(10, canary="2", max_failures=0.0)
+    a, b = f.phase(0)
+    f.kinds()
+    f.ack(a, "active")
+    f.ack(b, "rejected", bundle=V1)
+    f.tick()
+    assert f.ctl.r.state == "aborting" and [k for k, _ in f.kinds()] == ["rollback"]
+    # SIGKILL here; the new controller re-sends the same rollback id and waits for it.
+    again = Controller(f.ctl.take_changes().rollout or f.record, list(f.ctl.devices.values()),
+                       None)
+    sends = again.start(5000.0)
+    assert [(s.device, s.command.id) for s in sends] == [(a, f"r1.rollback.{a}")]
+    again.on_ack(Ack(f"r1.rollback.{a}", a, "rolled_back", bundle=V1, duplicate=True), 5001.0)
+    again.tick(5001.0)
+    assert again.r.state == "aborted" and again.devices[a].state == "rolled_back"

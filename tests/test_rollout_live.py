@@ -218,3 +218,31 @@ def test_controller_killed_mid_rollout_resumes(
         assert {r[2] for r in observer.rows(what="cmd", device=dev)} == {f"k1.deploy.{dev}"}
     # Resuming a finished rollout is a no-op.
     assert fleet_cli.main(["--broker", broker.url, "--db", str(db), "resume", "k1"]) == 0
+
+
+def test_controller_verifies_the_bundle_and_reads_tars(
+    sim_bundles: SimBundles, tmp_path: Path,  # noqa: F811
+) -> None:
+    import hashlib
+    import shutil
+    import tarfile
+
+    from edge_runtime.errors import BundleError
+    from edge_runtime.rollout_driver import rollout_spec
+    from edge_runtime.signing import load_public_key
+
+    trusted = [load_public_key(sim_bundles.pub)]
+    spec = rollout_spec(sim_bundles.v2, trusted, group="lab")
+    assert spec.version == version_id(verify_bundle(sim_bundles.v2, trusted))
+    tar = tmp_path / "v2.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(sim_bundles.v2, arcname="v2")
+    from_tar = rollout_spec(tar, trusted, group="lab", source="https://cdn/v2.tar")
+    assert (from_tar.version, from_tar.signer) == (spec.version, spec.signer)
+    assert from_tar.sha256 == hashlib.sha256(tar.read_bytes()).hexdigest()
+    assert from_tar.bundle == "https://cdn/v2.tar"
+    bad = tmp_path / "bad"
+    shutil.copytree(sim_bundles.v2, bad)
+    (bad / "model" / "weights.bin").write_bytes(b"tampered")
+    with pytest.raises(BundleError, match=r"weights\.bin"):
+        rollout_spec(bad, trusted, group="lab")
