@@ -74,6 +74,7 @@ class Verdict:
     """The comparisons that hold, with measured values: `error_rate=0.031>0.02`."""
     missing: tuple[str, ...] = ()
     """Metrics the rule names that were not measured (the rule could not be decided)."""
+    held: tuple[Comparison, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ class AbortRule:
         if not tripped:
             return Verdict(False, "")
         return Verdict(True, ", ".join(
-            f"{c.metric}={values[c.metric]:.4g}{c.op}{c.threshold:g}" for c in held))
+            f"{c.metric}={values[c.metric]:.4g}{c.op}{c.threshold:g}" for c in held),
+            held=tuple(held))
 
 
 def _comparisons(node: Node) -> list[Comparison]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edge_runtime import fleet_messages as fm
-from edge_runtime.abort_rules import METRICS, AbortRule
+from edge_runtime.abort_rules import METRICS, AbortRule, Verdict
 from edge_runtime.errors import RolloutError
 from edge_runtime.rollout_plan import (
     FINISHED,
@@ -214,7 +214,7 @@ class Controller:
                 return self._abort(now, f"{where}: cannot evaluate the abort rule, nothing "
                                    f"measured {', '.join(verdict.missing)}")
             if verdict.tripped:
-                return self._abort(now, f"{where}: {verdict.reason}")
+                return self._abort(now, f"{where}: {verdict.reason}{self._worst(verdict)}")
             shown = ", ".join(f"{k}={values[k]:.4g}" for k in sorted(self.rule.metrics))
             self._event(now, "gate", f"{phase_name(self.r.phase)} passed: {shown}")
         return self._advance(now)
@@ -235,6 +235,18 @@ class Controller:
         if "quality" in out and self._old_quality:
             out["quality_drop"] = statistics.fmean(self._old_quality.values()) - out["quality"]
         return out
+
+    def _worst(self, verdict: Verdict) -> str:
+        """The device furthest over the first per-device threshold that tripped: a phase
+        mean can hide one device that is far worse than the rest."""
+        for c in verdict.held:
+            per = {d: statistics.fmean(s[c.metric] for s in ss if c.metric in s)
+                   for d, ss in self._samples.items() if any(c.metric in s for s in ss)}
+            if per and c.op in (">", ">=", "<", "<="):
+                pick = max if c.op.startswith(">") else min
+                dev = pick(per, key=lambda k: per[k])
+                return f" (worst: {dev} {c.metric}={per[dev]:.4g})"
+        return ""
 
     def _advance(self, now: float) -> list[Send]:
         self._event(now, "passed", f"{phase_name(self.r.phase)} done after "

@@ -206,12 +206,13 @@ def test_telemetry_trip_reason_quotes_numbers_and_rolls_back() -> None:
         f.ack(dev, "active")
     f.ack(canary[3], "rejected", bundle=V1)
     f.tick()
-    for dev in canary[:3]:
-        f.telemetry(dev, error_rate=0.031, ttft_p95_ms=300, quality=0.9)
+    for dev, rate in zip(canary[:3], (0.061, 0.016, 0.016), strict=True):
+        f.telemetry(dev, error_rate=rate, ttft_p95_ms=300, quality=0.9)
     f.tick(10)
     assert f.ctl.r.state == "aborting"
     reason = f.ctl.r.reason or ""
-    assert "canary after 10s soak, mean of 3 devices: error_rate=0.031>0.02" in reason
+    assert reason == ("canary after 10s soak, mean of 3 devices: error_rate=0.031>0.02 "
+                      f"(worst: {canary[0]} error_rate=0.061)")
     assert sorted(f.kinds()) == sorted(("rollback", x) for x in canary[:3])
     f.ack(canary[0], "rolled_back", kind="rollback", bundle=V1)
     f.ack(canary[1], "rejected", kind="rollback", bundle=V1)  # never switched: fine

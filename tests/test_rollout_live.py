@@ -104,7 +104,8 @@ def test_abort_rolls_back_the_canary(
     assert fleet_cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rollout bad1 aborted: canary after ") and "\n" not in err
-    assert re.search(r"mean of 2 devices: error_rate=0\.0[78]\d*>0\.02$", err), err
+    assert re.search(r"mean of 2 devices: error_rate=0\.0[78]\d*>0\.02 "
+                     r"\(worst: cell-\d error_rate=0\.0[789]\d*\)$", err), err
     s = _status(db, "bad1", capsys)
     assert s["state"] == "aborted" and s["reason"] in err
     canary, *_rest = _phases(s)
