@@ -34,7 +34,9 @@ METRICS: dict[str, str] = {
     "offload_share": "share of requests offloaded to the cloud (0..1)",
     "queue_depth": "requests waiting in the scheduler queue",
     "quality": "the quality probe's score of the new bundle (0..1)",
-    "quality_drop": "group's quality on the old bundle minus the phase's on the new one",
+    "quality_drop": "the quality probe's drop vs the bundle's build record, as devices "
+                    "report it; else the group's `quality` on the old bundle minus the "
+                    "phase's on the new one",
     "failure_rate": "share of the phase's devices whose deploy failed or timed out",
 }
 """What a rule may name; the controller computes each as the phase's mean over devices."""

@@ -232,7 +232,8 @@ class Controller:
         if tried:
             out["failure_rate"] = sum(d.state in ("failed", "timeout") for d in tried) / len(
                 tried)
-        if "quality" in out and self._old_quality:
+        if "quality_drop" not in out and "quality" in out and self._old_quality:
+            # Devices that report a raw score: compare with the group's on the old bundle.
             out["quality_drop"] = statistics.fmean(self._old_quality.values()) - out["quality"]
         return out
 

@@ -328,3 +328,18 @@ def test_resumed_abort_resends_its_rollbacks() -> None:
     again.on_ack(Ack(f"r1.rollback.{a}", a, "rolled_back", bundle=V1, duplicate=True), 5001.0)
     again.tick(5001.0)
     assert again.r.state == "aborted" and again.devices[a].state == "rolled_back"
+
+
+def test_device_reported_quality_drop_wins_over_the_computed_one() -> None:
+    got = []
+    for extra in ({"quality_drop": 0.01}, {}):
+        f = Fleet(10, canary="2")
+        for d in f.phase(1):  # the control group on the old bundle
+            f.telemetry(d, quality=0.95)
+        for d in f.phase(0):
+            f.ack(d, "active")
+        f.tick()
+        for d in f.phase(0):
+            f.telemetry(d, error_rate=0.0, ttft_p95_ms=100, quality=0.80, **extra)
+        got.append(f.ctl.phase_metrics([f.ctl.devices[d] for d in f.phase(0)])["quality_drop"])
+    assert got == [pytest.approx(0.01), pytest.approx(0.15)]
