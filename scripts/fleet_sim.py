@@ -55,6 +55,7 @@ DOC = ROOT / "docs" / "BENCHMARKS.md"
 MARK = "fleet_sim"
 RULE = "error_rate>0.02 or ttft_p95_ms>800 or quality_drop>0.05"
 GROUP = "sim"
+MAX_PER_PROC = 300
 
 
 # -- worker process: a share of the fleet ---------------------------------------------------
@@ -300,9 +301,12 @@ def simulate(a: argparse.Namespace, command: str) -> int:
     broker_proc, broker = start_broker(work)
     workers: list[subprocess.Popen[str]] = []
     try:
-        per = -(-a.devices // a.procs)
+        # paho's network loop uses select(), which cannot watch fd numbers >= 1024 (FD_SETSIZE);
+        # an agent holds 3 fds (socket + paho's wake-up pair), so at most ~300 per process.
+        procs = max(a.procs, -(-a.devices // MAX_PER_PROC))
+        per = -(-a.devices // procs)
         t0 = time.monotonic()
-        for i in range(a.procs):
+        for i in range(procs):
             first, count = i * per, min(per, a.devices - i * per)
             if count <= 0:
                 break
@@ -323,6 +327,7 @@ def simulate(a: argparse.Namespace, command: str) -> int:
         db = work / "rollouts.db"
         staged = run_rollout(a, broker, db, v2, work / "k.pub", "sim-staged", workers)
         abort = run_rollout(a, broker, db, v3, work / "k.pub", "sim-abort")
+        a.procs = len(workers)
         checks = check_abort(abort["status"], broker, a)
         checks["load_before"] = load_before
         table = markdown(a, staged, abort, checks, command)
