@@ -75,6 +75,12 @@ def create_rollout(store: RolloutStore, spec: RolloutSpec,
     rid = topics.check_id(rollout_id or new_rollout_id(), "rollout id")
     if "." in rid:
         raise RolloutError(f"rollout id {rid!r} must not contain '.' (command ids use it)")
+    busy = [r["id"] for r in store.list() if r["group"] == spec.group
+            and r["state"] in ("running", "aborting", "rolling_back")]
+    if busy:  # two controllers deploying to one group would undo each other's work
+        raise RolloutError(f"rollout {busy[0]} on group {spec.group!r} is unfinished; "
+                           f"`edge-fleet resume {busy[0]}` or `edge-fleet rollback {busy[0]}` "
+                           "it first")
     devices = plan(rid, statuses, spec)
     phases = 1 + max(d.phase for d in devices)
     record = RolloutRecord(id=rid, spec=spec, phases=phases)

@@ -343,3 +343,23 @@ def test_device_reported_quality_drop_wins_over_the_computed_one() -> None:
             f.telemetry(d, error_rate=0.0, ttft_p95_ms=100, quality=0.80, **extra)
         got.append(f.ctl.phase_metrics([f.ctl.devices[d] for d in f.phase(0)])["quality_drop"])
     assert got == [pytest.approx(0.01), pytest.approx(0.15)]
+
+
+def test_one_unfinished_rollout_per_group(tmp_path: Path) -> None:
+    from edge_runtime.rollout_driver import create_rollout
+    from edge_runtime.rollout_store import RolloutStore
+
+    store = RolloutStore(tmp_path / "r.db")
+    first = create_rollout(store, _spec(), _statuses(5), "a1")
+    with pytest.raises(RolloutError, match="rollout a1 on group 'lab' is unfinished; "
+                       "`edge-fleet resume a1`"):
+        create_rollout(store, _spec(), _statuses(5), "a2")
+    create_rollout(store, _spec(group="other"), {"x": {"online": True, "groups": ["other"]}},
+                   "b1")
+    with pytest.raises(RolloutError, match=r"must not contain '\.'"):
+        create_rollout(store, _spec(group="third"), _statuses(1), "a.b")
+    first.state = "completed"
+    from edge_runtime.rollout import Changes
+
+    store.save("a1", Changes(rollout=first))
+    assert create_rollout(store, _spec(), _statuses(5), "a3").phases == 3  # 1 + 2 + 2
