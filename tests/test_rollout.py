@@ -363,3 +363,17 @@ def test_one_unfinished_rollout_per_group(tmp_path: Path) -> None:
 
     store.save("a1", Changes(rollout=first))
     assert create_rollout(store, _spec(), _statuses(5), "a3").phases == 3  # 1 + 2 + 2
+
+
+def test_a_resumed_soak_starts_over() -> None:
+    f = Fleet(10, canary="2")
+    for d in f.phase(0):
+        f.ack(d, "active")
+    f.tick(1)
+    assert f.ctl.r.step == "soak"
+    f.ctl.take_changes()
+    again = Controller(f.ctl.r, list(f.ctl.devices.values()), AbortRule.parse(RULE))
+    assert again.start(3000.0) == []  # nothing in flight: no command re-sent
+    assert (again.r.step, again.r.step_started) == ("soak", 3000.0)
+    again.tick(3009.0)
+    assert again.r.step == "soak" and again.r.phase == 0
