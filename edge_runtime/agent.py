@@ -6,12 +6,22 @@ Client id = device id, `clean_start=False` with a session expiry: the broker kee
 subscriptions and queues QoS 1 commands while the device is away. The Will is a retained
 `online: false` status; on connect the agent publishes a retained `online: true` one.
 
-Exactly once: paho PUBACKs a QoS 1 message when the handler returns, so the handler first
-writes the command into `root/commands.json` (atomic JSON) and only then returns. A command
+Exactly once (journal.py): paho PUBACKs a QoS 1 message when the handler returns, so the
+handler first writes the command into `root/commands.json` and only then returns. A command
 is run by the worker thread (paho's network thread must stay free) and its final ack is
-stored beside it; a re-delivered id gets that ack again (`duplicate: true`) and is not run.
-A command still `pending` at start-up (the agent died during it) is resumed: `Slots.recover`
-has already put the bundles back into a consistent state, and staging is idempotent.
+stored before it is published; a re-delivered id gets that ack again (`duplicate: true`)
+and is not run. A command still pending at start-up (the agent died during it) is resumed:
+`Slots.recover` has already put the bundles back into a consistent state, a download
+resumes from its part file, and staging is idempotent.
+
+Commands (fleet_messages.py): deploy and rollback (deploy.py; a deploy's bundle may be an
+http(s) URL, download.py), set-config (config_update.py; `on_config` tells the daemon),
+drain / undrain (`on_drain`).
+The daemon's hooks are all optional: `health_check(path)` raises when a freshly switched
+bundle must not serve, `runtime_metrics()` feeds telemetry, `on_switch(path)` is told every
+new active bundle, `on_config(config)` every applied config (raise to refuse it: the
+previous file is put back), `on_drain(bool)` every drain change (and the persisted state
+at start-up).
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import queue
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +42,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime import fleet_messages as fm
 from edge_runtime import signing, topics
-from edge_runtime.atomic import atomic_write_json
-from edge_runtime.errors import EdgeError, HealthCheckError, MessageError
+from edge_runtime.atomic import atomic_write_bytes, atomic_write_json
+from edge_runtime.config import Config
+from edge_runtime.config_update import prepare_config, write_config
+from edge_runtime.deploy import Deployer, HealthCheck, default_health_check
+from edge_runtime.download import DownloadPolicy
+from edge_runtime.errors import ConfigError, EdgeError, MessageError
+from edge_runtime.journal import JOURNAL, CommandJournal
 from edge_runtime.mqtt import Message, MqttClient, TlsFiles, Will
 from edge_runtime.slots import Slots, crash_point
+from edge_runtime.telemetry import HostTelemetry, meminfo
 
 log = logging.getLogger(__name__)
 
-HealthCheck = Callable[[Path], None]
-"""Raises (any exception) when the bundle at the path must not serve."""
-JOURNAL = "commands.json"
-_JOURNAL_KEEP = 1000
+AGENT_STATE = "agent.json"
+"""{"drained": bool}: survives restarts, so a drained device stays out of service."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,7 @@ class AgentConfig:
     device: str
     broker_url: str
     root: Path
-    """The device directory: bundle slots and the command journal."""
+    """The device directory: bundle slots, downloads and the command journal."""
     groups: tuple[str, ...] = ()
     """Device groups whose `fleet/group/{group}/cmd` this device obeys."""
     telemetry_interval_s: float = 30.0
@@ -59,40 +73,14 @@ class AgentConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     tls: TlsFiles | None = None
+    """CA, client certificate and key: a broker with `require_certificate` needs the pair."""
     username: str | None = None
     password: str | None = None
-
-
-def default_health_check(trusted: list[Ed25519PublicKey]) -> HealthCheck:
-    """Verify, load the generator and run a short greedy generation.
-
-    A bundle whose build record holds `health_probe = {"prompt", "expected"}` must
-    reproduce `expected` exactly (greedy decoding is deterministic); otherwise 4 tokens
-    must come out.
-    """
-
-    def check(path: Path) -> None:
-        from edge_runtime.bundle import verify_bundle
-        from edge_runtime.generator import Generator
-        from edge_runtime.sampling import SamplingParams
-
-        bundle = verify_bundle(path, trusted)
-        gen = Generator.from_bundle(bundle)
-        probe = bundle.manifest.build.get("health_probe")
-        if isinstance(probe, dict) and "prompt" in probe and "expected" in probe:
-            want = str(probe["expected"])
-            n = max(1, len(gen.tokenizer.encode(want)))
-            out = gen.generate(gen.text_prompt(str(probe["prompt"])),
-                               SamplingParams(max_tokens=n, temperature=0.0))
-            if not out.text.startswith(want):
-                raise HealthCheckError(f"probe output {out.text[:40]!r} != {want[:40]!r}")
-            return
-        out = gen.generate(gen.text_prompt("Hello"), SamplingParams(max_tokens=4,
-                                                                    temperature=0.0))
-        if not out.token_ids:
-            raise HealthCheckError("the bundle generated no token")
-
-    return check
+    config_path: Path | None = None
+    """The daemon's TOML config that set-config replaces; None refuses set-config."""
+    download: DownloadPolicy = field(default_factory=DownloadPolicy)
+    tegrastats: str | None = "auto"
+    """Jetson telemetry: "auto" (if on PATH), a path to the binary, or None."""
 
 
 class DeviceAgent:
@@ -103,23 +91,27 @@ class DeviceAgent:
         health_check: HealthCheck | None = None,
         runtime_metrics: Callable[[], Mapping[str, Any]] | None = None,
         on_switch: Callable[[Path | None], None] | None = None,
+        on_drain: Callable[[bool], None] | None = None,
+        on_config: Callable[[Config], None] | None = None,
     ) -> None:
         self.config = config
         self.device = topics.check_device(config.device)
         self.trusted = list(trusted)
-        self._trusted_ids = {signing.key_id(k) for k in trusted}
         self.slots = Slots(config.root / "slots", trusted)
         self.health_check = health_check or default_health_check(trusted)
         self.runtime_metrics = runtime_metrics
         self.on_switch = on_switch
         """Told the new active bundle path after every switch (the daemon reloads there)."""
-        self._journal_path = config.root / JOURNAL
-        self._journal = _read_journal(self._journal_path)
-        self._lock = threading.Lock()
+        self.deployer = Deployer(self.device, self.slots, {signing.key_id(k) for k in trusted},
+                                 self.health_check, on_switch, self._ack, config.download)
+        self.on_drain = on_drain
+        self.on_config = on_config
+        self.journal = CommandJournal(config.root / JOURNAL)
+        self._state_path = config.root / AGENT_STATE
         self._work: queue.Queue[fm.Command | None] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._cpu = _CpuSampler()
+        self._host: HostTelemetry | None = None
         self.mqtt = MqttClient(
             config.broker_url, self.device, username=config.username,
             password=config.password, tls=config.tls,
@@ -138,9 +130,15 @@ class DeviceAgent:
 
     def start(self, wait_s: float | None = None) -> bool:
         self.slots.recover()
-        for entry in self._journal.values():  # interrupted by a crash: resume
-            if entry.get("final") is None:
-                self._work.put(fm.Command(entry["id"], entry["type"], entry.get("params", {})))
+        pending = self.journal.pending()
+        # Parts of downloads no pending deploy will resume are dead weight on a small disk.
+        self.slots.clean_downloads({str(e["params"].get("sha256", "")).lower()
+                                    for e in pending if e["type"] == "deploy"})
+        if self.drained and self.on_drain is not None:
+            self.on_drain(True)  # a drained device stays drained across restarts
+        for entry in pending:  # interrupted by a crash: resume
+            self._work.put(fm.Command(entry["id"], entry["type"], entry.get("params", {})))
+        self._host = HostTelemetry(tegrastats=self.config.tegrastats)
         for target in (self._worker, self._telemetry_loop):
             t = threading.Thread(target=target, name=f"agent-{target.__name__}", daemon=True)
             t.start()
@@ -159,12 +157,26 @@ class DeviceAgent:
             except EdgeError as e:
                 log.warning("could not publish offline status: %s", e)
         self.mqtt.stop()
+        if self._host is not None:
+            self._host.close()
+
+    @property
+    def drained(self) -> bool:
+        try:
+            return bool(json.loads(self._state_path.read_text()).get("drained", False))
+        except (OSError, ValueError, AttributeError):
+            return False
 
     # -- network thread -----------------------------------------------------------------
 
     def _on_connection(self, up: bool) -> None:
-        if up:
-            self._publish(topics.fleet_status(self.device), self._status(True), retain=True)
+        if not up:
+            return
+        self._publish(topics.fleet_status(self.device), self._status(True), retain=True)
+        for entry in self.journal.unacked():  # results that may never have reached anyone
+            final = fm.Ack.from_dict(entry["final"])
+            self._publish_final(fm.Ack(final.id, self.device, final.state, final.reason,
+                                       final.bundle, duplicate=True, detail=final.detail))
 
     def _on_command(self, msg: Message) -> None:
         try:
@@ -172,20 +184,19 @@ class DeviceAgent:
         except MessageError as e:
             self._ack(fm.Ack(fm.command_id_of(msg.payload), self.device, "rejected", str(e)))
             return
-        with self._lock:
-            entry = self._journal.get(cmd.id)
-            if entry is None:
-                # Durable before we return and paho PUBACKs: a crash now still runs it later.
-                self._journal[cmd.id] = {"id": cmd.id, "type": cmd.type,
-                                         "params": dict(cmd.params), "final": None}
-                self._save_journal()
+        try:
+            # Durable before we return and paho PUBACKs: a crash now still runs it later.
+            entry = self.journal.add(cmd.id, cmd.type, cmd.params)
+        except (OSError, EdgeError) as e:
+            self._ack(fm.Ack(cmd.id, self.device, "rejected", f"cannot record it: {e}"))
+            return
         if entry is None:
             self._ack(fm.Ack(cmd.id, self.device, "received"))
             self._work.put(cmd)
         elif entry.get("final") is not None:
             final = fm.Ack.from_dict(entry["final"])
             self._ack(fm.Ack(final.id, self.device, final.state, final.reason, final.bundle,
-                             duplicate=True))
+                             duplicate=True, detail=final.detail))
         # else: still pending in this process; it will be acked when it finishes.
 
     # -- worker thread ------------------------------------------------------------------
@@ -197,72 +208,68 @@ class DeviceAgent:
                 return
             try:
                 final = self._run(cmd)
+            except MessageError as e:
+                final = fm.Ack(cmd.id, self.device, "rejected", str(e))
             except Exception as e:  # a bug in one command must not stop the agent
                 log.exception("command %s failed", cmd.id)
                 final = fm.Ack(cmd.id, self.device, "rejected", f"internal error: {e}")
-            with self._lock:
-                self._journal.setdefault(cmd.id, {"id": cmd.id, "type": cmd.type})
-                self._journal[cmd.id]["final"] = final.to_dict()
-                self._save_journal()
-            self._ack(final)
-            if final.state in ("active", "rolled_back"):
+            self.journal.finish(cmd.id, cmd.type, final.to_dict())
+            self._publish_final(final)
+            if final.state in ("active", "rolled_back", "drained", "undrained"):
                 self._publish(topics.fleet_status(self.device), self._status(True),
                               retain=True)
 
     def _run(self, cmd: fm.Command) -> fm.Ack:
-        def reject(reason: str) -> fm.Ack:
-            return fm.Ack(cmd.id, self.device, "rejected", reason)
-
+        if cmd.type == "deploy":
+            return self.deployer.deploy(cmd)
+        if cmd.type == "set-config":
+            return self._set_config(cmd)
         if cmd.type == "rollback":
-            try:
-                now = self.slots.rollback()
-            except EdgeError as e:
-                return reject(str(e))
-            self._switched()
-            return fm.Ack(cmd.id, self.device, "rolled_back", bundle=now)
-        if cmd.type != "deploy":
-            return reject(f"command type {cmd.type!r} is not supported by this agent yet")
-        try:
-            p = fm.deploy_params(cmd)
-        except MessageError as e:
-            return reject(str(e))
-        if p.signer not in self._trusted_ids:
-            return reject(f"signer {p.signer} is not trusted on this device")
-        self._ack(fm.Ack(cmd.id, self.device, "verifying"))
-        try:
-            version = self.slots.stage(p.bundle, p.sha256, p.signer)
-        except (EdgeError, OSError) as e:
-            return reject(f"refused before staging: {e}")
-        self._ack(fm.Ack(cmd.id, self.device, "staged", bundle=version))
-        if self.slots.active == version and self.slots.state()["confirmed"]:
-            return fm.Ack(cmd.id, self.device, "active", "already active", bundle=version)
-        try:
-            self.slots.activate(version)
-        except (EdgeError, OSError) as e:
-            return reject(f"could not switch: {e}")
-        self._switched()
-        self._ack(fm.Ack(cmd.id, self.device, "checking", bundle=version))
-        crash_point("agent:checking")
-        try:
-            self.health_check(self.slots.path(version))
-        except Exception as e:
-            reason = f"health check failed: {type(e).__name__}: {e}"
-            try:
-                now = self.slots.rollback()
-            except EdgeError as e2:
-                # No previous bundle: keep the new one rather than nothing at all.
-                log.error("cannot roll back %s: %s", version, e2)
-                self.slots.commit()
-                return reject(f"{reason}; no previous bundle to roll back to")
-            self._switched()
-            return fm.Ack(cmd.id, self.device, "rolled_back", reason, bundle=now)
-        self.slots.commit()
-        self.slots.gc()
-        return fm.Ack(cmd.id, self.device, "active", bundle=version)
+            return self.deployer.rollback(cmd)
+        fm.no_params(cmd)
+        if cmd.type in ("drain", "undrain"):
+            return self._set_drain(cmd, cmd.type == "drain")
+        return self._reject(cmd, f"command type {cmd.type!r} is not supported by this agent")
 
-    def _switched(self) -> None:
-        if self.on_switch is not None:
-            self.on_switch(self.slots.active_path())
+    def _reject(self, cmd: fm.Command, reason: str) -> fm.Ack:
+        return fm.Ack(cmd.id, self.device, "rejected", reason)
+
+    def _set_config(self, cmd: fm.Command) -> fm.Ack:
+        cp = fm.config_params(cmd)
+        path = self.config.config_path
+        if path is None:
+            return self._reject(cmd, "this device's agent manages no config file")
+        try:
+            update = prepare_config(path, toml=cp.toml, keys=cp.set)
+        except ConfigError as e:
+            return self._reject(cmd, f"invalid config, nothing changed: {e}")
+        old = path.read_bytes() if path.exists() else None
+        write_config(update)
+        crash_point("config:written")
+        if self.on_config is not None:
+            try:
+                self.on_config(update.config)
+            except Exception as e:
+                if old is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    atomic_write_bytes(path, old)
+                return self._reject(cmd, f"the daemon refused the config ({type(e).__name__}: "
+                                         f"{e}); the previous file is back")
+        return fm.Ack(cmd.id, self.device, "applied", detail={"changed": update.changed})
+
+    def _set_drain(self, cmd: fm.Command, on: bool) -> fm.Ack:
+        was = self.drained
+        atomic_write_json(self._state_path, {"drained": on})
+        if self.on_drain is not None:
+            try:
+                self.on_drain(on)
+            except Exception as e:
+                atomic_write_json(self._state_path, {"drained": was})
+                return self._reject(cmd, f"the daemon could not {cmd.type}: "
+                                         f"{type(e).__name__}: {e}")
+        return fm.Ack(cmd.id, self.device, "drained" if on else "undrained",
+                      None if was != on else f"already {'drained' if on else 'serving'}")
 
     # -- telemetry ----------------------------------------------------------------------
 
@@ -270,14 +277,20 @@ class DeviceAgent:
         while not self._stop.wait(self.config.telemetry_interval_s):
             self.publish_telemetry()
 
-    def publish_telemetry(self) -> None:
-        runtime: Mapping[str, Any] = {}
+    def telemetry(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(system, runtime): host metrics (telemetry.py) and the daemon's own."""
+        runtime: dict[str, Any] = {}
         if self.runtime_metrics is not None:
             try:
-                runtime = self.runtime_metrics()
+                runtime = dict(self.runtime_metrics())
             except Exception:
                 log.exception("runtime metrics callback failed")
-        payload = fm.telemetry_payload(self.device, self._cpu.sample(), runtime)
+        system = self._host.sample() if self._host is not None else {}
+        return system, runtime
+
+    def publish_telemetry(self) -> None:
+        system, runtime = self.telemetry()
+        payload = fm.telemetry_payload(self.device, system, runtime)
         self._publish(topics.fleet_telemetry(self.device), payload, qos=0)
 
     # -- helpers ------------------------------------------------------------------------
@@ -289,77 +302,26 @@ class DeviceAgent:
             self.device, online, bundle=self.slots.active, runtime_version=__version__,
             hostname=socket.gethostname(), machine=platform.machine(),
             python=platform.python_version(), cpu_count=os.cpu_count(),
-            mem_total_mb=_meminfo().get("MemTotal", 0) // 1024, groups=list(self.config.groups),
+            mem_total_mb=meminfo().get("MemTotal", 0) >> 20, groups=list(self.config.groups),
+            drained=self.drained,
         )
 
     def _ack(self, ack: fm.Ack) -> None:
         log.info("command %s: %s %s", ack.id, ack.state, ack.reason or "")
         self._publish(topics.fleet_cmd_ack(self.device), ack.to_json())
 
+    def _publish_final(self, ack: fm.Ack) -> None:
+        """The final ack; the journal learns when the broker has it (PUBACK)."""
+        log.info("command %s: %s %s", ack.id, ack.state, ack.reason or "")
+        cid = ack.id
+        try:
+            self.mqtt.publish(topics.fleet_cmd_ack(self.device), ack.to_json(),
+                              on_ack=lambda rc: self.journal.mark_acked(cid) if cid else None)
+        except EdgeError as e:  # offline: published again on the next connect
+            log.warning("could not publish the result of %s: %s", cid, e)
+
     def _publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         try:
             self.mqtt.publish(topic, payload, qos=qos, retain=retain)
         except EdgeError as e:  # offline: the final ack is in the journal for a re-delivery
             log.warning("could not publish on %s: %s", topic, e)
-
-    def _save_journal(self) -> None:
-        if len(self._journal) > _JOURNAL_KEEP:  # oldest finished entries go first
-            done = [k for k, v in self._journal.items() if v.get("final") is not None]
-            for k in done[: len(self._journal) - _JOURNAL_KEEP]:
-                del self._journal[k]
-        atomic_write_json(self._journal_path, {"commands": list(self._journal.values())})
-
-
-def _read_journal(path: Path) -> dict[str, dict[str, Any]]:
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    # Insertion order is the order commands arrived, which the pruning above relies on.
-    return {e["id"]: e for e in doc.get("commands", [])}
-
-
-def _meminfo() -> dict[str, int]:
-    """/proc/meminfo in bytes (empty off Linux)."""
-    out: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                out[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
-
-
-class _CpuSampler:
-    """CPU and RAM: psutil when installed, else /proc (CPU share since the last sample)."""
-
-    def __init__(self) -> None:
-        self._last: tuple[int, int] | None = None
-
-    def sample(self) -> dict[str, Any]:
-        try:
-            import psutil
-
-            vm = psutil.virtual_memory()
-            return {"cpu_percent": psutil.cpu_percent(None), "mem_used_mb": vm.used >> 20,
-                    "mem_total_mb": vm.total >> 20, "load1": os.getloadavg()[0]}
-        except ImportError:
-            pass
-        m = _meminfo()
-        total, avail = m.get("MemTotal", 0), m.get("MemAvailable", 0)
-        return {"cpu_percent": self._cpu_percent(), "mem_used_mb": (total - avail) >> 20,
-                "mem_total_mb": total >> 20, "load1": os.getloadavg()[0]}
-
-    def _cpu_percent(self) -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle, total = fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields)
-        last, self._last = self._last, (idle, total)
-        if last is None or total == last[1]:
-            return None
-        return round(100.0 * (1 - (idle - last[0]) / (total - last[1])), 1)

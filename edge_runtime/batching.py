@@ -4,11 +4,19 @@
     step()      ─▶ one decode step for every active sequence ([B, 1]) ─▶ a token each
     finished / cancelled sequences leave ─▶ their rows are dropped from the cache
 
-The batch cache is left-padded: a sequence of length L sits in the last L of P columns of
-each [B, kv_heads, P, head_dim] tensor, and its attention-mask row is 0 over the padding.
-Position ids stay each sequence's own, so a token's logits do not depend on who else is in
-the batch. Cache surgery (pad, concatenate, drop rows) happens only when the batch changes,
-never per step; when one sequence is left the cache is exactly its own, unpadded.
+Which side the padding goes depends on the graph's attention (bundle.GraphSpec):
+
+- decomposed attention (Optimum's export): present = past ++ new appends every row's new
+  key/value at the same column, so the cache is left-padded — a sequence of length L sits in
+  the last L of P columns of each [B, kv_heads, P, head_dim] tensor;
+- fused GroupQueryAttention: the kernel reads each row's length from the mask (`seqlens_k`)
+  and writes the new key/value right after it, so the cache is right-padded — a sequence
+  sits in the first L columns.
+
+Either way its attention-mask row is 0 over the padding and position ids stay each
+sequence's own, so a token's logits do not depend on who else is in the batch. Cache
+surgery (pad, concatenate, drop rows) happens only when the batch changes, never per step;
+when one sequence is left the cache is exactly its own, unpadded.
 """
 
 from __future__ import annotations
@@ -54,12 +62,16 @@ class BatchDecoder:
     def __init__(self, gen: Generator, max_batch: int = 8) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if max_batch > 1 and not gen.graph.left_padded_batch:
+        graph = gen.graph
+        if max_batch > 1 and not (graph.left_padded_batch or graph.right_padded_batch):
             raise EngineError(
-                f"this bundle's decoder cannot batch left-padded sequences (fused "
-                f"GroupQueryAttention); serve it with scheduler.max_batch = 1, not {max_batch}"
+                f"this bundle's decoder declares no padded-batch layout (a fused graph "
+                f"packaged before right-padded batching); serve it with scheduler.max_batch "
+                f"= 1, not {max_batch}, or package it again"
             )
         self.gen = gen
+        self._right = graph.right_padded_batch and not graph.left_padded_batch
+        """Pad the cache on the right (fused GQA) instead of the left."""
         self.max_batch = max_batch
         self._seqs: list[_Seq] = []
         self._cache: dict[str, DeviceTensor] = {}
@@ -126,8 +138,11 @@ class BatchDecoder:
             positions = gen.positions[:, width - 1 : width]
         else:
             lengths = np.fromiter((s.length for s in seqs), dtype=np.int64, count=b)
-            # Row i attends to its own last (length_i + 1) columns.
-            mask = (np.arange(width)[None, :] >= (width - 1 - lengths)[:, None]).astype(np.int64)
+            cols = np.arange(width)[None, :]
+            if self._right:  # row i attends to its first (length_i + 1) columns
+                mask = (cols <= lengths[:, None]).astype(np.int64)
+            else:  # row i attends to its last (length_i + 1) columns
+                mask = (cols >= (width - 1 - lengths)[:, None]).astype(np.int64)
             positions = lengths[:, None]
         out = self._logits[:b] if self._logits is not None else None
         logits, self._cache = gen.forward(ids, mask, positions, self._cache, out=out)
@@ -202,8 +217,8 @@ class BatchDecoder:
         width = max(self._width, seq.length)
         merged = {}
         for name, batch_t in self._cache.items():
-            old = _left_pad(engine.to_host(batch_t), width)
-            new = _left_pad(engine.to_host(cache[name]), width)
+            old = _pad(engine.to_host(batch_t), width, self._right)
+            new = _pad(engine.to_host(cache[name]), width, self._right)
             merged[name] = engine.from_host(np.concatenate([old, new], axis=0))
         self._seqs.append(seq)
         self._cache, self._width = merged, width
@@ -217,19 +232,18 @@ class BatchDecoder:
             return
         # Columns that are padding for every remaining row can go.
         width = max(s.length for s in self._seqs)
+        cols = slice(0, width) if self._right else slice(self._width - width, self._width)
         engine = self.gen.engine
         self._cache = {
-            name: engine.from_host(
-                np.ascontiguousarray(engine.to_host(t)[keep, :, self._width - width :, :])
-            )
+            name: engine.from_host(np.ascontiguousarray(engine.to_host(t)[keep, :, cols, :]))
             for name, t in self._cache.items()
         }
         self._width = width
 
 
-def _left_pad(t: np.ndarray, width: int) -> np.ndarray:
-    """[B, H, L, D] → [B, H, width, D] with zeros on the left."""
+def _pad(t: np.ndarray, width: int, right: bool) -> np.ndarray:
+    """[B, H, L, D] → [B, H, width, D] with zeros on the right or the left."""
     extra = width - t.shape[2]
     if extra == 0:
         return t
-    return np.pad(t, ((0, 0), (0, 0), (extra, 0), (0, 0)))
+    return np.pad(t, ((0, 0), (0, 0), (0, extra) if right else (extra, 0), (0, 0)))

@@ -82,6 +82,9 @@ class GraphSpec:
     left_padded_batch: bool = True
     """The graph decodes a left-padded batch correctly (continuous batching). False for
     fused GroupQueryAttention graphs, whose kernel assumes right-padded KV."""
+    right_padded_batch: bool = False
+    """The graph decodes a right-padded batch correctly: GroupQueryAttention reads each
+    row's length from the mask (`seqlens_k`) and writes its new key/value right after it."""
     weights: dict[str, Any] = field(default_factory=dict)
 
 
@@ -164,6 +167,7 @@ class Manifest:
                     kv_cache=KVCacheSpec(**kv) if kv else None,
                     last_token_logits=bool(g.get("last_token_logits", False)),
                     left_padded_batch=bool(g.get("left_padded_batch", True)),
+                    right_padded_batch=bool(g.get("right_padded_batch", False)),
                     weights=dict(g.get("weights", {})),
                 )
             return cls(

@@ -2,6 +2,8 @@
 
     edge-runtime serve  [--bundle DIR] [--pubkey PEM ...] [--host H] [--port P]
                         [--config FILE] [--threads N] [--api-key KEY] [--backend B]
+                        [--fleet --fleet-broker URL --fleet-root DIR [--device-id ID]
+                         [--group G ...]]
     edge-runtime verify BUNDLE [--pubkey PEM ...]
     edge-runtime cloud-worker --bundle DIR [--pubkey PEM ...] --broker mqtt://HOST:PORT
                         [--group G] [--concurrency N] [--threads N] [--echo]
@@ -19,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime import __version__
 from edge_runtime.bundle import Bundle, verify_bundle
@@ -71,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
     serve.add_argument("--access-log", help="JSON-lines access log: path, '-' = stdout, '' = off")
     serve.add_argument("--log-level", choices=LOG_LEVELS)
+    fleet = serve.add_argument_group(
+        "fleet", "run the device agent in the daemon ([fleet] in the config file): serve the "
+        "active bundle slot (on first boot, --bundle becomes it) and hot-swap on deploys")
+    fleet.add_argument("--fleet", action="store_true", default=None, help="enable the agent")
+    fleet.add_argument("--fleet-broker", help="mqtt://host:port of the fleet broker")
+    fleet.add_argument("--fleet-root", type=Path, help="device directory: slots, journal")
+    fleet.add_argument("--device-id", help="device id (default: the host name)")
+    fleet.add_argument("--group", action="append", help="device group (repeatable)")
     serve.set_defaults(func=_serve)
 
     verify = sub.add_parser("verify", help="check a bundle's signature and file hashes")
@@ -93,13 +105,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _trusted_bundle(root: Path, pubkeys: Sequence[Path]) -> Bundle:
+def _trust(pubkeys: Sequence[Path]) -> list[Ed25519PublicKey]:
     trusted = trusted_keys(list(pubkeys))
     if not trusted:
         raise SignatureError(
             f"no trusted public key: pass --pubkey PEM or put *.pub files in {default_trust_dir()}"
         )
-    return verify_bundle(root, trusted)
+    return trusted
+
+
+def _trusted_bundle(root: Path, pubkeys: Sequence[Path]) -> Bundle:
+    return verify_bundle(root, _trust(pubkeys))
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -134,13 +150,30 @@ def _serve(args: argparse.Namespace) -> int:
             "model.backend": args.backend,
             "log.access_log": args.access_log,
             "log.level": args.log_level,
+            "fleet.enabled": args.fleet,
+            "fleet.broker": args.fleet_broker,
+            "fleet.root": args.fleet_root,
+            "fleet.device_id": args.device_id,
+            "fleet.groups": tuple(args.group) if args.group else None,
         }
     )
     logging.basicConfig(
         level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     root, pubkeys = cfg.model.bundle, cfg.model.pubkeys
-    if root is None:
+    fleet = cfg.fleet.enabled
+    if fleet:
+        from edge_runtime.fleet_serving import SLOTS, install_initial
+        from edge_runtime.slots import Slots
+
+        assert cfg.fleet.root is not None  # FleetConfig checks it
+        slots_dir = cfg.fleet.root / SLOTS
+        if root is None and not (slots_dir / "state.json").is_file():
+            root, demo_key = _demo_bundle()  # first boot without --bundle: the demo
+            pubkeys = (*pubkeys, demo_key)
+        pubkeys = cfg.fleet.pubkeys or pubkeys
+        root = install_initial(Slots(slots_dir, _trust(pubkeys)), root)
+    elif root is None:
         root, demo_key = _demo_bundle()
         pubkeys = (*pubkeys, demo_key)
     bundle = _trusted_bundle(root, pubkeys)  # always verify before anything is loaded
@@ -151,6 +184,8 @@ def _serve(args: argparse.Namespace) -> int:
             "model (set --api-key or server.api_key)",
             cfg.server.host,
         )
+    if fleet:
+        return _run_server(cfg, bundle, _trust(pubkeys))
     return _run_server(cfg, bundle)
 
 
@@ -194,7 +229,9 @@ def _cloud_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_server(cfg: Config, bundle: Bundle) -> int:
+def _run_server(
+    cfg: Config, bundle: Bundle, fleet_trust: list[Ed25519PublicKey] | None = None
+) -> int:
     # Imported here so that `edge-runtime verify` does not pay for the web stack.
     import uvicorn
 
@@ -221,6 +258,12 @@ def _run_server(cfg: Config, bundle: Bundle) -> int:
                          on_failure=on_failure)
     access_log = AccessLog.open(cfg.log.access_log)
     app = create_app(worker, ModelInfo.from_bundle(bundle), cfg, access_log, offload)
+    if fleet_trust is not None:  # the app's lifespan starts it once the model is warm
+        from edge_runtime.fleet_serving import FleetServing, agent_config
+
+        app.state.fleet = FleetServing(worker, fleet_trust, bundle.root, cfg.fleet.thresholds(),
+                                       app.state.metrics, cfg.model.backend, cfg.model.threads)
+        app.state.fleet.make_agent(agent_config(cfg))
     server = uvicorn.Server(
         uvicorn.Config(
             app,

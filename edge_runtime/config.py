@@ -5,6 +5,8 @@
     [scheduler] batch size, queue bound, default deadline, offload policy (scheduler.py)
     [log]      the JSON-lines access log and the log level
     [offload]  the MQTT broker of the cloud path, and its circuit breaker
+    [fleet]    the device agent inside the daemon: broker, identity, bundle slots, and the
+               thresholds of the health-check probe a deployed bundle must pass
 
 Every key is optional; a missing file section means its defaults. Unknown keys are errors
 (a typo must not silently fall back to a default). Relative paths are relative to the config
@@ -21,10 +23,13 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.scheduler import SchedulerConfig
+
+if TYPE_CHECKING:
+    from edge_runtime.probe import ProbeThresholds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -150,12 +155,69 @@ class OffloadConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    enabled: bool = False
+    """Run the device agent in the daemon (`serve --fleet`): it serves the active bundle slot
+    and hot-swaps to what the fleet deploys."""
+    broker: str | None = None
+    """`mqtt://host:port` or `mqtts://host:port` of the fleet broker (required when enabled)."""
+    device_id: str | None = None
+    """MQTT client id and topic level (fleet/{device_id}/...); unset: offload.device_id, else
+    the host name."""
+    root: Path | None = None
+    """Device directory: bundle slots (`slots/`) and the command journal (required)."""
+    groups: tuple[str, ...] = ()
+    """Device groups whose fleet/group/{group}/cmd commands this device obeys."""
+    pubkeys: tuple[Path, ...] = ()
+    """Keys trusted to sign deployed bundles; empty: the [model] keys."""
+    telemetry_interval_s: float = 30.0
+    session_expiry_s: int = 7 * 24 * 3600
+    """How long the broker queues commands for this device while it is offline."""
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    probe_min_greedy_match: float = 0.75
+    """Share of the build's greedy reference tokens a deployed bundle must reproduce."""
+    probe_max_perplexity_increase: float = 0.05
+    """Largest relative perplexity increase over the build's (0.05 = +5 %)."""
+    probe_max_ttft_ms: float = 5000.0
+    """Largest median time to first token of the probe prompts on this device."""
+    probe_min_tokens_per_s: float = 1.0
+    """Slowest decode speed of the probe prompts accepted."""
+    probe_require_reference: bool = True
+    """Roll back a bundle that carries no probe reference (it cannot show its quality)."""
+
+    def __post_init__(self) -> None:
+        if self.enabled and (self.broker is None or self.root is None):
+            raise ConfigError("fleet.enabled needs fleet.broker and fleet.root")
+        if self.telemetry_interval_s <= 0 or self.session_expiry_s < 0:
+            raise ConfigError("fleet.telemetry_interval_s must be > 0, session_expiry_s >= 0")
+        try:
+            self.thresholds()
+        except ValueError as e:
+            raise ConfigError(f"fleet probe thresholds: {e}") from None
+
+    def thresholds(self) -> ProbeThresholds:
+        from edge_runtime.probe import ProbeThresholds
+
+        return ProbeThresholds(
+            min_greedy_match=self.probe_min_greedy_match,
+            max_perplexity_increase=self.probe_max_perplexity_increase,
+            max_ttft_ms=self.probe_max_ttft_ms, min_tokens_per_s=self.probe_min_tokens_per_s,
+            require_reference=self.probe_require_reference,
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     def override(self, changes: Mapping[str, Any]) -> Config:
         """A copy with dotted keys (`"server.port"`) replaced; None values are skipped."""
@@ -180,6 +242,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "scheduler": SchedulerConfig,
     "log": LogConfig,
     "offload": OffloadConfig,
+    "fleet": FleetConfig,
 }
 
 

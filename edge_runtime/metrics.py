@@ -4,11 +4,19 @@ Each app instance owns one `Metrics` (and so one `CollectorRegistry`): the defau
 registry would make a second app in the same process (tests, a future cloud worker beside a
 local one) fail with duplicate time series. Every series that describes served work carries
 `served_by` (`local` now, `cloud` once offload exists) so dashboards can split the two.
+
+`RecentWindow` keeps the last minute of completions for the fleet agent's telemetry: exact
+p95s and rates over a recent window, which cumulative Prometheus histograms cannot give.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,11 +44,67 @@ ENDPOINTS = (
 )
 
 
+COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+
+
+class RecentWindow:
+    """Completion requests and generations of the last `window_s` seconds."""
+
+    def __init__(self, window_s: float = 60.0, maxlen: int = 20_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        # (time, status, served_by, seconds) / (time, ttft_s incl. queue, decode tokens, s)
+        self._requests: deque[tuple[float, int, str, float]] = deque(maxlen=maxlen)
+        self._generations: deque[tuple[float, float, int, float]] = deque(maxlen=maxlen)
+
+    def request(self, status: int, served_by: str, seconds: float) -> None:
+        with self._lock:
+            self._requests.append((self._clock(), status, served_by, seconds))
+
+    def generation(self, ttft_s: float, decode_tokens: int, decode_s: float) -> None:
+        with self._lock:
+            self._generations.append((self._clock(), ttft_s, decode_tokens, decode_s))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Rates and p95s over the window (None where nothing was measured)."""
+        since = self._clock() - self.window_s
+        with self._lock:
+            reqs = [r for r in self._requests if r[0] >= since]
+            gens = [g for g in self._generations if g[0] >= since]
+        n = len(reqs)
+        ok = sorted(r[3] for r in reqs if r[1] < 400)
+        tokens = sum(g[2] for g in gens)
+        decode_s = sum(g[3] for g in gens)
+        return {
+            "window_s": self.window_s,
+            "requests": n,
+            "error_rate": sum(r[1] >= 500 for r in reqs) / n if n else 0.0,
+            "rejected_rate": sum(r[1] == 429 for r in reqs) / n if n else 0.0,
+            "offload_share": sum(r[2] == "cloud" for r in reqs) / n if n else 0.0,
+            "p95_latency_ms": _ms(_p95(ok)),
+            "ttft_p95_ms": _ms(_p95(sorted(g[1] for g in gens))),
+            "decode_tokens_per_s": round(tokens / decode_s, 2) if decode_s > 0 else None,
+        }
+
+
+def _p95(values: list[float]) -> float | None:
+    """Nearest-rank 95th percentile of sorted values."""
+    return values[max(0, math.ceil(0.95 * len(values)) - 1)] if values else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 2)
+
+
 class Metrics:
     """The daemon's series; `render()` is the /metrics body."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.recent = RecentWindow()
+        """The last minute of completions, for fleet telemetry (not exported to Prometheus)."""
         r = self.registry
         self.requests = Counter(
             "edge_runtime_requests",
@@ -116,6 +180,8 @@ class Metrics:
         label = endpoint if endpoint in ENDPOINTS else "other"  # bounded label values
         self.requests.labels(label, str(status), served_by).inc()
         self.request_latency.labels(label, served_by).observe(seconds)
+        if endpoint in COMPLETION_ENDPOINTS:
+            self.recent.request(status, served_by, seconds)
 
     def observe_generation(
         self, stats: GenerationStats, queue_wait_s: float, served_by: str
@@ -127,6 +193,9 @@ class Metrics:
             self.ttft.labels(served_by).observe(queue_wait_s + stats.ttft_s)
         if stats.decode_tokens_per_s > 0:
             self.decode_rate.labels(served_by).observe(stats.decode_tokens_per_s)
+        if served_by == "local" and stats.completion_tokens > 0:
+            self.recent.generation(queue_wait_s + stats.ttft_s, stats.completion_tokens - 1,
+                                   stats.decode_s)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

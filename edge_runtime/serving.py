@@ -20,6 +20,12 @@ whose deadline passed while it waited is refused the same way before its prefill
 The generator is synchronous and not thread-safe, so exactly one thread drives it and the
 event loop never blocks on a decode step. The scheduler and its measured rates are shared
 between the two threads under one lock; it does no I/O, so the lock is held for microseconds.
+
+Hot swap (a fleet deploy): `swap(new_generator)` is called with a generator loaded and warmed
+up beside the serving one; the engine loop adopts it between two steps. From then on new
+requests start on it, while the old batch keeps stepping until its sequences finish: each
+request runs on the generator whose tokenizer made its prompt ids (`Request.generator`). The
+old generator is dropped once nothing queued or running refers to it.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edge_runtime.bundle import MANIFEST, Bundle, GenerationDefaults
-from edge_runtime.errors import DeadlineExceededError, OverloadedError
+from edge_runtime.errors import DeadlineExceededError, EngineError, OverloadedError
 from edge_runtime.generator import Chunk, ChunkStream
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.scheduler import (
@@ -146,6 +152,14 @@ class OffloadRequested(OverloadedError):
         self.decision = decision
 
 
+class ModelChanged(OverloadedError):
+    """The generator that tokenized a request was swapped out and released before it was
+    submitted (a deploy happened meanwhile). The API tokenizes again with the new one."""
+
+    def __init__(self) -> None:
+        super().__init__("the model was replaced while the request was prepared", 0.1, 503)
+
+
 @dataclass(eq=False)
 class Request:
     """One generation request on its way through the engine loop.
@@ -165,6 +179,8 @@ class Request:
     started: float | None = None
     """time.monotonic() when its prefill began (set by the worker)."""
     events: asyncio.Queue[Chunk | BaseException] = field(default_factory=asyncio.Queue)
+    generator: TextGenerator | None = None
+    """The generator whose tokenizer made `prompt_ids` (None: the one serving at submit)."""
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -209,9 +225,11 @@ class LocalWorker:
         on_failure: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         measure_rates: bool = True,
+        model: ModelInfo | None = None,
     ) -> None:
         """`measure_rates`: time the engine at start-up and when idle (see _seed_rates); off
-        only for scripted test generators whose timing is the test's own."""
+        only for scripted test generators whose timing is the test's own. `model`: what the
+        API reports about the loaded model (a swap replaces it with the generator)."""
         self._load = load
         self._measure_rates = measure_rates
         self.config = config or SchedulerConfig()
@@ -226,8 +244,13 @@ class LocalWorker:
         self._stopping = False
         self._engine_errors: list[float] = []
         self._thread = threading.Thread(target=self._run, name="edge-runtime-engine", daemon=True)
-        self.generator: TextGenerator | None = None
-        """Set once loading and warm-up are done; the API tokenizes prompts with it."""
+        self._served: tuple[TextGenerator | None, ModelInfo | None] = (None, model)
+        """The serving generator (once loaded and warmed up) and its model, replaced together
+        by one assignment so that a reader never sees the generator of one and the other's
+        name."""
+        self._swap: tuple[TextGenerator, ModelInfo | None, threading.Event] | None = None
+        self._draining: list[tuple[TextGenerator, DecodeBatch]] = []
+        """Generators swapped out, with the batch their running requests finish in."""
         self.error: BaseException | None = None
         """Why loading failed, if it did."""
         self._ready = threading.Event()
@@ -258,6 +281,64 @@ class LocalWorker:
                 if req is not None:
                     req.deliver(OverloadedError("the server is shutting down", 1.0, status=503))
             self._wake.notify_all()
+
+    @property
+    def generator(self) -> TextGenerator | None:
+        """The serving generator; the API tokenizes prompts with it."""
+        return self._served[0]
+
+    @property
+    def model(self) -> ModelInfo | None:
+        return self._served[1]
+
+    @model.setter
+    def model(self, info: ModelInfo) -> None:
+        self._served = (self._served[0], info)
+
+    @property
+    def served(self) -> tuple[TextGenerator | None, ModelInfo | None]:
+        """(generator, model) read at once: a swap never shows half of each."""
+        return self._served
+
+    def swap(self, generator: TextGenerator, model: ModelInfo | None = None) -> None:
+        """Serve `generator` (loaded and warmed up by the caller) for new requests; return
+        once the engine loop has adopted it. Requests already queued or running finish on
+        the generator they were tokenized with."""
+        if self._measure_rates:
+            try:  # the new model's own speed, measured before it takes traffic
+                self._seed_rates(generator)
+            except Exception as e:
+                log.warning("could not measure the new model's service rates: %s", e)
+        done = threading.Event()
+        with self._lock:
+            if self._stopping:
+                raise EngineError("the server is shutting down; not swapping the model")
+            self._swap = (generator, model, done)
+            self._wake.notify_all()
+        while not done.wait(0.05):
+            if self.error is not None or (self._thread.ident and not self._thread.is_alive()):
+                raise EngineError("the engine loop is not running; cannot swap the model")
+
+    def _adopt(self, batch: DecodeBatch) -> tuple[TextGenerator, DecodeBatch]:
+        """Under the lock, on the engine thread: make the pending swap the serving model."""
+        assert self._swap is not None
+        gen, model, done = self._swap
+        self._swap = None
+        old = self._served[0]
+        if old is not None:
+            self._draining.append((old, batch))
+        self._served = (gen, model if model is not None else self._served[1])
+        done.set()
+        log.info("now serving %s; %d sequences finish on the previous model",
+                 model.version if model else "a new model", batch.active)
+        return gen, gen.batch(self.config.max_batch)
+
+    def _release_drained(self) -> None:
+        """Under the lock: drop swapped-out generators nothing queued or running refers to."""
+        for gen, batch in list(self._draining):
+            if not batch.active and not any(r.generator is gen for r in self._requests.values()):
+                self._draining.remove((gen, batch))
+                log.info("released the previous model")
 
     @property
     def ready(self) -> bool:
@@ -296,6 +377,11 @@ class LocalWorker:
         with self._lock:
             if self._stopping:
                 raise OverloadedError("the server is shutting down", 1.0, status=503)
+            gen = request.generator
+            if gen is not None and gen is not self.generator and all(
+                g is not gen for g, _ in self._draining
+            ):
+                raise ModelChanged()
             decision = self.scheduler.admit(job, now, self._cloud(), self.pressure())
             if decision.action is Action.LOCAL:
                 self._requests[job.key] = request
@@ -324,15 +410,21 @@ class LocalWorker:
                 self._on_failure(e)
             self._refuse_queued()
             return
-        self.generator = gen
+        with self._lock:
+            self._served = (gen, self._served[1])
         batch = gen.batch(self.config.max_batch)
         self._ready.set()
         while True:
             with self._lock:
+                if self._swap is not None:
+                    gen, batch = self._adopt(batch)
+                if self._draining:
+                    self._release_drained()
                 starting = self._admit_work(batch)
                 if starting is None:
                     break
-                if not starting and not batch.active:
+                draining = [b for _, b in self._draining if b.active]
+                if not starting and not batch.active and not draining:
                     if not (self._sent_away and self._probe_due()):
                         self._wake.wait(timeout=0.05)  # bounded: review() must still run
                         continue
@@ -350,6 +442,8 @@ class LocalWorker:
                 self._start(batch, job.key)
             if batch.active:
                 self._step(batch)
+            for old in draining:  # swapped-out models finish what they started
+                self._step(old)
 
     def _seed_rates(self, gen: TextGenerator, prompt_tokens: int = 8, steps: int = 8) -> None:
         """Time prefill and decode steps at every batch size up to max_batch (engine thread).
@@ -402,7 +496,7 @@ class LocalWorker:
     def _admit_work(self, batch: DecodeBatch) -> list[Job] | None:
         """Under the lock: re-decide late queued jobs, drop cancelled ones, take new ones.
         None when the loop should end."""
-        if self._stopping and not batch.active and not self.scheduler.queue:
+        if self._stopping and not batch.active and not self.scheduler.queue and not self._draining:
             return None
         now = self._clock()
         # review() simulates the queue ahead of every queued job (quadratic in its length):
@@ -426,10 +520,14 @@ class LocalWorker:
             if self._requests[job.key].cancelled:
                 self.scheduler.cancel(job.key)
                 self._requests.pop(job.key, None)
-        return self.scheduler.next_batch(self.config.max_batch - batch.active)
+        running = batch.active + sum(b.active for _, b in self._draining)
+        return self.scheduler.next_batch(self.config.max_batch - running)
 
     def _start(self, batch: DecodeBatch, key: Hashable) -> None:
         req = self._requests[key]
+        if req.generator is not None and req.generator is not self.generator:
+            # Tokenized by a swapped-out model: it runs there (kept alive for it).
+            batch = next(b for g, b in self._draining if g is req.generator)
         if req.cancelled:
             self._finish(key)
             return

@@ -7,6 +7,8 @@
       bundles/.trash-*/         a bundle being deleted (renamed first, so no half-deleted
                                 bundle ever sits under a version id)
       state.json                {"active": id, "previous": id|null, "confirmed": bool}
+      downloads/<sha256>.part   a bundle archive being downloaded (kept across restarts so
+                                the download resumes; download.py); `.tar` once checked
 
 Every switch is one rename of `state.json` after fsync (atomic.py's recipe), so a `kill -9`
 at any instant leaves the old pointer or the new one. `activate` writes `confirmed: false`
@@ -30,7 +32,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,6 +45,7 @@ from edge_runtime.errors import BundleError, DeployError, DiskSpaceError
 
 STATE = "state.json"
 BUNDLES = "bundles"
+DOWNLOADS = "downloads"
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 DEFAULT_MARGIN_BYTES = 64 << 20
@@ -79,6 +82,21 @@ class Slots:
         # Injectable so a test can simulate a full disk without filling one.
         self._disk_usage = disk_usage or (lambda p: DiskUsage(*shutil.disk_usage(p)))
         self.bundles.mkdir(parents=True, exist_ok=True)
+        self.downloads = self.root / DOWNLOADS
+
+    def free_bytes(self) -> int:
+        """Free space where bundles are staged (downloads share the filesystem)."""
+        return self._disk_usage(self.bundles).free
+
+    def clean_downloads(self, keep: Collection[str] = ()) -> list[str]:
+        """Delete downloaded archives and parts whose SHA-256 is not in `keep`."""
+        removed = []
+        if self.downloads.is_dir():
+            for p in sorted(self.downloads.iterdir()):
+                if p.name.split(".", 1)[0] not in keep:
+                    p.unlink(missing_ok=True)
+                    removed.append(p.name)
+        return removed
 
     # -- state --------------------------------------------------------------------------
 
@@ -337,6 +355,7 @@ def _extract_tar(src: Path, dst: Path) -> None:
                 shutil.copyfileobj(f, out)
                 out.flush()
                 os.fsync(out.fileno())
+            crash_point("stage:copying")  # some files out, others not yet
     for d in sorted({p for p in dst.rglob("*") if p.is_dir()} | {dst},
                     key=lambda p: -len(p.parts)):
         fsync_dir(d)

@@ -28,9 +28,12 @@ if [ -z "${PY310:-}" ]; then
     exit 0
 fi
 prebuilt=".test-cache/prebuilt"
-if [ ! -f "$prebuilt/bundle/manifest.json" ]; then
+if [ ! -f "$prebuilt/fused/manifest.json" ]; then
     rm -rf "$prebuilt"
     .venv/bin/edge-build demo --preset tiny --out "$prebuilt/bundle" > /dev/null
+    .venv/bin/edge-build fuse "$prebuilt/bundle.work/int4" "$prebuilt/fused.work" > /dev/null
+    .venv/bin/edge-build package "$prebuilt/fused.work" "$prebuilt/fused" \
+        --key "$prebuilt/bundle.work/signing.key" --name edge-tiny-fused --version 1 > /dev/null
 fi
 [ -x .venv310/bin/python ] || "$PY310" -m venv .venv310
 .venv310/bin/python -m pip install -q --upgrade pip

@@ -45,6 +45,21 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> BuiltBundle:
                        work=work)
 
 
+@pytest.fixture(scope="session")
+def tiny_fused_bundle(tiny_bundle: BuiltBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's int4 graph with attention fused into GroupQueryAttention (batches
+    right-padded), signed with the same key. Prebuilt for the device leg (scripts/test.sh)."""
+    prebuilt = os.environ.get("EDGE_TEST_PREBUILT")
+    if prebuilt:
+        return Path(prebuilt) / "fused"
+    from edge_build import fuse, package
+
+    root = tmp_path_factory.mktemp("fused")
+    fuse.run(tiny_bundle.work / "int4", root / "work")
+    return package.run(root / "work", root / "bundle", tiny_bundle.key, name="edge-tiny-fused",
+                       version="1")
+
+
 @pytest.fixture
 def bundle_copy(tiny_bundle: BuiltBundle, tmp_path: Path) -> Path:
     dst = tmp_path / "bundle"
@@ -53,7 +68,14 @@ def bundle_copy(tiny_bundle: BuiltBundle, tmp_path: Path) -> Path:
 
 
 # A real Mosquitto per test (`broker`, `persistent_broker`): see mqtt_fixtures.py.
-from mqtt_fixtures import broker, persistent_broker  # noqa: E402, F401
+# The device agent's: a controller, a device root, bundle v2 (see agent_fixtures.py).
+from agent_fixtures import (  # noqa: E402, F401
+    bundle_v2,
+    bundle_v2_tar,
+    controller,
+    device_root,
+)
+from mqtt_fixtures import broker, persistent_broker, pki, tls_broker  # noqa: E402, F401
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

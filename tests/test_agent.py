@@ -2,111 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
-import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
+from agent_fixtures import Controller, deploy, make_agent
 from conftest import BuiltBundle
 from mqtt_fixtures import Broker
 
-from edge_runtime import signing, topics
-from edge_runtime.agent import AgentConfig, DeviceAgent
-from edge_runtime.bundle import MANIFEST
-from edge_runtime.fleet_messages import Ack, Command
-from edge_runtime.mqtt import Message, MqttClient
-from edge_runtime.slots import Slots
-
-DEVICE = "dev-1"
-
-
-@pytest.fixture(scope="module")
-def bundle_v2(tiny_bundle: BuiltBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same model re-released as version 2: re-signed with edge_runtime alone, so these
-    tests also run on the device leg (no onnx, no torch)."""
-    import json
-
-    from edge_runtime.bundle import MANIFEST, write_bundle
-    from edge_runtime.signing import load_private_key
-
-    src = tiny_bundle.path
-    fields = json.loads((src / MANIFEST).read_text())
-    files = {rel: src / rel for rel in fields.pop("files")}
-    del fields["schema_version"]
-    fields.update(name="demo", version="2")
-    out = tmp_path_factory.mktemp("v2") / "bundle"
-    return write_bundle(out, files, fields, load_private_key(tiny_bundle.key))
-
-
-class Controller:
-    """The operator's side: publishes commands, collects acks and retained status."""
-
-    def __init__(self, url: str) -> None:
-        self.acks: list[Ack] = []
-        self.status: dict[str, object] = {}
-        self._cv = threading.Condition()
-        self.mqtt = MqttClient(url, "controller", reconnect_min_s=0.1, reconnect_max_s=1.0)
-        self.mqtt.subscribe(topics.fleet_cmd_ack(DEVICE), self._on_ack)
-        self.mqtt.subscribe(topics.fleet_status(DEVICE), self._on_status)
-        self.mqtt.start()
-        assert self.mqtt.wait_subscribed(10)
-
-    def _on_ack(self, m: Message) -> None:
-        with self._cv:
-            self.acks.append(Ack.from_json(m.payload))
-            self._cv.notify_all()
-
-    def _on_status(self, m: Message) -> None:
-        with self._cv:
-            self.status = json.loads(m.payload)
-            self._cv.notify_all()
-
-    def send(self, cmd: Command | bytes) -> None:
-        payload = cmd if isinstance(cmd, bytes) else cmd.to_json()
-        self.mqtt.publish(topics.fleet_cmd(DEVICE), payload, wait_s=5)
-
-    def wait(self, pred: Callable[[], bool], timeout_s: float = 60) -> None:
-        with self._cv:
-            assert self._cv.wait_for(pred, timeout_s), (self.acks, self.status)
-
-    def states(self, cid: str | None) -> list[str]:
-        return [a.state for a in self.acks if a.id == cid]
-
-    def final(self, cid: str | None, timeout_s: float = 60) -> Ack:
-        self.wait(lambda: any(a.final for a in self.acks if a.id == cid), timeout_s)
-        return next(a for a in self.acks if a.id == cid and a.final)
-
-
-@pytest.fixture
-def device_root(tiny_bundle: BuiltBundle, tmp_path: Path) -> Path:
-    root = tmp_path / "device"
-    slots = Slots(root / "slots", [signing.load_public_key(tiny_bundle.pubkey)])
-    slots.activate(slots.stage(tiny_bundle.path))
-    slots.commit()
-    return root
-
-
-def make_agent(url: str, root: Path, bundle: BuiltBundle, **kw: object) -> DeviceAgent:
-    cfg = AgentConfig(DEVICE, url, root, groups=("lab",), telemetry_interval_s=3600,
-                      reconnect_min_s=0.1, reconnect_max_s=1.0)
-    return DeviceAgent(cfg, [signing.load_public_key(bundle.pubkey)], **kw)  # type: ignore[arg-type]
-
-
-def deploy(cid: str, bundle: Path, key: BuiltBundle) -> Command:
-    kid = signing.key_id(signing.load_public_key(key.pubkey))
-    digest = hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
-    return Command(cid, "deploy", {"bundle": str(bundle), "sha256": digest, "signer": kid})
-
-
-@pytest.fixture
-def controller(broker: Broker) -> Iterator[Controller]:
-    c = Controller(broker.url)
-    yield c
-    c.mqtt.stop()
+from edge_runtime.fleet_messages import Command
 
 
 def test_deploy_switches_and_redelivery_is_not_rerun(
@@ -163,8 +67,6 @@ def test_refusals_never_touch_active_nor_crash(
         assert "not valid JSON" in (controller.final(None).reason or "")
         controller.send(Command("u-1", "reboot").to_json())
         assert "unknown command type" in (controller.final("u-1").reason or "")
-        controller.send(Command("d-1", "drain"))
-        assert "not supported" in (controller.final("d-1").reason or "")
         controller.send(Command("r-1", "rollback"))
         assert "no previous" in (controller.final("r-1").reason or "")
         assert agent.slots.active == before
@@ -206,11 +108,13 @@ def test_offline_command_runs_once_across_a_broker_restart(
     agent.stop()
     controller = Controller(url)
     try:
-        controller.send(deploy("c-3", bundle_v2, tiny_bundle))  # PUBACKed while offline
-        # A graceful restart: Mosquitto writes its store on exit (a kill -9 of the broker
-        # loses what arrived since its last autosave).
-        persistent_broker.stop()
-        persistent_broker.start()
+        cmd = deploy("c-3", bundle_v2, tiny_bundle)
+        controller.send(cmd)  # PUBACKed while the device is offline
+        # kill -9, no goodbye: the command survives because the broker saved its store
+        # when it queued it (autosave_on_changes, autosave_interval 1; docs/FLEET.md),
+        # a few ms after its PUBACK (see Broker.wait_saved).
+        persistent_broker.wait_saved(cmd.to_json())
+        persistent_broker.restart()
         assert controller.mqtt.wait_subscribed(20)
         agent = make_agent(url, device_root, tiny_bundle, health_check=lambda p: None)
         agent.start(10)

@@ -73,7 +73,8 @@ def test_readyz_is_503_until_warmup_is_done() -> None:
         warmup_gate.set()
         wait_until(lambda: worker.ready)
         r = httpx.get(f"{url}/readyz")
-        assert r.status_code == 200 and r.json() == {"status": "ready", "model": "fake-model"}
+        assert r.status_code == 200 and r.json() == {"status": "ready", "model": "fake-model",
+                                                    "version": "1"}
 
 
 def test_readyz_reports_a_failed_load() -> None:
@@ -158,6 +159,7 @@ def test_models_endpoints() -> None:
                     "object": "model",
                     "created": 1_700_000_000,
                     "owned_by": "edge-runtime",
+                    "version": "1",
                 }
             ],
         }

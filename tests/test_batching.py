@@ -20,10 +20,14 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gen(tiny_bundle) -> Generator:
-    g = Generator.from_bundle(verify_bundle(tiny_bundle.path,
-                                            [load_public_key(tiny_bundle.pubkey)]))
+@pytest.fixture(scope="module", params=["decomposed", "fused"])
+def gen(request, tiny_bundle) -> Generator:
+    """The exported graph (left-padded batches) and its GroupQueryAttention fusion
+    (right-padded batches): every test runs on both cache layouts."""
+    path = tiny_bundle.path if request.param == "decomposed" else \
+        request.getfixturevalue("tiny_fused_bundle")
+    g = Generator.from_bundle(verify_bundle(path, [load_public_key(tiny_bundle.pubkey)]))
+    assert g.graph.right_padded_batch == (request.param == "fused")
     g._eos = frozenset()  # fixed lengths: what is compared is tokens, not when EOS comes
     return g
 
@@ -100,3 +104,20 @@ def test_full_batch_and_empty_prompt_are_refused(gen):
         dec.add("b", gen.text_prompt("y"), SamplingParams(max_tokens=5))
     with pytest.raises(GenerationError, match="empty"):
         BatchDecoder(gen, max_batch=2).add("c", [], SamplingParams(max_tokens=5))
+
+
+def test_a_graph_without_a_batch_layout_is_refused(gen):
+    """A fused bundle packaged before right-padded batching declares neither layout: it
+    serves one sequence at a time instead of decoding a batch wrongly."""
+    from dataclasses import replace
+
+    from edge_runtime.errors import EngineError
+
+    saved = gen.graph
+    try:
+        gen.graph = replace(saved, left_padded_batch=False, right_padded_batch=False)
+        with pytest.raises(EngineError, match="max_batch = 1"):
+            BatchDecoder(gen, max_batch=2)
+        assert BatchDecoder(gen, max_batch=1).max_batch == 1
+    finally:
+        gen.graph = saved

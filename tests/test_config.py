@@ -129,3 +129,51 @@ def test_api_key_file(tmp_path: Path) -> None:
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert ServerConfig(host=host).is_loopback is loopback
+
+
+FLEET = """
+[fleet]
+enabled = true
+broker = "mqtts://broker.example:8883"
+device_id = "orin-7"
+root = "device"
+groups = ["lab", "eu"]
+pubkeys = ["keys/fleet.pub"]
+ca_file = "tls/ca.pem"
+cert_file = "tls/orin-7.pem"
+key_file = "tls/orin-7.key"
+telemetry_interval_s = 10
+probe_min_greedy_match = 0.9
+probe_max_ttft_ms = 800
+"""
+
+
+def test_fleet_section(tmp_path: Path) -> None:
+    from edge_runtime.fleet_serving import agent_config
+
+    cfg = load_config(write(tmp_path, FLEET))
+    f = cfg.fleet
+    assert f.enabled and f.root == tmp_path / "device" and f.groups == ("lab", "eu")
+    assert f.pubkeys == (tmp_path / "keys/fleet.pub",)
+    limits = f.thresholds()
+    assert (limits.min_greedy_match, limits.max_ttft_ms) == (0.9, 800)
+    assert limits.max_perplexity_increase == 0.05  # unset keys keep their defaults
+    agent = agent_config(cfg)
+    assert (agent.device, agent.root, agent.groups) == ("orin-7", tmp_path / "device",
+                                                        ("lab", "eu"))
+    assert agent.tls is not None and agent.tls.cert_file == str(tmp_path / "tls/orin-7.pem")
+    assert agent.telemetry_interval_s == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[fleet]\nenabled = true\nroot = 'd'\n", "needs fleet.broker and fleet.root"),
+        ("[fleet]\nprobe_min_greedy_match = 1.5\n", "min_greedy_match must be in [0, 1]"),
+        ("[fleet]\ntelemetry_interval_s = 0\n", "telemetry_interval_s must be > 0"),
+        ("[fleet]\nprobe_max_ttft = 1\n", "unknown key 'fleet.probe_max_ttft'"),
+    ],
+)
+def test_bad_fleet_section(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(write(tmp_path, text))

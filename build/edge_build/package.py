@@ -4,6 +4,11 @@ Serving never needs logits for any position but the last, so the decoder is rewr
 slice the final hidden state to one position before the LM head: a 500-token prefill then
 computes 1 × vocab logits instead of 500 × vocab (on Qwen2 shapes, 0.3 GB of float32 saved
 per prefill). The stage checks the rewritten graph against the original on a window.
+
+It also writes the bundle's quality probe (`probe/reference.json`, edge_runtime/probe.py):
+reference prompts cut from held-out text with the serving graph's greedy outputs, and its
+perplexity on held-out windows. Listed in the manifest, the file is hashed and signed with
+the rest, so a device can hold a deployed bundle to the numbers of its own build.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +26,10 @@ import numpy as np
 from edge_build.evaluate import onnx_logits
 from edge_build.export import kv_spec, read_config
 from edge_build.stage import StageError, lineage, require_dir
-from edge_runtime import signing
-from edge_runtime.bundle import verify_bundle, write_bundle
+from edge_runtime import probe, signing
+from edge_runtime.bundle import SCHEMA_VERSION, Manifest, verify_bundle, write_bundle
 from edge_runtime.engines.ort import OrtEngine
+from edge_runtime.errors import BundleError
 
 DECODER = "model/decoder.onnx"
 _TWO_GB = 2**31 - 1
@@ -61,6 +69,51 @@ def slice_last_position(model: Any) -> None:
             dim.dim_value = 1
 
 
+@dataclass(frozen=True)
+class ProbeSpec:
+    """How much reference the bundle carries: a device re-runs all of it on each deploy."""
+
+    prompts: int = 4
+    prompt_tokens: int = 24
+    max_tokens: int = 16
+    """Greedy tokens recorded per prompt."""
+    windows: int = 2
+    window_tokens: int = 64
+    """Perplexity windows: (windows x window_tokens) single-token steps on the device."""
+
+
+def _probe_texts() -> list[str]:
+    """The stdlib corpus's held-out side: text no demo model was trained on."""
+    from edge_build.corpus import stdlib_corpus
+
+    return stdlib_corpus(max_chars=200_000).heldout
+
+
+def write_reference(
+    graph_file: Path, fields: dict[str, Any], tokenizer: Any, texts: Sequence[str],
+    spec: ProbeSpec, out: Path,
+) -> dict[str, Any]:
+    """Run the probe's reference on the serving graph (CPU, ONNX Runtime); write it at out."""
+    from edge_runtime.generator import Generator
+
+    manifest = Manifest.from_dict({**fields, "files": {}, "schema_version": SCHEMA_VERSION})
+    engine = OrtEngine(graph_file, providers=["CPUExecutionProvider"])
+    try:
+        gen = Generator(engine, manifest.graphs["decoder"], tokenizer, manifest.generation)
+        try:
+            prompts, windows = probe.reference_inputs(
+                tokenizer.encode, texts, spec.prompts, spec.prompt_tokens, spec.windows,
+                spec.window_tokens,
+            )
+            ref = probe.make_reference(gen, prompts, windows, spec.max_tokens)
+        except BundleError as e:
+            raise StageError(f"quality probe: {e}") from e
+    finally:
+        engine.close()
+    out.write_text(json.dumps(ref, indent=1) + "\n")
+    return ref
+
+
 def _eos_ids(artifact: Path, config: dict[str, Any], tokenizer_eos: int | None) -> list[int]:
     ids: list[int] = []
     for src in (artifact / "generation_config.json", artifact / "config.json"):
@@ -81,8 +134,14 @@ def run(
     context_length: int | None = None,
     max_new_tokens: int = 256,
     overwrite: bool = False,
+    probe_texts: Sequence[str] | None = None,
+    probe_spec: ProbeSpec | None = ProbeSpec(),
 ) -> Path:
-    """Write a signed bundle for `input_dir` at `out`; return its path."""
+    """Write a signed bundle for `input_dir` at `out`; return its path.
+
+    `probe_texts`: held-out documents for the quality probe (default: the stdlib corpus's
+    held-out side); `probe_spec=None` writes no probe.
+    """
     import onnx
 
     from edge_runtime.tokenizer import TextTokenizer
@@ -127,8 +186,10 @@ def run(
                     if k in q
                 },
             }
-        # A fused GQA graph must not be fed a left-padded batch (see bundle.GraphSpec).
-        left_padded_batch = not any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+        # A fused GQA graph batches right-padded sequences, the decomposed one left-padded
+        # ones (see bundle.GraphSpec): present = past ++ new appends at the same column for
+        # every row, GQA appends at each row's own length.
+        fused = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
         slice_last_position(model)
         large = model.ByteSize() > _TWO_GB
         onnx.save(
@@ -155,7 +216,7 @@ def run(
         if tok_cfg_path.is_file():
             files["tokenizer/tokenizer_config.json"] = tok_cfg_path
         stages = lineage(input_dir)
-        fields = {
+        fields: dict[str, Any] = {
             "name": name,
             "version": version,
             "task": "text-generation",
@@ -182,7 +243,8 @@ def run(
                     "outputs": [vars(s) for s in outputs],
                     "kv_cache": vars(kv),
                     "last_token_logits": True,
-                    "left_padded_batch": left_padded_batch,
+                    "left_padded_batch": not fused,
+                    "right_padded_batch": fused,
                     "weights": weights,
                 }
             },
@@ -206,6 +268,15 @@ def run(
             },
             "engines": [],
         }
+        if probe_spec is not None:
+            ref_file = Path(work) / "reference.json"
+            texts = probe_texts if probe_texts is not None else _probe_texts()
+            ref = write_reference(staged, fields, tokenizer, texts, probe_spec, ref_file)
+            files[probe.REFERENCE_FILE] = ref_file
+            fields["build"]["package"]["probe"] = {
+                "file": probe.REFERENCE_FILE, "perplexity": ref["perplexity"],
+                "prompts": len(ref["prompts"]), "windows": len(ref["windows"]),
+            }
         path = write_bundle(out, files, fields, key, overwrite=overwrite)
     verify_bundle(path, [key.public_key()])
     return path

@@ -3,17 +3,19 @@
     GET  /healthz               200 while the process is alive
     GET  /readyz                200 once the model is loaded and warmed up, else 503
     GET  /metrics               Prometheus text
-    GET  /v1/models             the one served model (`bundle.manifest.name`)
+    GET  /v1/models             the one served model (`bundle.manifest.name`, its version)
     GET  /v1/models/{model}
     POST /v1/chat/completions   JSON or SSE (`stream: true`)
     POST /v1/completions        JSON or SSE
 
-The app's lifespan starts and stops the worker, so whoever runs the app (the CLI, a test's
-uvicorn thread) gets loading, warm-up and a clean shutdown without extra calls.
+The app's lifespan starts and stops the worker (and the fleet agent, when `app.state.fleet`
+holds one), so whoever runs the app (the CLI, a test's uvicorn thread) gets loading, warm-up
+and a clean shutdown without extra calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -46,6 +48,8 @@ def create_app(
     """An app serving `model` through `worker` (started and stopped by the app's lifespan)."""
     config = config or Config()
     metrics = Metrics()
+    if worker.model is None:
+        worker.model = model
     metrics.track_queue(lambda: worker.depth, lambda: worker.ready)
     if offload is not None:
         metrics.track_offload(offload.available)
@@ -59,10 +63,17 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # `app.state.fleet` (fleet_serving.FleetServing): the device agent, when the daemon
+        # runs one; it starts once the model is warm and stops before the worker does.
+        fleet = getattr(app.state, "fleet", None)
         worker.start()
+        if fleet is not None:
+            fleet.start()
         try:
             yield
         finally:
+            if fleet is not None:
+                await asyncio.to_thread(fleet.stop)  # a clean MQTT goodbye takes a moment
             worker.stop()
 
     app = FastAPI(title="edge-runtime", lifespan=lifespan)
@@ -91,7 +102,8 @@ def _health_router(state: ServingState) -> APIRouter:
     async def readyz() -> JSONResponse:
         worker = state.worker
         if worker.ready:
-            body: dict[str, Any] = {"status": "ready", "model": state.model.name}
+            m = state.current_model()
+            body: dict[str, Any] = {"status": "ready", "model": m.name, "version": m.version}
             return JSONResponse(body)
         if worker.error is not None:
             body = {"status": "failed", "error": str(worker.error)}
@@ -109,19 +121,22 @@ def _health_router(state: ServingState) -> APIRouter:
 
 def _v1_router(state: ServingState) -> APIRouter:
     router = APIRouter(prefix="/v1")
-    card = s.ModelCard(id=state.model.name, created=state.model.created)
+
+    def card() -> s.ModelCard:  # read per request: a fleet deploy swaps the model
+        m = state.current_model()
+        return s.ModelCard(id=m.name, created=m.created, version=m.version)
 
     @router.get("/models")
     async def list_models() -> s.ModelList:
-        return s.ModelList(data=[card])
+        return s.ModelList(data=[card()])
 
     @router.get("/models/{model:path}")
     async def get_model(model: str) -> s.ModelCard:
-        if model != card.id:
+        if model != card().id:
             raise APIError(
                 404, f"model '{model}' does not exist", param="model", code="model_not_found"
             )
-        return card
+        return card()
 
     @router.post("/chat/completions")
     async def chat_completions(body: s.ChatCompletionRequest, request: Request) -> Response:

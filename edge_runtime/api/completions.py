@@ -36,7 +36,13 @@ from edge_runtime.metrics import Metrics
 from edge_runtime.offload import OffloadClient, OffloadStream
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.scheduler import Action
-from edge_runtime.serving import LocalWorker, ModelInfo, OffloadRequested, TextGenerator
+from edge_runtime.serving import (
+    LocalWorker,
+    ModelChanged,
+    ModelInfo,
+    OffloadRequested,
+    TextGenerator,
+)
 from edge_runtime.serving import Request as EngineRequest
 
 T = TypeVar("T")
@@ -50,10 +56,14 @@ class ServingState:
 
     worker: LocalWorker
     model: ModelInfo
+    """The model at start-up; after a hot swap `current_model()` is the one serving."""
     metrics: Metrics
     retry_after_s: int
     offload: OffloadClient | None = None
     """The cloud path, when [offload] names a broker."""
+
+    def current_model(self) -> ModelInfo:
+        return self.worker.model or self.model
 
 
 class Cancellable(Protocol):
@@ -104,15 +114,28 @@ async def create_completion(
     request: Request, body: s.ChatCompletionRequest | s.CompletionRequest, state: ServingState
 ) -> Response:
     ctx = request_context(request.scope)
-    if body.model != state.model.name:
+    try:
+        return await _create_completion(request, body, state, ctx)
+    except ModelChanged:  # a deploy swapped the model while this one was tokenized: once more
+        return await _create_completion(request, body, state, ctx)
+
+
+async def _create_completion(
+    request: Request,
+    body: s.ChatCompletionRequest | s.CompletionRequest,
+    state: ServingState,
+    ctx: RequestContext,
+) -> Response:
+    gen, model = state.worker.served
+    model = model or state.model
+    if body.model != model.name:
         raise APIError(
             404,
-            f"model '{body.model}' does not exist; this server serves '{state.model.name}'",
+            f"model '{body.model}' does not exist; this server serves '{model.name}'",
             param="model",
             code="model_not_found",
         )
     ctx.model = body.model
-    gen = state.worker.generator
     if gen is None:
         raise APIError(
             503,
@@ -137,10 +160,12 @@ async def create_completion(
         params=params,
         loop=asyncio.get_running_loop(),
         deadline=deadline,
+        generator=gen,
     )
     # REJECT raises OverloadedError → 429/503 with Retry-After (errors.from_edge_error).
     decision = state.worker.submit(req)
-    fmt = _Format(chat, f"{'chatcmpl' if chat else 'cmpl'}-{ctx.id}", state.model)
+    ctx.bundle_version = model.version
+    fmt = _Format(chat, f"{'chatcmpl' if chat else 'cmpl'}-{ctx.id}", model)
     if decision.action is Action.OFFLOAD:
         return await _respond(request, body, state, ctx, fmt, *_to_cloud(body, state, ctx, req))
     try:
@@ -159,6 +184,7 @@ def _to_cloud(
     if state.offload is None:  # the scheduler offloads only when a cloud path is wired
         raise APIError(503, "no cloud path is configured", SERVER_ERROR, code="overloaded")
     ctx.served_by = "cloud"
+    ctx.bundle_version = None  # the cloud worker's model answers, not this device's bundle
     req.started = time.monotonic()
     endpoint = "chat" if isinstance(body, s.ChatCompletionRequest) else "completions"
     assert req.deadline is not None  # set by LocalWorker.submit

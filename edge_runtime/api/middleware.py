@@ -41,6 +41,8 @@ class RequestContext:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    bundle_version: str | None = None
+    """The version of the bundle whose model generated the response (`x-bundle-version`)."""
 
 
 def request_context(scope: Scope) -> RequestContext:
@@ -75,6 +77,8 @@ class RequestContextMiddleware:
                     (b"x-request-id", ctx.id.encode("latin-1")),
                     (b"x-served-by", ctx.served_by.encode("latin-1")),
                 ]
+                if ctx.bundle_version is not None:
+                    headers.append((b"x-bundle-version", ctx.bundle_version.encode("latin-1")))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -103,6 +107,7 @@ def _record(scope: Scope, ctx: RequestContext, status: int, seconds: float) -> d
         "method": scope["method"],
         "path": scope["path"],
         "model": ctx.model,
+        "bundle_version": ctx.bundle_version,
         "prompt_tokens": ctx.prompt_tokens,
         "completion_tokens": ctx.completion_tokens,
         "served_by": ctx.served_by,

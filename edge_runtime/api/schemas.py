@@ -219,6 +219,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "edge-runtime"
+    version: str | None = None
+    """The bundle version (an extension: OpenAI clients ignore unknown fields)."""
 
 
 class ModelList(BaseModel):

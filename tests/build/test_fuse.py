@@ -75,26 +75,14 @@ def test_unexpected_graph_is_a_named_error(tiny_export: Path):
         fuse.fuse_decoder(model, {**config, "num_hidden_layers": 3})
 
 
-def test_fused_bundle_refuses_a_left_padded_batch(tiny_bundle, tmp_path):
-    """package marks a GQA graph as unable to batch left-padded sequences; the decoder holds
-    to it instead of producing wrong tokens."""
-    from edge_build import package
+def test_fused_bundle_declares_right_padded_batches(tiny_bundle, tiny_fused_bundle):
+    """package marks a GQA graph as batching right-padded sequences and the decomposed graph
+    as left-padded; test_batching runs the batch decoder on both."""
     from edge_runtime.bundle import verify_bundle
-    from edge_runtime.errors import EngineError
-    from edge_runtime.generator import Generator
-    from edge_runtime.sampling import SamplingParams
     from edge_runtime.signing import load_public_key
 
-    fuse.run(tiny_bundle.work / "int4", tmp_path / "fused")
-    out = package.run(tmp_path / "fused", tmp_path / "bundle", tiny_bundle.key, name="f",
-                      version="1")
-    bundle = verify_bundle(out, [load_public_key(tiny_bundle.pubkey)])
-    assert bundle.graph().left_padded_batch is False
-    assert verify_bundle(tiny_bundle.path, [load_public_key(tiny_bundle.pubkey)]) \
-        .graph().left_padded_batch is True
-    gen = Generator.from_bundle(bundle)
-    with pytest.raises(EngineError, match="max_batch = 1"):
-        gen.batch(2)
-    done = gen.generate(gen.text_prompt("def f(x):"), SamplingParams(max_tokens=8,
-                                                                       temperature=0.0))
-    assert done.stats.completion_tokens == 8 or done.finish_reason == "stop"
+    keys = [load_public_key(tiny_bundle.pubkey)]
+    fused = verify_bundle(tiny_fused_bundle, keys).graph()
+    plain = verify_bundle(tiny_bundle.path, keys).graph()
+    assert (fused.left_padded_batch, fused.right_padded_batch) == (False, True)
+    assert (plain.left_padded_batch, plain.right_padded_batch) == (True, False)

@@ -1,0 +1,262 @@
+"""The fleet agent inside the daemon (`edge-runtime serve --fleet`): the daemon serves the
+active bundle slot and hot-swaps to what the fleet deploys, without failing a request.
+
+What the daemon does at each step of a deploy run by the agent (agent.py):
+
+    agent                                      daemon (this module)
+    stage: verify hash + signature, copy       -
+    activate (unconfirmed) ── on_switch ─────▶ load + warm up the new generator beside the
+                                               serving one and probe it (probe.py: quality
+                                               + latency) before any request reaches it;
+                                               passed → LocalWorker.swap (atomic for new
+                                               requests; running ones finish on the old)
+    health_check ────────────────────────────▶ the probe's verdict and numbers, and one
+                                               request through the serving path (readiness)
+    commit, or rollback ── on_switch(old) ───▶ a failed bundle never served: nothing to do
+
+So a bundle that fails its probe never answers a client, and the probe costs no second copy
+of the model. A switch to a bundle whose slot is already confirmed (an operator's rollback,
+recovery) is not probed: it served before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_runtime import probe
+from edge_runtime.agent import AgentConfig, DeviceAgent
+from edge_runtime.bundle import verify_bundle
+from edge_runtime.config import Config, FleetConfig
+from edge_runtime.errors import ConfigError, EdgeError, HealthCheckError
+from edge_runtime.metrics import Metrics
+from edge_runtime.mqtt import TlsFiles
+from edge_runtime.sampling import SamplingParams
+from edge_runtime.scheduler import Action
+from edge_runtime.serving import LocalWorker, ModelInfo, Request
+from edge_runtime.slots import Slots
+
+log = logging.getLogger(__name__)
+
+READINESS_TIMEOUT_S = 30.0
+SLOTS = "slots"
+"""Under fleet.root, as the agent keeps them."""
+
+
+def install_initial(slots: Slots, bundle: Path | None) -> Path:
+    """The bundle to serve at start-up: the active slot after recovery, or on first boot
+    `bundle` installed (verified, staged, activated, committed) as the first active slot."""
+    active = slots.recover()
+    if active is None:
+        if bundle is None:
+            raise ConfigError(f"no active bundle in {slots.root} and no --bundle to install")
+        active = slots.stage(bundle)
+        slots.activate(active)
+        slots.commit()
+        log.info("first boot: installed %s as the active bundle", active)
+    elif bundle is not None:
+        log.info("serving the active slot %s (--bundle is only installed on first boot)", active)
+    return slots.path(active)
+
+
+class FleetServing:
+    """The DeviceAgent hooks of a serving daemon (see the module docstring)."""
+
+    def __init__(
+        self,
+        worker: LocalWorker,
+        trusted: list[Ed25519PublicKey],
+        serving: Path,
+        limits: probe.ProbeThresholds | None = None,
+        metrics: Metrics | None = None,
+        backend: str = "auto",
+        threads: int | None = None,
+    ) -> None:
+        self.worker = worker
+        self.trusted = list(trusted)
+        self.limits = limits or probe.ProbeThresholds()
+        self.metrics = metrics
+        self.backend, self.threads = backend, threads
+        self.serving: Path = serving
+        """The slot whose bundle new requests go to."""
+        self.last_probe: probe.ProbeResult | None = None
+        """The numbers of the last deploy's probe, passed or not (telemetry carries them)."""
+        self._verdict: tuple[Path, probe.ProbeResult | None, BaseException | None] | None = None
+        self.agent: DeviceAgent | None = None
+        self._life = threading.Lock()
+        self._stopping = False
+        self._started = False
+
+    def make_agent(self, config: AgentConfig) -> DeviceAgent:
+        def check(path: Path) -> Any:
+            # The probe's numbers as a mapping: an agent that puts the health check's result
+            # into its final ack reports them; telemetry carries them (`probe`) in any case.
+            result = self.health_check(path)
+            return result.to_dict() if result is not None else None
+
+        self.agent = DeviceAgent(config, self.trusted, health_check=check,
+                                 runtime_metrics=self.runtime_metrics, on_switch=self.on_switch)
+        return self.agent
+
+    # -- lifecycle (the app's lifespan) --------------------------------------------------
+
+    def start(self) -> None:
+        """Start the agent once the model is warm, in the background: a deploy it resumes
+        after a crash then swaps into a running worker, and start-up is not held up."""
+        threading.Thread(target=self._start_when_ready, name="fleet-start", daemon=True).start()
+
+    def _start_when_ready(self) -> None:
+        while not self.worker.wait_ready(0.1):
+            if self._stopping or self.worker.error is not None:
+                return
+        with self._life:
+            if self._stopping or self.agent is None:
+                return
+            self.agent.start()  # connects in the background and keeps retrying
+            self._started = True
+        log.info("fleet agent %s started on %s", self.agent.device,
+                 self.agent.config.broker_url)
+
+    def stop(self) -> None:
+        with self._life:
+            self._stopping = True
+            if self._started and self.agent is not None:
+                self.agent.stop()
+
+    # -- agent hooks (agent worker thread) ------------------------------------------------
+
+    def on_switch(self, path: Path | None) -> None:
+        """Load, probe (unconfirmed slots only) and swap to `path`; never raises: a failure
+        is kept for `health_check`, and the daemon keeps serving what it served."""
+        if path is None:
+            return
+        from edge_runtime.generator import Generator
+
+        unconfirmed = self.agent is not None and not self.agent.slots.state()["confirmed"]
+        if path == self.serving:
+            # Already serving it: a resumed deploy whose slot nothing has vouched for yet is
+            # probed on a generator of its own (the serving one belongs to the engine loop).
+            self._verdict = (path, None, None)
+            if unconfirmed:
+                self._probe_beside(path)
+            return
+        result: probe.ProbeResult | None = None
+        gen: Generator | None = None
+        try:
+            bundle = verify_bundle(path, self.trusted)
+            gen = Generator.from_bundle(bundle, backend=self.backend, threads=self.threads)
+            gen.warmup()
+            if unconfirmed:
+                result = probe.measure(gen, probe.load_reference(bundle))
+                log.info("probe of %s: %s", path.name, result.to_dict())
+                self.last_probe = result
+                probe.check(result, self.limits)
+            self.worker.swap(gen, ModelInfo.from_bundle(bundle))
+        except Exception as e:  # kept for health_check, which reports it and rolls back
+            log.error("not switching to %s: %s: %s", path.name, type(e).__name__, e)
+            self._verdict = (path, result, e)
+            if gen is not None:
+                gen.engine.close()  # its memory back now, not at the next collection
+            return
+        self.serving = path
+        self._verdict = (path, result, None)
+
+    def _probe_beside(self, path: Path) -> None:
+        try:
+            bundle = verify_bundle(path, self.trusted)
+            result = probe.probe_bundle(bundle, self.limits, self.backend, self.threads)
+        except Exception as e:
+            self._verdict = (path, None, e)
+            return
+        self.last_probe = result
+        self._verdict = (path, result, None)
+
+    def health_check(self, path: Path) -> probe.ProbeResult | None:
+        """The probe's verdict on `path`, then readiness through the serving path."""
+        verdict = self._verdict
+        if verdict is None or verdict[0] != path:
+            raise HealthCheckError(f"the daemon did not switch to {path.name}")
+        _, result, error = verdict
+        if isinstance(error, HealthCheckError):
+            raise error
+        if error is not None:
+            raise HealthCheckError(f"{path.name} cannot serve: {type(error).__name__}: {error}")
+        self._readiness()
+        return result
+
+    def runtime_metrics(self) -> Mapping[str, Any]:
+        """The daemon's own numbers for the agent's telemetry."""
+        model = self.worker.model
+        out: dict[str, Any] = self.metrics.recent.snapshot() if self.metrics else {}
+        out.update(
+            ready=self.worker.ready,
+            queue_depth=self.worker.depth,
+            bundle=self.serving.name,
+            bundle_version=model.version if model else None,
+        )
+        if self.last_probe is not None:
+            out["quality_drop"] = self.last_probe.quality_drop
+            out["probe"] = self.last_probe.to_dict()
+        return out
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _readiness(self) -> None:
+        """One short greedy request through the worker, as a client's would run."""
+        gen = self.worker.generator
+        if gen is None or not self.worker.ready:
+            raise HealthCheckError("the daemon is not ready")
+
+        async def once() -> None:
+            req = Request(id=f"health-{uuid.uuid4().hex[:8]}", prompt_ids=gen.text_prompt("Hi"),
+                          params=SamplingParams(max_tokens=2, temperature=0.0),
+                          loop=asyncio.get_running_loop(), generator=gen)
+            try:
+                decision = self.worker.submit(req)
+            except EdgeError as e:  # busy is not broken: the probe has already run
+                log.info("readiness request not served locally: %s", e)
+                return
+            if decision.action is not Action.LOCAL:
+                log.info("readiness request sent to %s: %s", decision.action, decision.reason)
+                return
+            try:
+                async for _ in req.chunks():
+                    pass
+            finally:
+                req.cancel()
+
+        try:
+            asyncio.run(asyncio.wait_for(once(), READINESS_TIMEOUT_S))
+        except asyncio.TimeoutError as e:  # not the builtin TimeoutError on Python 3.10
+            raise HealthCheckError(f"no answer within {READINESS_TIMEOUT_S} s") from e
+        except EdgeError as e:
+            raise HealthCheckError(f"the serving path failed: {e}") from e
+
+
+def agent_config(cfg: Config) -> AgentConfig:
+    """The DeviceAgent's settings from [fleet] (and [offload]'s device id)."""
+    f: FleetConfig = cfg.fleet
+    if f.broker is None or f.root is None:
+        raise ConfigError("the fleet agent needs fleet.broker and fleet.root")
+    password = None
+    if f.password_file is not None:
+        try:
+            password = f.password_file.read_text().splitlines()[0].strip()
+        except (OSError, IndexError) as e:
+            raise ConfigError(f"cannot read fleet.password_file: {e}") from e
+    tls = None
+    if f.ca_file or f.cert_file:
+        tls = TlsFiles(*(str(p) if p else None for p in (f.ca_file, f.cert_file, f.key_file)))
+    device = f.device_id or cfg.offload.device_id or socket.gethostname().split(".")[0]
+    return AgentConfig(device, f.broker, f.root, groups=f.groups,
+                       telemetry_interval_s=f.telemetry_interval_s,
+                       session_expiry_s=f.session_expiry_s, tls=tls, username=f.username,
+                       password=password)
