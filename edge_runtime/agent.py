@@ -26,6 +26,7 @@ at start-up).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -93,6 +94,7 @@ class DeviceAgent:
         on_switch: Callable[[Path | None], None] | None = None,
         on_drain: Callable[[bool], None] | None = None,
         on_config: Callable[[Config], None] | None = None,
+        host_telemetry: HostTelemetry | None = None,
     ) -> None:
         self.config = config
         self.device = topics.check_device(config.device)
@@ -112,6 +114,9 @@ class DeviceAgent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._host: HostTelemetry | None = None
+        self._shared_host = host_telemetry
+        """A host sampler shared by several agents in one process (the fleet simulator);
+        it is not ours to close. Default: one of our own, made at start."""
         self.mqtt = MqttClient(
             config.broker_url, self.device, username=config.username,
             password=config.password, tls=config.tls,
@@ -128,7 +133,11 @@ class DeviceAgent:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self, wait_s: float | None = None) -> bool:
+    def start(self, wait_s: float | None = None,
+              loop: asyncio.AbstractEventLoop | None = None) -> bool:
+        """Recover, resume pending commands, connect. With `loop`, the MQTT I/O runs on that
+        asyncio loop (see MqttClient.start) instead of a paho thread of its own: how the
+        fleet simulator keeps a thousand agents in a few processes."""
         self.slots.recover()
         pending = self.journal.pending()
         # Parts of downloads no pending deploy will resume are dead weight on a small disk.
@@ -138,12 +147,12 @@ class DeviceAgent:
             self.on_drain(True)  # a drained device stays drained across restarts
         for entry in pending:  # interrupted by a crash: resume
             self._work.put(fm.Command(entry["id"], entry["type"], entry.get("params", {})))
-        self._host = HostTelemetry(tegrastats=self.config.tegrastats)
+        self._host = self._shared_host or HostTelemetry(tegrastats=self.config.tegrastats)
         for target in (self._worker, self._telemetry_loop):
             t = threading.Thread(target=target, name=f"agent-{target.__name__}", daemon=True)
             t.start()
             self._threads.append(t)
-        return self.mqtt.start(wait_s)
+        return self.mqtt.start(wait_s, loop=loop)
 
     def stop(self) -> None:
         self._stop.set()
@@ -157,7 +166,7 @@ class DeviceAgent:
             except EdgeError as e:
                 log.warning("could not publish offline status: %s", e)
         self.mqtt.stop()
-        if self._host is not None:
+        if self._host is not None and self._host is not self._shared_host:
             self._host.close()
 
     @property

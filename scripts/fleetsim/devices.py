@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from edge_runtime.agent import AgentConfig, DeviceAgent
 from edge_runtime.bundle import MANIFEST, write_bundle
 from edge_runtime.errors import HealthCheckError
 from edge_runtime.slots import Slots
+from edge_runtime.telemetry import HostTelemetry
 
 GOOD = {"quality": 0.90, "error_rate": 0.005, "ttft_p95_ms": 310.0, "tokens_per_s": 30.0}
 
@@ -105,13 +108,32 @@ def provision(root: Path, bundle: Path, trusted: list[Ed25519PublicKey]) -> None
     slots.commit()
 
 
+class SharedHost(HostTelemetry):
+    """One process's host sample, shared by all its simulated devices: they sit on the same
+    machine, and a thousand agents each reading /proc every interval would measure the
+    simulator's own cost instead of the rollout's. Sampled at most once a second."""
+
+    def __init__(self) -> None:
+        super().__init__(tegrastats=None, nvml=False)
+        self._lock = threading.Lock()
+        self._at = -1.0
+        self._last: dict[str, Any] = {}
+
+    def sample(self) -> dict[str, Any]:
+        with self._lock:
+            if time.monotonic() - self._at >= 1.0:
+                self._last, self._at = super().sample(), time.monotonic()
+            return dict(self._last)
+
+
 def sim_agent(device: str, broker_url: str, root: Path, trusted: list[Ed25519PublicKey], *,
               group: str = "sim", telemetry_interval_s: float = 1.0,
-              health_check: Any = None) -> DeviceAgent:
+              health_check: Any = None, host: HostTelemetry | None = None) -> DeviceAgent:
     cfg = AgentConfig(device, broker_url, root, groups=(group,),
                       telemetry_interval_s=telemetry_interval_s, reconnect_min_s=0.2,
                       reconnect_max_s=5.0)
-    agent = DeviceAgent(cfg, trusted, health_check=health_check or sim_health_check(device))
+    agent = DeviceAgent(cfg, trusted, health_check=health_check or sim_health_check(device),
+                        host_telemetry=host)
     agent.runtime_metrics = sim_metrics(agent)
     return agent
 
@@ -126,4 +148,4 @@ def raise_fd_limit() -> int:
     return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
-__all__ = ["make_sim_bundle", "provision", "raise_fd_limit", "sim_agent"]
+__all__ = ["SharedHost", "make_sim_bundle", "provision", "raise_fd_limit", "sim_agent"]
