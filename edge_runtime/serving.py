@@ -246,6 +246,9 @@ class LocalWorker:
         """A request was offloaded or refused since the last rate probe."""
         self._probed_at = 0.0
         self._reviewed_at = -1.0
+        self.drained = False
+        """Set by the fleet's drain: the API admits no new request (fleet_serving.py); what is
+        queued or running finishes. The engine loop itself does not look at it."""
 
     # -- control (event loop / main thread) ----------------------------------------------
 
@@ -327,6 +330,14 @@ class LocalWorker:
             if not batch.active and not any(r.generator is gen for r in self._requests.values()):
                 self._draining.remove((gen, batch))
                 log.info("released the previous model")
+
+    def reconfigure(self, config: SchedulerConfig) -> None:
+        """Scheduler settings for the decisions from now on (a fleet set-config). max_batch
+        sizes the decode batches already built: changing it takes a restart (the caller,
+        live_config.py, keeps it)."""
+        assert config.max_batch == self.config.max_batch, "max_batch changes need a restart"
+        with self._lock:
+            self.config = self.scheduler.config = config
 
     @property
     def ready(self) -> bool:
