@@ -73,6 +73,8 @@ class Daemon:
     hooks: FleetServing
     agent: DeviceAgent
     config_file: Path
+    drained_before_start: bool
+    """LocalWorker.drained once wired, before the server (or the agent) started."""
 
 
 @contextmanager
@@ -89,11 +91,12 @@ def wired_daemon(broker: Broker, root: Path, initial: Path | None, pubkey: Path,
     app = create_app(worker, ModelInfo.from_bundle(bundle), cfg)
     hooks = attach(app, worker, cfg, trusted, serving, config_file, flags)
     assert hooks.agent is not None
+    drained = worker.drained
     with serve_in_thread(app) as url:
         assert worker.wait_ready(30)
         wait_until(lambda: hooks.agent is not None and hooks.agent.mqtt.connected, 10)
         assert hooks.agent.mqtt.wait_subscribed(10)
-        yield Daemon(url, worker, hooks, hooks.agent, config_file)
+        yield Daemon(url, worker, hooks, hooks.agent, config_file, drained)
 
 
 def _chat(url: str, max_tokens: int = 8, **kw: Any) -> httpx.Response:
@@ -169,12 +172,20 @@ def test_a_persisted_drain_holds_from_start_up(
 ) -> None:
     root, config_file = tmp_path / "dev", tmp_path / "edge.toml"
     config_file.write_text(FLEET_TOML)
-    with wired_daemon(broker, root, releases.v1, tiny_bundle.pubkey, config_file):
+    with wired_daemon(broker, root, releases.v1, tiny_bundle.pubkey, config_file) as d:
+        assert not d.drained_before_start
         controller.send(Command("drain-1", "drain", {}))
         assert controller.final("drain-1").state == "drained"
     with wired_daemon(broker, root, None, tiny_bundle.pubkey, config_file) as d:
+        assert d.drained_before_start  # no request slips in before the agent is up
         _assert_drained_refusal(_chat(d.url))
         assert httpx.get(f"{d.url}/readyz").json()["status"] == "drained"
+        # Maintenance on a drained device: a deploy probes and checks readiness past the
+        # drain, and the device stays drained on the new bundle.
+        controller.send(deploy("up-2", releases.v2, tiny_bundle))
+        assert controller.final("up-2", 120).state == "active"
+        ready = httpx.get(f"{d.url}/readyz").json()
+        assert ready["status"] == "drained" and ready["version"] == "2"
 
 
 def test_set_config_applies_live_keys_atomically_and_names_the_restart_ones(
