@@ -2,6 +2,7 @@
 
     EdgeError                      anything this project raises on purpose
     ├── ConfigError                a bad configuration key or CLI value
+    │   └── AbortRuleError         a malformed `--abort-if` expression (names the bad token)
     ├── BundleError                a model bundle that cannot be used
     │   ├── BundleIntegrityError   a file is missing, has the wrong size or the wrong SHA-256
     │   └── SignatureError         the manifest's signature is absent, malformed or wrong
@@ -22,7 +23,8 @@
         │   ├── DiskSpaceError     not enough free space to stage a bundle (checked first)
         │   └── DownloadError      a bundle URL could not be fetched whole (HTTP status,
         │                          size or SHA-256 mismatch, retries exhausted)
-        └── HealthCheckError       a freshly activated bundle failed its health check
+        ├── HealthCheckError       a freshly activated bundle failed its health check
+        └── RolloutError           a staged rollout cannot be created, found or driven
 
 The build side (`edge_build`) derives its own stage errors from `EdgeError` too, so a CLI can
 catch one base class and print a clear message instead of a traceback.
@@ -37,6 +39,15 @@ class EdgeError(Exception):
 
 class ConfigError(EdgeError):
     """A configuration value is missing, of the wrong type or out of range."""
+
+
+class AbortRuleError(ConfigError):
+    """An abort expression does not parse; `token` and `column` (1-based) point at it."""
+
+    def __init__(self, message: str, token: str, column: int) -> None:
+        super().__init__(message)
+        self.token = token
+        self.column = column
 
 
 class BundleError(EdgeError):
@@ -128,3 +139,7 @@ class DownloadError(DeployError):
 
 class HealthCheckError(FleetError):
     """A newly activated bundle failed its health check; the agent rolls it back."""
+
+
+class RolloutError(FleetError):
+    """A staged rollout cannot be created, found, resumed or driven as asked."""

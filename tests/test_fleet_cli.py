@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -73,10 +74,56 @@ def test_telemetry_streams_json_lines(broker: Broker, capsys: Any) -> None:
     assert lines[0]["runtime"] == {"tokens_per_s": 42.0}
 
 
-def test_unreachable_broker_is_a_one_line_error(capsys: Any) -> None:
+def test_unreachable_broker_is_a_one_line_error(capsys: Any, monkeypatch: Any) -> None:
+    monkeypatch.delenv("EDGE_FLEET_BROKER", raising=False)
     url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
-    with pytest.raises(SystemExit):
-        fleet_cli.main(["devices"])  # --broker is required
-    capsys.readouterr()
+    assert fleet_cli.main(["devices"]) == 1
+    assert "devices needs --broker" in capsys.readouterr().err
     assert fleet_cli.main(["--broker", url, "--connect-timeout", "0.5", "devices"]) == 1
     assert "cannot reach the MQTT broker" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("rule", "token"), [
+    ("eror_rate>0.02", "'eror_rate' at column 1"),
+    ("error_rate>0.02 or", "got 'end of expression' at column 19"),
+    ("error_rate>0.02; import os", "unexpected ';' at column 16"),
+    ("quality_drop>>5%", "got '>' at column 14"),
+])
+def test_malformed_abort_rule_is_refused_before_anything(
+    rule: str, token: str, tmp_path: Path, capsys: Any,
+) -> None:
+    db = tmp_path / "r.db"
+    url = f"mqtt://127.0.0.1:{free_port()}"  # never contacted: the rule fails first
+    capsys.readouterr()
+    code = fleet_cli.main(["--broker", url, "--db", str(db), "deploy", str(tmp_path),
+                           "--group", "lab", "--abort-if", rule])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("edge-fleet deploy: error: abort rule: ") and token in err, err
+    assert fleet_cli.main(["--db", str(db), "rollouts", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+@pytest.mark.parametrize("cmd", ["status", "resume", "rollback"])
+def test_unknown_rollout_is_a_one_line_error(cmd: str, tmp_path: Path, capsys: Any) -> None:
+    db = tmp_path / "r.db"
+    capsys.readouterr()
+    assert fleet_cli.main(["--broker", "mqtt://127.0.0.1:1", "--db", str(db), cmd, "nope"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"edge-fleet {cmd}: error: unknown rollout 'nope' in {db}"), err
+
+
+def test_bad_deploy_arguments_are_one_line_errors(tmp_path: Path, capsys: Any) -> None:
+    base = ["--broker", "mqtt://127.0.0.1:1", "--db", str(tmp_path / "r.db"), "deploy"]
+    for extra, want in (
+        ([str(tmp_path / "missing"), "--group", "lab"], "does not exist"),
+        ([str(tmp_path), "--group", "lab", "--canary", "0%"], "--canary must be in"),
+        ([str(tmp_path), "--group", "lab", "--batch", "lots"], "--batch must be a share"),
+        ([str(tmp_path), "--group", "a/b"], "group 'a/b' contains"),
+        ([str(tmp_path), "--group", "lab", "--ack-timeout", "0"], "--ack-timeout must be > 0"),
+    ):
+        capsys.readouterr()
+        assert fleet_cli.main(base + extra) == 1, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and want in err, (extra, err)
