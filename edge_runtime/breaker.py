@@ -7,7 +7,8 @@
 While open, the cloud costs one fast decision (`allow()` is False) instead of a timeout per
 request. Half-open lets `probes` requests through at once and no more, so a cloud that is
 still down is tested by a few requests, not flooded. `trip()` opens at once for failures that
-need no statistics (the broker connection dropped). No I/O, no threads: the caller serializes
+need no statistics (the broker connection dropped), and `probe_now()` lets probes through
+as soon as that connection is back. No I/O, no threads: the caller serializes
 calls (offload.py holds a lock) and tests drive it with a fake clock.
 """
 
@@ -111,6 +112,13 @@ class CircuitBreaker:
             self._open()
         else:
             self._opened_at = self._clock()
+
+    def probe_now(self) -> None:
+        """Open → half-open at once: what tripped it is known to be over (the connection to
+        the broker is back), so probes need not wait out `open_s`. Other states: no-op."""
+        if self._state is State.OPEN:
+            self._probes_out = 0
+            self._set(State.HALF_OPEN)
 
     def failure_rate(self) -> float:
         self._expire()

@@ -33,6 +33,7 @@ from edge_runtime.signing import default_trust_dir, trusted_keys
 if TYPE_CHECKING:
     import uvicorn
 
+    from edge_runtime.offload import OffloadClient
     from edge_runtime.serving import LocalWorker
 
 log = logging.getLogger("edge_runtime")
@@ -268,8 +269,7 @@ def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -
     if cfg.offload.broker is not None and cfg.scheduler.offload_enabled:
         from edge_runtime.offload import OffloadClient
 
-        offload = OffloadClient.from_config(cfg.offload)
-        offload.start()  # connects in the background and keeps retrying
+        offload = OffloadClient.from_config(cfg.offload)  # started on the server's loop
     worker = LocalWorker(load, cfg.scheduler, cloud=cloud_state(offload, cfg.scheduler),
                          on_failure=on_failure)
     access_log = AccessLog.open(cfg.log.access_log)
@@ -291,19 +291,33 @@ def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -
         )
     )
     try:
-        asyncio.run(_serve_until_exit(server, worker, bundle))
+        asyncio.run(_serve_until_exit(server, worker, bundle, offload))
     finally:
         if access_log is not None:
             access_log.close()
-        if offload is not None:
-            offload.stop()
     if worker.error is not None:
         raise EdgeError(f"cannot serve {bundle.root}: {worker.error}")
     return 0
 
 
-async def _serve_until_exit(server: uvicorn.Server, worker: LocalWorker, bundle: Bundle) -> None:
+async def _serve_until_exit(
+    server: uvicorn.Server, worker: LocalWorker, bundle: Bundle, offload: OffloadClient | None
+) -> None:
     """Run uvicorn; print the URL once it listens and the model is warmed up."""
+    if offload is not None:
+        # Its MQTT I/O runs on this loop, where requests are offloaded and answers consumed;
+        # it connects in the background and keeps retrying.
+        offload.start(loop=asyncio.get_running_loop())
+    try:
+        await _serve_and_announce(server, worker, bundle)
+    finally:
+        if offload is not None:
+            offload.stop()
+
+
+async def _serve_and_announce(
+    server: uvicorn.Server, worker: LocalWorker, bundle: Bundle
+) -> None:
     task = asyncio.create_task(server.serve())
     while not (server.started and worker.ready) and not task.done():
         await asyncio.sleep(0.05)

@@ -1,6 +1,6 @@
 """The cloud side of offload: the same generator behind an MQTT shared subscription.
 
-    broker ─$share/{group}/edge/+/offload/req─▶ paho thread: decode, drop if expired
+    broker ─$share/{group}/edge/+/offload/req─▶ MQTT I/O thread: decode, drop if expired
         ─▶ bounded queue ─▶ N worker threads, one Generator each (a Generator is not
            thread-safe) ─▶ chunks ─▶ PUBLISH ResponseTopic (QoS 1, same CorrelationData)
 
@@ -15,6 +15,7 @@ what runs `drain_s` to finish before failing it too.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import queue
@@ -96,6 +97,10 @@ class CloudWorker:
         self.mqtt = MqttClient(
             broker_url, f"cloud-{group}-{secrets.token_hex(4)}", **mqtt_options
         )
+        self._io_loop = asyncio.new_event_loop()
+        self._io_thread = threading.Thread(
+            target=self._io_loop.run_forever, name="cloud-worker-mqtt", daemon=True
+        )
 
     def start(self, wait_s: float = 10.0) -> bool:
         """Load the model(s), then subscribe; True once the broker acknowledged it within
@@ -107,7 +112,12 @@ class CloudWorker:
         if self.errors:
             return False
         self.mqtt.subscribe(self.topic_filter, self._on_request)
-        self.mqtt.start()
+        # The MQTT I/O runs on an asyncio loop of its own thread (mqtt_loop.py) rather than
+        # paho's: requests are decoded and echo answers sent there without paho's wake-up
+        # socket pair (two syscalls and a select wake per packet); generation threads hand
+        # their chunks to it.
+        self._io_thread.start()
+        self.mqtt.start(loop=self._io_loop)
         return self.mqtt.wait_subscribed(wait_s)
 
     def stop(self, drain_s: float = 10.0) -> None:
@@ -130,8 +140,13 @@ class CloudWorker:
         for t in self._threads:
             t.join(5.0)
         self.mqtt.stop()
+        if self._io_thread.is_alive():
+            self._io_loop.call_soon_threadsafe(self._io_loop.stop)
+            self._io_thread.join(5.0)
+        if not self._io_loop.is_running():
+            self._io_loop.close()
 
-    # -- paho thread ------------------------------------------------------------------------
+    # -- MQTT I/O thread ------------------------------------------------------------------------
 
     def _on_request(self, msg: Message) -> None:
         now_ms = int(self._wall() * 1000)

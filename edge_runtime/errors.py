@@ -10,6 +10,8 @@
     ├── GenerationError            a generation request that cannot be served as asked
     │   └── ContextLengthError     prompt + max_tokens exceed the model's context
     ├── OverloadedError            the device cannot take the request now; retry later
+    ├── DeadlineExceededError      a locally served request reached its deadline before its
+    │                              response was complete: generation stopped (HTTP 504)
     ├── OffloadError               the cloud path failed
     │   ├── OffloadUnavailableError  breaker open, broker unreachable or no cloud worker:
     │   │                            decided at once, never by waiting for a timeout
@@ -90,6 +92,11 @@ class OverloadedError(EdgeError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.status = status
+
+
+class DeadlineExceededError(EdgeError):
+    """The request's deadline came before its response was complete; the engine loop stopped
+    generating it (serving.py). HTTP 504, or an error event in a stream that has begun."""
 
 
 class OffloadError(EdgeError):

@@ -165,11 +165,21 @@ class Metrics:
         self.ready = Gauge(
             "edge_runtime_model_ready", "1 once the model is loaded and warmed up.", registry=r
         )
+        self.offload_available = Gauge(
+            "edge_runtime_offload_available",
+            "1 while an offload would go out (broker connected, circuit breaker not open); "
+            "absent without a cloud path.",
+            registry=r,
+        )
 
     def track_queue(self, depth: Callable[[], float], ready: Callable[[], bool]) -> None:
         """Read queue depth and readiness at scrape time, so they are never stale."""
         self.queue_depth.set_function(depth)
         self.ready.set_function(lambda: float(ready()))
+
+    def track_offload(self, available: Callable[[], bool]) -> None:
+        """Read the cloud path's availability at scrape time (offload.OffloadClient)."""
+        self.offload_available.set_function(lambda: float(available()))
 
     def observe_request(self, endpoint: str, status: int, served_by: str, seconds: float) -> None:
         label = endpoint if endpoint in ENDPOINTS else "other"  # bounded label values

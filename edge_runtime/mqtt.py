@@ -15,10 +15,16 @@ jitter on every disconnect so that a fleet that lost its broker does not come ba
 lockstep, and paho doubles it up to a cap. TCP_NODELAY is set as soon as the socket opens:
 without it, Nagle's algorithm holds small publishes back until the previous one is acked
 (measured on loopback: 88 ms against 0.45 ms per request/response round trip).
+
+PUBLISH properties go through `mqtt_props` instead of paho's `Properties` codec both ways
+(a packed block on the way out, a `_Client._handle_publish` that parses the packet itself on
+the way in, paho's own decoder for anything that fast path does not handle): paho's codec
+cost ~0.45 ms of every offload round trip.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import socket
@@ -36,8 +42,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edge_runtime import mqtt_props
 from edge_runtime.errors import BrokerError, ConfigError
 from edge_runtime.messages import PublishProps
+from edge_runtime.mqtt_loop import LoopDriver
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +137,7 @@ class MqttClient:
         self._connected = threading.Event()
         self._stopping = False
         self._subscribed = threading.Event()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        c = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
         if username is not None:
             c.username_pw_set(username, password)
         if self.url.tls or tls is not None:
@@ -144,25 +152,46 @@ class MqttClient:
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         self._client = c
+        self._driver: LoopDriver | None = None
         self._set_reconnect_delay()
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self, wait_s: float | None = None) -> bool:
-        """Connect in the background (retrying until `stop`); optionally wait for it."""
+    def start(
+        self, wait_s: float | None = None, loop: asyncio.AbstractEventLoop | None = None
+    ) -> bool:
+        """Connect in the background (retrying until `stop`); optionally wait for it.
+
+        With `loop`, the network I/O runs on that asyncio loop (mqtt_loop.LoopDriver) and
+        every callback runs there, instead of on paho's own thread: for a client whose
+        publishers and consumers live on that loop (the daemon's offload client), it saves
+        two thread crossings per round trip. Do not block the loop on `wait_s` then.
+        """
+        if loop is not None and wait_s is not None and _running_loop() is loop:
+            raise ValueError("wait_s would block the loop the client runs on")
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry
         self._client.connect_async(
             self.url.host, self.url.port, self._keepalive, clean_start=self._clean_start,
             properties=props,
         )
-        self._client.loop_start()
+        if loop is None:
+            self._client.loop_start()
+        else:
+            self._driver = LoopDriver(
+                self._client, loop, self._reconnect,
+                on_open=lambda sock: self._on_socket_open(self._client, None, sock),
+            )
+            self._driver.start()
         return self._connected.wait(wait_s) if wait_s is not None else self.connected
 
     def stop(self) -> None:
         self._stopping = True  # our own DISCONNECT is not worth a warning
-        self._client.disconnect()
-        self._client.loop_stop()
+        if self._driver is not None:
+            self._driver.stop()
+        else:
+            self._client.disconnect()
+            self._client.loop_stop()
         self._connected.clear()
 
     @property
@@ -190,6 +219,7 @@ class MqttClient:
             self._handlers.pop(topic_filter, None)
         if self.connected:
             self._client.unsubscribe(topic_filter)
+            self._kick()
 
     def publish(
         self,
@@ -203,14 +233,16 @@ class MqttClient:
     ) -> int:
         """Queue one message; BrokerError if not connected. Returns its message id.
 
-        `on_ack(reason_code)` runs on the network thread when the PUBACK arrives (QoS 1);
-        `wait_s` blocks until then instead, and raises BrokerError if it does not come.
+        `on_ack(reason_code)` runs on the network thread (or loop) when the PUBACK arrives
+        (QoS 1); `wait_s` blocks until then instead, and raises BrokerError if it does not
+        come (never on the loop the client runs on).
         """
         if not self.connected:
             raise BrokerError(f"not connected to the broker at {self.url.host}:{self.url.port}")
         info = self._client.publish(topic, payload, qos, retain, properties=_to_paho(props))
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise BrokerError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+        self._kick()
         if on_ack is not None and qos > 0:
             with self._lock:
                 early = self._early_acks.pop(info.mid, None)
@@ -273,12 +305,15 @@ class MqttClient:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         t = time.perf_counter()
         p = msg.properties
-        props = PublishProps(
-            response_topic=getattr(p, "ResponseTopic", None),
-            correlation_data=getattr(p, "CorrelationData", None),
-            message_expiry_s=getattr(p, "MessageExpiryInterval", None),
-            user=tuple(getattr(p, "UserProperty", ())),
-        )
+        if isinstance(p, _Decoded):  # the fast path (_Client._handle_publish)
+            props = p.decoded
+        else:  # paho's decoder: a packet the fast path left to it
+            props = PublishProps(
+                response_topic=getattr(p, "ResponseTopic", None),
+                correlation_data=getattr(p, "CorrelationData", None),
+                message_expiry_s=getattr(p, "MessageExpiryInterval", None),
+                user=tuple(getattr(p, "UserProperty", ())),
+            )
         message = Message(msg.topic, bytes(msg.payload), props, t)
         with self._lock:
             handlers = [h for f, (h, _) in self._handlers.items() if _matches(f, msg.topic)]
@@ -316,11 +351,24 @@ class MqttClient:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _kick(self) -> None:
+        """With the I/O on an asyncio loop, get what was just queued written: at once when
+        called on the loop (not one iteration later), else by the loop. From another thread
+        paho's register-write flag alone could lose that wake-up (it is checked here while
+        the loop thread clears it)."""
+        if self._driver is None:
+            return
+        if self._driver.on_loop():
+            self._driver.flush()
+        else:
+            self._driver.flush_soon()
+
     def _send_subscribe(self, topic_filter: str, qos: int) -> None:
         with self._lock:
             rc, mid = self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 self._pending_subs.add(mid)
+        self._kick()
 
     def _set_reconnect_delay(self) -> None:
         lo, hi = self._reconnect
@@ -343,16 +391,73 @@ def _matches(topic_filter: str, topic: str) -> bool:
     return paho.topic_matches_sub(topic_filter, topic)
 
 
-def _to_paho(props: PublishProps | None) -> Properties | None:
-    if props is None:
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
         return None
-    p = Properties(PacketTypes.PUBLISH)
-    if props.response_topic is not None:
-        p.ResponseTopic = props.response_topic
-    if props.correlation_data is not None:
-        p.CorrelationData = props.correlation_data
-    if props.message_expiry_s is not None:
-        p.MessageExpiryInterval = props.message_expiry_s
-    if props.user:
-        p.UserProperty = list(props.user)
-    return p
+
+
+def _to_paho(props: PublishProps | None) -> Properties | None:
+    return None if props is None else _Packed(mqtt_props.encode(props))
+
+
+class _Packed(Properties):
+    """Properties packed by mqtt_props: paho calls only `pack()` on a PUBLISH's properties
+    (also when it resends one after a reconnect), so the block is built once, without
+    paho's per-name walk. Properties.__init__ is skipped on purpose: it alone costs ~20 µs."""
+
+    def __init__(self, packed: bytes) -> None:
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "_packed", packed)
+
+    def pack(self) -> bytes:
+        return cast(bytes, object.__getattribute__(self, "_packed"))
+
+    def __str__(self) -> str:  # paho logs properties when its debug log is on
+        return f"[packed: {len(self.pack())} bytes]"
+
+
+class _Decoded(Properties):
+    """A received PUBLISH's properties, decoded by mqtt_props (see _Client)."""
+
+    def __init__(self, props: PublishProps) -> None:
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "_decoded", props)
+
+    @property
+    def decoded(self) -> PublishProps:
+        return cast(PublishProps, object.__getattribute__(self, "_decoded"))
+
+    def __str__(self) -> str:
+        return str(self.decoded)
+
+
+class _Client(paho.Client):
+    """paho's client with a fast decoder for received MQTT 5 PUBLISH packets at QoS 0/1.
+
+    It overrides one private method, `_handle_publish` (the same in paho 2.0–2.2), and hands
+    every packet the fast path does not take (QoS 2, topic aliases, anything malformed) to
+    paho's own. tests/test_mqtt_props.py checks that the fast path is the one in use.
+    """
+
+    fast_publishes = 0
+    """PUBLISH packets this client decoded itself (for tests and curiosity)."""
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        if self._protocol != paho.MQTTv5:
+            return super()._handle_publish()
+        pkt = self._in_packet
+        p = mqtt_props.decode_publish(pkt["command"], pkt["packet"])
+        if p is None:
+            return super()._handle_publish()
+        self.fast_publishes += 1
+        message = paho.MQTTMessage(mid=p.mid, topic=p.topic.encode())
+        message.dup, message.qos, message.retain = p.dup, p.qos, p.retain
+        message.properties = _Decoded(p.props)
+        message.payload = p.payload
+        message.timestamp = time.monotonic()
+        self._handle_on_message(message)
+        if p.qos == 1 and not self._manual_ack:
+            return self._send_puback(p.mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS

@@ -2,8 +2,9 @@
 
     scheduler ── available()? latency().first_p99_s < remaining deadline? ──▶ submit(...)
     submit ─▶ breaker.allow ─▶ PUBLISH edge/{device}/offload/req (QoS 1, correlation id)
-    paho thread: chunk on edge/{device}/offload/res/{session} ─▶ call_soon_threadsafe
-    event loop:  OffloadStream reorders by seq, drops duplicates ─▶ async for chunk in stream
+    chunk on edge/{device}/offload/res/{session} ─▶ OffloadStream (on its loop: directly
+    when the MQTT I/O runs on that loop, else via call_soon_threadsafe from paho's thread)
+    ─▶ reorders by seq, drops duplicates ─▶ async for chunk in stream
 
 Every request ends in exactly one outcome for the breaker: the last chunk (success), an error
 chunk, the deadline (OffloadTimeoutError), a lost broker (OffloadUnavailableError, and the
@@ -61,15 +62,22 @@ class LatencyStats:
 class OffloadStream:
     """The chunks of one offloaded request, in order. Consume it on the loop that made it."""
 
-    def __init__(self, client: OffloadClient, request_id: str, deadline: float) -> None:
+    def __init__(
+        self, client: OffloadClient, request_id: str, deadline: float, max_tokens: int = 0
+    ) -> None:
         self.request_id = request_id
         self.deadline = deadline
+        self.max_tokens = max_tokens
+        """The generation length asked for (0: unknown): the latency bucket it counts in."""
         self.loop = asyncio.get_running_loop()
         self.published_at = 0.0
         self.first_at: float | None = None
         self.duplicates = 0
         self._client = client
-        self._events: asyncio.Queue[OffloadChunk | BaseException] = asyncio.Queue()
+        # A deque and one waiter future rather than asyncio.Queue + wait_for: wait_for makes
+        # a Task per chunk, tens of µs on a round trip that should take well under a ms.
+        self._events: collections.deque[OffloadChunk | BaseException] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._next = 0
         self._held: dict[int, OffloadChunk] = {}  # arrived ahead of a missing seq
         self.done = False
@@ -78,16 +86,19 @@ class OffloadStream:
         return self
 
     async def __anext__(self) -> OffloadChunk:
-        if self.done and self._events.empty():
+        if self.done and not self._events:
             raise StopAsyncIteration
-        remaining = self.deadline - self._client.clock()
         try:
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            item = await asyncio.wait_for(self._events.get(), remaining)
+            if not self._events:
+                await self._wait(self.deadline - self._client.clock())
+            item = self._events.popleft()
         except asyncio.TimeoutError:
             if not self.done:
                 self._end(ok=False)
+                # A timed-out round trip took at least this long: it counts in the p99 (the
+                # successes alone would make a cloud that times out look fast).
+                waited = time.perf_counter() - self.published_at
+                self._client._observe(self.max_tokens, waited, waited)
             missing = f"; chunk {self._next} never came" if self._held else ""
             raise OffloadTimeoutError(
                 f"offload {self.request_id}: no complete answer before its deadline "
@@ -98,6 +109,23 @@ class OffloadStream:
         if item.error is not None:
             raise OffloadRemoteError(item.error.message, item.error.type, item.error.code)
         return item
+
+    async def _wait(self, remaining: float) -> None:
+        """Until an event arrives; TimeoutError after `remaining` seconds."""
+        if remaining <= 0:
+            raise asyncio.TimeoutError
+        fut = self._waiter = self.loop.create_future()
+        timer = self.loop.call_later(remaining, _set_timeout, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _put(self, item: OffloadChunk | BaseException) -> None:
+        self._events.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def cancel(self) -> None:
         """The caller stops listening (its client left): forget the request, no verdict."""
@@ -122,7 +150,7 @@ class OffloadStream:
             self._next += 1
             if self.first_at is None:
                 self.first_at = c.received_at
-            self._events.put_nowait(c)
+            self._put(c)
             if c.final:
                 remote_fault = c.error is not None and c.error.type not in CLIENT_ERRORS
                 self._end(ok=not remote_fault, last_at=c.received_at)
@@ -130,14 +158,15 @@ class OffloadStream:
 
     def _fail(self, error: BaseException) -> None:
         if not self.done:
-            self._events.put_nowait(error)
+            self._put(error)
             self._end(ok=False)
 
     def _end(self, ok: bool, last_at: float | None = None) -> None:
         self.done = True
         self._client._forget(self, outcome=ok)
         if ok and last_at is not None and self.first_at is not None:
-            self._client._observe(self.first_at - self.published_at, last_at - self.published_at)
+            self._client._observe(self.max_tokens, self.first_at - self.published_at,
+                                  last_at - self.published_at)
 
 
 class OffloadClient:
@@ -164,9 +193,11 @@ class OffloadClient:
         self._wall = wall_clock
         self._lock = threading.Lock()  # the breaker and _pending are shared with paho's thread
         self._pending: dict[bytes, OffloadStream] = {}
-        self._latency: collections.deque[tuple[float, float]] = collections.deque(
-            maxlen=latency_window
-        )
+        self._tripped_by_disconnect = False
+        self._window = latency_window
+        self._latency: dict[int, collections.deque[tuple[float, float]]] = {}
+        """(first chunk s, last chunk s) of recent round trips per generation-length bucket
+        (length_bucket): a 16-token answer and a 512-token one have different p99s."""
         self.counts: collections.Counter[str] = collections.Counter()
         self.mqtt = MqttClient(
             broker_url,
@@ -199,9 +230,16 @@ class OffloadClient:
                    username=cfg.username, password=password, tls=tls,
                    keepalive_s=cfg.keepalive_s)
 
-    def start(self, wait_s: float | None = None) -> bool:
-        """Connect in the background; with `wait_s`, wait until subscribed (True) or not."""
-        self.mqtt.start()
+    def start(
+        self, wait_s: float | None = None, loop: asyncio.AbstractEventLoop | None = None
+    ) -> bool:
+        """Connect in the background; with `wait_s`, wait until subscribed (True) or not.
+
+        Pass the event loop that calls `submit` (the daemon's) as `loop`: the MQTT I/O then
+        runs on it and answers reach their streams without crossing threads (see
+        mqtt_loop.py). Without it, paho's own thread does the I/O (any loop may submit).
+        """
+        self.mqtt.start(loop=loop)
         return self.mqtt.wait_subscribed(wait_s) if wait_s is not None else self.mqtt.connected
 
     def stop(self) -> None:
@@ -215,14 +253,31 @@ class OffloadClient:
         with self._lock:
             return self.mqtt.connected and self.breaker.available()
 
-    def latency(self) -> LatencyStats:
+    def latency(self, max_tokens: int | None = None) -> LatencyStats:
+        """Round trips of recent offloads (successes, and timeouts at the time they took):
+        all of them, or those in the generation-length bucket of `max_tokens`."""
         with self._lock:
-            samples = list(self._latency)
+            if max_tokens is None:
+                samples = [x for d in self._latency.values() for x in d]
+            else:
+                samples = list(self._latency.get(length_bucket(max_tokens), ()))
         first = sorted(f for f, _ in samples)
         last = sorted(t for _, t in samples)
         return LatencyStats(
             len(samples), _pct(first, 0.5), _pct(first, 0.99), _pct(last, 0.5), _pct(last, 0.99)
         )
+
+    def p99_by_tokens(self, min_samples: int = 5) -> tuple[tuple[int, float], ...]:
+        """(bucket's max_tokens, p99 publish → last chunk) for each generation-length bucket
+        with at least `min_samples` round trips, ascending: scheduler.CloudState's table."""
+        with self._lock:
+            buckets = {b: sorted(t for _, t in d) for b, d in self._latency.items()}
+        table = []
+        for b, last in sorted(buckets.items()):
+            p99 = _pct(last, 0.99)
+            if b and len(last) >= min_samples and p99 is not None:  # b 0: length unknown
+                table.append((b, p99))
+        return tuple(table)
 
     @property
     def in_flight(self) -> int:
@@ -237,6 +292,7 @@ class OffloadClient:
         deadline: float,
         stream: bool = True,
         request_id: str | None = None,
+        max_tokens: int | None = None,
     ) -> OffloadStream:
         """Publish one request; iterate the result for its chunks. Call on the event loop.
 
@@ -255,7 +311,10 @@ class OffloadClient:
                            self.response_topic, corr),
             now_ms=int(self._wall() * 1000),
         )
-        s = OffloadStream(self, request_id, deadline)
+        if max_tokens is None:  # what the body asks for; 0 (unknown) if it leaves it open
+            asked = body.get("max_completion_tokens", body.get("max_tokens"))
+            max_tokens = asked if isinstance(asked, int) and asked > 0 else 0
+        s = OffloadStream(self, request_id, deadline, max_tokens)
         with self._lock:
             if not self.mqtt.connected:
                 self.counts["unavailable"] += 1
@@ -291,9 +350,13 @@ class OffloadClient:
                 self.breaker.record_failure()
         self.counts[{None: "cancelled", True: "ok", False: "failed"}[outcome]] += 1
 
-    def _observe(self, first_s: float, last_s: float) -> None:
+    def _observe(self, max_tokens: int, first_s: float, last_s: float) -> None:
+        bucket = length_bucket(max_tokens)
         with self._lock:
-            self._latency.append((first_s, last_s))
+            d = self._latency.get(bucket)
+            if d is None:
+                d = self._latency[bucket] = collections.deque(maxlen=self._window)
+            d.append((first_s, last_s))
 
     def _on_ack(self, s: OffloadStream, reason: int) -> None:  # paho thread
         if reason == NO_MATCHING_SUBSCRIBERS:
@@ -318,11 +381,18 @@ class OffloadClient:
             return
         _call_soon(s, s._feed, chunk)
 
-    def _on_connection(self, up: bool) -> None:  # paho thread
+    def _on_connection(self, up: bool) -> None:  # paho thread (or the loop)
         if up:
+            with self._lock:
+                if self._tripped_by_disconnect:
+                    # Reconnected: the cause of that trip is gone. Probe at once instead of
+                    # waiting out the open interval; a failing probe reopens it as usual.
+                    self._tripped_by_disconnect = False
+                    self.breaker.probe_now()
             return
         with self._lock:
             self.breaker.trip()  # no statistics needed: nothing can reach the cloud now
+            self._tripped_by_disconnect = True
         self._fail_all(OffloadUnavailableError("lost the connection to the MQTT broker"))
 
     def _fail_all(self, error: OffloadUnavailableError) -> None:
@@ -333,9 +403,31 @@ class OffloadClient:
 
 
 def _call_soon(s: OffloadStream, fn: Callable[..., None], arg: Any) -> None:
+    """Run `fn(arg)` on the stream's loop: at once when already there (the MQTT I/O runs on
+    that loop), else handed over."""
+    try:
+        here = asyncio.get_running_loop() is s.loop
+    except RuntimeError:
+        here = False
+    if here:
+        fn(arg)
+        return
     # RuntimeError: the loop is closed, so nobody is waiting any more.
     with contextlib.suppress(RuntimeError):
         s.loop.call_soon_threadsafe(fn, arg)
+
+
+def length_bucket(max_tokens: int) -> int:
+    """The generation-length bucket of a request: the next power of two, at least 16 (0 for
+    an unknown length). Round trips are compared within a bucket."""
+    if max_tokens <= 0:
+        return 0
+    return max(16, 1 << (max_tokens - 1).bit_length())
+
+
+def _set_timeout(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_exception(asyncio.TimeoutError())
 
 
 def _pct(sorted_values: list[float], q: float) -> float | None:

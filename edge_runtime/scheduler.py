@@ -16,6 +16,17 @@ The wait estimate is an event simulation of the decode batch from measured rates
 tokens/s, and the time of one decode step at each batch size (both updated online by the
 engine loop through `Rates`). Everything it needs comes in as arguments — the clock
 included — so every decision is unit-tested exactly with hand-built rates.
+
+Two rules keep the promise of a LOCAL decision:
+- A newcomer is served locally only if it also leaves every job already admitted on time:
+  its prefill pauses their decoding and its row slows every later step (a bigger batch).
+  Checking only the newcomer's own finish let a long request admitted into an idle batch be
+  overtaken by the newcomers that filled the batch after it (tests: the "1x" case).
+- The engine loop ends a running request at its deadline (serving.py), so a running job
+  occupies its slot until its last token or its deadline, whichever comes first.
+
+The cloud's p99 round trip comes per generation length (`CloudState.p99_for`): a request for
+16 tokens is not sent to the cloud on the strength of one p99 taken over 512-token answers.
 """
 
 from __future__ import annotations
@@ -128,8 +139,23 @@ class CloudState:
     available: bool
     """Configured and its circuit breaker is closed (or half-open with a probe free)."""
     p99_s: float
-    """Measured p99 round trip of an offloaded request (publish → last chunk)."""
+    """p99 round trip of an offloaded request (publish → last chunk) when nothing closer to
+    the request's generation length is known: the prior, or all samples together."""
     configured: bool = True
+    p99_by_tokens: tuple[tuple[int, float], ...] = ()
+    """(max_tokens up to, p99 s) per generation-length bucket, ascending; from offload.py."""
+
+    def p99_for(self, max_tokens: int) -> float:
+        """The p99 round trip for a request of `max_tokens`: its bucket's, else the next
+        longer bucket's (pessimistic), else the longest one scaled up linearly in tokens,
+        else `p99_s`."""
+        for upto, p99 in self.p99_by_tokens:
+            if max_tokens <= upto:
+                return p99
+        if self.p99_by_tokens:
+            upto, p99 = self.p99_by_tokens[-1]
+            return p99 * max_tokens / upto
+        return self.p99_s
 
 
 @dataclass(frozen=True)
@@ -149,8 +175,8 @@ class Scheduler:
         self.config = config
         self.rates = rates or Rates()
         self.queue: list[Job] = []
-        self.running: dict[Hashable, int] = {}
-        """Running jobs → tokens they may still generate."""
+        self.running: dict[Hashable, Running] = {}
+        """Running jobs → tokens they may still generate, and their deadlines."""
 
     # -- decisions ----------------------------------------------------------------------
 
@@ -162,15 +188,18 @@ class Scheduler:
                 trouble = f"the local queue is full ({self.config.max_queue} waiting)"
             else:
                 finish = self._estimate_finish(job, now)
-                if finish <= job.deadline:
+                if finish > job.deadline:
+                    trouble = (
+                        f"local estimate {finish - now:.2f}s exceeds the deadline "
+                        f"{job.deadline - now:.2f}s"
+                    )
+                else:
+                    trouble = self._would_delay(job, now)
+                if trouble is None:
                     self._enqueue(job)
                     return Decision(
                         Action.LOCAL, "local estimate meets the deadline", estimated_finish=finish
                     )
-                trouble = (
-                    f"local estimate {finish - now:.2f}s exceeds the deadline "
-                    f"{job.deadline - now:.2f}s"
-                )
         return self._elsewhere(job, now, cloud, trouble)
 
     def review(
@@ -182,9 +211,7 @@ class Scheduler:
         trouble = self._local_trouble(pressure)
         # One simulation gives every queued job's finish (the queue is in deadline order,
         # so the jobs ahead of each are exactly those it waits for): O(queue), not O(queue²).
-        finishes = (
-            {} if trouble else self._finish_times(now, list(self.running.values()), self.queue)
-        )
+        finishes = {} if trouble else self._finish_times(now, self._running(), self.queue)
         for job in list(self.queue):
             reason = trouble
             if reason is None:
@@ -201,14 +228,15 @@ class Scheduler:
         take = self.queue[: max(0, free_slots)]
         del self.queue[: len(take)]
         for job in take:
-            self.running[job.key] = job.max_tokens
+            self.running[job.key] = Running(job.max_tokens, job.deadline)
         return take
 
     # -- bookkeeping from the engine loop -------------------------------------------------
 
     def progressed(self, key: Hashable, tokens: int = 1) -> None:
-        if key in self.running:
-            self.running[key] = max(0, self.running[key] - tokens)
+        r = self.running.get(key)
+        if r is not None:
+            r.remaining = max(0, r.remaining - tokens)
 
     def finished(self, key: Hashable) -> None:
         self.running.pop(key, None)
@@ -237,14 +265,39 @@ class Scheduler:
             return "the device is thermally throttled"
         return None
 
+    def _running(self) -> list[tuple[Hashable, int, float]]:
+        return [(key, r.remaining, r.deadline) for key, r in self.running.items()]
+
+    def _would_delay(self, job: Job, now: float) -> str | None:
+        """Why `job` must not join: an admitted job that finishes in time without it would
+        miss its deadline with it (prefill pause + bigger batch). None if nobody would."""
+        running, queue = self._running(), self.queue
+        if not running and not queue:
+            return None
+        before = self._finish_times(now, running, queue)
+        after = self._finish_times(now, running, sorted([*queue, job], key=lambda j: j.deadline))
+        deadlines = {key: dl for key, _, dl in running} | {j.key: j.deadline for j in queue}
+        safety = self.config.safety
+        for key, dl in deadlines.items():
+            if key not in before or key not in after:
+                continue
+            if now + (before[key] - now) * safety <= dl < now + (after[key] - now) * safety:
+                return (
+                    f"it would push an admitted request past its deadline (finish "
+                    f"{before[key] - now:.2f}s → {after[key] - now:.2f}s, deadline "
+                    f"{dl - now:.2f}s)"
+                )
+        return None
+
     def _elsewhere(self, job: Job, now: float, cloud: CloudState, why: str) -> Decision:
         remaining = job.deadline - now
         if self.config.offload_enabled and cloud.configured and cloud.available:
-            if remaining > cloud.p99_s:
+            p99 = cloud.p99_for(job.max_tokens)
+            if remaining > p99:
                 return Decision(Action.OFFLOAD, f"{why}; offloaded")
             why = (
                 f"{why}; too little time left for the cloud ({remaining:.2f}s ≤ p99 "
-                f"{cloud.p99_s:.2f}s)"
+                f"{p99:.2f}s at {job.max_tokens} tokens)"
             )
             return Decision(Action.REJECT, why, 429, self._retry_after(now))
         if self.config.offload_enabled and cloud.configured:
@@ -255,18 +308,22 @@ class Scheduler:
 
     def _retry_after(self, now: float) -> float:
         """When the current local work should have drained: a hint, at least one second."""
-        drain = self._simulate(now, list(self.running.values()), self.queue, target=None)
+        drain = self._simulate(now, self._running(), self.queue, target=None)
         return float(max(1, math.ceil(drain - now)))
 
     def _estimate_finish(self, job: Job, now: float) -> float:
         """When a new job would finish (review() estimates queued ones in one pass)."""
         # Earliest deadline first: jobs due later than this one do not delay it.
         ahead = [j for j in self.queue if j.deadline <= job.deadline]
-        end = self._simulate(now, list(self.running.values()), [*ahead, job], target=job.key)
+        end = self._simulate(now, self._running(), [*ahead, job], target=job.key)
         return now + (end - now) * self.config.safety
 
     def _simulate(
-        self, now: float, running: list[int], queue: Iterable[Job], target: Hashable | None
+        self,
+        now: float,
+        running: list[tuple[Hashable, int, float]],
+        queue: Iterable[Job],
+        target: Hashable | None,
     ) -> float:
         """When `target` finishes (with no target: when everything does)."""
         finishes = self._finish_times(now, running, queue, stop_at=target)
@@ -277,30 +334,52 @@ class Scheduler:
     def _finish_times(
         self,
         now: float,
-        running: list[int],
+        running: list[tuple[Hashable, int, float]],
         queue: Iterable[Job],
         stop_at: Hashable | None = None,
-    ) -> dict[Hashable | None, float]:
-        """Event simulation of the decode batch: the finish time of each queued job (and, under
-        None, of the last running one). Jobs are assumed to use all their max_tokens."""
-        finishes: dict[Hashable | None, float] = {}
+    ) -> dict[Hashable, float]:
+        """Event simulation of the decode batch: the finish time of each running (key,
+        tokens left, deadline) and queued job, assuming each uses all its max_tokens.
+
+        A running job leaves at its deadline at the latest (the engine loop ends it there),
+        so it holds its slot no longer than that. A queued job is not cut in the simulation:
+        its finish past its deadline is what sends it elsewhere."""
+        finishes: dict[Hashable, float] = {}
         t = now
-        active: list[tuple[Hashable | None, int]] = [(None, r) for r in running if r > 0]
+        # [key, tokens left, deadline at which the engine ends it (inf: not cut)]
+        active: list[tuple[Hashable, int, float]] = [r for r in running if r[1] > 0]
         pending = list(queue)
         cap = self.config.max_batch
         while pending or active:
             while pending and len(active) < cap:
                 j = pending.pop(0)
                 t += self.rates.prefill_time(j.prompt_tokens)  # prefill pauses decoding
-                active.append((j.key, max(0, j.max_tokens - 1)))  # prefill yields token 1
+                active.append((j.key, max(0, j.max_tokens - 1), math.inf))  # token 1 = prefill
             if not active:
                 break
-            k = min(rem for _, rem in active)
-            t += k * self.rates.step_time(len(active))
-            for key, rem in active:
-                if rem == k:
+            step = self.rates.step_time(len(active))
+            # Steps until the next event: a job's last token, or a running job's deadline.
+            k = min(rem for _, rem, _ in active)
+            for _, _, dl in active:
+                if dl < math.inf:
+                    k = min(k, max(1, math.ceil((dl - t) / step - 1e-9)))
+            t += k * step
+            left = []
+            for key, rem, dl in active:
+                if rem <= k or t >= dl:
                     finishes[key] = t
+                else:
+                    left.append((key, rem - k, dl))
             if stop_at is not None and stop_at in finishes:
                 break
-            active = [(key, rem - k) for key, rem in active if rem != k]
+            active = left
         return finishes
+
+
+@dataclass
+class Running:
+    """A job in the decode batch, as the simulation needs it."""
+
+    remaining: int
+    """Tokens it may still generate (max_tokens minus those generated)."""
+    deadline: float

@@ -9,6 +9,14 @@ what joins it, what goes to the cloud and what is refused.
                                                     ─▶ batch.step() → a token per sequence
     async for c in request.chunks() ◀── loop.call_soon_threadsafe(put_nowait) ◀── each Chunk
 
+Deadlines hold for running requests too: before each decode step, a request whose deadline
+has passed, or would pass before that step ends, leaves the batch and gets a
+DeadlineExceededError — a 504 `deadline_exceeded` JSON error, or, once an SSE stream has
+begun, an error event (`{"error": {..., "code": "deadline_exceeded"}}`) and `[DONE]`, which
+OpenAI's clients raise as an APIError. An answer cut short is never passed off as complete
+(no `finish_reason: "length"`): the client asked for the whole answer by then. A request
+whose deadline passed while it waited is refused the same way before its prefill.
+
 The generator is synchronous and not thread-safe, so exactly one thread drives it and the
 event loop never blocks on a decode step. The scheduler and its measured rates are shared
 between the two threads under one lock; it does no I/O, so the lock is held for microseconds.
@@ -31,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edge_runtime.bundle import MANIFEST, Bundle, GenerationDefaults
-from edge_runtime.errors import EngineError, OverloadedError
+from edge_runtime.errors import DeadlineExceededError, EngineError, OverloadedError
 from edge_runtime.generator import Chunk, ChunkStream
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.scheduler import (
@@ -61,17 +69,21 @@ class CloudPath(Protocol):
 
     def latency(self) -> Any: ...
 
+    def p99_by_tokens(self) -> tuple[tuple[int, float], ...]: ...
+
 
 def cloud_state(cloud: CloudPath | None, config: SchedulerConfig) -> Callable[[], CloudState]:
     """The scheduler's view of the cloud path: up or not, and its p99 round trip (publish to
-    last chunk), or the configured prior until there are measurements."""
+    last chunk) per generation-length bucket; over all lengths, or the configured prior
+    until there are measurements, where a bucket has too few."""
     if cloud is None:
         return lambda: NO_CLOUD
 
     def state() -> CloudState:
         p99 = cloud.latency().last_p99_s
         return CloudState(available=cloud.available(),
-                          p99_s=config.cloud_p99_prior_s if p99 is None else p99)
+                          p99_s=config.cloud_p99_prior_s if p99 is None else p99,
+                          p99_by_tokens=cloud.p99_by_tokens())
 
     return state
 
@@ -530,6 +542,14 @@ class LocalWorker:
         if req.cancelled:
             self._finish(key)
             return
+        if req.deadline is not None and self._clock() >= req.deadline:
+            late = self._clock() - req.deadline
+            log.info("request %s reached its deadline before its prefill", key)
+            req.deliver(DeadlineExceededError(
+                f"the request's deadline passed while it waited ({late:.2f}s ago): not started"
+            ))
+            self._finish(key)
+            return
         req.started = self._clock()
         t = time.perf_counter()
         try:
@@ -550,6 +570,7 @@ class LocalWorker:
                 log.info("request %s cancelled by its client", key)
                 batch.remove(key)
                 self._finish(key)
+        self._expire(batch)
         size = batch.active
         if not size:
             return
@@ -570,6 +591,22 @@ class LocalWorker:
                 self.scheduler.progressed(key)
         for key, chunks in results.items():
             self._deliver(key, chunks)
+
+    def _expire(self, batch: DecodeBatch) -> None:
+        """End the running requests that the next decode step cannot serve in time."""
+        now = self._clock()
+        with self._lock:
+            step = self.scheduler.rates.step_time(max(1, batch.active))
+        for key in batch.keys:
+            req = self._requests[key]
+            if req.deadline is not None and now + step > req.deadline:
+                log.info("request %s reached its deadline during generation", key)
+                batch.remove(key)
+                req.deliver(DeadlineExceededError(
+                    f"the request's deadline came during generation ({req.deadline - now:.3f}s "
+                    f"left, a decode step takes ~{step:.3f}s): generation stopped"
+                ))
+                self._finish(key)
 
     def _deliver(self, key: Hashable, chunks: list[Chunk]) -> None:
         req = self._requests[key]

@@ -2,7 +2,7 @@
 """Overload: p99 latency vs offered load, FIFO (Ollama-like) vs ours (batching + SLO + offload).
 
     pip install matplotlib        # the plot needs it; it is not a project dependency
-    python scripts/bench_overload.py [--workers 1] [--slo-ms MS] [--requests 80]
+    python scripts/bench_overload.py [--workers 1] [--slo-ms MS] [--requests 60]
 
 Everything runs on loopback and is started by this script: its own Mosquitto (free port,
 TCP_NODELAY, no persistence), K `edge-runtime cloud-worker` processes (`--workers`, default
@@ -21,7 +21,15 @@ TOML config. All processes are in their own process groups and are stopped on ex
      every request (`--deadline-margin`), offload to the cloud workers over MQTT 5.
    Per request: TTFT and latency from the *scheduled* arrival (open loop), `x-served-by`,
    status; 429/503 count as rejected; no answer within `--hard-cap-s` counts as hung.
-3. A table in docs/BENCHMARKS.md (between the `bench_overload` markers) and a plot of p99
+   Each request asks for one of `--max-tokens` (32 or 96 by default): a table gives local
+   and cloud p99 per length, which the scheduler compares per length too.
+3. Faults, on the `ours` daemon at `--fault-load` x capacity (overload/faults.py; skip with
+   `--no-faults`): the broker is SIGKILLed under load and restarted (time until offload is
+   reported unavailable = the breaker opened, until it is available again, until the first
+   cloud answer; local requests during the outage must not fail); then one of two cloud
+   workers is SIGKILLed mid-request (every request answered, refused or failed explicitly
+   within its deadline; counts by outcome).
+4. A table in docs/BENCHMARKS.md (between the `bench_overload` markers) and a plot of p99
    latency vs offered load in docs/overload_p99.png (`--no-write` to skip both).
 
 The device and the "cloud" share this machine's cores, so the cloud path is no faster than
@@ -46,8 +54,10 @@ from types import FrameType
 from typing import Any
 
 from bench.report import cpu_model, update_section
+from overload import faults
 from overload.load import Result, Workload, closed_loop, open_loop, pct, summarize
-from overload.procs import Procs, daemon_config, free_port, tail
+from overload.procs import Proc, Procs, daemon_config, free_port, tail
+from overload.report import fault_report, fmt, length_table, plot, table
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -71,6 +81,8 @@ class Bench:
             (args.bundle, args.pubkey) if args.bundle else default_bundle()
         )
         self.broker = ""
+        self.broker_proc: Proc | None = None
+        self.workers: list[Proc] = []
         self.log: list[str] = []
 
     def say(self, msg: str) -> None:
@@ -88,7 +100,49 @@ class Bench:
         return proc, base, model
 
     def workload(self, base: str, model: str, deadline_ms: float | None) -> Workload:
-        return Workload(base, model, self.args.max_tokens, self.args.hard_cap_s, deadline_ms)
+        return Workload(base, model, tuple(self.args.max_tokens), self.args.hard_cap_s,
+                        deadline_ms)
+
+    def fault_phases(self, base: str, model: str, budget_ms: float,
+                     capacity: float) -> dict[str, Any]:
+        """Kill the broker under load, then one of two cloud workers (overload/faults.py)."""
+        a = self.args
+        w = self.workload(base, model, budget_ms)
+        rate = a.fault_load * capacity
+        n = max(a.min_requests, int(rate * a.fault_span_s))
+        port = int(self.broker.rsplit(":", 1)[1])
+
+        def kill_broker() -> None:
+            assert self.broker_proc is not None
+            self.procs.kill(self.broker_proc)
+
+        def restart_broker() -> None:
+            self.broker_proc, _ = self.procs.mosquitto(port)
+
+        out: dict[str, Any] = {"rate": rate, "n": n}
+        b = out["broker"] = faults.broker_phase(w, rate, n, a.seed + 100, kill_broker,
+                                                restart_broker)
+        self.say(f"broker phase ({a.fault_load:g}x, n={n}): {b['marks']}, offload recovered "
+                 f"{b['offload_recovered_after_s']} s after the restart; during the outage "
+                 f"{b['outage']}; local {b['local_during_outage']}")
+        while len(self.workers) < 2:  # the worker phase needs two to kill one of
+            wp = self.procs.cloud_worker(len(self.workers), self.bundle, self.pubkey,
+                                         self.broker, a.worker_concurrency, a.worker_threads)
+            self.procs.wait_worker(wp)
+            self.workers.append(wp)
+        # Before the worker phase: offload available again and the workers back from their
+        # own reconnects (paho's backoff) after the broker phase.
+        deadline = time.monotonic() + 60
+        while not faults.offload_available(base) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3.0)
+        victim = self.workers.pop(0)
+        k = out["worker"] = faults.worker_phase(w, rate, n, a.seed + 200,
+                                                lambda: self.procs.kill(victim))
+        self.say(f"worker phase ({a.fault_load:g}x, n={n}): {k['marks']}, {k['counts']}; "
+                 f"unexplained (lost, hung or past the deadline) {k['unexplained']}"
+                 + (f"; late: {k['late']}" if k["late"] else ""))
+        return out
 
     def calibrate(self) -> dict[str, Any]:
         a = self.args
@@ -144,72 +198,6 @@ class Bench:
         return out
 
 
-def fmt(x: float | int, digits: int = 2) -> str:
-    if isinstance(x, float) and math.isnan(x):
-        return "–"
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
-def table(rows: Sequence[dict[str, Any]], slo_s: float) -> str:
-    head = ("| Mode | Load | Offered req/s | Requests | Served local / cloud | Offloaded | "
-            "Rejected (429/503) | Failed at deadline | Errors | Lost | Hung | "
-            "Latency p50 / p95 / p99 s | "
-            "Local p99 s | TTFT p50 / p99 s | Local TTFT p99 s | Client send lag p99 s |")
-    lines = [head, "|---" + "|--:" * 15 + "|"]
-    for r in rows:
-        local_p99 = fmt(r["lat_local_p99"])
-        if not math.isnan(r["lat_local_p99"]) and r["mode"] == "ours":
-            local_p99 += " ✓" if r["lat_local_p99"] <= slo_s else " ✗"
-        lines.append(
-            f"| {r['mode']} | {r['mult']:g}x | {r['rate']:.2f} | {r['n']} | "
-            f"{r['local']} / {r['cloud']} | {100 * r['offload_share']:.0f}% | "
-            f"{r['rejected']} | {r['expired']} | "
-            f"{r['errors']} | {r['lost']} | {r['hung']} | "
-            f"{fmt(r['lat_p50'])} / {fmt(r['lat_p95'])} / {fmt(r['lat_p99'])} | {local_p99} | "
-            f"{fmt(r['ttft_p50'])} / {fmt(r['ttft_p99'])} | {fmt(r['ttft_local_p99'])} | "
-            f"{fmt(r['send_lag_p99'])} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: Sequence[dict[str, Any]], slo_s: float, capacity: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
-    series = [
-        ("fifo", "lat_p99", "FIFO, no offload (Ollama-like)", "tab:red", "o-"),
-        ("ours", "lat_p99", "ours: all served requests", "tab:blue", "s-"),
-        ("ours", "lat_local_p99", "ours: served locally", "tab:cyan", "^--"),
-    ]
-    for mode, key, label, color, style in series:
-        pts = [(r["mult"], r[key]) for r in rows if r["mode"] == mode and not math.isnan(r[key])]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
-    for r in rows:
-        if r["mode"] == "ours" and (r["cloud"] or r["rejected"]):
-            ax.annotate(f"{100 * r['offload_share']:.0f}% cloud\n{r['rejected']} rej.",
-                        (r["mult"], r["lat_p99"]), textcoords="offset points", xytext=(-18, 10),
-                        fontsize=7, color="tab:blue")
-    ax.axhline(slo_s, color="gray", linestyle=":", label=f"SLO {slo_s:.2f} s")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    mults = sorted({r["mult"] for r in rows})
-    ax.set_xlim(mults[0] / 1.3, mults[-1] * 1.3)
-    ax.set_xticks(mults)
-    ax.set_xticklabels([f"{m:g}x" for m in mults])
-    ax.set_xlabel(f"offered load (x capacity = {capacity:.2f} req/s, Poisson arrivals)")
-    ax.set_ylabel("p99 latency, s (log)")
-    ax.set_title("p99 latency vs offered load (demo bundle, 2-core CPU, loopback)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, help="bundle directory (default: the demo bundle)")
@@ -234,7 +222,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--min-requests", type=int, default=30, help="min requests per level (30)")
     ap.add_argument("--max-level-s", type=float, default=12.0,
                     help="arrivals span at most about this long per level (12 s)")
-    ap.add_argument("--max-tokens", type=int, default=96, help="max_tokens per request (96)")
+    ap.add_argument("--max-tokens", type=lambda s: [int(x) for x in s.split(",")],
+                    default=[32, 96], help="max_tokens of each request, one of these "
+                    "(seeded): the cloud's p99 is compared per length (32,96)")
+    ap.add_argument("--fault-load", type=float, default=2.0,
+                    help="load (x capacity) of the broker-kill and worker-kill phases (2)")
+    ap.add_argument("--fault-span-s", type=float, default=15.0,
+                    help="arrivals of each fault phase span about this long; the broker dies "
+                         "at 1/4 and returns at 1/2 of it, the worker dies at 1/3 (15 s)")
+    ap.add_argument("--no-faults", action="store_true", help="skip the fault phases")
     ap.add_argument("--hard-cap-s", type=float, default=45.0,
                     help="a request with no end after this is hung (45 s)")
     ap.add_argument("--seed", type=int, default=0)
@@ -257,14 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs = Procs(Path(tmp))
         bench = Bench(args, procs)
         try:
-            _, bench.broker = procs.mosquitto()
-            workers = [
+            bench.broker_proc, bench.broker = procs.mosquitto()
+            bench.workers = [
                 procs.cloud_worker(i, bench.bundle, bench.pubkey, bench.broker,
                                    args.worker_concurrency, args.worker_threads)
                 for i in range(args.workers)
             ]
             bench.say(f"mosquitto on {bench.broker}; {args.workers} cloud worker(s) starting")
-            for wp in workers:  # loaded before calibrating: loading competes for the CPU
+            for wp in bench.workers:  # loaded before calibrating: loading competes for the CPU
                 procs.wait_worker(wp)
             calib = bench.calibrate()
             slo_s, capacity = calib["slo_s"], calib["capacity"]
@@ -280,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             budget_ms = slo_s * 1000 * (1 - args.deadline_margin)
             rows += bench.run_levels("ours", base, model, budget_ms, capacity)
+            fault = None if args.no_faults else bench.fault_phases(base, model, budget_ms,
+                                                                    capacity)
             procs.stop(proc)
             dead = [p.name for p in procs.procs if not p.alive()]
             if dead:
@@ -309,8 +307,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{fifo_top['hung']} hung."
     )
     print(verdict)
+    lengths = length_table(rows)
+    print(lengths)
+    fault_md = fault_report(fault, slo_s, args) if fault else ""
+    print(fault_md)
     if args.json:
-        args.json.write_text(json.dumps({"calibration": calib, "rows": rows,
+        args.json.write_text(json.dumps({"calibration": calib, "rows": rows, "faults": fault,
                                          "log": bench.log}, indent=2, default=str) + "\n")
     if args.no_write:
         return 0
@@ -336,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.worker_threads} thread(s) each) — and by other jobs on the machine: load "
         f"average before {load_before[0]:.2f}, after {load_after[0]:.2f}",
         f"- **Model:** demo bundle (`{bench.bundle}`), int4 ONNX on ONNX Runtime CPU; each "
-        f"request a streamed `/v1/completions`, greedy, max_tokens {args.max_tokens}, one "
+        f"request a streamed `/v1/completions`, greedy, max_tokens one of "
+        f"{', '.join(map(str, args.max_tokens))}, one "
         "of 8 short prompts (seeded)",
         f"- **Calibration** (closed loop, max_batch 4, no deadline): {cal}. Unloaded latency "
         f"{calib['unloaded_s']:.3f} s; **SLO {slo_s:.2f} s** "
@@ -359,9 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"**{verdict}**",
         "",
         "Rejected = an explicit 429/503 with Retry-After (the scheduler's answer when neither "
-        "path can meet the deadline); failed at deadline = the stream ended with an explicit "
-        "error event at the request's deadline (an offloaded answer that the cloud could not "
-        "finish in time); errors = other statuses or error events; lost = connection failed "
+        "path can meet the deadline); failed at deadline = the request ended with an explicit "
+        "`deadline_exceeded` error (a 504, or an error event once streaming) at its deadline: "
+        "an offloaded answer the cloud could not finish in time, or a local generation the "
+        "engine loop stopped (in brackets) because the next step would end past it; "
+        "errors = other statuses or error events; lost = connection failed "
         "or the stream ended without a finish. Latency "
         "percentiles are over completed requests. Client send lag = scheduled arrival to the "
         "moment the load generator (same machine, same cores) actually sends: time the "
@@ -370,6 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the device's own engine.",
         "",
         "![p99 latency vs offered load](overload_p99.png)",
+        "",
+        "**By generation length** (ours; the scheduler compares a request's remaining "
+        "deadline with the cloud's p99 round trip measured for its own length bucket):",
+        "",
+        lengths,
+        "",
+        fault_md,
     ])
     update_section(DOC, MARK, body)
     print(f"wrote {DOC} and {PLOT}")

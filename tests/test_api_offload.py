@@ -84,9 +84,11 @@ def test_pressure_offloads_and_the_answer_matches_local(daemon, tiny_bundle) -> 
 
 def test_cloud_down_and_device_overloaded_is_an_explicit_503(daemon, broker) -> None:
     url, switch, client = daemon
+    assert "edge_runtime_offload_available 1.0" in httpx.get(f"{url}/metrics").text
     switch.memory = True
     broker.kill()
     wait_until(lambda: not client.available(), timeout=2)
+    assert "edge_runtime_offload_available 0.0" in httpx.get(f"{url}/metrics").text
     r = httpx.post(f"{url}/v1/chat/completions", timeout=10, json={
         "model": "edge-demo", "messages": MESSAGES, "max_tokens": 5})
     assert r.status_code == 503

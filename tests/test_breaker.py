@@ -130,6 +130,25 @@ def test_trip_while_open_restarts_the_interval() -> None:
     assert b.state is State.HALF_OPEN
 
 
+def test_probe_now_skips_the_rest_of_the_open_interval() -> None:
+    b, clock = make()
+    b.trip()
+    clock.t += 0.5
+    b.probe_now()  # the connection is back
+    assert b.state is State.HALF_OPEN and b.allow() and not b.allow()
+    b.record_failure()  # the probe failed: a full interval again
+    assert b.state is State.OPEN
+    clock.t += 4.9
+    assert b.state is State.OPEN
+    b.record_success()  # a late answer changes nothing while open
+    b.probe_now()
+    assert b.allow()
+    b.record_success()
+    assert b.state is State.CLOSED
+    b.probe_now()  # closed: no-op
+    assert b.state is State.CLOSED
+
+
 @pytest.mark.parametrize("kw", [{"failure_rate": 0.0}, {"failure_rate": 1.5}, {"probes": 0},
                                 {"min_requests": 0}, {"window_s": 0.0}])
 def test_bad_config(kw: dict[str, float]) -> None:

@@ -164,6 +164,26 @@ def test_expired_request_is_dropped_not_served(broker: Broker) -> None:
         w.stop()
 
 
+def test_round_trips_are_kept_per_generation_length(broker: Broker,
+                                                    device: OffloadClient) -> None:
+    w = echo_worker(broker)
+    try:
+        async def run() -> None:
+            for tokens, n in ((8, 6), (16, 2), (200, 5), (None, 5)):
+                body = {**CHAT, "max_tokens": tokens} if tokens else {
+                    k: v for k, v in CHAT.items() if k != "max_tokens"}
+                for _ in range(n):
+                    assert (await collect(device, body))[-1].final
+        asyncio.run(run())
+        # 8 and 16 share the 16 bucket; 200 is in 256; an unknown length stays out.
+        table = device.p99_by_tokens()
+        assert [b for b, _ in table] == [16, 256]
+        assert device.latency(9).samples == 8 and device.latency(129).samples == 5
+        assert device.latency().samples == 18
+    finally:
+        w.stop()
+
+
 def test_two_workers_on_one_shared_subscription_split_the_load(
         broker: Broker, device: OffloadClient) -> None:
     a, b = echo_worker(broker), echo_worker(broker)
@@ -204,6 +224,10 @@ def test_deadline_is_explicit(broker: Broker, device: OffloadClient) -> None:
             asyncio.run(collect(device, CHAT, timeout_s=0.3))
         assert 0.25 < time.monotonic() - t0 < 1.0
         assert device.in_flight == 0
+        # The timeout counts in the cloud's p99 at the time it took (CHAT asks 16 tokens).
+        lat = device.latency(16)
+        assert lat.samples == 1 and lat.last_p99_s is not None and lat.last_p99_s >= 0.25
+        assert device.latency(17).samples == 0
     finally:
         sink.stop()
 
@@ -273,3 +297,54 @@ def test_one_of_two_workers_killed_mid_request(broker: Broker, device: OffloadCl
         for p in procs:
             p.kill()
             p.wait(10)
+
+
+# -- the client's MQTT I/O on the caller's event loop (as the daemon runs it) ----------------
+
+
+def test_on_loop_round_trip_and_broker_restart(broker: Broker) -> None:
+    """start(loop=...): no paho thread; requests, answers, PUBACKs, keepalive and reconnects
+    all on the loop that submits. The broker dies and comes back: the breaker opens at once
+    and the client recovers by itself."""
+    w = echo_worker(broker)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        # open_s far beyond the test: recovery comes from the reconnect (probe_now), not
+        # from waiting out the open interval.
+        breaker = CircuitBreaker(BreakerConfig(min_requests=2, open_s=60.0))
+        client = OffloadClient(broker.url, "dev1", breaker=breaker, reconnect_min_s=0.1,
+                               reconnect_max_s=0.5)
+        client.start(loop=loop)
+        with pytest.raises(ValueError, match="block the loop"):
+            client.mqtt.start(wait_s=1, loop=loop)
+        try:
+            assert await loop.run_in_executor(None, client.mqtt.wait_subscribed, 10.0)
+            assert client.mqtt._client._thread is None  # type: ignore[attr-defined]
+            for _ in range(5):
+                chunks = [c async for c in client.submit(CHAT, "chat", time.monotonic() + 5)]
+                assert chunks[-1].finish_reason == "length"
+            assert client.latency().samples == 5
+            await loop.run_in_executor(None, broker.kill)
+            t0 = time.monotonic()
+            while client.available():
+                assert time.monotonic() - t0 < 1.0, "the breaker did not open within 1 s"
+                await asyncio.sleep(0.01)
+            with pytest.raises(OffloadUnavailableError):
+                client.submit(CHAT, "chat", time.monotonic() + 5)
+            await loop.run_in_executor(None, broker.start)
+            t0 = time.monotonic()
+            while not (client.available() and w.mqtt.wait_subscribed(0)):
+                assert time.monotonic() - t0 < 10, "no reconnect within 10 s"
+                await asyncio.sleep(0.05)
+            chunks = [c async for c in client.submit(CHAT, "chat", time.monotonic() + 5)]
+            assert chunks[-1].finish_reason == "length"
+            assert client.breaker.state is State.CLOSED
+        finally:
+            client.stop()
+        assert not client.mqtt.connected
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        w.stop()

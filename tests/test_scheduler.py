@@ -11,6 +11,7 @@ from edge_runtime.scheduler import (
     Job,
     Pressure,
     Rates,
+    Running,
     Scheduler,
     SchedulerConfig,
 )
@@ -126,3 +127,88 @@ def test_rates_learn_and_extrapolate():
     assert r.prefill_tokens_per_s == pytest.approx(150.0)
     with pytest.raises(ConfigError, match=r"scheduler\.max_batch must be >= 1, got 0"):
         SchedulerConfig(max_batch=0)
+
+
+# -- the 1x failure: jobs admitted into a half-empty batch, slowed by those admitted after ---
+
+
+def run_engine(s: Scheduler, arrivals: list[Job], cloud: CloudState = UP) -> dict:
+    """A discrete-event stand-in for serving.LocalWorker's loop, driven by the scheduler with
+    the same hand-built rates as its own (so any miss is the policy's, not the rates'):
+    admit on arrival, start what next_batch() gives (prefill pauses decoding and yields the
+    first token), one decode step at a time, review() between steps, and a running job
+    ended at its deadline as serving.py does. Returns what happened to every job."""
+    out: dict = {}
+    pending = sorted(arrivals, key=lambda j: j.arrival)
+    jobs = {j.key: j for j in arrivals}
+    active: dict = {}
+    t = 0.0
+    while pending or active or s.queue:
+        while pending and pending[0].arrival <= t:
+            j = pending.pop(0)
+            d = s.admit(j, t, cloud, OK)
+            if d.action is not Action.LOCAL:
+                out[j.key] = d.action.value
+        for j, d in s.review(t, cloud, OK):
+            out[j.key] = d.action.value
+        for j in s.next_batch(s.config.max_batch - len(active)):
+            t += s.rates.prefill_time(j.prompt_tokens)
+            active[j.key] = j.max_tokens - 1
+        if not active:
+            if pending:
+                t = max(t, pending[0].arrival)
+            continue
+        t += s.rates.step_time(len(active))
+        for key in list(active):
+            active[key] -= 1
+            s.progressed(key)
+            if active[key] == 0 or t >= jobs[key].deadline:
+                out[key] = "late" if t > jobs[key].deadline else "done"
+                del active[key]
+                s.finished(key)
+    return out
+
+
+def test_newcomers_cannot_push_an_admitted_long_request_past_its_deadline():
+    """The benchmark's 1x case in miniature. A 96-token request arrives at an idle moment:
+    alone it needs 0.97 s of its 1.5 s budget, so it is served locally. Short requests then
+    keep arriving; each on its own fits easily (≤ 0.4 s), but every one that joins pauses the
+    long one for a prefill and makes each of its steps slower (step time grows with the
+    batch: 10 → 22 ms). Judged only by their own finish they join, and the long request is
+    still running at its deadline (checked: this test fails without Scheduler._would_delay).
+    The scheduler must also keep its earlier promises."""
+    r = Rates(prefill_tokens_per_s=1000.0, step_s={1: 0.010, 2: 0.014, 3: 0.018, 4: 0.022})
+    s = Scheduler(SchedulerConfig(max_batch=4, safety=1.0), r)
+    long = Job("long", 0.0, 1.5, prompt_tokens=20, max_tokens=96)
+    shorts = [Job(f"s{i}", 0.02 + 0.04 * i, 0.02 + 0.04 * i + 1.5, 20, 16) for i in range(40)]
+    out = run_engine(s, [long, *shorts])
+    assert out["long"] == "done"
+    local = [k for k, v in out.items() if v in ("done", "late")]
+    assert [k for k in local if out[k] == "late"] == []
+    assert len(local) > 10, "the rule should refuse only what would do harm"
+    assert "offload" in out.values()
+
+
+def test_a_running_job_holds_its_slot_until_its_deadline_at_most():
+    s = sched(max_batch=1)
+    # "a" runs (admitted when steps were faster); 100 tokens to go, due at 0.5 s. It would
+    # take 10 s more, but the engine ends it at 0.5 s: "b" starts then.
+    s.running["a"] = Running(remaining=100, deadline=0.5)
+    d = s.admit(job("b", deadline=2.0), 0.0, UP, OK)
+    assert d.action is Action.LOCAL
+    assert d.estimated_finish == pytest.approx(0.5 + 1.1)
+
+
+def test_cloud_p99_is_read_for_the_request_s_generation_length():
+    cloud = CloudState(available=True, p99_s=9.0, p99_by_tokens=((16, 0.3), (64, 1.2)))
+    assert cloud.p99_for(8) == 0.3 and cloud.p99_for(16) == 0.3
+    assert cloud.p99_for(17) == 1.2  # the next longer bucket: pessimistic
+    assert cloud.p99_for(128) == pytest.approx(2.4)  # beyond the longest: linear in tokens
+    assert CloudState(available=True, p99_s=9.0).p99_for(8) == 9.0  # nothing measured
+    s = sched(max_queue=0)
+    # 1 s left: enough for a 16-token answer (p99 0.3 s), not for a 64-token one (1.2 s).
+    assert s.admit(job("short", deadline=1.0, max_tokens=16), 0.0, cloud, OK).action \
+        is Action.OFFLOAD
+    d = s.admit(job("long", deadline=1.0, max_tokens=64), 0.0, cloud, OK)
+    assert (d.action, d.status) == (Action.REJECT, 429)
+    assert "p99 1.20s at 64 tokens" in d.reason

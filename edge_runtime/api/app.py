@@ -52,6 +52,8 @@ def create_app(
     if worker.model is None:
         worker.model = model
     metrics.track_queue(lambda: worker.depth, lambda: worker.ready)
+    if offload is not None:
+        metrics.track_offload(offload.available)
     state = ServingState(
         worker=worker,
         model=model,

@@ -222,6 +222,7 @@ def _to_cloud(
         req.deadline,
         stream=body.stream,
         request_id=ctx.id,
+        max_tokens=req.params.max_tokens,  # the cloud's p99 is looked up by length
     )
     return _CloudWork(req, stream), _cloud_chunks(stream, len(req.prompt_ids))
 

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from edge_runtime.errors import (
     ContextLengthError,
+    DeadlineExceededError,
     EdgeError,
     GenerationError,
     OffloadError,
@@ -83,7 +84,7 @@ def from_edge_error(e: EdgeError) -> APIError:
         # The cloud worker judged the request: its client errors are the client's too.
         status = 400 if e.type == INVALID_REQUEST else 502
         return APIError(status, str(e), e.type, code=e.code)
-    if isinstance(e, OffloadTimeoutError):
+    if isinstance(e, (OffloadTimeoutError, DeadlineExceededError)):
         return APIError(504, str(e), SERVER_ERROR, code="deadline_exceeded")
     if isinstance(e, OffloadError):
         return APIError(503, str(e), SERVER_ERROR, code="cloud_unavailable",

@@ -7,7 +7,8 @@ omission), TTFT is the first SSE event, latency the `[DONE]` event. Outcomes:
     ok        200, a finish_reason and [DONE]
     rejected  429 or 503 (the explicit "no" the issue allows)
     expired   an error event inside the stream saying the deadline passed (an explicit
-              failure at the deadline, e.g. the cloud could not finish in time)
+              failure at the deadline: the cloud could not finish in time, or a local
+              generation was ended at its deadline), or a 504
     error     any other status, or any other error event inside the stream
     lost      the connection failed or the stream ended without a finish
     hung      no end within the hard cap (the request is then abandoned)
@@ -22,6 +23,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -47,25 +49,31 @@ class Result:
     detail: str = ""
     send_lag_s: float | None = None
     """Scheduled arrival → the request leaves this client (its own CPU starvation)."""
+    end_s: float | None = None
+    """Scheduled arrival → the request's last byte, whatever its outcome."""
+    max_tokens: int = 0
+    t_arrival: float = 0.0
+    """Its scheduled arrival (perf_counter), to place it on a fault timeline."""
 
 
 @dataclass(frozen=True)
 class Workload:
     base_url: str
     model: str
-    max_tokens: int
+    max_tokens: tuple[int, ...]
+    """Each request asks for one of these (seeded choice): generation lengths to compare."""
     hard_cap_s: float
     deadline_ms: float | None = None
     """Sent as `x-request-deadline-ms` when set."""
 
 
 async def one_request(
-    client: httpx.AsyncClient, w: Workload, prompt: str, t_arrival: float
+    client: httpx.AsyncClient, w: Workload, prompt: str, t_arrival: float, max_tokens: int
 ) -> Result:
     """Send one streamed completion at (about) `t_arrival` (perf_counter clock)."""
-    res = Result()
+    res = Result(max_tokens=max_tokens, t_arrival=t_arrival)
     headers = {} if w.deadline_ms is None else {"x-request-deadline-ms": f"{w.deadline_ms:.0f}"}
-    body = {"model": w.model, "prompt": prompt, "max_tokens": w.max_tokens,
+    body = {"model": w.model, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
 
     async def run() -> None:
@@ -80,7 +88,7 @@ async def one_request(
                 res.latency_s = time.perf_counter() - t_arrival
                 return
             if resp.status_code != 200:
-                res.outcome = "error"
+                res.outcome = "expired" if resp.status_code == 504 else "error"
                 res.detail = (await resp.aread()).decode(errors="replace")[:200]
                 return
             finished = False
@@ -114,6 +122,7 @@ async def one_request(
         res.outcome, res.detail = "hung", f"no end within {w.hard_cap_s:.0f} s"
     except httpx.HTTPError as e:
         res.outcome, res.detail = "lost", f"{type(e).__name__}: {e}"[:200]
+    res.end_s = time.perf_counter() - t_arrival
     return res
 
 
@@ -125,7 +134,8 @@ async def open_loop(w: Workload, rate: float, n: int, seed: int) -> list[Result]
         t = time.perf_counter() + 0.2
         tasks = []
         for _ in range(n):
-            tasks.append(asyncio.create_task(one_request(client, w, rng.choice(PROMPTS), t)))
+            prompt, tokens = rng.choice(PROMPTS), rng.choice(w.max_tokens)
+            tasks.append(asyncio.create_task(one_request(client, w, prompt, t, tokens)))
             t += rng.expovariate(rate)
         return list(await asyncio.gather(*tasks))
 
@@ -144,8 +154,9 @@ async def closed_loop(
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
+                prompt, tokens = rng.choice(PROMPTS), rng.choice(w.max_tokens)
                 results.append(
-                    await one_request(client, w, rng.choice(PROMPTS), time.perf_counter())
+                    await one_request(client, w, prompt, time.perf_counter(), tokens)
                 )
 
         t0 = time.perf_counter()
@@ -163,7 +174,22 @@ def pct(values: Sequence[float], p: float) -> float:
     return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
-def summarize(results: Sequence[Result]) -> dict[str, float | int]:
+def by_length(results: Sequence[Result]) -> dict[int, dict[str, float | int]]:
+    """Per requested max_tokens: how many were served where, and their p99 latencies (the
+    cloud's p99 differs by generation length; the scheduler reads it per length)."""
+    out: dict[int, dict[str, float | int]] = {}
+    for tokens in sorted({r.max_tokens for r in results}):
+        rs = [r for r in results if r.max_tokens == tokens and r.outcome == "ok"]
+        row: dict[str, float | int] = {}
+        for where in ("local", "cloud"):
+            lat = [r.latency_s for r in rs if r.served_by == where and r.latency_s is not None]
+            row[f"n_{where}"] = len(lat)
+            row[f"p99_{where}"] = pct(lat, 99)
+        out[tokens] = row
+    return out
+
+
+def summarize(results: Sequence[Result]) -> dict[str, Any]:
     ok = [r for r in results if r.outcome == "ok"]
     local = [r for r in ok if r.served_by == "local"]
     cloud = [r for r in ok if r.served_by == "cloud"]
@@ -172,13 +198,15 @@ def summarize(results: Sequence[Result]) -> dict[str, float | int]:
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     ttft_local = [r.ttft_s for r in local if r.ttft_s is not None]
     n = len(results)
-    out: dict[str, float | int] = {
+    out: dict[str, Any] = {
         "n": n,
         "ok": len(ok),
         "local": len(local),
         "cloud": len(cloud),
         "rejected": sum(r.outcome == "rejected" for r in results),
         "expired": sum(r.outcome == "expired" for r in results),
+        "expired_local": sum(r.outcome == "expired" and r.served_by == "local"
+                             for r in results),
         "errors": sum(r.outcome == "error" for r in results),
         "lost": sum(r.outcome == "lost" for r in results),
         "hung": sum(r.outcome == "hung" for r in results),
@@ -190,4 +218,5 @@ def summarize(results: Sequence[Result]) -> dict[str, float | int]:
                        ("ttft_local", ttft_local)):
         for p in (50, 95, 99):
             out[f"{name}_p{p}"] = pct(vals, p)
+    out["by_length"] = by_length(results)
     return out

@@ -7,6 +7,7 @@ grace period), which the benchmark calls from a `finally`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -84,9 +85,18 @@ class Procs:
 
     # -- the three kinds -----------------------------------------------------------------
 
-    def mosquitto(self) -> tuple[Proc, str]:
+    def kill(self, proc: Proc) -> None:
+        """SIGKILL the process group at once: no goodbye to the broker or the clients."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        proc.popen.wait(10)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def mosquitto(self, port: int | None = None) -> tuple[Proc, str]:
+        """Start Mosquitto (on `port` to restart one that was killed: clients come back)."""
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        port = free_port()
+        port = port or free_port()
         conf = self.workdir / "mosquitto.conf"
         lines = [
             f"listener {port} 127.0.0.1",
