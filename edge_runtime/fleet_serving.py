@@ -59,9 +59,10 @@ from edge_runtime.errors import ConfigError, EdgeError, HealthCheckError
 from edge_runtime.live_config import plan_config
 from edge_runtime.metrics import Metrics
 from edge_runtime.mqtt import TlsFiles
+from edge_runtime.request import ModelInfo, Request
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.scheduler import Action
-from edge_runtime.serving import LocalWorker, ModelInfo, Request
+from edge_runtime.serving import LocalWorker
 from edge_runtime.slots import Slots
 from edge_runtime.telemetry import RUNTIME_FIELDS
 

@@ -37,16 +37,16 @@ from edge_runtime.errors import ContextLengthError, EdgeError, GenerationError
 from edge_runtime.generator import Chunk, GenerationStats
 from edge_runtime.metrics import REFUSED, Metrics
 from edge_runtime.offload import OffloadClient, OffloadStream
-from edge_runtime.sampling import SamplingParams
-from edge_runtime.scheduler import Action
-from edge_runtime.serving import (
-    LocalWorker,
+from edge_runtime.request import (
     ModelChanged,
     ModelInfo,
     OffloadRequested,
     TextGenerator,
 )
-from edge_runtime.serving import Request as EngineRequest
+from edge_runtime.request import Request as EngineRequest
+from edge_runtime.sampling import SamplingParams
+from edge_runtime.scheduler import Action
+from edge_runtime.serving import LocalWorker
 
 T = TypeVar("T")
 # 499: the client closed the connection before the response began (nginx's convention).
