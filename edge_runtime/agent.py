@@ -20,7 +20,8 @@ drain / undrain (`on_drain`).
 The daemon's hooks are all optional: `health_check(path)` raises when a freshly switched
 bundle must not serve, `runtime_metrics()` feeds telemetry, `on_switch(path)` is told every
 new active bundle, `on_config(config)` every applied config (raise to refuse it: the
-previous file is put back), `on_drain(bool)` every drain change (and the persisted state
+previous file is put back; a mapping it returns joins the ack's detail, e.g. which keys
+applied live), `on_drain(bool)` every drain change (and the persisted state
 at start-up).
 """
 
@@ -93,7 +94,7 @@ class DeviceAgent:
         runtime_metrics: Callable[[], Mapping[str, Any]] | None = None,
         on_switch: Callable[[Path | None], None] | None = None,
         on_drain: Callable[[bool], None] | None = None,
-        on_config: Callable[[Config], None] | None = None,
+        on_config: Callable[[Config], Mapping[str, Any] | None] | None = None,
         host_telemetry: HostTelemetry | None = None,
     ) -> None:
         self.config = config
@@ -255,9 +256,10 @@ class DeviceAgent:
         old = path.read_bytes() if path.exists() else None
         write_config(update)
         crash_point("config:written")
+        detail: dict[str, Any] = {"changed": update.changed}
         if self.on_config is not None:
             try:
-                self.on_config(update.config)
+                detail.update(self.on_config(update.config) or {})
             except Exception as e:
                 if old is None:
                     path.unlink(missing_ok=True)
@@ -265,7 +267,7 @@ class DeviceAgent:
                     atomic_write_bytes(path, old)
                 return self._reject(cmd, f"the daemon refused the config ({type(e).__name__}: "
                                          f"{e}); the previous file is back")
-        return fm.Ack(cmd.id, self.device, "applied", detail={"changed": update.changed})
+        return fm.Ack(cmd.id, self.device, "applied", detail=detail)
 
     def _set_drain(self, cmd: fm.Command, on: bool) -> fm.Ack:
         was = self.drained

@@ -3,7 +3,7 @@
     edge-runtime serve  [--bundle DIR] [--pubkey PEM ...] [--host H] [--port P]
                         [--config FILE] [--threads N] [--api-key KEY] [--backend B]
                         [--fleet --fleet-broker URL --fleet-root DIR [--device-id ID]
-                         [--group G ...]]
+                         [--group G ...]]   (no --config: FLEET_ROOT/config.toml if any)
     edge-runtime verify BUNDLE [--pubkey PEM ...]
     edge-runtime cloud-worker --bundle DIR [--pubkey PEM ...] --broker mqtt://HOST:PORT
                         [--group G] [--concurrency N] [--threads N] [--echo]
@@ -18,9 +18,9 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -138,25 +138,17 @@ def _demo_bundle() -> tuple[Path, Path]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config) if args.config else Config()
-    cfg = cfg.override(
-        {
-            "server.host": args.host,
-            "server.port": args.port,
-            "server.api_key": args.api_key,
-            "model.bundle": args.bundle,
-            "model.pubkeys": tuple(args.pubkey) if args.pubkey else None,
-            "model.threads": args.threads,
-            "model.backend": args.backend,
-            "log.access_log": args.access_log,
-            "log.level": args.log_level,
-            "fleet.enabled": args.fleet,
-            "fleet.broker": args.fleet_broker,
-            "fleet.root": args.fleet_root,
-            "fleet.device_id": args.device_id,
-            "fleet.groups": tuple(args.group) if args.group else None,
-        }
-    )
+    flags = _serve_flags(args)
+    cfg = (load_config(args.config) if args.config else Config()).override(flags)
+    config_file: Path | None = args.config
+    if cfg.fleet.enabled and cfg.fleet.root is not None:
+        from edge_runtime.fleet_serving import config_path
+
+        # The file fleet set-config writes; without --config, one under the fleet root,
+        # read here (with the flags on top) once a set-config has written it.
+        config_file = config_path(cfg.fleet.root, args.config)
+        if args.config is None and config_file.is_file():
+            cfg = load_config(config_file).override(flags)
     logging.basicConfig(
         level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -185,8 +177,29 @@ def _serve(args: argparse.Namespace) -> int:
             cfg.server.host,
         )
     if fleet:
-        return _run_server(cfg, bundle, _trust(pubkeys))
+        assert config_file is not None
+        return _run_server(cfg, bundle, (_trust(pubkeys), config_file, flags))
     return _run_server(cfg, bundle)
+
+
+def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """`serve`'s flags as config keys (None: not given); they win over the file's keys."""
+    return {
+        "server.host": args.host,
+        "server.port": args.port,
+        "server.api_key": args.api_key,
+        "model.bundle": args.bundle,
+        "model.pubkeys": tuple(args.pubkey) if args.pubkey else None,
+        "model.threads": args.threads,
+        "model.backend": args.backend,
+        "log.access_log": args.access_log,
+        "log.level": args.log_level,
+        "fleet.enabled": args.fleet,
+        "fleet.broker": args.fleet_broker,
+        "fleet.root": args.fleet_root,
+        "fleet.device_id": args.device_id,
+        "fleet.groups": tuple(args.group) if args.group else None,
+    }
 
 
 def _cloud_worker(args: argparse.Namespace) -> int:
@@ -229,9 +242,12 @@ def _cloud_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_server(
-    cfg: Config, bundle: Bundle, fleet_trust: list[Ed25519PublicKey] | None = None
-) -> int:
+FleetWiring = tuple[list[Ed25519PublicKey], Path, Mapping[str, Any]]
+"""serve --fleet: the keys trusted to sign deploys, the config file set-config replaces, and
+the command-line flags (config keys) that stay on top of it."""
+
+
+def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -> int:
     # Imported here so that `edge-runtime verify` does not pay for the web stack.
     import uvicorn
 
@@ -258,12 +274,12 @@ def _run_server(
                          on_failure=on_failure)
     access_log = AccessLog.open(cfg.log.access_log)
     app = create_app(worker, ModelInfo.from_bundle(bundle), cfg, access_log, offload)
-    if fleet_trust is not None:  # the app's lifespan starts it once the model is warm
-        from edge_runtime.fleet_serving import FleetServing, agent_config
+    if fleet is not None:  # the app's lifespan starts it once the model is warm
+        from edge_runtime.fleet_serving import attach
 
-        app.state.fleet = FleetServing(worker, fleet_trust, bundle.root, cfg.fleet.thresholds(),
-                                       app.state.metrics, cfg.model.backend, cfg.model.threads)
-        app.state.fleet.make_agent(agent_config(cfg))
+        trust, config_file, flags = fleet
+        attach(app, worker, cfg, trust, bundle.root, config_file, flags,
+               cloud_path=offload is not None)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

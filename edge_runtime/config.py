@@ -175,9 +175,21 @@ class FleetConfig:
     """How long the broker queues commands for this device while it is offline."""
     username: str | None = None
     password_file: Path | None = None
+    """A file whose first line is the fleet broker's password."""
     ca_file: Path | None = None
+    """CA of the fleet broker's certificate (mqtts); unset: the system's CAs."""
     cert_file: Path | None = None
+    """This device's client certificate, for brokers that authenticate by certificate."""
     key_file: Path | None = None
+    download_ca_file: Path | None = None
+    """CA bundle of the https servers that deploys download bundles from (a fleet's own
+    bundle server with a private CA); unset: the system's CAs."""
+    download_timeout_s: float = 30.0
+    """Socket timeout of one connect or read of a bundle download."""
+    download_attempts: int = 8
+    """Connections tried in a row without progress before a bundle download fails."""
+    tegrastats: str = "auto"
+    """Jetson telemetry: "auto" (tegrastats if it is on PATH), "off", or the binary's path."""
     probe_min_greedy_match: float = 0.75
     """Share of the build's greedy reference tokens a deployed bundle must reproduce."""
     probe_max_perplexity_increase: float = 0.05
@@ -194,6 +206,11 @@ class FleetConfig:
             raise ConfigError("fleet.enabled needs fleet.broker and fleet.root")
         if self.telemetry_interval_s <= 0 or self.session_expiry_s < 0:
             raise ConfigError("fleet.telemetry_interval_s must be > 0, session_expiry_s >= 0")
+        if self.download_timeout_s <= 0 or self.download_attempts < 1:
+            raise ConfigError("fleet.download_timeout_s must be > 0 and download_attempts >= 1, "
+                              f"got {self.download_timeout_s} and {self.download_attempts}")
+        if not self.tegrastats:
+            raise ConfigError('fleet.tegrastats must be "auto", "off" or a path')
         try:
             self.thresholds()
         except ValueError as e:

@@ -17,18 +17,36 @@ What the daemon does at each step of a deploy run by the agent (agent.py):
 So a bundle that fails its probe never answers a client, and the probe costs no second copy
 of the model. A switch to a bundle whose slot is already confirmed (an operator's rollback,
 recovery) is not probed: it served before.
+
+The other commands (docs/FLEET.md):
+
+    drain / undrain ── on_drain ─────────────▶ LocalWorker.drained: the API admits no new
+                                               request (cloud if the offload path is up,
+                                               else 503 + Retry-After); queued and running
+                                               ones finish (the ack waits for them, up to
+                                               DRAIN_WAIT_S); /readyz says 503 "drained".
+                                               A persisted drain holds from start-up on.
+    set-config ── writes the TOML ── on_config▶ live_config.py: the keys that can change
+                                               live are applied at once, under one lock;
+                                               the ack's detail lists them and the keys
+                                               that wait for a restart.
+
+The config file is the one `serve --config` loaded, else `{fleet.root}/config.toml`
+(CONFIG_FILE), which `serve --fleet` loads at start-up when it exists.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -36,19 +54,30 @@ from edge_runtime import probe
 from edge_runtime.agent import AgentConfig, DeviceAgent
 from edge_runtime.bundle import verify_bundle
 from edge_runtime.config import Config, FleetConfig
+from edge_runtime.download import DownloadPolicy
 from edge_runtime.errors import ConfigError, EdgeError, HealthCheckError
+from edge_runtime.live_config import plan_config
 from edge_runtime.metrics import Metrics
 from edge_runtime.mqtt import TlsFiles
+from edge_runtime.request import ModelInfo, Request
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.scheduler import Action
-from edge_runtime.serving import LocalWorker, ModelInfo, Request
+from edge_runtime.serving import LocalWorker
 from edge_runtime.slots import Slots
+from edge_runtime.telemetry import RUNTIME_FIELDS
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger(__name__)
 
 READINESS_TIMEOUT_S = 30.0
+DRAIN_WAIT_S = 60.0
+"""How long a drain waits for the requests in flight before it acks anyway."""
 SLOTS = "slots"
 """Under fleet.root, as the agent keeps them."""
+CONFIG_FILE = "config.toml"
+"""Under fleet.root: the config set-config writes when `serve` was given no --config."""
 
 
 def install_initial(slots: Slots, bundle: Path | None) -> Path:
@@ -79,7 +108,13 @@ class FleetServing:
         metrics: Metrics | None = None,
         backend: str = "auto",
         threads: int | None = None,
+        config: Config | None = None,
+        flags: Mapping[str, Any] | None = None,
+        cloud_path: bool = False,
     ) -> None:
+        """`config`: the one the daemon runs; `flags`: its command-line overrides (they win
+        over a file set-config writes, now and at a restart); `cloud_path`: an offload
+        client exists (so offload can be turned on live)."""
         self.worker = worker
         self.trusted = list(trusted)
         self.limits = limits or probe.ProbeThresholds()
@@ -91,6 +126,10 @@ class FleetServing:
         """The numbers of the last deploy's probe, passed or not (telemetry carries them)."""
         self._verdict: tuple[Path, probe.ProbeResult | None, BaseException | None] | None = None
         self.agent: DeviceAgent | None = None
+        self.config = config or Config()
+        self.flags = dict(flags or {})
+        self.cloud_path = cloud_path
+        self._config_lock = threading.Lock()
         self._life = threading.Lock()
         self._stopping = False
         self._started = False
@@ -103,7 +142,10 @@ class FleetServing:
             return result.to_dict() if result is not None else None
 
         self.agent = DeviceAgent(config, self.trusted, health_check=check,
-                                 runtime_metrics=self.runtime_metrics, on_switch=self.on_switch)
+                                 runtime_metrics=self.runtime_metrics, on_switch=self.on_switch,
+                                 on_drain=self.on_drain, on_config=self.on_config)
+        if self.agent.drained:  # before the first request: the agent itself starts later
+            self.on_drain(True)
         return self.agent
 
     # -- lifecycle (the app's lifespan) --------------------------------------------------
@@ -169,6 +211,47 @@ class FleetServing:
         self.serving = path
         self._verdict = (path, result, None)
 
+    def on_drain(self, on: bool) -> None:
+        """Admit no new request (or again); a drain returns once the requests in flight are
+        done, so its ack means the device is idle (or DRAIN_WAIT_S passed)."""
+        self.worker.drained = on
+        log.warning("drained: new requests are refused or sent to the cloud" if on
+                    else "undrained: serving again")
+        deadline = time.monotonic() + DRAIN_WAIT_S
+        while on and self.worker.depth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if on and self.worker.depth:
+            log.warning("drained with %d requests still in flight after %.0f s",
+                        self.worker.depth, DRAIN_WAIT_S)
+
+    def on_config(self, file_config: Config) -> dict[str, list[str]]:
+        """Apply the live keys of the config the agent just wrote (live_config.py); raise
+        ConfigError, changing nothing, for a config this daemon must not run."""
+        with self._config_lock:
+            plan = plan_config(self.config, file_config, self.flags, self.cloud_path)
+            target = plan.target
+            if not target.fleet.enabled:
+                raise ConfigError("the config turns the fleet agent off (fleet.enabled = "
+                                  "false): the device would be unreachable after a restart")
+            # What a restart would fail on is refused now, while the old file can come back.
+            agent_config(target)
+            target.server.resolved_api_key()
+            new, old = plan.running, self.config
+            if new.scheduler != old.scheduler:
+                self.worker.reconfigure(new.scheduler)
+            if new.log.level != old.log.level:
+                logging.getLogger().setLevel(new.log.level.upper())
+            if self.agent is not None and new.fleet.telemetry_interval_s != \
+                    old.fleet.telemetry_interval_s:
+                # The agent reads its interval before each wait.
+                self.agent.config = dataclasses.replace(
+                    self.agent.config, telemetry_interval_s=new.fleet.telemetry_interval_s)
+            if new.fleet.thresholds() != old.fleet.thresholds():
+                self.limits = new.fleet.thresholds()
+            self.config = new
+        log.info("config applied: %s", plan.detail())
+        return plan.detail()
+
     def _probe_beside(self, path: Path) -> None:
         try:
             bundle = verify_bundle(path, self.trusted)
@@ -195,9 +278,12 @@ class FleetServing:
     def runtime_metrics(self) -> Mapping[str, Any]:
         """The daemon's own numbers for the agent's telemetry."""
         model = self.worker.model
-        out: dict[str, Any] = self.metrics.recent.snapshot() if self.metrics else {}
+        out: dict[str, Any] = dict.fromkeys(RUNTIME_FIELDS)  # every name, null if unmeasured
+        if self.metrics is not None:
+            out.update(self.metrics.recent.snapshot())
         out.update(
             ready=self.worker.ready,
+            drained=self.worker.drained,
             queue_depth=self.worker.depth,
             bundle=self.serving.name,
             bundle_version=model.version if model else None,
@@ -241,8 +327,25 @@ class FleetServing:
             raise HealthCheckError(f"the serving path failed: {e}") from e
 
 
-def agent_config(cfg: Config) -> AgentConfig:
-    """The DeviceAgent's settings from [fleet] (and [offload]'s device id)."""
+def attach(app: FastAPI, worker: LocalWorker, cfg: Config, trusted: list[Ed25519PublicKey],
+           serving: Path, config_path: Path, flags: Mapping[str, Any] | None = None,
+           cloud_path: bool = False) -> FleetServing:
+    """The fleet agent of `serve --fleet`, wired into `app` (whose lifespan starts it)."""
+    hooks = FleetServing(worker, trusted, serving, cfg.fleet.thresholds(), app.state.metrics,
+                         cfg.model.backend, cfg.model.threads, cfg, flags, cloud_path)
+    hooks.make_agent(agent_config(cfg, config_path))
+    app.state.fleet = hooks
+    return hooks
+
+
+def config_path(fleet_root: Path, given: Path | None) -> Path:
+    """The file set-config replaces: `serve --config`'s, else CONFIG_FILE under the root."""
+    return given if given is not None else fleet_root / CONFIG_FILE
+
+
+def agent_config(cfg: Config, config_path: Path | None = None) -> AgentConfig:
+    """The DeviceAgent's settings from [fleet] (and [offload]'s device id); `config_path`
+    is the file set-config replaces (None: set-config is refused)."""
     f: FleetConfig = cfg.fleet
     if f.broker is None or f.root is None:
         raise ConfigError("the fleet agent needs fleet.broker and fleet.root")
@@ -256,7 +359,12 @@ def agent_config(cfg: Config) -> AgentConfig:
     if f.ca_file or f.cert_file:
         tls = TlsFiles(*(str(p) if p else None for p in (f.ca_file, f.cert_file, f.key_file)))
     device = f.device_id or cfg.offload.device_id or socket.gethostname().split(".")[0]
+    download = DownloadPolicy(timeout_s=f.download_timeout_s, attempts=f.download_attempts,
+                              ca_file=str(f.download_ca_file) if f.download_ca_file else None)
+    if f.download_ca_file is not None and not f.download_ca_file.is_file():
+        raise ConfigError(f"fleet.download_ca_file {f.download_ca_file} is not a file")
     return AgentConfig(device, f.broker, f.root, groups=f.groups,
                        telemetry_interval_s=f.telemetry_interval_s,
                        session_expiry_s=f.session_expiry_s, tls=tls, username=f.username,
-                       password=password)
+                       password=password, config_path=config_path, download=download,
+                       tegrastats=None if f.tegrastats == "off" else f.tegrastats)

@@ -6,7 +6,8 @@ local one) fail with duplicate time series. Every series that describes served w
 `served_by` (`local` now, `cloud` once offload exists) so dashboards can split the two.
 
 `RecentWindow` keeps the last minute of completions for the fleet agent's telemetry: exact
-p95s and rates over a recent window, which cumulative Prometheus histograms cannot give.
+p95s and rates over a recent window, which cumulative Prometheus histograms cannot give. Its
+snapshot's names are telemetry.RUNTIME_FIELDS, the names a rollout's abort rule reads.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ ENDPOINTS = (
 
 
 COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+REFUSED = "none"
+"""`served_by` of a request no path served on purpose (the device is drained)."""
 
 
 class RecentWindow:
@@ -56,6 +59,7 @@ class RecentWindow:
         self._clock = clock
         self._lock = threading.Lock()
         # (time, status, served_by, seconds) / (time, ttft_s incl. queue, decode tokens, s)
+        # served_by "none": refused unserved on purpose (a drained device), not an error.
         self._requests: deque[tuple[float, int, str, float]] = deque(maxlen=maxlen)
         self._generations: deque[tuple[float, float, int, float]] = deque(maxlen=maxlen)
 
@@ -75,17 +79,18 @@ class RecentWindow:
             gens = [g for g in self._generations if g[0] >= since]
         n = len(reqs)
         ok = sorted(r[3] for r in reqs if r[1] < 400)
+        errors = sum(r[1] >= 500 and r[2] != REFUSED for r in reqs)
         tokens = sum(g[2] for g in gens)
         decode_s = sum(g[3] for g in gens)
         return {
             "window_s": self.window_s,
             "requests": n,
-            "error_rate": sum(r[1] >= 500 for r in reqs) / n if n else 0.0,
+            "error_rate": errors / n if n else 0.0,
             "rejected_rate": sum(r[1] == 429 for r in reqs) / n if n else 0.0,
             "offload_share": sum(r[2] == "cloud" for r in reqs) / n if n else 0.0,
             "p95_latency_ms": _ms(_p95(ok)),
             "ttft_p95_ms": _ms(_p95(sorted(g[1] for g in gens))),
-            "decode_tokens_per_s": round(tokens / decode_s, 2) if decode_s > 0 else None,
+            "tokens_per_s": round(tokens / decode_s, 2) if decode_s > 0 else None,
         }
 
 

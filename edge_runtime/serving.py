@@ -26,21 +26,28 @@ up beside the serving one; the engine loop adopts it between two steps. From the
 requests start on it, while the old batch keeps stepping until its sequences finish: each
 request runs on the generator whose tokenizer made its prompt ids (`Request.generator`). The
 old generator is dropped once nothing queued or running refers to it.
+
+The request and model types that the API and this loop exchange are in request.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
-from edge_runtime.bundle import MANIFEST, Bundle, GenerationDefaults
 from edge_runtime.errors import DeadlineExceededError, EngineError, OverloadedError
-from edge_runtime.generator import Chunk, ChunkStream
+from edge_runtime.generator import Chunk
+from edge_runtime.request import (
+    DecodeBatch,
+    ModelChanged,
+    ModelInfo,
+    OffloadRequested,
+    Request,
+    TextGenerator,
+)
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.scheduler import (
     Action,
@@ -88,131 +95,6 @@ def cloud_state(cloud: CloudPath | None, config: SchedulerConfig) -> Callable[[]
     return state
 
 
-class DecodeBatch(Protocol):
-    """What the engine loop drives (edge_runtime.batching.BatchDecoder)."""
-
-    @property
-    def active(self) -> int: ...
-
-    @property
-    def keys(self) -> list[Hashable]: ...
-
-    def add(
-        self, key: Hashable, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> list[Chunk]: ...
-
-    def step(self) -> dict[Hashable, list[Chunk]]: ...
-
-    def remove(self, key: Hashable) -> bool: ...
-
-
-class TextGenerator(Protocol):
-    """What serving needs of `edge_runtime.generator.Generator` (tests pass a fake)."""
-
-    defaults: GenerationDefaults
-
-    @property
-    def context_length(self) -> int: ...
-
-    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
-
-    def text_prompt(self, text: str) -> list[int]: ...
-
-    def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int: ...
-
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> ChunkStream: ...
-
-    def batch(self, max_batch: int) -> DecodeBatch: ...
-
-    def warmup(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the API says about the served model (`/v1/models`, the `model` field)."""
-
-    name: str
-    version: str
-    created: int
-    """Unix time the bundle was signed (its manifest's mtime)."""
-
-    @classmethod
-    def from_bundle(cls, bundle: Bundle) -> ModelInfo:
-        m = bundle.manifest
-        mtime = int(bundle.path(MANIFEST).stat().st_mtime)
-        return cls(name=m.name, version=m.version, created=mtime)
-
-
-class OffloadRequested(OverloadedError):
-    """Delivered to a queued request that the scheduler sent to the cloud after all. The API
-    carries it out; where nothing does, it is an honest 503 rather than a 500."""
-
-    def __init__(self, decision: Decision) -> None:
-        super().__init__(decision.reason, decision.retry_after_s or 1.0, status=503)
-        self.decision = decision
-
-
-class ModelChanged(OverloadedError):
-    """The generator that tokenized a request was swapped out and released before it was
-    submitted (a deploy happened meanwhile). The API tokenizes again with the new one."""
-
-    def __init__(self) -> None:
-        super().__init__("the model was replaced while the request was prepared", 0.1, 503)
-
-
-@dataclass(eq=False)
-class Request:
-    """One generation request on its way through the engine loop.
-
-    Created on the event loop; the worker hands results back through `deliver`, which is the
-    only method meant to be called from the worker thread.
-    """
-
-    id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    arrival: float = field(default_factory=time.monotonic)
-    """time.monotonic() when the request arrived."""
-    deadline: float | None = None
-    """time.monotonic() by which the response must be complete (None: the config's default)."""
-    started: float | None = None
-    """time.monotonic() when its prefill began (set by the worker)."""
-    events: asyncio.Queue[Chunk | BaseException] = field(default_factory=asyncio.Queue)
-    generator: TextGenerator | None = None
-    """The generator whose tokenizer made `prompt_ids` (None: the one serving at submit)."""
-    _cancelled: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        """The client went away: the worker drops this request or stops it between tokens."""
-        self._cancelled.set()
-
-    @property
-    def queue_wait_s(self) -> float:
-        return (self.started if self.started is not None else time.monotonic()) - self.arrival
-
-    def deliver(self, item: Chunk | BaseException) -> None:
-        """Worker thread → event loop. asyncio.Queue is not thread-safe; the loop is."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancel()
-
-    async def chunks(self) -> AsyncIterator[Chunk]:
-        """The generated chunks, ending with the one that has `finish_reason`; raises errors."""
-        while True:
-            item = await self.events.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason is not None:
-                return
-
-
 class LocalWorker:
     """Loads the model, then runs the engine loop on one thread."""
 
@@ -258,6 +140,9 @@ class LocalWorker:
         """A request was offloaded or refused since the last rate probe."""
         self._probed_at = 0.0
         self._reviewed_at = -1.0
+        self.drained = False
+        """Set by the fleet's drain: the API admits no new request (fleet_serving.py); what is
+        queued or running finishes. The engine loop itself does not look at it."""
 
     # -- control (event loop / main thread) ----------------------------------------------
 
@@ -339,6 +224,14 @@ class LocalWorker:
             if not batch.active and not any(r.generator is gen for r in self._requests.values()):
                 self._draining.remove((gen, batch))
                 log.info("released the previous model")
+
+    def reconfigure(self, config: SchedulerConfig) -> None:
+        """Scheduler settings for the decisions from now on (a fleet set-config). max_batch
+        sizes the decode batches already built: changing it takes a restart (the caller,
+        live_config.py, keeps it)."""
+        assert config.max_batch == self.config.max_batch, "max_batch changes need a restart"
+        with self._lock:
+            self.config = self.scheduler.config = config
 
     @property
     def ready(self) -> bool:

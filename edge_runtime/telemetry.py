@@ -43,14 +43,18 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RUNTIME_FIELDS = {
-    "error_rate": "share of requests that ended in a 5xx or engine error, last window",
+    "error_rate": "share of requests that ended in a 5xx or engine error, last window "
+                  "(a drained device's refusals are not errors)",
     "ttft_p95_ms": "95th percentile time to first token, ms, last window",
+    "p95_latency_ms": "95th percentile latency of successful requests, ms, last window",
     "tokens_per_s": "decode tokens per second over the last window",
     "quality_drop": "quality probe score drop of the active bundle vs its build record",
     "queue_depth": "requests waiting in the scheduler now",
     "offload_share": "share of requests served by the cloud, last window",
 }
-"""The runtime metrics the daemon reports (its runtime_metrics hook) and rollouts read."""
+"""The runtime metrics the daemon reports (its runtime_metrics hook) and rollouts read: each
+key is always present, null where nothing was measured yet (no request in the window, no
+deploy probed)."""
 
 _ABSENT_C = -256.0  # what tegrastats prints for a sensor the module does not have
 _RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")

@@ -248,7 +248,7 @@ def test_deploy_under_traffic_fails_no_request(
     listener.stop()
     m = telemetry[-1]["runtime"]
     assert m["bundle_version"] == "2" and m["error_rate"] == 0.0 and m["requests"] >= 12
-    assert m["decode_tokens_per_s"] > 0 and m["ttft_p95_ms"] > 0 and m["quality_drop"] < 0.01
+    assert m["tokens_per_s"] > 0 and m["ttft_p95_ms"] > 0 and m["quality_drop"] < 0.01
     assert m["queue_depth"] >= 0 and m["offload_share"] == 0.0 and m["probe"]["ttft_ms"] > 0
 
 

@@ -2,6 +2,7 @@
 
     GET  /healthz               200 while the process is alive
     GET  /readyz                200 once the model is loaded and warmed up, else 503
+                                (also 503, status "drained", while the fleet has drained it)
     GET  /metrics               Prometheus text
     GET  /v1/models             the one served model (`bundle.manifest.name`, its version)
     GET  /v1/models/{model}
@@ -103,8 +104,10 @@ def _health_router(state: ServingState) -> APIRouter:
         worker = state.worker
         if worker.ready:
             m = state.current_model()
-            body: dict[str, Any] = {"status": "ready", "model": m.name, "version": m.version}
-            return JSONResponse(body)
+            # Drained: up, but a load balancer must send new work elsewhere.
+            status = "drained" if worker.drained else "ready"
+            body: dict[str, Any] = {"status": status, "model": m.name, "version": m.version}
+            return JSONResponse(body, status_code=503 if worker.drained else 200)
         if worker.error is not None:
             body = {"status": "failed", "error": str(worker.error)}
         else:

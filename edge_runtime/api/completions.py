@@ -11,6 +11,9 @@
 
 The response starts only once the first event is back, so a request refused in the queue
 (deadline passed) still gets a real 429 rather than an error inside a 200 stream.
+
+A device the fleet has drained (LocalWorker.drained) admits no new request: it goes to the
+cloud when the offload path is on and up, else it gets 503 `drained` with Retry-After.
 """
 
 from __future__ import annotations
@@ -32,18 +35,18 @@ from edge_runtime.api.errors import SERVER_ERROR, APIError, from_edge_error
 from edge_runtime.api.middleware import RequestContext, request_context
 from edge_runtime.errors import ContextLengthError, EdgeError, GenerationError
 from edge_runtime.generator import Chunk, GenerationStats
-from edge_runtime.metrics import Metrics
+from edge_runtime.metrics import REFUSED, Metrics
 from edge_runtime.offload import OffloadClient, OffloadStream
-from edge_runtime.sampling import SamplingParams
-from edge_runtime.scheduler import Action
-from edge_runtime.serving import (
-    LocalWorker,
+from edge_runtime.request import (
     ModelChanged,
     ModelInfo,
     OffloadRequested,
     TextGenerator,
 )
-from edge_runtime.serving import Request as EngineRequest
+from edge_runtime.request import Request as EngineRequest
+from edge_runtime.sampling import SamplingParams
+from edge_runtime.scheduler import Action
+from edge_runtime.serving import LocalWorker
 
 T = TypeVar("T")
 # 499: the client closed the connection before the response began (nginx's convention).
@@ -89,6 +92,8 @@ class _CloudWork:
         self.req.cancel()
 
 
+DRAINED_RETRY_AFTER_S = 30
+"""Retry-After of a drained device's refusal: a drain is maintenance (a deploy, a reboot)."""
 DEADLINE_HEADER = "x-request-deadline-ms"
 """The client's latency budget for the whole response, in milliseconds from arrival."""
 
@@ -136,6 +141,7 @@ async def _create_completion(
             code="model_not_found",
         )
     ctx.model = body.model
+    drained_to_cloud = state.worker.drained and _drained_to_cloud(state, ctx)
     if gen is None:
         raise APIError(
             503,
@@ -162,6 +168,11 @@ async def _create_completion(
         deadline=deadline,
         generator=gen,
     )
+    if drained_to_cloud:
+        ctx.bundle_version = model.version
+        fmt = _Format(chat, f"{'chatcmpl' if chat else 'cmpl'}-{ctx.id}", model)
+        req.deadline = deadline or time.monotonic() + state.worker.config.default_deadline_s
+        return await _respond(request, body, state, ctx, fmt, *_to_cloud(body, state, ctx, req))
     # REJECT raises OverloadedError → 429/503 with Retry-After (errors.from_edge_error).
     decision = state.worker.submit(req)
     ctx.bundle_version = model.version
@@ -172,6 +183,23 @@ async def _create_completion(
         return await _respond(request, body, state, ctx, fmt, req, req.chunks())
     except OffloadRequested:  # queued, then sent away by the scheduler's review
         return await _respond(request, body, state, ctx, fmt, *_to_cloud(body, state, ctx, req))
+
+
+def _drained_to_cloud(state: ServingState, ctx: RequestContext) -> bool:
+    """A drained device: True to send the request to the cloud, else a 503 to retry later
+    (not counted as an error in the fleet's telemetry: nobody tried to serve it)."""
+    cloud = state.offload
+    if cloud is not None and state.worker.config.offload_enabled and cloud.available():
+        return True
+    ctx.served_by = REFUSED
+    raise APIError(
+        503,
+        "this device is drained by its fleet (maintenance) and no cloud path is available; "
+        "retry later or on another device",
+        SERVER_ERROR,
+        code="drained",
+        headers={"Retry-After": str(DRAINED_RETRY_AFTER_S)},
+    )
 
 
 def _to_cloud(
