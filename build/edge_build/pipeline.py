@@ -329,7 +329,7 @@ class Pipeline:
         q = self.recipe.quantize
 
         def produce(out: Path) -> None:
-            quantize.quantize_model(  # type: ignore[attr-defined]
+            quantize.quantize_model(
                 input_dir,
                 out,
                 self.windows("calib"),
@@ -366,7 +366,8 @@ class Pipeline:
         level = self.recipe.lower.accuracy_level
 
         def produce(out: Path) -> None:
-            quantize.lower(onnx_dir, quant_dir, out, fmt=fmt, accuracy_level=level)
+            quantize.lower(onnx_dir, quant_dir, out, fmt=fmt, accuracy_level=level,
+                           check_windows=self.windows("heldout")[:2])
             for name in CARRIED_FILES:  # package needs the tokenizer beside the graph
                 if (onnx_dir / name).is_file() and not (out / name).is_file():
                     shutil.copyfile(onnx_dir / name, out / name)

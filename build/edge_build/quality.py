@@ -27,6 +27,7 @@ LogitFn = Callable[[Sequence[Sequence[int]]], list[np.ndarray]]
 """Windows → one [S, V] float32 array of logits per window."""
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".data", ".bin", ".pt")
 CHUNK = 4
+QUANT_FILE = "quant.safetensors"
 
 
 class StageQualityError(QualityGateError):
@@ -110,7 +111,8 @@ def compare(
 
 def parameter_count(artifact: Path) -> int | None:
     """Parameters stored in an HF directory's safetensors files (tied tensors stored once)."""
-    files = sorted(Path(artifact).glob("*.safetensors"))
+    # quant.safetensors holds the int4 codes of weights already counted in the model file.
+    files = [f for f in sorted(Path(artifact).glob("*.safetensors")) if f.name != QUANT_FILE]
     if not files or is_onnx(artifact):
         return None
     from safetensors import safe_open
@@ -150,6 +152,8 @@ def measure(
         record["vs_input"] = record["vs_teacher"]
     record["parameters"] = parameter_count(artifact) or parameters
     record["bytes"] = bytes_on_disk(artifact)
+    if (Path(artifact) / QUANT_FILE).is_file():  # what the 4-bit weights alone weigh
+        record["int4_bytes"] = (Path(artifact) / QUANT_FILE).stat().st_size
     record["windows"] = len(windows)
     record["window_tokens"] = len(windows[0])
     return record

@@ -221,6 +221,14 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path} is not valid TOML: {e}") from e
     cli_keys = {apply_override(data, item) for item in overrides}
+    # A teacher named on the command line replaces the file's: a path replaces a
+    # [source.teacher] table and the other way round, instead of clashing with it.
+    src = data.get("source")
+    if isinstance(src, dict) and "path" in src and "teacher" in src:
+        if "source.path" in cli_keys and not any(k.startswith("source.teacher") for k in cli_keys):
+            del src["teacher"]
+        elif "source.path" not in cli_keys and any(k.startswith("source.teacher") for k in cli_keys):
+            del src["path"]
     return recipe_from_dict(
         data,
         base_dir=path.resolve().parent,
