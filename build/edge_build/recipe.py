@@ -225,10 +225,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     # [source.teacher] table and the other way round, instead of clashing with it.
     src = data.get("source")
     if isinstance(src, dict) and "path" in src and "teacher" in src:
-        if "source.path" in cli_keys and not any(k.startswith("source.teacher") for k in cli_keys):
-            del src["teacher"]
-        elif "source.path" not in cli_keys and any(k.startswith("source.teacher") for k in cli_keys):
-            del src["path"]
+        by_path = "source.path" in cli_keys
+        by_table = any(k.startswith("source.teacher") for k in cli_keys)
+        if by_path != by_table:
+            del src["teacher" if by_path else "path"]
     return recipe_from_dict(
         data,
         base_dir=path.resolve().parent,

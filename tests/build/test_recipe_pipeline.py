@@ -34,8 +34,10 @@ SMALL = [
     "data.eval_windows=4", "data.eval_tokens=64", "data.calib_windows=8",
     "distill.steps=6", "distill.batch_size=4", "distill.seq_len=64", "distill.warmup_steps=2",
     "prune.heal_steps=2",
-    "thresholds.distill.vs_teacher.min_top1=0", "thresholds.distill.vs_teacher.max_ppl_increase=inf",
-    "thresholds.heal.vs_teacher.max_ppl_increase=inf", "thresholds.prune.vs_input.max_ppl_increase=inf",
+    "thresholds.distill.vs_teacher.min_top1=0",
+    "thresholds.distill.vs_teacher.max_ppl_increase=inf",
+    "thresholds.heal.vs_teacher.max_ppl_increase=inf",
+    "thresholds.prune.vs_input.max_ppl_increase=inf",
 ]  # fmt: skip
 
 
