@@ -14,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import train_briefly  # noqa: E402
 from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from edge_build.pipeline import run_recipe  # noqa: E402
@@ -24,20 +25,28 @@ from edge_runtime.generator import Generator  # noqa: E402
 from edge_runtime.sampling import SamplingParams  # noqa: E402
 from edge_runtime.signing import generate_keypair, load_public_key  # noqa: E402
 
-from conftest import train_briefly  # noqa: E402
-
 RECIPE = Path(__file__).resolve().parents[2] / "models" / "deepseek-r1-distill-qwen-1.5b.toml"
 
 
 def r1_shaped(vocab_size: int) -> Qwen2Config:
     """DeepSeek-R1-Distill-Qwen-1.5B's config with every size divided down (1536 → 96)."""
     return Qwen2Config(
-        vocab_size=vocab_size, hidden_size=96, intermediate_size=560,  # 8960/1536 × 96
-        num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=2,
-        max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, use_sliding_window=False, max_window_layers=21,
-        bos_token_id=None, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=96,
+        intermediate_size=560,  # 8960/1536 × 96
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        max_window_layers=21,
+        bos_token_id=None,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +67,39 @@ def test_r1_recipe_chain_on_a_same_architecture_model(
 ) -> None:
     generate_keypair(tmp_path / "k.key", tmp_path / "k.pub")
     sets = [
-        f"source.path={r1_tiny}", f'data.files=["{data_file}"]',
-        "data.eval_windows=4", "data.eval_tokens=64", "data.calib_windows=8",
-        "distill.steps=6", "distill.batch_size=2", "distill.seq_len=64", "distill.grad_accum=2",
-        "distill.warmup_steps=2", "distill.checkpoint_every=3", "prune.heal_steps=2",
-        "quantize.group_size=32", "package.context_length=256",
+        f"source.path={r1_tiny}",
+        f'data.files=["{data_file}"]',
+        "data.eval_windows=4",
+        "data.eval_tokens=64",
+        "data.calib_windows=8",
+        "distill.steps=6",
+        "distill.batch_size=2",
+        "distill.seq_len=64",
+        "distill.grad_accum=2",
+        "distill.warmup_steps=2",
+        "distill.checkpoint_every=3",
+        "prune.heal_steps=2",
+        "quantize.group_size=32",
+        "package.context_length=256",
         "thresholds.distill.vs_teacher.min_top1=0",
         "thresholds.distill.vs_teacher.max_ppl_increase=inf",
-        "thresholds.heal.vs_teacher.min_top1=0", "thresholds.heal.vs_teacher.max_ppl_increase=inf",
+        "thresholds.heal.vs_teacher.min_top1=0",
+        "thresholds.heal.vs_teacher.max_ppl_increase=inf",
         "thresholds.prune.vs_input.max_ppl_increase=inf",
-    ]  # fmt: skip
+    ]
     recipe = load_recipe(RECIPE, sets)
     assert recipe.distill.hidden_weight > 0 and recipe.lower.formats == ("matmulnbits", "qdq")
     result = run_recipe(recipe, tmp_path / "build", key=tmp_path / "k.key", progress=False)
-    assert result.executed == ["distill", "prune", "heal", "quantize", "export",
-                               "lower-matmulnbits", "lower-qdq", "package"]  # fmt: skip
+    assert result.executed == [
+        "distill",
+        "prune",
+        "heal",
+        "quantize",
+        "export",
+        "lower-matmulnbits",
+        "lower-qdq",
+        "package",
+    ]
 
     student = AutoConfig.from_pretrained(tmp_path / "build" / "heal")
     assert student.num_hidden_layers == 4  # every other layer: 8 → 4 (28 → 14)
@@ -80,8 +107,10 @@ def test_r1_recipe_chain_on_a_same_architecture_model(
     assert (student.num_attention_heads, student.num_key_value_heads) == (12, 2)
     assert student.tie_word_embeddings is False
     by = {s.name: s.quality for s in result.stages}
-    assert by["prune"]["parameters"] < by["distill"]["parameters"] < 0.6 * sum(
-        p.numel() for p in Qwen2ForCausalLM(r1_shaped(384)).parameters()
+    assert (
+        by["prune"]["parameters"]
+        < by["distill"]["parameters"]
+        < 0.6 * sum(p.numel() for p in Qwen2ForCausalLM(r1_shaped(384)).parameters())
     )
     for fmt in ("matmulnbits", "qdq"):  # both int4 forms reproduce the fake-quant model
         assert by[f"lower-{fmt}"]["vs_input"]["top1_agreement"] >= 0.95

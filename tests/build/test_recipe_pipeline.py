@@ -26,19 +26,32 @@ from edge_runtime.signing import load_public_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "models" / "demo.toml"
-CHAIN = ["distill", "prune", "heal", "quantize", "export", "lower-matmulnbits", "lower-qdq",
-         "package"]  # fmt: skip
+CHAIN = [
+    "distill",
+    "prune",
+    "heal",
+    "quantize",
+    "export",
+    "lower-matmulnbits",
+    "lower-qdq",
+    "package",
+]
 # The demo recipe's stages and options at test size. Its distillation and healing gates
 # assume the real budget (300 steps), so they are opened here; the others stay as shipped.
 SMALL = [
-    "data.eval_windows=4", "data.eval_tokens=64", "data.calib_windows=8",
-    "distill.steps=6", "distill.batch_size=4", "distill.seq_len=64", "distill.warmup_steps=2",
+    "data.eval_windows=4",
+    "data.eval_tokens=64",
+    "data.calib_windows=8",
+    "distill.steps=6",
+    "distill.batch_size=4",
+    "distill.seq_len=64",
+    "distill.warmup_steps=2",
     "prune.heal_steps=2",
     "thresholds.distill.vs_teacher.min_top1=0",
     "thresholds.distill.vs_teacher.max_ppl_increase=inf",
     "thresholds.heal.vs_teacher.max_ppl_increase=inf",
     "thresholds.prune.vs_input.max_ppl_increase=inf",
-]  # fmt: skip
+]
 
 
 def _sets(teacher: Path, data: Path) -> list[str]:
@@ -49,8 +62,12 @@ def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "build")])}
     return subprocess.run(
         [sys.executable, "-m", "edge_build.cli", "run", "--no-progress", *args],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +100,14 @@ def test_every_stage_is_measured_and_the_bundle_carries_the_lineage(built: Any) 
     pub = load_public_key(out / "signing.pub")
     bundle = verify_bundle(result.bundle, [pub])
     stages = bundle.manifest.build["stages"]
-    assert [s["stage"] for s in stages] == ["distill", "prune", "heal", "quantize", "export",
-                                            "lower"]  # fmt: skip
+    assert [s["stage"] for s in stages] == [
+        "distill",
+        "prune",
+        "heal",
+        "quantize",
+        "export",
+        "lower",
+    ]
     assert all("quality" in s and "cache_key" in s for s in stages)
     assert json.loads((out / "pipeline.json").read_text())["bundle"] == str(result.bundle)
 
@@ -100,19 +123,32 @@ def test_rerun_is_cached_and_a_change_reruns_only_what_follows(built: Any) -> No
 
     changed = run_recipe(load_recipe(DEMO, [*sets, "prune.mlp_ratio=0.5"]), out, progress=False)
     assert changed.executed == CHAIN[1:]  # distillation's output is reused
-    assert read_stage(out / "prune")["quality"]["parameters"] < read_stage(out / "distill")[
-        "quality"
-    ]["parameters"]
+    assert (
+        read_stage(out / "prune")["quality"]["parameters"]
+        < read_stage(out / "distill")["quality"]["parameters"]
+    )
     # A parameter of the last model-space stage reruns only the ONNX side.
-    again = run_recipe(load_recipe(DEMO, [*sets, "prune.mlp_ratio=0.5", "lower.accuracy_level=0"]),
-                       out, progress=False)  # fmt: skip
+    again = run_recipe(
+        load_recipe(DEMO, [*sets, "prune.mlp_ratio=0.5", "lower.accuracy_level=0"]),
+        out,
+        progress=False,
+    )
     assert again.executed == ["lower-matmulnbits", "lower-qdq", "package"]
 
 
 def test_too_tight_threshold_fails_with_one_clear_line(built: Any) -> None:
     out, sets, _ = built
-    done = _cli(["--recipe", str(DEMO), "--out", str(out), *[f"--set={s}" for s in sets],
-                 "--set", "thresholds.quantize.vs_input.max_kl=0"])  # fmt: skip
+    done = _cli(
+        [
+            "--recipe",
+            str(DEMO),
+            "--out",
+            str(out),
+            *[f"--set={s}" for s in sets],
+            "--set",
+            "thresholds.quantize.vs_input.max_kl=0",
+        ]
+    )
     assert done.returncode == 1
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("edge-build run: error: stage quantize fails the recipe's thresholds")
@@ -132,8 +168,9 @@ def test_a_failed_gate_keeps_its_measurement_for_a_looser_rerun(built: Any) -> N
 def test_parameter_target_sets_the_mlp_width(teacher_dirs: dict[str, Path]) -> None:
     teacher = teacher_dirs["qwen2"]
     cfg = json.loads((teacher / "config.json").read_text())
-    layers, hidden, inter = (cfg[k] for k in ("num_hidden_layers", "hidden_size",
-                                              "intermediate_size"))  # fmt: skip
+    layers, hidden, inter = (
+        cfg[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size")
+    )
     from edge_build.quality import parameter_count
 
     now = parameter_count(teacher)
