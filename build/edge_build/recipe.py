@@ -246,7 +246,7 @@ def apply_override(data: dict[str, Any], item: str) -> str:
     if not sep or not key:
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. source.path=/models/x")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
+        value: Any = _Cli(tomllib.loads(f"v = {raw}")["v"], raw)
     except tomllib.TOMLDecodeError:
         value = raw
     parts = key.split(".")
@@ -258,6 +258,15 @@ def apply_override(data: dict[str, Any], item: str) -> str:
         node = nxt
     node[parts[-1]] = value
     return key
+
+
+@dataclass(frozen=True)
+class _Cli:
+    """A --set value read as TOML, with its text: `package.version=1.0` is a string field's
+    "1.0", not the float TOML reads."""
+
+    parsed: Any
+    raw: str
 
 
 @dataclass(frozen=True)
@@ -315,6 +324,13 @@ def _build(
 def _coerce(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
     """Check a TOML value against a field's annotation; resolve relative paths."""
     source = ctx.source
+    if isinstance(value, _Cli):
+        try:
+            return _coerce(value.parsed, tp, key, ctx)
+        except RecipeError:
+            if not isinstance(value.parsed, str):
+                return _coerce(value.raw, tp, key, ctx)  # a string field given 1.0
+            raise
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         errors = []

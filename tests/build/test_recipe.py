@@ -47,8 +47,10 @@ def test_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             "distill.steps=7",
             "thresholds.prune.vs_teacher.min_top1=0.5",
             "lower.formats=['matmulnbits']",
+            "package.version=1.0",  # TOML would read a float; the field is a string
         ],
     )
+    assert r.package.version == "1.0"
     assert r.source.path == tmp_path / "ckpt"
     assert r.data.files == (tmp_path / "a.jsonl", Path("/abs/b.txt"))
     assert r.distill.layers == (0, 3, 5) and r.distill.steps == 7
@@ -91,3 +93,9 @@ def test_source_needs_exactly_one_teacher(tmp_path: Path) -> None:
         load_recipe(_write(tmp_path, both))
     with pytest.raises(RecipeError, match=r"cannot read recipe .*nope\.toml"):
         load_recipe(tmp_path / "nope.toml")
+
+
+def test_serve_default_is_the_demo_recipe() -> None:
+    from edge_build.demo import demo_recipe
+
+    assert demo_recipe() == MODELS / "demo.toml"
