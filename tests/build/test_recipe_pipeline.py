@@ -17,7 +17,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edge_build.pipeline import mlp_ratio_for_target, run_recipe  # noqa: E402
+from edge_build.pipeline import run_recipe  # noqa: E402
+from edge_build.prune_target import mlp_ratio_for_target  # noqa: E402
 from edge_build.quality import StageQualityError  # noqa: E402
 from edge_build.recipe import load_recipe  # noqa: E402
 from edge_build.stage import read_stage  # noqa: E402
