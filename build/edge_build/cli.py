@@ -2,7 +2,8 @@
 
     edge-build keygen   --out DIR [--name NAME]       ed25519 signing key pair
     edge-build export   MODEL_DIR OUT                 HF causal LM → ONNX with KV cache
-    edge-build quantize IN OUT [--block-size 128]     fp32 ONNX → 4-bit MatMulNBits
+    edge-build quantize IN OUT [--method awq|rtn]     HF model → 4-bit (AWQ/RTN), fake-quant + codes
+    edge-build lower    ONNX QUANT OUT [--format F]   export of it → MatMulNBits or QDQ INT4
     edge-build package  IN OUT --key KEY --name N     artifact → signed bundle
     edge-build distill  TEACHER OUT [--data F...]     teacher → shallower distilled student
     edge-build prune    IN OUT [--mlp-ratio R ...]    structured width / depth pruning
@@ -64,17 +65,50 @@ def cmd_export(a: argparse.Namespace) -> None:
 def cmd_quantize(a: argparse.Namespace) -> None:
     from edge_build import quantize
 
-    windows = _windows(Path(a.input), a.eval_windows, a.eval_tokens, a.eval_text)
+    src, out = Path(a.input), Path(a.out)
+    if (src / "model.onnx").is_file():  # an fp32 export: ONNX Runtime's RTN on the graph
+        if a.method not in (None, "rtn"):
+            raise EdgeError(
+                f"--method {a.method} works on the Hugging Face model directory (quantize, "
+                f"then export, then `edge-build lower`); {src} is an ONNX export"
+            )
+        windows = _windows(src, a.eval_windows, a.eval_tokens, a.eval_text)
+        record = quantize.run(src, out, eval_windows=windows, block_size=a.group_size,
+                              accuracy_level=a.accuracy_level, symmetric=not a.asymmetric,
+                              min_top1=a.min_top1, max_kl=a.max_kl)  # fmt: skip
+    else:
+        from edge_build.evaluate import eval_windows
+        from edge_build.textdata import train_heldout
+
+        tok = src / "tokenizer.json"
+        if not tok.is_file():
+            raise EdgeError(f"{src} has neither model.onnx nor tokenizer.json")
+        train, held = train_heldout([Path(p) for p in a.data] if a.data else None)
+        calib = eval_windows(tok, train, a.calib_windows, a.eval_tokens)
+        held_windows = (
+            _windows(src, a.eval_windows, a.eval_tokens, a.eval_text)
+            if a.eval_text
+            else eval_windows(tok, held, a.eval_windows, a.eval_tokens)
+        )
+        record = quantize.quantize_model(
+            src, out, calib, held_windows, method=a.method or "awq", group_size=a.group_size,
+            symmetric=not a.asymmetric, max_ppl_increase=a.max_ppl_increase,
+            min_top1=a.min_top1, max_kl=a.max_kl, progress=not a.no_progress, device=a.device,
+        )  # fmt: skip
+    _print_record(record)
+
+
+def cmd_lower(a: argparse.Namespace) -> None:
+    from edge_build import quantize
+
     _print_record(
-        quantize.run(
-            Path(a.input),
+        quantize.lower(
+            Path(a.onnx_dir),
+            Path(a.quant_dir),
             Path(a.out),
-            eval_windows=windows,
-            block_size=a.block_size,
+            fmt=a.format,
             accuracy_level=a.accuracy_level,
-            symmetric=not a.asymmetric,
-            min_top1=a.min_top1,
-            max_kl=a.max_kl,
+            atol=a.atol,
         )
     )
 
@@ -210,23 +244,50 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--atol", type=float, default=1e-3, help="max |logit diff| vs PyTorch")
     e.set_defaults(fn=cmd_export)
 
-    q = sub.add_parser("quantize", help="ONNX → 4-bit weight-only (MatMulNBits), with metrics")
-    q.add_argument("input")
+    q = sub.add_parser(
+        "quantize",
+        help="4-bit weight-only: HF model dir → fake-quant HF dir + codes (AWQ or RTN); "
+        "an ONNX export → MatMulNBits (RTN)",
+    )
+    q.add_argument("input", help="HF model directory (or an fp32 ONNX export, RTN only)")
     q.add_argument("out")
-    q.add_argument("--block-size", type=int, default=128, help="group size along K")
-    q.add_argument("--accuracy-level", type=int, default=4, choices=range(5))
+    q.add_argument("--method", choices=["awq", "rtn"], default=None, help="default: awq")
+    q.add_argument("--group-size", "--block-size", dest="group_size", type=int, default=128,
+                   help="inputs per scale, along K")  # fmt: skip
     q.add_argument("--asymmetric", action="store_true", help="keep zero points")
+    q.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
+                   help="ONNX input only (for the HF path see `lower`)")  # fmt: skip
+    q.add_argument("--data", nargs="+", default=None, help=".txt/.jsonl files (default: stdlib)")
     q.add_argument(
         "--eval-text",
         type=Path,
         default=None,
-        help="text file for the fixed evaluation windows (default: stdlib held-out)",
+        help="text file for the fixed evaluation windows (default: held-out split of the data)",
     )
+    q.add_argument("--calib-windows", type=int, default=32, help="AWQ calibration windows")
     q.add_argument("--eval-windows", type=int, default=8)
     q.add_argument("--eval-tokens", type=int, default=128)
+    q.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    q.add_argument("--no-progress", action="store_true")
     q.add_argument("--min-top1", type=float, default=None, help="fail below this agreement")
     q.add_argument("--max-kl", type=float, default=None, help="fail above this mean KL")
+    q.add_argument(
+        "--max-ppl-increase",
+        type=float,
+        default=None,
+        help="fail when perplexity rises by more than this share (0.05 = 5%%)",
+    )
     q.set_defaults(fn=cmd_quantize)
+
+    lo = sub.add_parser("lower", help="export of a quantize artifact → int4 ONNX from its codes")
+    lo.add_argument("onnx_dir", help="edge-build export of the quantize artifact")
+    lo.add_argument("quant_dir", help="the quantize artifact (quant.safetensors + quant.json)")
+    lo.add_argument("out")
+    lo.add_argument("--format", choices=["matmulnbits", "qdq"], default="matmulnbits")
+    lo.add_argument("--accuracy-level", type=int, default=4, choices=range(5))
+    lo.add_argument("--atol", type=float, default=1e-3,
+                    help="max |logit diff| vs the fp32 graph, fp32 activations")  # fmt: skip
+    lo.set_defaults(fn=cmd_lower)
 
     g = sub.add_parser("package", help="artifact → signed bundle")
     g.add_argument("input")

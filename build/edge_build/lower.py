@@ -103,8 +103,8 @@ def _gather_block(node: Any, qt: QTensor, base: str) -> tuple[list[Any], list[An
         _int4(base + "_Q4", qt.codes.astype(np.int8) - 8 if sym else qt.codes, signed=sym),
         numpy_helper.from_array(qt.scales, base + "_scales"),
     ]
-    if not sym:
-        inits.append(_int4(base + "_zp", qt.zero_points, signed=False))  # type: ignore[arg-type]
+    if qt.zero_points is not None:
+        inits.append(_int4(base + "_zp", qt.zero_points, signed=False))
     names = [inits[0].name, node.input[1], inits[1].name] + ([inits[2].name] if not sym else [])
     new = helper.make_node("GatherBlockQuantized", names, list(node.output),
                            name=node.name + "_Q4", domain="com.microsoft", gather_axis=axis,
@@ -124,8 +124,8 @@ def _qdq(node: Any, qt: QTensor, base: str, gather: bool) -> tuple[list[Any], li
         _int4(base + "_Q4", codes.astype(np.int8) - 8 if sym else codes, signed=sym),
         numpy_helper.from_array(np.ascontiguousarray(scales), base + "_scales"),
     ]
-    if not sym:
-        zp = qt.zero_points if gather else qt.zero_points.T  # type: ignore[union-attr]
+    if qt.zero_points is not None:
+        zp = qt.zero_points if gather else qt.zero_points.T
         inits.append(_int4(base + "_zp", zp, signed=False))
     w = base + "_dq"
     dq = helper.make_node("DequantizeLinear", [i.name for i in inits], [w], name=base + "_DQ",
@@ -180,8 +180,12 @@ def rewrite(model: Any, weights: QuantizedWeights, fmt: str, level: int) -> dict
             f"{len(missing)} of {len(weights.modules())} quantized weights have no matching "
             f"initializer in the ONNX graph: {', '.join(missing[:8])}"
             + (" ..." if len(missing) > 8 else "")
-            + ("" if found else " (none matched: was this ONNX exported from this quantize "
-               "artifact, with post-processing off?)")
+            + (
+                ""
+                if found
+                else " (none matched: was this ONNX exported from this quantize "
+                "artifact, with post-processing off?)"
+            )
         )
     nodes: list[Any] = []
     for idx, node in enumerate(graph.node):
@@ -301,9 +305,7 @@ def lower(
         _save(model, tmp / "model.onnx")
         got = compare_logits(ref, onnx_logits(tmp / "model.onnx", kv, check_windows))
         if fmt == "qdq":
-            exact = compare_logits(
-                ref, _unoptimized_logits(tmp / "model.onnx", kv, check_windows)
-            )
+            exact = compare_logits(ref, _unoptimized_logits(tmp / "model.onnx", kv, check_windows))
         exact = exact or got  # level 0 asked for: the saved graph is the fp32-activation check
         metrics.update({f"check_{k}": v for k, v in exact.items()})  # fp32 activations
         if exact is not got:  # the saved graph as ORT runs it by default (int8 activations)

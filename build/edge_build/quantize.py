@@ -119,8 +119,8 @@ def quantize_model(
         if (input_dir / "chat_template.jinja").is_file():
             shutil.copyfile(input_dir / "chat_template.jinja", tmp / "chat_template.jinja")
         weights.save(tmp)
-        metrics["fake_quant_bytes"] = lm_eval.bytes_on_disk(tmp) - (tmp / QUANT_WEIGHTS).stat().st_size
         metrics["int4_bytes"] = (tmp / QUANT_WEIGHTS).stat().st_size
+        metrics["fake_quant_bytes"] = lm_eval.bytes_on_disk(tmp) - metrics["int4_bytes"]
         record = write_stage(tmp, "quantize", params, input_dir, metrics, started)
     return record
 
