@@ -10,6 +10,7 @@
     edge-build distill  TEACHER OUT [--data F...]     teacher → shallower distilled student
     edge-build prune    IN OUT [--mlp-ratio R ...]    structured width / depth pruning
     edge-build demo     --out DIR [--preset default]  a local demo model, end to end
+    edge-build run      --recipe models/NAME.toml     a recipe's whole chain, cached and gated
 
 Every failure the user can fix is an `EdgeError`: printed as one line, exit status 1.
 """
@@ -218,6 +219,19 @@ def cmd_demo(a: argparse.Namespace) -> None:
     print(f"bundle {path}\nverify with: edge-runtime verify {path} --pubkey {pub}")
 
 
+def cmd_run(a: argparse.Namespace) -> None:
+    from edge_build.pipeline import run_recipe
+    from edge_build.recipe import load_recipe
+
+    recipe = load_recipe(Path(a.recipe), a.set)
+    out = Path(a.out) if a.out else Path("work") / Path(a.recipe).stem
+    result = run_recipe(recipe, out, Path(a.key) if a.key else None, progress=not a.no_progress)
+    ran = ", ".join(result.executed) or "nothing (all cached)"
+    print(f"bundle {result.bundle}\nran: {ran} in {result.seconds:.1f}s")
+    if result.public_key:
+        print(f"verify with: edge-runtime verify {result.bundle} --pubkey {result.public_key}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edge-build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -337,6 +351,20 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--preset", default="default", choices=["tiny", "default"])
     d.add_argument("--key", default=None, help="signing key (default: a new one beside OUT)")
     d.set_defaults(fn=cmd_demo)
+
+    u = sub.add_parser("run", help="run a recipe: distill → prune → quantize → export → package")
+    u.add_argument("--recipe", required=True, help="models/NAME.toml")
+    u.add_argument("--out", default=None, help="build directory (default: work/NAME)")
+    u.add_argument("--key", default=None, help="signing key (overrides package.key)")
+    u.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set source.path=/models/x (repeatable)",
+    )
+    u.add_argument("--no-progress", action="store_true")
+    u.set_defaults(fn=cmd_run)
     return p
 
 

@@ -1,0 +1,412 @@
+"""Recipes: one TOML file per target model, loaded into frozen dataclasses, one per concern.
+
+    [source]               the teacher: an HF checkpoint directory, or [source.teacher]
+    [data]                 local .txt/.jsonl files (or the stdlib corpus) and the held-out split
+    [distill]              student = a subset of the teacher's layers, trained by KD
+    [prune]                structured width / depth pruning, optional healing distillation
+    [quantize]             4-bit weight-only, AWQ or RTN, in the model space
+    [export]               fp32 ONNX with a KV cache
+    [lower]                int4 ONNX: MatMulNBits and/or QDQ (DequantizeLinear → MatMul)
+    [package]              the signed bundle
+    [thresholds.STAGE.vs_teacher], [thresholds.STAGE.vs_input]   quality gates
+
+Every key is documented under its field below and in models/README.md. Unknown keys and
+wrongly typed values are `RecipeError`s naming the key and the file. Relative paths are
+relative to the recipe file (to the working directory when given by --set); "$VAR" in a path
+is read from the environment. `--set a.b=v` overrides any key (v is read as a TOML value,
+else as a string); nothing else changes a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_build.stage import StageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+STAGES = (
+    "teacher",
+    "distill",
+    "prune",
+    "heal",
+    "quantize",
+    "export",
+    "lower-matmulnbits",
+    "lower-qdq",
+)
+"""Stage names, in chain order; `thresholds.STAGE` must name one of them."""
+LOWER_FORMATS = ("matmulnbits", "qdq")
+
+
+class RecipeError(StageError):
+    """A recipe file or a --set override is invalid; the message names the key and file."""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """A Qwen2 teacher made locally (demo.py's training) when no checkpoint is given."""
+
+    vocab_size: int = 4096
+    """Byte-level BPE vocabulary trained on the data's train split."""
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 768
+    context_length: int = 1024
+    train_steps: int = 250
+    """Optimizer steps of next-token training (bounded: this is the build's slowest part)."""
+    batch_size: int = 8
+    seq_len: int = 128
+    learning_rate: float = 3e-3
+    corpus_chars: int = 3_000_000
+    """Characters of the stdlib corpus read for the tokenizer and training (data.files unset)."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    path: Path | None = None
+    """A Hugging Face checkpoint directory (Qwen2 / Llama) used as the teacher."""
+    teacher: TeacherConfig | None = None
+    """Make the teacher locally instead ([source.teacher]); exactly one of path / teacher."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    files: tuple[Path, ...] = ()
+    """.txt / .jsonl files (jsonl: a string or {"text": ...} per line); empty = the running
+    Python's standard-library sources, read at run time."""
+    heldout_share: float = 0.1
+    """Share of documents held out (chosen by a hash, never trained on, measured on)."""
+    eval_windows: int = 16
+    """Held-out windows every stage is measured on (the same windows for every stage)."""
+    eval_tokens: int = 128
+    """Tokens per window."""
+    calib_windows: int = 32
+    """Training-split windows for pruning importance and AWQ calibration."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    enabled: bool = True
+    layers: str | tuple[int, ...] = "every_other"
+    """Teacher layers the student starts from: "every_other" or a list of indices."""
+    steps: int = 500
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    learning_rate: float = 5e-4
+    warmup_steps: int = 20
+    temperature: float = 2.0
+    """Softmax temperature of the KD loss T²·KL(teacher/T ‖ student/T)."""
+    hidden_weight: float = 0.0
+    """Weight of the hidden-state MSE between mapped layers (0 = logits only)."""
+    checkpoint_every: int = 50
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    enabled: bool = True
+    mlp_ratio: float = 0.0
+    """Share of MLP intermediate channels removed (0.25 = a quarter)."""
+    heads_ratio: float = 0.0
+    """Share of KV groups removed (with all their query heads)."""
+    drop_layers: int = 0
+    """Whole decoder layers removed, least input→output change first."""
+    target_parameters: int | None = None
+    """A parameter count to reach by MLP width (overrides mlp_ratio; after heads/layers)."""
+    heal_steps: int = 0
+    """Distillation steps from the teacher after pruning (0 = no healing); uses [distill]'s
+    batch, learning rate and temperature."""
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    enabled: bool = True
+    method: str = "awq"
+    """"awq" (activation-aware scale search) or "rtn" (round to nearest)."""
+    group_size: int = 128
+    """Weights per scale along the input dimension."""
+    symmetric: bool = True
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int | None = None
+    """ONNX opset (default: Optimum's choice)."""
+    atol: float = 1e-3
+    """Largest |ONNX − PyTorch| logit difference accepted."""
+
+
+@dataclass(frozen=True)
+class LowerConfig:
+    formats: tuple[str, ...] = ("matmulnbits",)
+    """"matmulnbits" (ONNX Runtime; what the bundle serves) and/or "qdq" (opset-21 blocked
+    DequantizeLinear → MatMul, what TensorRT's explicit quantization consumes)."""
+    accuracy_level: int = 4
+    """MatMulNBits compute type: 4 = int8 on quantized activations (fastest on CPU)."""
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    name: str = "model"
+    """The model name clients ask for."""
+    version: str = "0.1.0"
+    key: Path | None = None
+    """ed25519 private key; unset = a key made once beside the build (`--key` overrides)."""
+    context_length: int | None = None
+    max_new_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Bounds on a stage's held-out metrics against one reference model."""
+
+    max_ppl_increase: float | None = None
+    """Largest relative perplexity increase: 0.1 = at most 10% above the reference's."""
+    min_top1: float | None = None
+    """Smallest top-1 agreement with the reference's next-token choice."""
+    max_kl: float | None = None
+    """Largest mean per-token KL(reference ‖ stage)."""
+
+
+@dataclass(frozen=True)
+class StageGates:
+    vs_teacher: Gate = field(default_factory=Gate)
+    vs_input: Gate = field(default_factory=Gate)
+    """Against the stage's own input model (what this stage alone cost)."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    lower: LowerConfig = field(default_factory=LowerConfig)
+    package: PackageConfig = field(default_factory=PackageConfig)
+    thresholds: Mapping[str, StageGates] = field(default_factory=dict)
+    """Per stage name (see STAGES)."""
+    path: Path | None = None
+    """The file this recipe was read from (not a TOML key)."""
+
+    def gates(self, stage: str) -> StageGates:
+        return self.thresholds.get(stage, StageGates())
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override (`a.b=v` strings) and validate a recipe file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path} is not valid TOML: {e}") from e
+    cli_keys = {apply_override(data, item) for item in overrides}
+    # A teacher named on the command line replaces the file's: a path replaces a
+    # [source.teacher] table and the other way round, instead of clashing with it.
+    src = data.get("source")
+    if isinstance(src, dict) and "path" in src and "teacher" in src:
+        by_path = "source.path" in cli_keys
+        by_table = any(k.startswith("source.teacher") for k in cli_keys)
+        if by_path != by_table:
+            del src["teacher" if by_path else "path"]
+    return recipe_from_dict(
+        data,
+        base_dir=path.resolve().parent,
+        source=str(path),
+        path=path,
+        cli_keys=frozenset(cli_keys),
+    )
+
+
+def apply_override(data: dict[str, Any], item: str) -> str:
+    """`a.b.c=value` into the nested dict; the value is TOML (`3`, `[0, 2]`, `"x"`) or a
+    bare string (`/models/x`). Returns the key."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. source.path=/models/x")
+    try:
+        value: Any = _Cli(tomllib.loads(f"v = {raw}")["v"], raw)
+    except tomllib.TOMLDecodeError:
+        value = raw
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise RecipeError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a table")
+        node = nxt
+    node[parts[-1]] = value
+    return key
+
+
+@dataclass(frozen=True)
+class _Cli:
+    """A --set value read as TOML, with its text: `package.version=1.0` is a string field's
+    "1.0", not the float TOML reads."""
+
+    parsed: Any
+    raw: str
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    base_dir: Path
+    """Relative paths in the file are relative to it..."""
+    source: str
+    cli_keys: frozenset[str]
+    """...but those given with --set are relative to the working directory."""
+
+
+def recipe_from_dict(
+    data: Mapping[str, Any],
+    base_dir: Path,
+    source: str = "recipe",
+    path: Path | None = None,
+    cli_keys: frozenset[str] = frozenset(),
+) -> Recipe:
+    ctx = _Ctx(base_dir, source, cli_keys)
+    table = dict(data)
+    thresholds = table.pop("thresholds", {})
+    if not isinstance(thresholds, Mapping):
+        raise RecipeError(f"{source}: 'thresholds' must be a table")
+    for name in thresholds:
+        if name not in STAGES:
+            raise RecipeError(
+                f"{source}: unknown key 'thresholds.{name}' (stages: {', '.join(STAGES)})"
+            )
+    recipe: Recipe = _build(Recipe, table, "", ctx, skip={"thresholds", "path"})
+    gates = {n: _build(StageGates, t, f"thresholds.{n}", ctx) for n, t in thresholds.items()}
+    recipe = dataclasses.replace(recipe, thresholds=gates, path=path)
+    _validate(recipe, source)
+    return recipe
+
+
+def _build(
+    cls: type[Any], table: Any, where: str, ctx: _Ctx, skip: frozenset[str] | set[str] = frozenset()
+) -> Any:
+    source = ctx.source
+    if not isinstance(table, Mapping):
+        raise RecipeError(f"{source}: '{where}' must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    for key in table:
+        if key not in names:
+            at = f"{where}.{key}" if where else key
+            raise RecipeError(f"{source}: unknown key '{at}' (known here: {', '.join(names)})")
+    values = {}
+    for key, value in table.items():
+        at = f"{where}.{key}" if where else key
+        values[key] = _coerce(value, hints[key], at, ctx)
+    return cls(**values)
+
+
+def _coerce(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
+    """Check a TOML value against a field's annotation; resolve relative paths."""
+    source = ctx.source
+    if isinstance(value, _Cli):
+        try:
+            return _coerce(value.parsed, tp, key, ctx)
+        except RecipeError:
+            if not isinstance(value.parsed, str):
+                return _coerce(value.raw, tp, key, ctx)  # a string field given 1.0
+            raise
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in (a for a in args if a is not type(None)):  # TOML has no null
+            try:
+                return _coerce(value, arm, key, ctx)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(
+            errors[-1] if len(errors) == 1 else f"{source}: '{key}' has the wrong type: {value!r}"
+        )
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, ctx)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: '{key}' must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], key, ctx) for v in value)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        Path: lambda v: isinstance(v, str) and v != "",
+    }[tp](value)
+    if not ok:
+        raise RecipeError(f"{source}: '{key}' must be {tp.__name__}, got {value!r}")
+    if tp is Path:
+        # "$VAR" / "${VAR}" name a path the user keeps out of the file (a checkpoint's place).
+        expanded = os.path.expandvars(value)
+        if "$" in expanded:
+            var = expanded[expanded.index("$") :].split("/")[0]
+            raise RecipeError(
+                f"{source}: '{key}' = {value!r} needs the environment variable "
+                f"{var.strip('${}')} (or --set {key}=PATH)"
+            )
+        p = Path(expanded).expanduser()
+        return p if p.is_absolute() else (Path.cwd() if key in ctx.cli_keys else ctx.base_dir) / p
+    return float(value) if tp is float else value
+
+
+def _validate(r: Recipe, source: str) -> None:
+    """Cross-field rules a dataclass alone cannot state."""
+
+    def bad(msg: str) -> RecipeError:
+        return RecipeError(f"{source}: {msg}")
+
+    if (r.source.path is None) == (r.source.teacher is None):
+        raise bad(
+            "give exactly one of 'source.path' (a checkpoint directory) and "
+            "[source.teacher] (make one locally); e.g. --set source.path=/models/x"
+        )
+    if not 0.0 < r.data.heldout_share < 1.0:
+        raise bad(f"'data.heldout_share' must be in (0, 1), got {r.data.heldout_share}")
+    for k in ("eval_windows", "eval_tokens", "calib_windows"):
+        if getattr(r.data, k) < 1:
+            raise bad(f"'data.{k}' must be >= 1, got {getattr(r.data, k)}")
+    if isinstance(r.distill.layers, str) and r.distill.layers != "every_other":
+        raise bad(
+            f"'distill.layers' must be \"every_other\" or a list of layer indices, "
+            f"got {r.distill.layers!r}"
+        )
+    if r.quantize.method not in ("awq", "rtn"):
+        raise bad(f'\'quantize.method\' must be "awq" or "rtn", got {r.quantize.method!r}')
+    unknown = [f for f in r.lower.formats if f not in LOWER_FORMATS]
+    if unknown:
+        raise bad(f"'lower.formats' must list some of {LOWER_FORMATS}, got {list(r.lower.formats)}")
+    if r.lower.formats and not r.quantize.enabled:
+        raise bad("'lower.formats' needs [quantize] (set quantize.enabled = true or formats = [])")
+    if r.quantize.enabled and "matmulnbits" not in r.lower.formats:
+        raise bad("'lower.formats' must include \"matmulnbits\": the bundle serves it")
+    if r.prune.heal_steps < 0:
+        raise bad(f"'prune.heal_steps' must be >= 0, got {r.prune.heal_steps}")
+    for stage, g in r.thresholds.items():
+        for side in ("vs_teacher", "vs_input"):
+            gate = getattr(g, side)
+            if gate.min_top1 is not None and not 0.0 <= gate.min_top1 <= 1.0:
+                raise bad(
+                    f"'thresholds.{stage}.{side}.min_top1' must be in [0, 1], got {gate.min_top1}"
+                )
