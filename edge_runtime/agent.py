@@ -27,7 +27,6 @@ at start-up).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -134,11 +133,7 @@ class DeviceAgent:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self, wait_s: float | None = None,
-              loop: asyncio.AbstractEventLoop | None = None) -> bool:
-        """Recover, resume pending commands, connect. With `loop`, the MQTT I/O runs on that
-        asyncio loop (see MqttClient.start) instead of a paho thread of its own: how the
-        fleet simulator keeps a thousand agents in a few processes."""
+    def start(self, wait_s: float | None = None) -> bool:
         self.slots.recover()
         pending = self.journal.pending()
         # Parts of downloads no pending deploy will resume are dead weight on a small disk.
@@ -153,7 +148,7 @@ class DeviceAgent:
             t = threading.Thread(target=target, name=f"agent-{target.__name__}", daemon=True)
             t.start()
             self._threads.append(t)
-        return self.mqtt.start(wait_s, loop=loop)
+        return self.mqtt.start(wait_s)
 
     def stop(self) -> None:
         self._stop.set()
