@@ -10,7 +10,7 @@ TCP_NODELAY, no persistence), K `edge-runtime cloud-worker` processes (`--worker
 TOML config. All processes are in their own process groups and are stopped on exit.
 
 1. Calibration (daemon with max_batch 4, no offload, no deadline): closed-loop clients at
-   concurrency 1, 2, 4. The unloaded latency is the concurrency-1 median; the SLO defaults
+   concurrency 1, 2, 4. The unloaded latency is the concurrency-1 p95; the SLO defaults
    to 4x it (`--slo-factor`, `--slo-ms`). The device's *capacity* is the highest closed-loop
    throughput (req/s) whose p95 latency stays within the SLO.
 2. Open-loop load at 0.5x, 1x, 2x, 4x capacity (`--levels`): Poisson arrivals from a fixed
@@ -161,7 +161,10 @@ class Bench:
                          f"p95 {pct(lat, 95):.3f} s ({len(lat)}/{n} ok)")
         finally:
             self.procs.stop(proc)
-        unloaded = rows[0]["p50_s"]
+        # The unloaded latency of the *longest* requests (concurrency-1 p95): with mixed
+        # generation lengths a median is a short request's, and an SLO built on it would be
+        # one a long request cannot meet even on an idle device (nor in the cloud).
+        unloaded = rows[0]["p95_s"]
         slo_s = a.slo_ms / 1000 if a.slo_ms else math.ceil(a.slo_factor * unloaded * 20) / 20
         eligible = [r for r in rows if r["p95_s"] <= slo_s] or rows[:1]
         best = max(eligible, key=lambda r: r["req_s"])
