@@ -33,6 +33,22 @@ def eval_windows(
     return windows
 
 
+def prefill_feeds(window: Sequence[int], input_names: set[str],
+                  kv: KVCacheSpec) -> dict[str, np.ndarray]:
+    """A decoder graph's inputs for one prefill of `window` from an empty KV cache."""
+    n = len(window)
+    feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([window], dtype=np.int64)}
+    if "attention_mask" in input_names:
+        feeds["attention_mask"] = np.ones((1, n), dtype=np.int64)
+    if "position_ids" in input_names:
+        feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+    empty = np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), dtype=kv.dtype)
+    for i in range(kv.num_layers):
+        feeds[kv.past_key.format(layer=i)] = empty
+        feeds[kv.past_value.format(layer=i)] = empty
+    return feeds
+
+
 def onnx_logits(
     model: Path, kv: KVCacheSpec, windows: Sequence[Sequence[int]], threads: int | None = None
 ) -> list[np.ndarray]:
@@ -41,17 +57,7 @@ def onnx_logits(
     names = {s.name for s in engine.inputs}
     out = []
     for w in windows:
-        n = len(w)
-        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([w], dtype=np.int64)}
-        if "attention_mask" in names:
-            feeds["attention_mask"] = np.ones((1, n), dtype=np.int64)
-        if "position_ids" in names:
-            feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
-        empty = np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), dtype=kv.dtype)
-        for i in range(kv.num_layers):
-            feeds[kv.past_key.format(layer=i)] = empty
-            feeds[kv.past_value.format(layer=i)] = empty
-        host, _ = engine.run(feeds, ("logits",))
+        host, _ = engine.run(prefill_feeds(w, names, kv), ("logits",))
         out.append(host["logits"][0].astype(np.float32))
     engine.close()
     return out

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_build.evaluate import compare_logits, onnx_logits
+from edge_build.evaluate import compare_logits, onnx_logits, prefill_feeds
 from edge_build.export import CARRIED_FILES, kv_spec, read_config
 from edge_build.int4 import QTensor, QuantizedWeights, pack_nibbles
 from edge_build.stage import (
@@ -245,17 +245,7 @@ def _unoptimized_logits(path: Path, kv: Any, windows: list[list[int]]) -> list[n
     names = {i.name for i in sess.get_inputs()}
     out = []
     for w in windows:
-        n = len(w)
-        feeds: dict[str, np.ndarray] = {"input_ids": np.asarray([w], dtype=np.int64)}
-        if "attention_mask" in names:
-            feeds["attention_mask"] = np.ones((1, n), dtype=np.int64)
-        if "position_ids" in names:
-            feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
-        empty = np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), dtype=kv.dtype)
-        for i in range(kv.num_layers):
-            feeds[kv.past_key.format(layer=i)] = empty
-            feeds[kv.past_value.format(layer=i)] = empty
-        out.append(sess.run(["logits"], feeds)[0][0].astype(np.float32))
+        out.append(sess.run(["logits"], prefill_feeds(w, names, kv))[0][0].astype(np.float32))
     return out
 
 
