@@ -179,6 +179,7 @@ class OffloadClient:
         *,
         breaker: CircuitBreaker | None = None,
         latency_window: int = 256,
+        latency_max_age_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         **mqtt_options: Any,
@@ -195,7 +196,11 @@ class OffloadClient:
         self._pending: dict[bytes, OffloadStream] = {}
         self._tripped_by_disconnect = False
         self._window = latency_window
-        self._latency: dict[int, collections.deque[tuple[float, float]]] = {}
+        self._max_age = latency_max_age_s
+        """Round trips older than this no longer count. The cloud's load changes, and an
+        estimate that never ages would keep a cloud that once timed out out of use for good:
+        nothing is offloaded, so no new sample could ever show it is fast again."""
+        self._latency: dict[int, collections.deque[tuple[float, float, float]]] = {}
         """(first chunk s, last chunk s) of recent round trips per generation-length bucket
         (length_bucket): a 16-token answer and a 512-token one have different p99s."""
         self.counts: collections.Counter[str] = collections.Counter()
@@ -256,22 +261,25 @@ class OffloadClient:
     def latency(self, max_tokens: int | None = None) -> LatencyStats:
         """Round trips of recent offloads (successes, and timeouts at the time they took):
         all of them, or those in the generation-length bucket of `max_tokens`."""
+        since = self.clock() - self._max_age
         with self._lock:
             if max_tokens is None:
                 samples = [x for d in self._latency.values() for x in d]
             else:
                 samples = list(self._latency.get(length_bucket(max_tokens), ()))
-        first = sorted(f for f, _ in samples)
-        last = sorted(t for _, t in samples)
+        first = sorted(f for at, f, _ in samples if at >= since)
+        last = sorted(t for at, _, t in samples if at >= since)
         return LatencyStats(
-            len(samples), _pct(first, 0.5), _pct(first, 0.99), _pct(last, 0.5), _pct(last, 0.99)
+            len(last), _pct(first, 0.5), _pct(first, 0.99), _pct(last, 0.5), _pct(last, 0.99)
         )
 
     def p99_by_tokens(self, min_samples: int = 5) -> tuple[tuple[int, float], ...]:
         """(bucket's max_tokens, p99 publish → last chunk) for each generation-length bucket
         with at least `min_samples` round trips, ascending: scheduler.CloudState's table."""
+        since = self.clock() - self._max_age
         with self._lock:
-            buckets = {b: sorted(t for _, t in d) for b, d in self._latency.items()}
+            buckets = {b: sorted(t for at, _, t in d if at >= since)
+                       for b, d in self._latency.items()}
         table = []
         for b, last in sorted(buckets.items()):
             p99 = _pct(last, 0.99)
@@ -356,7 +364,7 @@ class OffloadClient:
             d = self._latency.get(bucket)
             if d is None:
                 d = self._latency[bucket] = collections.deque(maxlen=self._window)
-            d.append((first_s, last_s))
+            d.append((self.clock(), first_s, last_s))
 
     def _on_ack(self, s: OffloadStream, reason: int) -> None:  # paho thread
         if reason == NO_MATCHING_SUBSCRIBERS:

@@ -236,6 +236,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-faults", action="store_true", help="skip the fault phases")
     ap.add_argument("--hard-cap-s", type=float, default=45.0,
                     help="a request with no end after this is hung (45 s)")
+    ap.add_argument("--device-cpus", type=_cpus, default=None,
+                    help="pin the daemon to these CPUs, e.g. 0 (default: any)")
+    ap.add_argument("--cloud-cpus", type=_cpus, default=None,
+                    help="pin the cloud workers to these CPUs, e.g. 1: a cloud with cores of "
+                    "its own, as in a deployment (default: any, shared with the daemon)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     ap.add_argument("--json", type=Path, help="also write every number to this JSON file")
@@ -243,6 +248,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.bundle and not args.pubkey:
         ap.error("--bundle needs --pubkey")
     return args
+
+
+def _cpus(text: str) -> set[int]:
+    return {int(c) for c in text.split(",") if c.strip()}
+
+
+def _fmt_cpus(cpus: set[int] | None) -> str:
+    return ",".join(map(str, sorted(cpus))) if cpus else "any"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -253,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.time()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_overload.") as tmp:
-        procs = Procs(Path(tmp))
+        procs = Procs(Path(tmp), device_cpus=args.device_cpus, cloud_cpus=args.cloud_cpus)
         bench = Bench(args, procs)
         try:
             bench.broker_proc, bench.broker = procs.mosquitto()
@@ -339,7 +352,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"generator, the daemon ({args.daemon_threads} engine threads), Mosquitto and "
         f"{args.workers} cloud worker(s) (concurrency {args.worker_concurrency}, "
         f"{args.worker_threads} thread(s) each) — and by other jobs on the machine: load "
-        f"average before {load_before[0]:.2f}, after {load_after[0]:.2f}",
+        f"average before {load_before[0]:.2f}, after {load_after[0]:.2f}"
+        + (f"; daemon pinned to CPU {_fmt_cpus(args.device_cpus)}, cloud workers to CPU "
+           f"{_fmt_cpus(args.cloud_cpus)} (a cloud with a core of its own)"
+           if args.device_cpus or args.cloud_cpus else ""),
         f"- **Model:** demo bundle (`{bench.bundle}`), int4 ONNX on ONNX Runtime CPU; each "
         f"request a streamed `/v1/completions`, greedy, max_tokens one of "
         f"{', '.join(map(str, args.max_tokens))}, one "

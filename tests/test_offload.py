@@ -348,3 +348,25 @@ def test_on_loop_round_trip_and_broker_restart(broker: Broker) -> None:
         asyncio.run(scenario())
     finally:
         w.stop()
+
+
+def test_cloud_round_trips_age_out_so_a_slow_spell_is_not_forever():
+    """A cloud that timed out once must get another chance: once nothing is offloaded no
+    new sample comes, so old round trips stop counting after `latency_max_age_s` and the
+    scheduler falls back to the prior (and tries again)."""
+    now = [1000.0]
+    client = OffloadClient("mqtt://127.0.0.1:1", "dev1", latency_max_age_s=30.0,
+                           clock=lambda: now[0])
+    for _ in range(5):
+        client._observe(32, 0.1, 2.0)  # five slow (timed-out) round trips
+    assert client.p99_by_tokens() == ((32, 2.0),)
+    assert client.latency(32).samples == 5
+    now[0] += 29.0
+    assert client.p99_by_tokens() == ((32, 2.0),)  # still recent
+    client._observe(32, 0.1, 0.2)
+    now[0] += 2.0  # the five slow ones are 31 s old, the fast one 2 s
+    assert client.p99_by_tokens() == ()  # one sample is too few for a bucket
+    lat = client.latency(32)
+    assert (lat.samples, lat.last_p99_s) == (1, 0.2)
+    now[0] += 31.0
+    assert client.latency().samples == 0 and client.latency().last_p99_s is None

@@ -52,9 +52,15 @@ class Procs:
 
     workdir: Path
     procs: list[Proc] = field(default_factory=list)
+    device_cpus: set[int] | None = None
+    """CPUs the daemon may run on (None: any), so that the "cloud" can have cores of its own."""
+    cloud_cpus: set[int] | None = None
+    """CPUs the cloud workers may run on (None: any)."""
 
-    def spawn(self, name: str, cmd: list[str]) -> Proc:
+    def spawn(self, name: str, cmd: list[str], cpus: set[int] | None = None) -> Proc:
         log = self.workdir / f"{name}.log"
+        if cpus:  # taskset execs the command: the pid (and its process group) stay the same
+            cmd = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
         with open(log, "ab") as f:
             popen = subprocess.Popen(
                 cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -128,7 +134,7 @@ class Procs:
             str(BIN / "edge-runtime"), "cloud-worker", "--bundle", str(bundle),
             "--pubkey", str(pubkey), "--broker", broker, "--concurrency", str(concurrency),
             "--threads", str(threads), "--log-level", "warning",
-        ])
+        ], self.cloud_cpus)
 
     def wait_worker(self, proc: Proc, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -142,7 +148,7 @@ class Procs:
         conf.write_text(config_toml)
         return self.spawn(name, [
             str(BIN / "edge-runtime"), "serve", "--config", str(conf), "--port", str(port),
-        ])
+        ], self.device_cpus)
 
     def wait_daemon(self, proc: Proc, base_url: str, timeout_s: float = 180.0) -> str:
         """Wait for /readyz; the served model's name."""
