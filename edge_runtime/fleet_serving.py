@@ -58,7 +58,7 @@ from edge_runtime.download import DownloadPolicy
 from edge_runtime.errors import ConfigError, EdgeError, HealthCheckError
 from edge_runtime.live_config import plan_config
 from edge_runtime.metrics import Metrics
-from edge_runtime.mqtt import TlsFiles
+from edge_runtime.mqtt import broker_credentials
 from edge_runtime.request import ModelInfo, Request
 from edge_runtime.sampling import SamplingParams
 from edge_runtime.scheduler import Action
@@ -349,15 +349,8 @@ def agent_config(cfg: Config, config_path: Path | None = None) -> AgentConfig:
     f: FleetConfig = cfg.fleet
     if f.broker is None or f.root is None:
         raise ConfigError("the fleet agent needs fleet.broker and fleet.root")
-    password = None
-    if f.password_file is not None:
-        try:
-            password = f.password_file.read_text().splitlines()[0].strip()
-        except (OSError, IndexError) as e:
-            raise ConfigError(f"cannot read fleet.password_file: {e}") from e
-    tls = None
-    if f.ca_file or f.cert_file:
-        tls = TlsFiles(*(str(p) if p else None for p in (f.ca_file, f.cert_file, f.key_file)))
+    password, tls = broker_credentials("fleet", f.password_file, f.ca_file, f.cert_file,
+                                       f.key_file)
     device = f.device_id or cfg.offload.device_id or socket.gethostname().split(".")[0]
     download = DownloadPolicy(timeout_s=f.download_timeout_s, attempts=f.download_attempts,
                               ca_file=str(f.download_ca_file) if f.download_ca_file else None)

@@ -33,6 +33,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import paho.mqtt.client as paho
@@ -81,6 +82,24 @@ class TlsFiles:
     cert_file: str | None = None
     """This client's certificate, for brokers that authenticate devices by certificate."""
     key_file: str | None = None
+
+
+def broker_credentials(
+    section: str, password_file: Path | None, ca_file: Path | None, cert_file: Path | None,
+    key_file: Path | None,
+) -> tuple[str | None, TlsFiles | None]:
+    """A config section's broker password (the first line of its file) and TLS files;
+    ConfigError naming `{section}.password_file` when that file cannot be read."""
+    password = None
+    if password_file is not None:
+        try:
+            password = password_file.read_text().splitlines()[0].strip()
+        except (OSError, IndexError) as e:
+            raise ConfigError(f"cannot read {section}.password_file: {e}") from e
+    tls = None
+    if ca_file or cert_file:
+        tls = TlsFiles(*(str(p) if p else None for p in (ca_file, cert_file, key_file)))
+    return password, tls
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from edge_runtime.errors import (
     OffloadUnavailableError,
 )
 from edge_runtime.messages import OffloadChunk, OffloadRequest, decode_chunk, encode_request
-from edge_runtime.mqtt import NO_MATCHING_SUBSCRIBERS, Message, MqttClient, TlsFiles
+from edge_runtime.mqtt import NO_MATCHING_SUBSCRIBERS, Message, MqttClient, broker_credentials
 
 log = logging.getLogger(__name__)
 
@@ -217,16 +217,8 @@ class OffloadClient:
         """The daemon's client from its [offload] section; ConfigError if it has no broker."""
         if cfg.broker is None:
             raise ConfigError("offload.broker is not set: cloud offload is off")
-        password = None
-        if cfg.password_file is not None:
-            try:
-                password = cfg.password_file.read_text().splitlines()[0].strip()
-            except (OSError, IndexError) as e:
-                raise ConfigError(f"cannot read offload.password_file: {e}") from e
-        tls = None
-        if cfg.ca_file or cfg.cert_file:
-            tls = TlsFiles(*(str(p) if p else None
-                             for p in (cfg.ca_file, cfg.cert_file, cfg.key_file)))
+        password, tls = broker_credentials("offload", cfg.password_file, cfg.ca_file,
+                                           cfg.cert_file, cfg.key_file)
         breaker = CircuitBreaker(BreakerConfig(
             failure_rate=cfg.failure_rate, window_s=cfg.window_s,
             min_requests=cfg.min_requests, open_s=cfg.open_s, probes=cfg.half_open_probes))
