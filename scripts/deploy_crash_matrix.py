@@ -41,11 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bundle_fixtures import make_bundle  # noqa: E402
 from http_fixtures import RangeServer  # noqa: E402
 from mqtt_fixtures import Broker  # noqa: E402
 
 from edge_runtime import signing, topics  # noqa: E402
-from edge_runtime.bundle import verify_bundle, write_bundle  # noqa: E402
+from edge_runtime.bundle import verify_bundle  # noqa: E402
 from edge_runtime.fleet_messages import Ack, Command  # noqa: E402
 from edge_runtime.mqtt import Message, MqttClient  # noqa: E402
 from edge_runtime.slots import Slots  # noqa: E402
@@ -68,24 +69,6 @@ class Outcome:
     inconsistent: int = 0
     resumed: int = 0
     failures: list[str] = field(default_factory=list)
-
-
-def make_bundle(out: Path, key: Path, version: str, size: int) -> Path:
-    src = out.parent / f"{out.name}.src"
-    src.mkdir(parents=True)
-    (src / "model.onnx").write_bytes(os.urandom(size))
-    (src / "tokenizer.json").write_text(json.dumps({"v": version}))
-    fields = {
-        "name": "synthetic", "version": version, "task": "text-generation",
-        "tokenizer": {"file": "tokenizer.json", "config_file": None, "chat_template": None,
-                      "bos_token": None, "eos_token": None},
-        "generation": {"eos_token_ids": [0], "context_length": 64},
-        "graphs": {"decoder": {"file": "model.onnx", "format": "onnx", "inputs": [],
-                               "outputs": []}},
-    }
-    return write_bundle(out, {"model.onnx": src / "model.onnx",
-                              "tokenizer.json": src / "tokenizer.json"},
-                        fields, signing.load_private_key(key))
 
 
 class Acks:

@@ -7,7 +7,6 @@ a graph, so these tests need no model and run on the device leg too.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -16,29 +15,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from bundle_fixtures import make_bundle
 
 from edge_runtime import signing
-from edge_runtime.bundle import MANIFEST, verify_bundle, write_bundle
+from edge_runtime.bundle import MANIFEST, verify_bundle
 from edge_runtime.errors import BundleError, BundleIntegrityError, DeployError, DiskSpaceError
 from edge_runtime.slots import DiskUsage, Slots
-
-
-def make_bundle(out: Path, key_path: Path, version: str, size: int = 300_000) -> Path:
-    src = out.parent / f"{out.name}.src"
-    src.mkdir(parents=True)
-    (src / "model.onnx").write_bytes(os.urandom(size))
-    (src / "tokenizer.json").write_text(json.dumps({"v": version}))
-    fields = {
-        "name": "synthetic", "version": version, "task": "text-generation",
-        "tokenizer": {"file": "tokenizer.json", "config_file": None, "chat_template": None,
-                      "bos_token": None, "eos_token": None},
-        "generation": {"eos_token_ids": [0], "context_length": 64},
-        "graphs": {"decoder": {"file": "model.onnx", "format": "onnx", "inputs": [],
-                               "outputs": []}},
-    }
-    return write_bundle(out, {"model.onnx": src / "model.onnx",
-                              "tokenizer.json": src / "tokenizer.json"},
-                        fields, signing.load_private_key(key_path))
 
 
 @pytest.fixture

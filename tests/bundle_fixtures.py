@@ -1,0 +1,34 @@
+"""Synthetic signed bundles: a few random files and a real signature.
+
+Slots, downloads and deploys never look inside a graph, so what they are tested with needs
+no model; used by tests/test_slots.py and scripts/deploy_crash_matrix.py (both run on the
+device leg's base install).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from edge_runtime import signing
+from edge_runtime.bundle import write_bundle
+
+
+def make_bundle(out: Path, key_path: Path, version: str, size: int = 300_000) -> Path:
+    """Bundle `synthetic` `version` at `out`: `size` random bytes as its decoder graph."""
+    src = out.parent / f"{out.name}.src"
+    src.mkdir(parents=True)
+    (src / "model.onnx").write_bytes(os.urandom(size))
+    (src / "tokenizer.json").write_text(json.dumps({"v": version}))
+    fields = {
+        "name": "synthetic", "version": version, "task": "text-generation",
+        "tokenizer": {"file": "tokenizer.json", "config_file": None, "chat_template": None,
+                      "bos_token": None, "eos_token": None},
+        "generation": {"eos_token_ids": [0], "context_length": 64},
+        "graphs": {"decoder": {"file": "model.onnx", "format": "onnx", "inputs": [],
+                               "outputs": []}},
+    }
+    return write_bundle(out, {"model.onnx": src / "model.onnx",
+                              "tokenizer.json": src / "tokenizer.json"},
+                        fields, signing.load_private_key(key_path))
