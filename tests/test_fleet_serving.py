@@ -5,7 +5,6 @@ requests; none may fail, and a refused or sick bundle must leave the serving mod
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from agent_fixtures import DEVICE, Controller, deploy
 from live_server import serve_in_thread, wait_until
 from mqtt_fixtures import Broker
 from test_cli import _read_line
@@ -31,14 +31,12 @@ from edge_runtime import probe, signing, topics
 from edge_runtime.agent import AgentConfig, DeviceAgent
 from edge_runtime.api import create_app
 from edge_runtime.bundle import MANIFEST, verify_bundle, write_bundle
-from edge_runtime.fleet_messages import Ack, Command
 from edge_runtime.fleet_serving import SLOTS, FleetServing, install_initial
 from edge_runtime.generator import Generator
-from edge_runtime.mqtt import Message, MqttClient
+from edge_runtime.mqtt import MqttClient
 from edge_runtime.serving import LocalWorker, ModelInfo
 from edge_runtime.slots import Slots
 
-DEVICE = "dev-1"
 # Loose latency limits: the point here is the quality gate; CI's 2 cores are shared.
 LIMITS = probe.ProbeThresholds(max_ttft_ms=20_000, min_tokens_per_s=0.5)
 
@@ -155,57 +153,6 @@ class Traffic:
     def wait_for(self, n: int) -> None:
         """Until `n` requests have been answered (or failed) in all."""
         wait_until(lambda: len(self.versions) + len(self.failures) >= n, 30)
-
-
-class Controller:
-    """The operator's side: sends commands, collects acks and the retained status."""
-
-    def __init__(self, url: str) -> None:
-        self.acks: list[Ack] = []
-        self.status: dict[str, object] = {}
-        self._cv = threading.Condition()
-        self.mqtt = MqttClient(url, "operator", reconnect_min_s=0.1, reconnect_max_s=1.0)
-        self.mqtt.subscribe(topics.fleet_cmd_ack(DEVICE), self._on_ack)
-        self.mqtt.subscribe(topics.fleet_status(DEVICE), self._on_status)
-        self.mqtt.start()
-        assert self.mqtt.wait_subscribed(10)
-
-    def _on_ack(self, m: Message) -> None:
-        with self._cv:
-            self.acks.append(Ack.from_json(m.payload))
-            self._cv.notify_all()
-
-    def _on_status(self, m: Message) -> None:
-        with self._cv:
-            self.status = json.loads(m.payload)
-            self._cv.notify_all()
-
-    def send(self, cmd: Command) -> None:
-        self.mqtt.publish(topics.fleet_cmd(DEVICE), cmd.to_json(), wait_s=5)
-
-    def wait(self, pred: Callable[[], bool], timeout_s: float = 60) -> None:
-        with self._cv:
-            assert self._cv.wait_for(pred, timeout_s), (self.acks, self.status)
-
-    def states(self, cid: str) -> list[str]:
-        return [a.state for a in self.acks if a.id == cid]
-
-    def final(self, cid: str) -> Ack:
-        self.wait(lambda: any(a.final for a in self.acks if a.id == cid))
-        return next(a for a in self.acks if a.id == cid and a.final)
-
-
-def deploy(cid: str, bundle: Path, key: Any) -> Command:
-    kid = signing.key_id(signing.load_public_key(key.pubkey))
-    digest = hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
-    return Command(cid, "deploy", {"bundle": str(bundle), "sha256": digest, "signer": kid})
-
-
-@pytest.fixture
-def controller(broker: Broker) -> Iterator[Controller]:
-    c = Controller(broker.url)
-    yield c
-    c.mqtt.stop()
 
 
 def _version(url: str) -> str:
