@@ -88,6 +88,17 @@ def current_target(trt: Any, cudart: Any, device: int = 0) -> Target:
     )
 
 
+def engine_io(trt: Any, engine: Any) -> list[EngineIO]:
+    """A deserialized engine's I/O tensors, in the terms `check_io` compares."""
+    io = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        dtype = numpy_dtype(engine.get_tensor_dtype(name).name, name)
+        io.append(EngineIO(name, is_input, dtype, tuple(engine.get_tensor_shape(name))))
+    return io
+
+
 def read_plan(path: Path, record: PlanRecord | None) -> bytes:
     """The plan's bytes, checked against its record: a truncated or altered plan is refused
     here, not handed to the deserializer."""
@@ -130,12 +141,7 @@ class TrtEngine:
                 "for another GPU?); rebuild it with edge-runtime build-engine --force"
             )
         self._engine = engine
-        io = []
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            dtype = numpy_dtype(engine.get_tensor_dtype(name).name, name)
-            io.append(EngineIO(name, is_input, dtype, tuple(engine.get_tensor_shape(name))))
+        io = engine_io(trt, engine)
         check_io(io, graph)  # refuse a plan that is not this graph's before running it
         self._dtypes = {t.name: np.dtype(t.dtype) for t in io}
         self._input_names = [t.name for t in io if t.is_input]

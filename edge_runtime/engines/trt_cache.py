@@ -33,7 +33,7 @@ from typing import Any
 from edge_runtime.atomic import atomic_write_json
 from edge_runtime.bundle import MANIFEST, GraphSpec, Manifest
 from edge_runtime.engines.trt_plan import ProfileLimits
-from edge_runtime.errors import BundleError, EngineError
+from edge_runtime.errors import BundleError, ConfigError, EngineError
 
 BUILD_RECIPE = 1
 """Bump when trt_build.py changes how a plan is built (flags, profiles): old plans rebuild."""
@@ -98,9 +98,9 @@ def check_precision(precision: str, graph: GraphSpec) -> str:
     if precision == "auto":
         return "strongly-typed" if qdq else "fp16"
     if precision not in PRECISIONS:
-        raise EngineError(f"precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
     if qdq and precision != "strongly-typed":
-        raise EngineError(
+        raise ConfigError(
             f"graph {graph.file} is explicitly quantized (Q/DQ INT4): TensorRT builds it "
             f"strongly typed, not with precision {precision!r} (use --precision auto)"
         )
