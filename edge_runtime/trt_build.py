@@ -184,7 +184,7 @@ def _builder_config(
     if options.workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
     if precision == "fp16":
-        if not builder.platform_has_fast_fp16:
+        if not getattr(builder, "platform_has_fast_fp16", True):  # deprecated in 10.x
             progress("this GPU has no fast FP16: building fp16 anyway, expect fp32 speed")
         config.set_flag(trt.BuilderFlag.FP16)
     return config

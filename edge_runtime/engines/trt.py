@@ -218,6 +218,11 @@ class TrtEngine:
         """Per profile, input name → (min, opt, max) shape, as the plan reports them."""
         return self._profiles
 
+    @property
+    def max_batch(self) -> int:
+        """The widest batch any profile takes (serving's max_batch must not exceed it)."""
+        return max(r["input_ids"][2][0] for r in self._profiles if "input_ids" in r)
+
     def empty(self, shape: Sequence[int], dtype: str) -> DeviceTensor:
         t = CudaTensor(self._pool, shape, dtype)
         if t.nbytes:
