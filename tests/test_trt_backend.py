@@ -156,6 +156,24 @@ def test_select_graph_prefers_the_qdq_graph_then_a_float_one(qdq_bundle, tiny_bu
     assert select_graph(Manifest.from_dict(d))[0] == "decoder"
 
 
+def test_a_bundle_packaged_from_the_fp32_export_is_tensorrts_as_is(tiny_bundle, tmp_path,
+                                                                   capsys, monkeypatch):
+    """The float route that works before int4 bundles carry a QDQ graph (and the one
+    `trt_selftest.py --make-demo` takes): `package` on the fp32 export."""
+    pytest.importorskip("torch")
+    from edge_build import package
+
+    out = package.run(tiny_bundle.work / "onnx", tmp_path / "fp32", tiny_bundle.key,
+                      name="fp32", version="1", probe_spec=None)  # fmt: skip
+    m = Manifest.from_dict(manifest_dict(out))
+    name, graph = select_graph(m)
+    assert name == "decoder" and graph.weights == {"dtype": "float32"}
+    assert check_precision("auto", graph) == "fp16"
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert main(["build-engine", str(out), "--pubkey", str(tiny_bundle.pubkey)]) == 1
+    assert "needs tensorrt" in capsys.readouterr().err  # selected, then stopped at the import
+
+
 def test_precision_follows_the_graph(qdq_bundle):
     m = Manifest.from_dict(manifest_dict(qdq_bundle))
     qdq, plain = m.graphs["decoder_trt"], replace(m.graphs["decoder"], weights={})

@@ -74,7 +74,7 @@ def load_engine(path: str, backend: str = "auto", threads: int | None = None) ->
     back. `threads` sizes ONNX Runtime's CPU pool; TensorRT has none.
     """
     if backend in ("auto", "tensorrt"):
-        from edge_runtime.engines.trt import open_trt
+        from edge_runtime.engines.trt_cache import open_trt
 
         engine = open_trt(path, required=backend == "tensorrt")
         if engine is not None:

@@ -20,7 +20,6 @@ to ONNX Runtime. This module runs only where a GPU is: scripts/trt_selftest.py c
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -32,23 +31,13 @@ import numpy as np
 from edge_runtime.bundle import GraphSpec, TensorSpec
 from edge_runtime.engines import DeviceTensor
 from edge_runtime.engines.cuda_mem import BufferPool, CudaTensor, PinnedBuffer, check, import_cudart
-from edge_runtime.engines.trt_cache import (
-    PlanRecord,
-    Target,
-    bundle_of,
-    default_cache_dir,
-    find_plan,
-    graph_sha256,
-    plan_paths,
-    select_graph,
-)
+from edge_runtime.engines.trt_cache import PlanRecord, Target
 from edge_runtime.engines.trt_plan import (
     EngineIO,
     ShapeRange,
     check_io,
     choose_profile,
     numpy_dtype,
-    same_interface,
 )
 from edge_runtime.errors import EngineError
 
@@ -246,6 +235,8 @@ class TrtEngine:
         device_outputs: Sequence[str] = (),
         out: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, np.ndarray], dict[str, DeviceTensor]]:
+        if not self._contexts:
+            raise EngineError("the TensorRT engine is closed")
         missing = [n for n in self._input_names if n not in feeds]
         unknown = [n for n in feeds if n not in self._dtypes or n in self._output_names]
         bad_out = [n for n in (*host_outputs, *device_outputs) if n not in self._output_names]
@@ -350,57 +341,3 @@ class TrtEngine:
 
     def _sync(self) -> None:
         check(self._rt.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-
-
-def open_trt(graph_path: str | os.PathLike[str], required: bool) -> TrtEngine | None:
-    """A TrtEngine for the bundle graph at `graph_path`, from the plan cache.
-
-    `required` (backend "tensorrt"): every obstacle is an EngineError saying what to do.
-    Otherwise (backend "auto") None means "use ONNX Runtime": no plan for this graph (decided
-    without importing tensorrt), no tensorrt, no plan for this GPU, or a plan that fails to
-    load (logged as a warning).
-    """
-
-    def give_up(message: str, warn: bool = False) -> None:
-        if required:
-            raise EngineError(message)
-        (log.warning if warn else log.info)("TensorRT not used: %s", message)
-
-    found = bundle_of(graph_path)
-    if found is None:
-        give_up(f"{graph_path} is not a graph of a bundle (no manifest.json lists it)")
-        return None
-    root, manifest = found
-    rel = Path(graph_path).resolve().relative_to(root).as_posix()
-    requested = next((g for g in manifest.graphs.values() if g.file == rel), None)
-    try:
-        gname, graph = select_graph(manifest)
-    except EngineError as e:
-        give_up(str(e))
-        return None
-    if requested is None or not same_interface(requested, graph):
-        give_up(f"graph {gname!r} ({graph.file}) does not have the I/O of {rel}")
-        return None
-    sha = graph_sha256(manifest, graph)
-    cache = default_cache_dir()
-    build_cmd = f"edge-runtime build-engine {root}"
-    if not required:
-        if find_plan(cache, sha) is None:
-            give_up(f"no TensorRT plan for graph {gname!r} in {cache} (build one: {build_cmd})")
-            return None
-        if importlib.util.find_spec("tensorrt") is None:
-            give_up(f"a plan exists in {cache} but tensorrt is not importable: {TRT_INSTALL_HINT}")
-            return None
-    try:
-        target = current_target(import_tensorrt(), import_cudart())
-        record = find_plan(cache, sha, target)
-        if record is None:
-            raise EngineError(
-                f"no TensorRT plan in {cache} for graph {gname!r} (SHA-256 {sha[:12]}…) on "
-                f"{target.gpu_name} (sm {target.compute_capability}, TensorRT "
-                f"{target.trt_version}): run `{build_cmd}`"
-            )
-        return TrtEngine(plan_paths(cache, record.key)[0], graph, record=record)
-    except EngineError as e:
-        give_up(str(e), warn=True)
-        return None
