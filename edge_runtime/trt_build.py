@@ -136,7 +136,9 @@ def build_engine(
     config = _builder_config(trt, builder, options, precision, progress)
     timing_path = timing_cache_path(cache, target)
     timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
-    config.set_timing_cache(timing, False)
+    if not config.set_timing_cache(timing, False):  # unreadable or foreign: start afresh
+        progress(f"ignoring timing cache {timing_path} (does not match this TensorRT/GPU)")
+        config.set_timing_cache(config.create_timing_cache(b""), False)
     for index, ranges in enumerate(profile_shapes(graph, limits)):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in ranges.items():
