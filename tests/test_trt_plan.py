@@ -16,6 +16,7 @@ import pytest
 from edge_runtime.bundle import GraphSpec, KVCacheSpec, TensorSpec, verify_bundle
 from edge_runtime.engines.trt_plan import (
     DECODE,
+    PAD,
     PREFILL,
     EngineIO,
     ProfileLimits,
@@ -23,7 +24,10 @@ from edge_runtime.engines.trt_plan import (
     choose_profile,
     eval_dim,
     graph_symbols,
+    needs_pad,
     numpy_dtype,
+    padded_mask,
+    padded_shapes,
     profile_shapes,
     same_interface,
 )
@@ -129,10 +133,11 @@ def test_eval_dim_refuses_what_it_cannot_compute(dim, quoted):
 def test_profiles_for_prefill_and_decode():
     graph = decoder_spec()
     prefill, decode = profile_shapes(graph, ProfileLimits(max_batch=4, max_context=1024))
-    # Prefill: one sequence, 1..1024 tokens, empty cache; tuned at half the context.
+    # Prefill: one sequence, 1..1024 tokens, the empty cache as one masked column (no
+    # zero-length dim anywhere); tuned at half the context.
     assert prefill["input_ids"] == ((1, 1), (1, 512), (1, 1024))
-    assert prefill["attention_mask"] == ((1, 1), (1, 512), (1, 1024))
-    assert prefill["past_key_values.0.key"] == ((1, 2, 0, 48), (1, 2, 0, 48), (1, 2, 0, 48))
+    assert prefill["attention_mask"] == ((1, 2), (1, 513), (1, 1025))
+    assert prefill["past_key_values.0.key"] == ((1, 2, 1, 48),) * 3
     # Decode: 1..4 sequences, one token each, 1..1023 cached tokens.
     assert decode["input_ids"] == ((1, 1), (1, 1), (4, 1))
     assert decode["position_ids"] == ((1, 1), (1, 1), (4, 1))
@@ -148,10 +153,10 @@ def test_choose_profile_by_regime_and_refuses_what_no_profile_holds():
         return {"input_ids": (b, s), "attention_mask": (b, p + s),
                 "past_key_values.0.key": (b, 2, p, 48)}  # fmt: skip
 
-    assert choose_profile(profiles, shapes(1, 20, 0)) == PREFILL
-    assert choose_profile(profiles, shapes(1, 1, 0)) == PREFILL  # a one-token prompt
+    assert choose_profile(profiles, shapes(1, 20, PAD)) == PREFILL
+    assert choose_profile(profiles, shapes(1, 1, PAD)) == PREFILL  # a one-token prompt
     assert choose_profile(profiles, shapes(4, 1, 63)) == DECODE
-    for bad in (shapes(5, 1, 10), shapes(1, 65, 0), shapes(2, 3, 5)):
+    for bad in (shapes(5, 1, 10), shapes(1, 65, PAD), shapes(2, 3, 5), shapes(1, 4, 0)):
         with pytest.raises(EngineError, match="rebuild it with a larger --profile"):
             choose_profile(profiles, bad)
     with pytest.raises(EngineError):  # wrong rank
@@ -202,14 +207,50 @@ def test_every_shape_of_a_continuous_batch_falls_in_a_profile(tiny_bundle):
     while dec.active:  # sequences finish at different steps and leave
         dec.step()
     ctx = gen.context_length
+    past = [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    # What TrtEngine hands TensorRT: an empty cache becomes one masked column.
+    runs = [padded_shapes(r, past, "attention_mask") if needs_pad(r, past) else r
+            for r in engine.runs]  # fmt: skip
+    assert sum(needs_pad(r, past) for r in engine.runs) == 3  # the three prefills
     profiles = profile_shapes(gen.graph, ProfileLimits(max_batch=3, max_context=ctx))
-    used = {choose_profile(profiles, run) for run in engine.runs}
-    assert used == {PREFILL, DECODE}
-    assert max(r["input_ids"][0] for r in engine.runs) == 3
+    used = [choose_profile(profiles, run) for run in runs]
+    assert used.count(PREFILL) == 3 and used.count(DECODE) == len(runs) - 3
+    assert max(r["input_ids"][0] for r in runs) == 3
     narrow = profile_shapes(gen.graph, ProfileLimits(max_batch=2, max_context=ctx))
     with pytest.raises(EngineError):
-        for run in engine.runs:
+        for run in runs:
             choose_profile(narrow, run)
+
+
+def test_padding_an_empty_cache_with_a_masked_column_changes_nothing(tiny_bundle):
+    """The stand-in for an empty cache, run on the real graph (ONNX Runtime, the same
+    decomposed-attention export TensorRT builds from): same logits, and the present cache
+    minus its first column is the present of the unpadded run."""
+    bundle = verify_bundle(tiny_bundle.path, [load_public_key(tiny_bundle.pubkey)])
+    gen = Generator.from_bundle(bundle, backend="onnxruntime")
+    kv = gen.graph.kv_cache
+    assert kv is not None
+    past = [f"past_key_values.{i}.{k}" for i in range(kv.num_layers) for k in ("key", "value")]
+    present = [p.replace("past_key_values", "present") for p in past]
+    ids = np.asarray([gen.text_prompt("def main(argv):\n    return")], dtype=np.int64)
+    n = ids.shape[1]
+    feeds = {"input_ids": ids, "attention_mask": np.ones((1, n), np.int64),
+             "position_ids": np.arange(n, dtype=np.int64)[None]}  # fmt: skip
+    empty = {p: np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), np.float32) for p in past}
+    # Any values in the stand-in column: the mask hides them.
+    stand_in = {p: np.full((1, kv.num_kv_heads, PAD, kv.head_dim), 7.0, np.float32)
+                for p in past}  # fmt: skip
+    assert needs_pad({k: v.shape for k, v in empty.items()}, past)
+    ref, _ = gen.engine.run({**feeds, **empty}, ["logits", *present])
+    padded = {**feeds, **stand_in, "attention_mask": padded_mask(feeds["attention_mask"])}
+    got, _ = gen.engine.run(padded, ["logits", *present])
+    np.testing.assert_allclose(got["logits"], ref["logits"], rtol=0, atol=1e-5)
+    for name in present:
+        assert got[name].shape[2] == n + PAD
+        np.testing.assert_allclose(got[name][:, :, PAD:], ref[name], rtol=0, atol=1e-6)
+    shapes = padded_shapes({k: v.shape for k, v in {**feeds, **empty}.items()}, past,
+                           "attention_mask")  # fmt: skip
+    assert shapes["attention_mask"] == (1, n + PAD) and shapes[past[0]][2] == PAD
 
 
 # -- plan I/O ---------------------------------------------------------------------------

@@ -33,16 +33,20 @@ from edge_runtime.engines import DeviceTensor
 from edge_runtime.engines.cuda_mem import BufferPool, CudaTensor, PinnedBuffer, check, import_cudart
 from edge_runtime.engines.trt_cache import PlanRecord, Target
 from edge_runtime.engines.trt_plan import (
+    PAD,
     EngineIO,
     ShapeRange,
     check_io,
     choose_profile,
+    needs_pad,
     numpy_dtype,
+    padded_mask,
 )
 from edge_runtime.errors import EngineError
 
 log = logging.getLogger(__name__)
 
+MASK = "attention_mask"
 TRT_INSTALL_HINT = (
     "TensorRT's Python bindings come with JetPack, for the system Python "
     "(`sudo apt install python3-libnvinfer`; a venv needs --system-site-packages); on an "
@@ -135,6 +139,18 @@ class TrtEngine:
         self._dtypes = {t.name: np.dtype(t.dtype) for t in io}
         self._input_names = [t.name for t in io if t.is_input]
         self._output_names = [t.name for t in io if not t.is_input]
+        kv = graph.kv_cache
+        if kv is None or MASK not in self._input_names:
+            raise EngineError(
+                f"the TensorRT backend needs a decoder with a kv_cache spec and an {MASK} "
+                f"input (an empty cache is one masked column); {graph.file} has inputs "
+                f"{self._input_names}"
+            )
+        layers = range(kv.num_layers)
+        self._past = [t.format(layer=i) for i in layers for t in (kv.past_key, kv.past_value)]
+        self._present = [
+            t.format(layer=i) for i in layers for t in (kv.present_key, kv.present_value)
+        ]
         by_name = {s.name: s for s in (*graph.inputs, *graph.outputs)}
         self._inputs = [by_name[n] for n in self._input_names]
         self._outputs = [by_name[n] for n in self._output_names]
@@ -245,6 +261,14 @@ class TrtEngine:
                 f"TensorRT run: missing inputs {missing}, unknown inputs {unknown}, unknown "
                 f"outputs {bad_out} (inputs {self._input_names}, outputs {self._output_names})"
             )
+        pad = needs_pad({n: tuple(v.shape) for n, v in feeds.items()}, self._past)
+        if pad:  # an empty cache: one masked stand-in column instead (trt_plan.py)
+            mask = feeds[MASK]
+            host_mask = mask if isinstance(mask, np.ndarray) else self.to_host(mask)
+            feeds = {**feeds, MASK: padded_mask(host_mask)}
+            for name in self._past:
+                b, h, _, d = feeds[name].shape
+                feeds[name] = self.empty((b, h, PAD, d), self._dtypes[name].name)
         tensors = {name: self._device_input(name, value) for name, value in feeds.items()}
         profile = choose_profile(self._profiles, {n: t.shape for n, t in tensors.items()})
         ctx = self._contexts[profile]
@@ -261,6 +285,9 @@ class TrtEngine:
             ctx.set_tensor_address(name, t.ptr)
         if not ctx.execute_async_v3(self._stream_handle):
             raise EngineError(f"TensorRT execute_async_v3 failed (profile {profile})")
+        if pad:
+            for name in self._present:
+                results[name] = self._drop_pad(results[name])
         out = out or {}
         host: dict[str, np.ndarray] = {}
         for name in host_outputs:
@@ -319,6 +346,22 @@ class TrtEngine:
                 "cudaMemcpyAsync(H2D)",
             )
         return t
+
+    def _drop_pad(self, t: CudaTensor) -> CudaTensor:
+        """[B, H, PAD + L, D] → [B, H, L, D] on the device: one strided copy (B·H rows)."""
+        b, h, width, d = t.shape
+        row = d * t.dtype.itemsize
+        out = CudaTensor(self._pool, (b, h, width - PAD, d), t.dtype.name)
+        if out.nbytes:
+            kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+            check(
+                self._rt.cudaMemcpy2DAsync(
+                    out.ptr, (width - PAD) * row, t.ptr + PAD * row, width * row,
+                    (width - PAD) * row, b * h, kind, self._stream,
+                ),
+                "cudaMemcpy2DAsync",
+            )
+        return out
 
     def _d2h(self, pairs: Sequence[tuple[CudaTensor, np.ndarray]]) -> None:
         """Copy device tensors into host arrays through the pinned staging buffer."""

@@ -10,6 +10,13 @@ profiles instead of one wide one (TensorRT tunes kernels at each profile's `opt`
 - prefill: one sequence (BatchDecoder prefills alone), 1..max_context new tokens, empty cache;
 - decode: 1..max_batch sequences, one new token each, 1..max_context-1 cached tokens.
 
+No profile has a zero-length dim: TensorRT's support for empty tensors in optimisation
+profiles is not something to bet a release on (older versions refuse min = 0, and
+Torch-TensorRT clamps it to 1). The empty cache of a prefill is instead one cache column
+that the attention mask hides (`pad_empty_cache`) — left padding of one, exactly what a
+left-padded batch already does to its shorter rows — and the engine drops that column from
+the present outputs, so callers never see it.
+
 Everything here is checked on machines without TensorRT (tests/test_trt_plan.py); trt.py and
 trt_build.py only pass the library's answers through these functions.
 """
@@ -20,10 +27,14 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from edge_runtime.bundle import GraphSpec, TensorSpec
 from edge_runtime.errors import ConfigError, EngineError
 
 PREFILL, DECODE = 0, 1
+PAD = 1
+"""Cache columns standing in for an empty cache (see the module docstring)."""
 PROFILE_NAMES = ("prefill", "decode")
 
 # TensorRT DataType names (`trt.DataType.X.name`) → numpy dtype names. Types with no numpy
@@ -186,7 +197,7 @@ def profile_shapes(graph: GraphSpec, limits: ProfileLimits) -> list[dict[str, Sh
     ctx, opt_ctx = limits.max_context, limits.tuned_context
     # (batch, seq, past) at min / opt / max for each regime.
     regimes = (
-        ((1, 1, 0), (1, opt_ctx, 0), (1, ctx, 0)),
+        ((1, 1, PAD), (1, opt_ctx, PAD), (1, ctx, PAD)),  # the empty cache, padded
         (
             (1, 1, 1),
             (limits.opt_batch, 1, max(1, opt_ctx - 1)),
@@ -204,6 +215,30 @@ def profile_shapes(graph: GraphSpec, limits: ProfileLimits) -> list[dict[str, Sh
             }
         )
     return profiles
+
+
+def needs_pad(shapes: Mapping[str, Sequence[int]], past_names: Sequence[str]) -> bool:
+    """Whether a run's cache is empty (then every past input is: one cache for the batch)."""
+    return any(len(shapes[n]) == 4 and shapes[n][2] == 0 for n in past_names if n in shapes)
+
+
+def padded_mask(mask: np.ndarray) -> np.ndarray:
+    """[B, P + S] → [B, PAD + P + S]: the stand-in cache columns come first, masked out."""
+    return np.concatenate([np.zeros((mask.shape[0], PAD), dtype=mask.dtype), mask], axis=1)
+
+
+def padded_shapes(
+    shapes: Mapping[str, Sequence[int]], past_names: Sequence[str], mask_name: str
+) -> dict[str, tuple[int, ...]]:
+    """The input shapes TensorRT sees for a run whose cache is empty (`needs_pad`)."""
+    out = {n: tuple(s) for n, s in shapes.items()}
+    for n in past_names:
+        if n in out:
+            b, h, _, d = out[n]
+            out[n] = (b, h, PAD, d)
+    b, w = out[mask_name]
+    out[mask_name] = (b, w + PAD)
+    return out
 
 
 def choose_profile(
