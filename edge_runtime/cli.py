@@ -5,6 +5,9 @@
                         [--fleet --fleet-broker URL --fleet-root DIR [--device-id ID]
                          [--group G ...]]   (no --config: FLEET_ROOT/config.toml if any)
     edge-runtime verify BUNDLE [--pubkey PEM ...]
+    edge-runtime build-engine BUNDLE [--pubkey PEM ...] [--profile max_batch=N,max_context=N]
+                        [--precision auto|fp16|fp32|strongly-typed] [--config FILE]
+                        [--cache-dir DIR] [--opt-level 0-5] [--workspace-mb N] [--force]
     edge-runtime cloud-worker --bundle DIR [--pubkey PEM ...] --broker mqtt://HOST:PORT
                         [--group G] [--concurrency N] [--threads N] [--echo]
 
@@ -90,6 +93,25 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
     verify.set_defaults(func=_verify)
 
+    build = sub.add_parser(
+        "build-engine", help="build the bundle's TensorRT plan for this GPU (docs/TENSORRT.md)"
+    )
+    build.add_argument("bundle", type=Path, metavar="BUNDLE")
+    build.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
+    build.add_argument("--profile", default="",
+                       help="max_batch=N,max_context=N[,opt_batch=N,opt_context=N] (default: "
+                       "scheduler.max_batch of --config, the bundle's context length)")
+    build.add_argument("--precision", default="auto",
+                       choices=("auto", "fp16", "fp32", "strongly-typed"))
+    build.add_argument("--config", type=Path, help="TOML config: its scheduler.max_batch")
+    build.add_argument("--cache-dir", type=Path,
+                       help="plan cache (default: $EDGE_RUNTIME_TRT_CACHE or "
+                       "~/.cache/edge-runtime/trt)")
+    build.add_argument("--opt-level", type=int, default=3, help="builder optimisation level")
+    build.add_argument("--workspace-mb", type=int, default=0, help="tactic scratch cap (0: none)")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    build.set_defaults(func=_build_engine)
+
     worker = sub.add_parser("cloud-worker", help="serve offloaded requests from an MQTT broker")
     worker.add_argument("--bundle", type=Path, help="bundle directory (required unless --echo)")
     worker.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
@@ -122,6 +144,25 @@ def _verify(args: argparse.Namespace) -> int:
     bundle = _trusted_bundle(args.bundle, args.pubkey or [])
     m = bundle.manifest
     print(f"OK {m.name} {m.version}: signed by {bundle.signer}, {len(m.files)} files verified")
+    return 0
+
+
+def _build_engine(args: argparse.Namespace) -> int:
+    from edge_runtime.engines.trt_plan import ProfileLimits
+    from edge_runtime.trt_build import BuildOptions, build_engine
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bundle = _trusted_bundle(args.bundle, args.pubkey or [])  # never build from unverified ONNX
+    cfg = load_config(args.config) if args.config else Config()
+    limits = ProfileLimits.parse(
+        args.profile, cfg.scheduler.max_batch, bundle.manifest.generation.context_length
+    )
+    options = BuildOptions(limits, args.precision, args.opt_level, args.workspace_mb, args.force)
+    result = build_engine(bundle, options, args.cache_dir, progress=print)
+    r = result.record
+    print(f"OK {'built' if result.built else 'cached'} {result.plan}: graph {r.graph!r} for "
+          f"{r.target.gpu_name} (sm {r.target.compute_capability}, TensorRT "
+          f"{r.target.trt_version}), {r.precision}, profile {r.profile}")
     return 0
 
 

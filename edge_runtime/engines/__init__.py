@@ -66,14 +66,28 @@ class Engine(Protocol):
 
 
 def load_engine(path: str, backend: str = "auto", threads: int | None = None) -> Engine:
-    """Open `path` with the best backend available here (`auto`), or the one named."""
+    """Open `path` with the best backend available here (`auto`), or the one named.
+
+    `auto` takes TensorRT when a plan built for this GPU and TensorRT version is in the plan
+    cache (`edge-runtime build-engine`) and tensorrt imports, else ONNX Runtime; tensorrt is
+    never imported when no plan exists. `tensorrt` fails with the reason instead of falling
+    back. `threads` sizes ONNX Runtime's CPU pool; TensorRT has none.
+    """
+    if backend in ("auto", "tensorrt"):
+        from edge_runtime.engines.trt_cache import open_trt
+
+        engine = open_trt(path, required=backend == "tensorrt")
+        if engine is not None:
+            return engine
     if backend in ("auto", "onnxruntime"):
         from edge_runtime.engines.ort import OrtEngine
 
         return OrtEngine(path, threads=threads)
     from edge_runtime.errors import EngineError
 
-    raise EngineError(f"unknown engine backend {backend!r} (known: auto, onnxruntime)")
+    raise EngineError(
+        f"unknown engine backend {backend!r} (known: auto, onnxruntime, tensorrt)"
+    )
 
 
 __all__ = ["DeviceTensor", "Engine", "load_engine"]
