@@ -82,6 +82,9 @@ class ServerConfig:
             return False
 
 
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     bundle: Path | None = None
@@ -89,13 +92,16 @@ class ModelConfig:
     pubkeys: tuple[Path, ...] = ()
     """Trusted ed25519 public keys (PEM); empty means every *.pub in the trust directory."""
     backend: str = "auto"
-    """Engine backend: `auto` picks the best one available on this machine."""
+    """Engine backend: `auto` (TensorRT when a plan for this GPU is built, else ONNX Runtime),
+    `onnxruntime` or `tensorrt` (edge_runtime.engines.load_engine)."""
     threads: int | None = None
     """Intra-op threads of the CPU engine; unset lets ONNX Runtime choose."""
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"model.threads must be >= 1, got {self.threads}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"model.backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")

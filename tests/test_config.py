@@ -74,6 +74,7 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("[server]\nport = 70000\n", "server.port must be in [0, 65535]"),
         ("[model]\npubkeys = 'a.pub'\n", "'model.pubkeys' must be a list"),
         ("[model]\nthreads = 0\n", "model.threads must be >= 1"),
+        ("[model]\nbackend = 'tensorrtt'\n", "model.backend must be one of"),
         ("[scheduler]\nmax_batch = 0\n", "scheduler.max_batch must be >= 1"),
         ("[log]\nlevel = 'loud'\n", "log.level must be one of"),
         ("server = 3\n", "[server] must be a table"),
