@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import ast
 import hashlib
-from collections.abc import Iterable
+import inspect
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 PROJECT_PACKAGES = ("edge_build", "edge_runtime")
 
@@ -98,14 +100,23 @@ def closure(entries: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(seen))
 
 
-def code_hash(entries: Iterable[str]) -> dict[str, object]:
-    """{"hash": sha256 of the closure's names and bytes (16 hex), "modules": its names}."""
+def code_hash(
+    entries: Iterable[str], functions: Iterable[Callable[..., Any]] = ()
+) -> dict[str, Any]:
+    """{"hash": sha256 (16 hex) of the closure's names and bytes and of `functions`' source,
+    "modules": the closure's names}.
+
+    `functions` are hashed by their own source only, imports not followed: the pipeline's
+    method that wires a stage (which parameters reach it) belongs to the stage's code, but
+    the module holding it imports every stage."""
     modules = closure(tuple(sorted(set(entries))))
     h = hashlib.sha256()
     for name in modules:
         path = module_file(name)
         assert path is not None
         h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for fn in functions:
+        h.update(fn.__qualname__.encode() + b"\0" + inspect.getsource(fn).encode() + b"\0")
     return {"hash": h.hexdigest()[:16], "modules": list(modules)}
 
 

@@ -98,6 +98,7 @@ def test_r1_recipe_chain_on_a_same_architecture_model(
         "export",
         "lower-matmulnbits",
         "lower-qdq",
+        "fuse",
         "package",
     ]
 
