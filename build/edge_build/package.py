@@ -129,7 +129,7 @@ def weight_format(model: Any, stages: Sequence[dict[str, Any]]) -> dict[str, Any
     quant: dict[str, Any] = next(
         (s.get("params", {}) for s in reversed(stages) if s["stage"] == "quantize"), {}
     )
-    extra = {k: quant[k] for k in ("method", "symmetric") if k in quant}
+    extra: dict[str, Any] = {k: quant[k] for k in ("method", "symmetric") if k in quant}
     nbits = [attrs(n) for n in model.graph.node if n.op_type == "MatMulNBits"]
     if nbits:
         blocks = sorted({a["block_size"] for a in nbits})
