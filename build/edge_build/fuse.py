@@ -338,6 +338,13 @@ def fuse_decoder(model: onnx.ModelProto, config: Mapping[str, Any],
                                                       for i in range(layers))):
         if need not in names:
             raise FusePatternError(f"graph has no input {need!r}: not an Optimum decoder export")
+    past = next(i for i in g.input if i.name == "past_key_values.0.key")
+    head_dim = past.type.tensor_type.shape.dim[3].dim_value  # [B, kv_heads, S, head_dim]
+    if head_dim % 16:  # ORT's CPU kernel refuses it at run time; say so before rewriting
+        raise FusePatternError(
+            f"head_dim {head_dim} is not a multiple of 16, which ONNX Runtime's "
+            "GroupQueryAttention needs (a recipe can set fuse.enabled = false)"
+        )
     ix = _Index(g)
     attn = [_match_attention(ix, i) for i in range(layers)]
     if len({(a.cos, a.sin) for a in attn}) != 1:

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from edge_build.distill_config import KDTraining
 from edge_build.prune_target import mlp_ratio_for_target
 from edge_build.recipe import Recipe
 from edge_build.stage import StageError, artifact_hash, require_dir
@@ -100,18 +101,15 @@ class Pipeline(StageRunner):
         from edge_build import distill
 
         d, data = self.recipe.distill, self.recipe.data
+        training = {f.name: getattr(d, f.name) for f in dataclasses.fields(KDTraining)}
         return distill.DistillConfig(
-            layers=layers,
-            steps=steps,
-            batch_size=d.batch_size,
-            seq_len=d.seq_len,
-            grad_accum=d.grad_accum,
-            learning_rate=d.learning_rate,
-            warmup_steps=min(d.warmup_steps, max(1, steps // 2)),
-            temperature=d.temperature,
-            hidden_weight=d.hidden_weight if layers is not None else 0.0,
-            checkpoint_every=d.checkpoint_every,
-            seed=d.seed,
+            **{
+                **training,
+                "layers": layers,
+                "steps": steps,
+                "warmup_steps": min(d.warmup_steps, max(1, steps // 2)),
+                "hidden_weight": d.hidden_weight if layers is not None else 0.0,
+            },
             heldout_share=data.heldout_share,
             eval_windows=data.eval_windows,
             eval_tokens=data.eval_tokens,

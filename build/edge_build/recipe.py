@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_build.distill_config import KDTraining
 from edge_build.stage import StageError
 
 if sys.version_info >= (3, 11):
@@ -102,22 +103,13 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(KDTraining):
+    """[distill]: the training fields are distill_config.KDTraining's (shared with the
+    stage: layers, steps, batch_size, seq_len, grad_accum, learning_rate, weight_decay,
+    warmup_steps, min_lr_ratio, grad_clip, temperature, hidden_weight, checkpoint_every,
+    seed); the held-out measurement comes from [data]."""
+
     enabled: bool = True
-    layers: str | tuple[int, ...] = "every_other"
-    """Teacher layers the student starts from: "every_other" or a list of indices."""
-    steps: int = 500
-    batch_size: int = 8
-    seq_len: int = 128
-    grad_accum: int = 1
-    learning_rate: float = 5e-4
-    warmup_steps: int = 20
-    temperature: float = 2.0
-    """Softmax temperature of the KD loss T²·KL(teacher/T ‖ student/T)."""
-    hidden_weight: float = 0.0
-    """Weight of the hidden-state MSE between mapped layers (0 = logits only)."""
-    checkpoint_every: int = 50
-    seed: int = 0
 
 
 @dataclass(frozen=True)
