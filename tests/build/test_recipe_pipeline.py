@@ -144,6 +144,19 @@ def test_the_bundle_serves_the_fused_graph_and_passes_its_own_probe(built: Any) 
     assert got.greedy_match == 1.0 and got.quality_drop is not None and got.quality_drop < 1e-3
 
 
+def test_a_fusion_outside_its_tolerance_is_a_stage_quality_error(built: Any) -> None:
+    out, sets, _ = built
+    got = read_stage(out / "fuse")["quality"]["vs_input"]["max_abs_logit_diff"]
+    assert got > 0  # float reassociation: close, and measured, but not bit-equal
+    tight = [*sets, f"thresholds.fuse.vs_input.max_abs_logit_diff={got / 2}"]
+    with pytest.raises(
+        StageQualityError,
+        match=r"stage fuse .* max \|Δlogit\| vs input \(fp32 activations\) [\d.e-]+ > "
+        r"max_abs_logit_diff",
+    ):
+        run_recipe(load_recipe(DEMO, tight), out, progress=False)  # cached: gated as stored
+
+
 def test_fuse_disabled_ships_todays_unfused_graph(built: Any, tmp_path: Path) -> None:
     import onnx
 
