@@ -118,9 +118,10 @@ def write_reference(
 
 def weight_format(model: Any, stages: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """How the graph stores its weights, read from the graph itself: "int4" for MatMulNBits
-    (ONNX Runtime) or blocked INT4/UINT4 DequantizeLinear (QDQ, what TensorRT consumes), with
-    block size, accuracy level and symmetry; else "float32". The quantize stage's record in
-    the lineage adds the method (awq / rtn), which no graph attribute holds."""
+    (ONNX Runtime) or blocked INT4/UINT4 DequantizeLinear (format "qdq": the form TensorRT
+    consumes, and the name the runtime's TensorRT graph selection looks for), with block
+    size, accuracy level and symmetry; else "float32". The quantize stage's record in the
+    lineage adds the method (awq / rtn), which no graph attribute holds."""
     from onnx import TensorProto
 
     def attrs(node: Any) -> dict[str, int]:
@@ -142,7 +143,7 @@ def weight_format(model: Any, stages: Sequence[dict[str, Any]]) -> dict[str, Any
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int4]
     if dq:
         blocks = sorted({attrs(n).get("block_size", 0) for n in dq})
-        return {"dtype": "int4", "format": "QDQ",
+        return {"dtype": "int4", "format": "qdq",
                 "block_size": blocks[0] if len(blocks) == 1 else blocks,
                 # lower.py stores signed codes without zero points for symmetric weights.
                 "symmetric": all(len(n.input) < 3 or not n.input[2] for n in dq),

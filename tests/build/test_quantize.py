@@ -177,7 +177,7 @@ def test_package_labels_each_graph_by_its_weights(quantized, tmp_path, arch):
     qdq = package.weight_format(onnx.load(str(tmp_path / "qdq" / "model.onnx")),
                                 lineage(tmp_path / "qdq"))  # fmt: skip
     sym = arch == "qwen2"  # the fixture quantizes Llama with zero points
-    assert qdq == {"dtype": "int4", "format": "QDQ", "block_size": GROUP, "symmetric": sym,
+    assert qdq == {"dtype": "int4", "format": "qdq", "block_size": GROUP, "symmetric": sym,
                    "method": "awq"}  # fmt: skip
     fp32 = package.weight_format(onnx.load(str(onnx_dir / "model.onnx")), lineage(onnx_dir))
     assert fp32 == {"dtype": "float32"}
