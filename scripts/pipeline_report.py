@@ -296,13 +296,22 @@ def main() -> int:
             f"{v['max_abs_logit_diff']:.2e} | {v['top1_agreement']:.4f} | "
             f"{v['mean_kl']:.2e} |"
         )
+    if "fuse" in by:
+        v = by["fuse"].quality["vs_input"]
+        lines.append(
+            f"| fused: GroupQueryAttention + SkipSimplifiedLayerNorm (ORT, fp32 activations) "
+            f"| lower-matmulnbits | {v['max_abs_logit_diff']:.2e} | {v['top1_agreement']:.4f} "
+            f"| {v['mean_kl']:.2e} |"
+        )
     lines += [
         "",
         "The fp32 export equals the quantized PyTorch model (fake-quant weights) within the "
         "export stage's atol; each int4 graph is built from the same integer codes and scales, "
         "so with fp32 activations it reproduces the fp32 export up to float rounding. As "
         "served, MatMulNBits runs accuracy level 4 (int8 activations), the held-out numbers "
-        "above.",
+        "above. The fuse stage rewrites the attention and norms of the MatMulNBits graph, not "
+        "its weights: compared with its input at fp32 activations it must be exact (gated), "
+        "and it is what the bundle serves.",
     ]
     a.doc.parent.mkdir(parents=True, exist_ok=True)
     png = a.doc.with_name("pipeline_perplexity.png")

@@ -352,7 +352,9 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--key", default=None, help="signing key (default: a new one beside OUT)")
     d.set_defaults(fn=cmd_demo)
 
-    u = sub.add_parser("run", help="run a recipe: distill → prune → quantize → export → package")
+    u = sub.add_parser(
+        "run", help="run a recipe: distill → prune → quantize → export → lower → fuse → package"
+    )
     u.add_argument("--recipe", required=True, help="models/NAME.toml")
     u.add_argument("--out", default=None, help="build directory (default: work/NAME)")
     u.add_argument("--key", default=None, help="signing key (overrides package.key)")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_build import lm_eval
+from edge_build.distill_config import KDTraining
 from edge_build.evaluate import eval_windows
 from edge_build.stage import (
     QualityGateError,
@@ -50,28 +51,9 @@ class DistillQualityError(QualityGateError):
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """What the student is and how it is trained; every field changes the result."""
+class DistillConfig(KDTraining):
+    """The training (distill_config.KDTraining) and the stage's held-out measurement."""
 
-    layers: str | tuple[int, ...] = "every_other"
-    """Teacher layers the student starts from: "every_other" (0, 2, 4, …) or indices."""
-    steps: int = 500
-    """Optimizer steps (the schedule's length)."""
-    batch_size: int = 8
-    seq_len: int = 128
-    grad_accum: int = 1
-    """Micro-batches per optimizer step: effective batch = batch_size × grad_accum."""
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    """Cosine decay ends at learning_rate × min_lr_ratio."""
-    grad_clip: float = 1.0
-    temperature: float = 2.0
-    hidden_weight: float = 0.0
-    """Weight of the hidden-state MSE on mapped layers (0 = logits only)."""
-    checkpoint_every: int = 50
-    seed: int = 0
     heldout_share: float = 0.1
     eval_windows: int = 16
     eval_tokens: int = 128

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_runtime.bundle import KVCacheSpec
 from edge_runtime.engines.ort import OrtEngine
+
+if TYPE_CHECKING:
+    import onnx
+
+_TWO_GB = 2**31 - 1
 
 
 def eval_windows(
@@ -61,6 +67,36 @@ def onnx_logits(
         out.append(host["logits"][0].astype(np.float32))
     engine.close()
     return out
+
+
+def with_fp32_activations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose MatMulNBits compute on fp32 activations (accuracy_level 0).
+
+    At level 4 the kernel rounds activations to int8 per block: two graphs that compute the
+    same function up to a 1e-7 reassociation (a fused attention, say) then differ by a
+    rounding step now and then, which hides whether a rewrite is exact. Comparing both at
+    level 0 takes that rounding out."""
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 0
+    return out
+
+
+def save_fp32_activations(src: Path, dst: Path) -> Path:
+    """`src` (an ONNX file) rewritten by with_fp32_activations, saved at `dst`."""
+    import onnx
+
+    model = with_fp32_activations(onnx.load(str(src)))
+    large = model.ByteSize() > _TWO_GB
+    onnx.save(model, str(dst), save_as_external_data=large,
+              location=f"{dst.name}.data" if large else None)
+    return dst
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
+from edge_build.evaluate import with_fp32_activations
 from edge_build.export import CARRIED_FILES, read_config
 from edge_build.stage import QualityGateError, StageError, require_dir, stage_output, write_stage
 
@@ -337,6 +338,13 @@ def fuse_decoder(model: onnx.ModelProto, config: Mapping[str, Any],
                                                       for i in range(layers))):
         if need not in names:
             raise FusePatternError(f"graph has no input {need!r}: not an Optimum decoder export")
+    past = next(i for i in g.input if i.name == "past_key_values.0.key")
+    head_dim = past.type.tensor_type.shape.dim[3].dim_value  # [B, kv_heads, S, head_dim]
+    if head_dim % 16:  # ORT's CPU kernel refuses it at run time; say so before rewriting
+        raise FusePatternError(
+            f"head_dim {head_dim} is not a multiple of 16, which ONNX Runtime's "
+            "GroupQueryAttention needs (a recipe can set fuse.enabled = false)"
+        )
     ix = _Index(g)
     attn = [_match_attention(ix, i) for i in range(layers)]
     if len({(a.cos, a.sin) for a in attn}) != 1:
@@ -415,19 +423,10 @@ def greedy(model: Path | bytes, prompt: Sequence[int], new_tokens: int, layers: 
 
 
 def _fp32_activations(model: onnx.ModelProto) -> bytes:
-    """`model` with MatMulNBits at accuracy_level 0 (fp32 activations), serialized.
-
-    At level 4 the kernel rounds activations to int8 per block; a 1e-7 reassociation in the
-    fused attention then flips a rounding step now and then, and on a model with near-tied
-    logits (random weights) greedy tokens drift apart although neither graph is closer to
-    fp32. The rewrite itself is checked with the rounding taken out."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for node in m.graph.node:
-        for a in node.attribute:
-            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
-                a.i = 0
-    return m.SerializeToString()
+    """`model` with fp32 activations, serialized (see evaluate.with_fp32_activations: on a
+    model with near-tied logits, random weights, int8 rounding flips greedy tokens although
+    neither graph is closer to fp32). The rewrite itself is checked with the rounding out."""
+    return with_fp32_activations(model).SerializeToString()
 
 
 def run(input_dir: Path, out: Path, check_prompt: Sequence[int] = tuple(range(3, 35)),

@@ -32,6 +32,8 @@ from edge_runtime.engines.ort import OrtEngine
 from edge_runtime.errors import BundleError
 
 DECODER = "model/decoder.onnx"
+ROTARY_TABLE = "gqa/cos_cache"
+"""fuse.py's rotary table [positions, head_dim / 2]."""
 _TWO_GB = 2**31 - 1
 
 
@@ -114,6 +116,41 @@ def write_reference(
     return ref
 
 
+def weight_format(model: Any, stages: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How the graph stores its weights, read from the graph itself: "int4" for MatMulNBits
+    (ONNX Runtime) or blocked INT4/UINT4 DequantizeLinear (format "qdq": the form TensorRT
+    consumes, and the name the runtime's TensorRT graph selection looks for), with block
+    size, accuracy level and symmetry; else "float32". The quantize stage's record in the
+    lineage adds the method (awq / rtn), which no graph attribute holds."""
+    from onnx import TensorProto
+
+    def attrs(node: Any) -> dict[str, int]:
+        return {a.name: int(a.i) for a in node.attribute if a.type == a.INT}
+
+    quant: dict[str, Any] = next(
+        (s.get("params", {}) for s in reversed(stages) if s["stage"] == "quantize"), {}
+    )
+    extra: dict[str, Any] = {k: quant[k] for k in ("method", "symmetric") if k in quant}
+    nbits = [attrs(n) for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if nbits:
+        blocks = sorted({a["block_size"] for a in nbits})
+        levels = sorted({a.get("accuracy_level", 0) for a in nbits})
+        return {"dtype": f"int{nbits[0]['bits']}", "format": "MatMulNBits",
+                "block_size": blocks[0] if len(blocks) == 1 else blocks,
+                "accuracy_level": levels[0] if len(levels) == 1 else levels, **extra}
+    int4 = {t.name for t in model.graph.initializer
+            if t.data_type in (TensorProto.INT4, TensorProto.UINT4)}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int4]
+    if dq:
+        blocks = sorted({attrs(n).get("block_size", 0) for n in dq})
+        return {"dtype": "int4", "format": "qdq",
+                "block_size": blocks[0] if len(blocks) == 1 else blocks,
+                # lower.py stores signed codes without zero points for symmetric weights.
+                "symmetric": all(len(n.input) < 3 or not n.input[2] for n in dq),
+                **{k: v for k, v in extra.items() if k != "symmetric"}}  # fmt: skip
+    return {"dtype": "float32"}
+
+
 def _eos_ids(artifact: Path, config: dict[str, Any], tokenizer_eos: int | None) -> list[int]:
     ids: list[int] = []
     for src in (artifact / "generation_config.json", artifact / "config.json"):
@@ -170,26 +207,21 @@ def run(
     ) as work:
         staged = Path(work) / "decoder.onnx"
         model = onnx.load(str(input_dir / "model.onnx"))
-        weights: dict[str, Any] = {"dtype": "float32"}
-        if any(n.op_type == "MatMulNBits" for n in model.graph.node):
-            q = (
-                json.loads((input_dir / "stage.json").read_text()).get("params", {})
-                if (input_dir / "stage.json").is_file()
-                else {}
-            )
-            weights = {
-                "dtype": "int4",
-                "format": "MatMulNBits",
-                **{
-                    k: q[k]
-                    for k in ("block_size", "accuracy_level", "symmetric", "method")
-                    if k in q
-                },
-            }
+        weights = weight_format(model, lineage(input_dir))
         # A fused GQA graph batches right-padded sequences, the decomposed one left-padded
         # ones (see bundle.GraphSpec): present = past ++ new appends at the same column for
         # every row, GQA appends at each row's own length.
         fused = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+        tables = [t for t in model.graph.initializer if t.name == ROTARY_TABLE]
+        if fused and tables:  # fuse.py baked rotary tables for this many positions only
+            rows = int(tables[0].dims[0])
+            if context_length is None:
+                ctx = min(ctx, rows)
+            elif ctx > rows:
+                raise StageError(
+                    f"context_length {ctx} exceeds the {rows} positions the fused graph's "
+                    f"rotary tables hold (edge-build fuse --max-positions)"
+                )
         slice_last_position(model)
         large = model.ByteSize() > _TWO_GB
         onnx.save(

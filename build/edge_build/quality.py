@@ -4,6 +4,9 @@ Each stage's output — an HF model directory or an ONNX decoder directory — i
 same held-out token windows against the teacher and against the stage's own input:
 perplexity, its relative increase over the reference, top-1 agreement, mean per-token
 KL(reference ‖ stage) and the largest |Δlogit|; plus parameter count and bytes on disk.
+A stage meant to be exact (fuse) is compared with its input with fp32 activations on both
+sides (`exact_vs_input`), so int8 activation rounding does not hide or fake a difference;
+its numbers against the teacher stay those of the graph as served.
 Logits are streamed a few windows at a time, so a 150k-vocabulary teacher's logits for all
 windows are never in memory at once, and the same code reads PyTorch and ONNX Runtime.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,16 +42,22 @@ def is_onnx(artifact: Path) -> bool:
     return (Path(artifact) / "model.onnx").is_file()
 
 
-def logit_source(artifact: Path) -> LogitFn:
+def logit_source(artifact: Path, fp32_activations_in: Path | None = None) -> LogitFn:
     """A function giving the artifact's logits: ONNX Runtime for an ONNX directory, PyTorch
-    (fp32, CPU or CUDA) for an HF directory."""
+    (fp32, CPU or CUDA) for an HF directory. With `fp32_activations_in` (a scratch
+    directory), the ONNX graph runs with fp32 activations (evaluate.with_fp32_activations)
+    from a copy written there."""
     artifact = Path(artifact)
     if is_onnx(artifact):
-        from edge_build.evaluate import onnx_logits
+        from edge_build.evaluate import onnx_logits, save_fp32_activations
         from edge_build.export import kv_spec, read_config
 
         kv = kv_spec(read_config(artifact))
-        return lambda windows: onnx_logits(artifact / "model.onnx", kv, windows)
+        graph = artifact / "model.onnx"
+        if fp32_activations_in is not None:
+            scratch = Path(tempfile.mkdtemp(dir=fp32_activations_in))
+            graph = save_fp32_activations(graph, scratch / "model.onnx")
+        return lambda windows: onnx_logits(graph, kv, windows)
 
     import torch
 
@@ -104,7 +114,8 @@ def compare(
             "ppl_increase": round(ppl / ref_ppl - 1.0, 6),
             "top1_agreement": round(sums[name]["top1_agreement"] / tokens, 6),
             "mean_kl": round(sums[name]["mean_kl"] / tokens, 6),
-            "max_abs_logit_diff": round(max_abs[name], 6),
+            # Significant digits, not decimals: an exact stage's 3e-7 must not read 0.
+            "max_abs_logit_diff": float(f"{max_abs[name]:.4g}"),
         }
     return out
 
@@ -140,16 +151,25 @@ def measure(
     teacher: Path | None,
     input_dir: Path | None,
     parameters: int | None = None,
+    exact_vs_input: bool = False,
 ) -> dict[str, Any]:
     """The quality record of one stage's output (see the module docstring)."""
     refs: dict[str, LogitFn] = {}
     if teacher is not None:
         refs["vs_teacher"] = logit_source(teacher)
-    if input_dir is not None and input_dir != teacher:
+    if input_dir is not None and input_dir != teacher and not exact_vs_input:
         refs["vs_input"] = logit_source(input_dir)
     record = compare(logit_source(artifact), refs, windows)
     if input_dir is not None and input_dir == teacher:
         record["vs_input"] = record["vs_teacher"]
+    elif input_dir is not None and exact_vs_input:
+        with tempfile.TemporaryDirectory(dir=Path(artifact).parent) as scratch:
+            exact = compare(
+                logit_source(artifact, Path(scratch)),
+                {"vs_input": logit_source(input_dir, Path(scratch))},
+                windows,
+            )
+        record["vs_input"] = {**exact["vs_input"], "activations": "fp32"}
     record["parameters"] = parameter_count(artifact) or parameters
     record["bytes"] = bytes_on_disk(artifact)
     if (Path(artifact) / QUANT_FILE).is_file():  # what the 4-bit weights alone weigh
@@ -172,6 +192,12 @@ def violations(side: str, got: dict[str, Any] | None, gate: Gate) -> list[str]:
         out.append(f"top-1 agreement {side} {got['top1_agreement']:.4f} < min_top1 {gate.min_top1}")
     if gate.max_kl is not None and got["mean_kl"] > gate.max_kl:
         out.append(f"mean KL {side} {got['mean_kl']:.4f} > max_kl {gate.max_kl}")
+    diff = gate.max_abs_logit_diff
+    if diff is not None and got["max_abs_logit_diff"] > diff:
+        how = " (fp32 activations)" if got.get("activations") == "fp32" else ""
+        out.append(
+            f"max |Δlogit| {side}{how} {got['max_abs_logit_diff']:.3g} > max_abs_logit_diff {diff}"
+        )
     return out
 
 

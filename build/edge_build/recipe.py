@@ -7,6 +7,7 @@
     [quantize]             4-bit weight-only, AWQ or RTN, in the model space
     [export]               fp32 ONNX with a KV cache
     [lower]                int4 ONNX: MatMulNBits and/or QDQ (DequantizeLinear → MatMul)
+    [fuse]                 the served graph's attention → GroupQueryAttention, RMSNorm fused
     [package]              the signed bundle
     [thresholds.STAGE.vs_teacher], [thresholds.STAGE.vs_input]   quality gates
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_build.distill_config import KDTraining
 from edge_build.stage import StageError
 
 if sys.version_info >= (3, 11):
@@ -45,6 +47,7 @@ STAGES = (
     "export",
     "lower-matmulnbits",
     "lower-qdq",
+    "fuse",
 )
 """Stage names, in chain order; `thresholds.STAGE` must name one of them."""
 LOWER_FORMATS = ("matmulnbits", "qdq")
@@ -100,22 +103,13 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(KDTraining):
+    """[distill]: the training fields are distill_config.KDTraining's (shared with the
+    stage: layers, steps, batch_size, seq_len, grad_accum, learning_rate, weight_decay,
+    warmup_steps, min_lr_ratio, grad_clip, temperature, hidden_weight, checkpoint_every,
+    seed); the held-out measurement comes from [data]."""
+
     enabled: bool = True
-    layers: str | tuple[int, ...] = "every_other"
-    """Teacher layers the student starts from: "every_other" or a list of indices."""
-    steps: int = 500
-    batch_size: int = 8
-    seq_len: int = 128
-    grad_accum: int = 1
-    learning_rate: float = 5e-4
-    warmup_steps: int = 20
-    temperature: float = 2.0
-    """Softmax temperature of the KD loss T²·KL(teacher/T ‖ student/T)."""
-    hidden_weight: float = 0.0
-    """Weight of the hidden-state MSE between mapped layers (0 = logits only)."""
-    checkpoint_every: int = 50
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,6 +156,21 @@ class LowerConfig:
 
 
 @dataclass(frozen=True)
+class FuseConfig:
+    enabled: bool = True
+    """Rewrite the served graph (MatMulNBits, or the fp32 export without [quantize]) with ONNX
+    Runtime's fused operators: one GroupQueryAttention per layer, SkipSimplifiedLayerNorm for
+    the RMSNorms; ~1.3-2.5x faster per decode step, and batches right-padded. false = the
+    bundle serves the unfused graph."""
+    max_positions: int | None = None
+    """Rows of the rotary tables baked into the graph (positions it can serve); default: the
+    package's context_length, else the model's max_position_embeddings."""
+    atol: float = 1e-4
+    """Largest |Δlogit| against the input graph, both with fp32 activations, on the held-out
+    windows and over a greedy decode: the rewrite is exact, so anything above is a bug."""
+
+
+@dataclass(frozen=True)
 class PackageConfig:
     name: str = "model"
     """The model name clients ask for."""
@@ -182,6 +191,8 @@ class Gate:
     """Smallest top-1 agreement with the reference's next-token choice."""
     max_kl: float | None = None
     """Largest mean per-token KL(reference ‖ stage)."""
+    max_abs_logit_diff: float | None = None
+    """Largest |Δlogit| at any position of any window (for stages meant to be exact)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +211,7 @@ class Recipe:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     lower: LowerConfig = field(default_factory=LowerConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
     thresholds: Mapping[str, StageGates] = field(default_factory=dict)
     """Per stage name (see STAGES)."""
@@ -401,6 +413,10 @@ def _validate(r: Recipe, source: str) -> None:
         raise bad("'lower.formats' needs [quantize] (set quantize.enabled = true or formats = [])")
     if r.quantize.enabled and "matmulnbits" not in r.lower.formats:
         raise bad("'lower.formats' must include \"matmulnbits\": the bundle serves it")
+    if r.fuse.max_positions is not None and r.fuse.max_positions < 1:
+        raise bad(f"'fuse.max_positions' must be >= 1, got {r.fuse.max_positions}")
+    if not r.fuse.atol > 0:
+        raise bad(f"'fuse.atol' must be > 0, got {r.fuse.atol}")
     if r.prune.heal_steps < 0:
         raise bad(f"'prune.heal_steps' must be >= 0, got {r.prune.heal_steps}")
     for stage, g in r.thresholds.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_build.corpus import Corpus, stdlib_corpus
-from edge_build.demo import DemoConfig, train_model, train_tokenizer
+from edge_build.local_lm import DemoConfig, train_model, train_tokenizer
 from edge_build.recipe import DataConfig, TeacherConfig
 from edge_build.stage import stage_output, write_stage
 from edge_build.textdata import load_texts, split_texts

@@ -73,6 +73,11 @@ def test_unexpected_graph_is_a_named_error(tiny_export: Path):
     assert issubclass(fuse.FusePatternError, StageError)
     with pytest.raises(fuse.FusePatternError, match=r"no input 'past_key_values\.2\.key'"):
         fuse.fuse_decoder(model, {**config, "num_hidden_layers": 3})
+    # ORT's GroupQueryAttention takes head sizes in multiples of 16 only: refused up front.
+    past = next(i for i in model.graph.input if i.name == "past_key_values.0.key")
+    past.type.tensor_type.shape.dim[3].dim_value = 8
+    with pytest.raises(fuse.FusePatternError, match=r"head_dim 8 is not a multiple of 16"):
+        fuse.fuse_decoder(model, config)
 
 
 def test_fused_bundle_declares_right_padded_batches(tiny_bundle, tiny_fused_bundle):

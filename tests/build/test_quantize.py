@@ -166,6 +166,23 @@ def test_lowered_graph_packages_into_a_bundle(quantized, tmp_path):
     assert weights["block_size"] == GROUP and weights["accuracy_level"] == 4
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_package_labels_each_graph_by_its_weights(quantized, tmp_path, arch):
+    """int4 for blocked INT4/UINT4 DequantizeLinear (QDQ) as for MatMulNBits, read from the
+    graph; float32 for the export."""
+    import onnx
+
+    qdir, onnx_dir = quantized[arch]
+    quantize.lower(onnx_dir, qdir, tmp_path / "qdq", fmt="qdq")
+    qdq = package.weight_format(onnx.load(str(tmp_path / "qdq" / "model.onnx")),
+                                lineage(tmp_path / "qdq"))  # fmt: skip
+    sym = arch == "qwen2"  # the fixture quantizes Llama with zero points
+    assert qdq == {"dtype": "int4", "format": "qdq", "block_size": GROUP, "symmetric": sym,
+                   "method": "awq"}  # fmt: skip
+    fp32 = package.weight_format(onnx.load(str(onnx_dir / "model.onnx")), lineage(onnx_dir))
+    assert fp32 == {"dtype": "float32"}
+
+
 def test_a_missing_lm_head_is_a_named_error(quantized):
     import onnx
     from onnx import numpy_helper

@@ -25,6 +25,7 @@ def test_shipped_recipes_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert demo.prune.mlp_ratio == 0.25 and demo.quantize.method == "awq"
     assert demo.data.files == ()  # the stdlib corpus
     assert demo.package.name == "edge-demo"
+    assert demo.fuse.enabled and demo.fuse.atol <= 1e-4  # the served bundle is fused
 
     monkeypatch.setenv("EDGE_R1_1P5B", "/models/r1")
     monkeypatch.setenv("EDGE_R1_DATA", "/data/r1.jsonl")
@@ -34,6 +35,8 @@ def test_shipped_recipes_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert r1.quantize.group_size == 128 and r1.lower.formats == ("matmulnbits", "qdq")
     assert r1.gates("quantize").vs_input == Gate(max_ppl_increase=0.05, min_top1=0.90)
     assert r1.gates("teacher").vs_teacher == Gate()  # no table: no bounds
+    assert r1.fuse.enabled and r1.fuse.max_positions is None  # → package.context_length
+    assert r1.package.context_length == 4096
 
 
 def test_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,6 +80,10 @@ def test_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("x = [\n", [], r"r\.toml is not valid TOML"),
         ("", ["novalue"], r"--set 'novalue': expected KEY=VALUE"),
         ("", ["source.path.x=1"], r"source\.path is not a table"),
+        ("[fuse]\nmax_positions = 0\n", [], r"'fuse\.max_positions' must be >= 1, got 0"),
+        ("", ["fuse.atol=0"], r"'fuse\.atol' must be > 0, got 0\.0"),
+        ("", ["fuse.enabled=yes"], r"'fuse\.enabled' must be bool, got 'yes'"),
+        ("[thresholds.fuse.vs_input]\nmax_abs_logit_diff = 'tiny'\n", [], r"max_abs_logit"),
     ],
 )
 def test_mistakes_are_named_errors(tmp_path: Path, text: str, sets: list, message: str) -> None:

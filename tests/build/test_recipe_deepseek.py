@@ -1,7 +1,7 @@
 """models/deepseek-r1-distill-qwen-1.5b.toml's exact stage chain and options, on a tiny model
 of the same architecture: Qwen2 with an untied LM head, 12 query heads sharing 2 KV heads,
 an MLP 5.83× the hidden size; 8 layers standing for 28. Only sizes are overridden (steps,
-windows, group size for a 96-wide model) and the distillation gates, which assume the real
+windows, group size for a 192-wide model) and the distillation gates, which assume the real
 budget of 6000 steps; the quantization, export and lowering gates stay as shipped."""
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ RECIPE = Path(__file__).resolve().parents[2] / "models" / "deepseek-r1-distill-q
 
 
 def r1_shaped(vocab_size: int) -> Qwen2Config:
-    """DeepSeek-R1-Distill-Qwen-1.5B's config with every size divided down (1536 → 96)."""
+    """DeepSeek-R1-Distill-Qwen-1.5B's config with every size divided down (1536 → 192).
+
+    192 keeps head_dim = hidden / heads at 16, the smallest ONNX Runtime's CPU
+    GroupQueryAttention takes (the fuse stage; the real model's is 128)."""
     return Qwen2Config(
         vocab_size=vocab_size,
-        hidden_size=96,
-        intermediate_size=560,  # 8960/1536 × 96
+        hidden_size=192,
+        intermediate_size=1120,  # 8960/1536 × 192
         num_hidden_layers=8,
         num_attention_heads=12,
         num_key_value_heads=2,
@@ -98,12 +101,13 @@ def test_r1_recipe_chain_on_a_same_architecture_model(
         "export",
         "lower-matmulnbits",
         "lower-qdq",
+        "fuse",
         "package",
     ]
 
     student = AutoConfig.from_pretrained(tmp_path / "build" / "heal")
     assert student.num_hidden_layers == 4  # every other layer: 8 → 4 (28 → 14)
-    assert student.intermediate_size == 384  # 560 × (1 − 0.3142857): 8960 → 6144 scaled
+    assert student.intermediate_size == 768  # 1120 × (1 − 0.3142857): 8960 → 6144 scaled
     assert (student.num_attention_heads, student.num_key_value_heads) == (12, 2)
     assert student.tie_word_embeddings is False
     by = {s.name: s.quality for s in result.stages}
@@ -115,8 +119,13 @@ def test_r1_recipe_chain_on_a_same_architecture_model(
     for fmt in ("matmulnbits", "qdq"):  # both int4 forms reproduce the fake-quant model
         assert by[f"lower-{fmt}"]["vs_input"]["top1_agreement"] >= 0.95
 
+    # The served graph is fused (GQA 12/2, untied head), exactly: |Δlogit| at fp32 activations.
+    assert by["fuse"]["vs_input"]["max_abs_logit_diff"] < 1e-4
     bundle = verify_bundle(result.bundle, [load_public_key(tmp_path / "k.pub")])
     assert bundle.manifest.name == "r1-distill-qwen-1.5b-s14"
+    graph = bundle.manifest.graphs["decoder"]
+    assert graph.right_padded_batch and graph.weights["format"] == "MatMulNBits"
+    assert bundle.manifest.generation.context_length == 256  # = the rotary tables' rows
     gen = Generator.from_bundle(bundle)
     done = gen.generate([5, 6, 7, 8], SamplingParams(max_tokens=4, temperature=0.0))
     assert 1 <= len(done.token_ids) <= 4 and done.finish_reason in ("stop", "length")

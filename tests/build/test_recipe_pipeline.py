@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ CHAIN = [
     "export",
     "lower-matmulnbits",
     "lower-qdq",
+    "fuse",
     "package",
 ]
 # The demo recipe's stages and options at test size. Its distillation and healing gates
@@ -108,9 +110,89 @@ def test_every_stage_is_measured_and_the_bundle_carries_the_lineage(built: Any) 
         "quantize",
         "export",
         "lower",
+        "fuse",
     ]
-    assert all("quality" in s and "cache_key" in s for s in stages)
+    assert all("quality" in s and "cache_key" in s and "code" in s for s in stages)
     assert json.loads((out / "pipeline.json").read_text())["bundle"] == str(result.bundle)
+
+
+def test_the_bundle_serves_the_fused_graph_and_passes_its_own_probe(built: Any) -> None:
+    out, _, result = built
+    by = {s.name: s.quality for s in result.stages}
+    fused = by["fuse"]
+    # Exact rewrite: against its input with fp32 activations on both sides...
+    assert fused["vs_input"]["activations"] == "fp32"
+    assert fused["vs_input"]["max_abs_logit_diff"] < 1e-4
+    assert fused["vs_input"]["top1_agreement"] == 1.0
+    # ...and as served (int8 activations) as close to the teacher as the graph it fused.
+    lowered = by["lower-matmulnbits"]["vs_teacher"]
+    assert abs(fused["vs_teacher"]["top1_agreement"] - lowered["top1_agreement"]) < 0.02
+    assert abs(fused["perplexity"] / by["lower-matmulnbits"]["perplexity"] - 1) < 0.01
+    layers = json.loads((out / "fuse" / "config.json").read_text())["num_hidden_layers"]
+    metrics = read_stage(out / "fuse")["metrics"]
+    assert metrics["GroupQueryAttention"] == layers
+
+    bundle = verify_bundle(result.bundle, [load_public_key(out / "signing.pub")])
+    graph = bundle.manifest.graphs["decoder"]
+    assert graph.right_padded_batch and not graph.left_padded_batch
+    assert graph.weights["dtype"] == "int4" and graph.weights["format"] == "MatMulNBits"
+    assert graph.weights["method"] == "awq" and graph.weights["accuracy_level"] == 4
+    # probe/reference.json was written from the fused graph: the bundle reproduces it.
+    from edge_runtime import probe
+
+    got = probe.probe_bundle(bundle, probe.ProbeThresholds(max_ttft_ms=60_000), threads=1)
+    assert got.greedy_match == 1.0 and got.quality_drop is not None and got.quality_drop < 1e-3
+
+
+def test_a_fusion_outside_its_tolerance_is_a_stage_quality_error(built: Any) -> None:
+    out, sets, _ = built
+    got = read_stage(out / "fuse")["quality"]["vs_input"]["max_abs_logit_diff"]
+    assert got > 0  # float reassociation: close, and measured, but not bit-equal
+    tight = [*sets, f"thresholds.fuse.vs_input.max_abs_logit_diff={got / 2}"]
+    with pytest.raises(
+        StageQualityError,
+        match=r"stage fuse .* max \|Δlogit\| vs input \(fp32 activations\) [\d.e-]+ > "
+        r"max_abs_logit_diff",
+    ):
+        run_recipe(load_recipe(DEMO, tight), out, progress=False)  # cached: gated as stored
+
+
+def test_fuse_disabled_ships_todays_unfused_graph(built: Any, tmp_path: Path) -> None:
+    import onnx
+
+    out, sets, _ = built
+    copy = tmp_path / "build"
+    shutil.copytree(out, copy)
+    plain = run_recipe(load_recipe(DEMO, [*sets, "fuse.enabled=false"]), copy, progress=False)
+    assert plain.executed == ["package"]  # every stage before it is reused
+    assert [s.name for s in plain.stages][-2:] == ["lower-qdq", "package"]
+    bundle = verify_bundle(plain.bundle, [load_public_key(copy / "signing.pub")])
+    graph = bundle.manifest.graphs["decoder"]
+    assert graph.left_padded_batch and not graph.right_padded_batch
+    ops = {n.op_type for n in onnx.load(str(plain.bundle / graph.file)).graph.node}
+    assert "GroupQueryAttention" not in ops and "MatMulNBits" in ops
+    assert [s["stage"] for s in bundle.manifest.build["stages"]][-1] == "lower"
+
+
+def test_a_changed_stage_module_reruns_that_stage_and_what_follows(
+    built: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same recipe, same inputs, one edited line in fuse.py: the cache must not hand back
+    the artifact the old code made."""
+    from edge_build import code_hash
+
+    out, sets, _ = built
+    copy = tmp_path / "build"
+    shutil.copytree(out, copy)
+    src = tmp_path / "src" / "edge_build"
+    shutil.copytree(ROOT / "build" / "edge_build", src)
+    with open(src / "fuse.py", "a") as f:
+        f.write("\n# an edit\n")
+    roots = {**code_hash._package_roots(), "edge_build": src}
+    monkeypatch.setattr(code_hash, "_package_roots", lambda: roots)
+    again = run_recipe(load_recipe(DEMO, sets), copy, progress=False)
+    assert again.executed == ["fuse", "package"]
+    assert read_stage(copy / "fuse")["code"]["hash"] != read_stage(out / "fuse")["code"]["hash"]
 
 
 def test_rerun_is_cached_and_a_change_reruns_only_what_follows(built: Any) -> None:
@@ -134,7 +216,7 @@ def test_rerun_is_cached_and_a_change_reruns_only_what_follows(built: Any) -> No
         out,
         progress=False,
     )
-    assert again.executed == ["lower-matmulnbits", "lower-qdq", "package"]
+    assert again.executed == ["lower-matmulnbits", "lower-qdq", "fuse", "package"]
 
 
 def test_too_tight_threshold_fails_with_one_clear_line(built: Any) -> None:
