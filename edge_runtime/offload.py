@@ -19,17 +19,16 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from edge_runtime import topics
 from edge_runtime.breaker import BreakerConfig, CircuitBreaker
+from edge_runtime.cloud_latency import LatencyStats, RoundTrips, length_bucket
 from edge_runtime.config import OffloadConfig
 from edge_runtime.errors import (
     BrokerError,
@@ -42,21 +41,12 @@ from edge_runtime.errors import (
 from edge_runtime.messages import OffloadChunk, OffloadRequest, decode_chunk, encode_request
 from edge_runtime.mqtt import NO_MATCHING_SUBSCRIBERS, Message, MqttClient, broker_credentials
 
+__all__ = ["CLIENT_ERRORS", "LatencyStats", "OffloadClient", "OffloadStream", "length_bucket"]
+
 log = logging.getLogger(__name__)
 
 # Errors that are the request's fault, not the cloud's: they must not open the breaker.
 CLIENT_ERRORS = frozenset({"invalid_request_error"})
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    """Round trips of recent successful offloads, from publish to first and to last chunk."""
-
-    samples: int
-    first_p50_s: float | None
-    first_p99_s: float | None
-    last_p50_s: float | None
-    last_p99_s: float | None
 
 
 class OffloadStream:
@@ -195,14 +185,7 @@ class OffloadClient:
         self._lock = threading.Lock()  # the breaker and _pending are shared with paho's thread
         self._pending: dict[bytes, OffloadStream] = {}
         self._tripped_by_disconnect = False
-        self._window = latency_window
-        self._max_age = latency_max_age_s
-        """Round trips older than this no longer count. The cloud's load changes, and an
-        estimate that never ages would keep a cloud that once timed out out of use for good:
-        nothing is offloaded, so no new sample could ever show it is fast again."""
-        self._latency: dict[int, collections.deque[tuple[float, float, float]]] = {}
-        """(first chunk s, last chunk s) of recent round trips per generation-length bucket
-        (length_bucket): a 16-token answer and a 512-token one have different p99s."""
+        self.round_trips = RoundTrips(latency_window, latency_max_age_s, clock)
         self.counts: collections.Counter[str] = collections.Counter()
         self.mqtt = MqttClient(
             broker_url,
@@ -253,31 +236,12 @@ class OffloadClient:
     def latency(self, max_tokens: int | None = None) -> LatencyStats:
         """Round trips of recent offloads (successes, and timeouts at the time they took):
         all of them, or those in the generation-length bucket of `max_tokens`."""
-        since = self.clock() - self._max_age
-        with self._lock:
-            if max_tokens is None:
-                samples = [x for d in self._latency.values() for x in d]
-            else:
-                samples = list(self._latency.get(length_bucket(max_tokens), ()))
-        first = sorted(f for at, f, _ in samples if at >= since)
-        last = sorted(t for at, _, t in samples if at >= since)
-        return LatencyStats(
-            len(last), _pct(first, 0.5), _pct(first, 0.99), _pct(last, 0.5), _pct(last, 0.99)
-        )
+        return self.round_trips.stats(max_tokens)
 
     def p99_by_tokens(self, min_samples: int = 5) -> tuple[tuple[int, float], ...]:
-        """(bucket's max_tokens, p99 publish → last chunk) for each generation-length bucket
-        with at least `min_samples` round trips, ascending: scheduler.CloudState's table."""
-        since = self.clock() - self._max_age
-        with self._lock:
-            buckets = {b: sorted(t for at, _, t in d if at >= since)
-                       for b, d in self._latency.items()}
-        table = []
-        for b, last in sorted(buckets.items()):
-            p99 = _pct(last, 0.99)
-            if b and len(last) >= min_samples and p99 is not None:  # b 0: length unknown
-                table.append((b, p99))
-        return tuple(table)
+        """(bucket's max_tokens, p99 publish → last chunk) per generation-length bucket with
+        at least `min_samples` round trips: scheduler.CloudState's table."""
+        return self.round_trips.p99_by_tokens(min_samples)
 
     @property
     def in_flight(self) -> int:
@@ -351,12 +315,7 @@ class OffloadClient:
         self.counts[{None: "cancelled", True: "ok", False: "failed"}[outcome]] += 1
 
     def _observe(self, max_tokens: int, first_s: float, last_s: float) -> None:
-        bucket = length_bucket(max_tokens)
-        with self._lock:
-            d = self._latency.get(bucket)
-            if d is None:
-                d = self._latency[bucket] = collections.deque(maxlen=self._window)
-            d.append((self.clock(), first_s, last_s))
+        self.round_trips.add(max_tokens, first_s, last_s)
 
     def _on_ack(self, s: OffloadStream, reason: int) -> None:  # paho thread
         if reason == NO_MATCHING_SUBSCRIBERS:
@@ -417,21 +376,6 @@ def _call_soon(s: OffloadStream, fn: Callable[..., None], arg: Any) -> None:
         s.loop.call_soon_threadsafe(fn, arg)
 
 
-def length_bucket(max_tokens: int) -> int:
-    """The generation-length bucket of a request: the next power of two, at least 16 (0 for
-    an unknown length). Round trips are compared within a bucket."""
-    if max_tokens <= 0:
-        return 0
-    return max(16, 1 << (max_tokens - 1).bit_length())
-
-
 def _set_timeout(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_exception(asyncio.TimeoutError())
-
-
-def _pct(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile; None without samples (the scheduler decides what that means)."""
-    if not sorted_values:
-        return None
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]

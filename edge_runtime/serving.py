@@ -36,8 +36,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import Any, Protocol
 
+from edge_runtime.cloud_latency import NO_CLOUD, CloudPath, cloud_state
 from edge_runtime.errors import DeadlineExceededError, EngineError, OverloadedError
 from edge_runtime.generator import Chunk
 from edge_runtime.request import (
@@ -59,40 +59,18 @@ from edge_runtime.scheduler import (
     SchedulerConfig,
 )
 
+__all__ = [
+    "NO_CLOUD", "CloudPath", "DecodeBatch", "LocalWorker", "ModelChanged", "ModelInfo",
+    "OffloadRequested", "Request", "TextGenerator", "cloud_state",
+]
+
 log = logging.getLogger(__name__)
 
-NO_CLOUD = CloudState(available=False, p99_s=0.0, configured=False)
 ENGINE_ERROR_WINDOW_S = 60.0
 REVIEW_INTERVAL_S = 0.02
 """How often queued jobs are re-decided (scheduler.review) while the engine is busy."""
 RATE_PROBE_INTERVAL_S = 1.0
 """Least time between two rate probes of an idle engine that is sending work away."""
-
-
-class CloudPath(Protocol):
-    """What the scheduler reads of the offload client (edge_runtime.offload.OffloadClient)."""
-
-    def available(self) -> bool: ...
-
-    def latency(self) -> Any: ...
-
-    def p99_by_tokens(self) -> tuple[tuple[int, float], ...]: ...
-
-
-def cloud_state(cloud: CloudPath | None, config: SchedulerConfig) -> Callable[[], CloudState]:
-    """The scheduler's view of the cloud path: up or not, and its p99 round trip (publish to
-    last chunk) per generation-length bucket; over all lengths, or the configured prior
-    until there are measurements, where a bucket has too few."""
-    if cloud is None:
-        return lambda: NO_CLOUD
-
-    def state() -> CloudState:
-        p99 = cloud.latency().last_p99_s
-        return CloudState(available=cloud.available(),
-                          p99_s=config.cloud_p99_prior_s if p99 is None else p99,
-                          p99_by_tokens=cloud.p99_by_tokens())
-
-    return state
 
 
 class LocalWorker:
