@@ -190,3 +190,36 @@ def test_bad_worker_settings_are_config_errors(broker: Broker) -> None:
         CloudWorker(broker.url, None, concurrency=0)
     with pytest.raises(ConfigError, match="max_queued must be >= 1, got 0"):
         CloudWorker(broker.url, None, max_queued=0)
+
+
+def test_a_deadline_passing_mid_generation_is_an_explicit_error_chunk(
+        broker: Broker, bundle: Any, device: OffloadClient, local_gen: Generator) -> None:
+    """The worker's clock jumps past the request's deadline once its first chunk is out: the
+    batch drops it before the next step and says so in a numbered error chunk; the worker
+    then serves the next request normally."""
+    late = [False]
+    w = start_worker(broker, bundle, concurrency=2, chunk=ChunkPolicy(tokens=1),
+                     wall_clock=lambda: time.time() + (3600.0 if late[0] else 0.0))
+    try:
+        async def run() -> tuple[list[OffloadChunk], BaseException | None]:
+            body = {"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 200,
+                    "temperature": 0}
+            doomed = device.submit(body, "completions", time.monotonic() + 20)
+            got: list[OffloadChunk] = []
+            try:
+                async for c in doomed:
+                    got.append(c)
+                    late[0] = True  # from now on every deadline has passed, for the worker
+            except OffloadRemoteError as e:
+                return got, e
+            return got, None
+
+        got, err = asyncio.run(run())
+        late[0] = False
+        after = asyncio.run(ask(device, PROMPTS[3], 16))
+    finally:
+        w.stop()
+    assert isinstance(err, OffloadRemoteError), f"finished anyway: {len(got)} chunks"
+    assert err.code == "aborted" and "deadline passed during generation" in str(err)
+    assert 1 <= len(got) < 200 and w.counts["aborted"] == 1
+    assert "".join(c.text for c in after) == greedy(local_gen, PROMPTS[3], 16)
