@@ -53,8 +53,10 @@ from edge_runtime.messages import (
     response_props,
 )
 from edge_runtime.mqtt import Message, MqttClient
+from edge_runtime.rate_probe import measure_rates
 from edge_runtime.request import DecodeBatch, TextGenerator
 from edge_runtime.sampling import SamplingParams
+from edge_runtime.scheduler import Rates
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +116,19 @@ class CloudWorker:
         self._stopping = threading.Event()
         self._abort = threading.Event()
         self._keys = itertools.count()
+        self.rates = Rates()
+        """Measured prefill and decode-step times (at start-up, then online): whether a
+        request can still finish before its deadline."""
         self.errors: list[BaseException] = []
         self.peak_batch = 0
         """The most sequences one decode step has served so far."""
         self.counts: collections.Counter[str] = collections.Counter()
         """served, expired, busy, malformed, invalid, aborted, failed, unanswered, messages"""
+        # Workers must be subscribed again before the devices probe the cloud after a broker
+        # restart (a probe that finds no subscriber reopens a device's breaker): they retry
+        # sooner than the devices (offload.RECONNECT_MAX_S); there are few of them.
+        mqtt_options.setdefault("reconnect_min_s", 0.2)
+        mqtt_options.setdefault("reconnect_max_s", 1.0)
         self.mqtt = MqttClient(
             broker_url, f"cloud-{group}-{secrets.token_hex(4)}", **mqtt_options
         )
@@ -206,6 +216,9 @@ class CloudWorker:
                 batch = gen.batch(self.concurrency)
             except EngineError as e:
                 raise EngineError(f"{e} (for the cloud worker: --concurrency 1)") from e
+            step_s, prefill_tps = measure_rates(gen, self.concurrency)
+            self.rates.step_s.update(step_s)
+            self.rates.prefill_tokens_per_s = prefill_tps or self.rates.prefill_tokens_per_s
         except BaseException as e:
             log.error("loading the model failed: %s", e)
             self.errors.append(e)
@@ -221,9 +234,12 @@ class CloudWorker:
             self._expire(batch, live)
             if not batch.active:
                 continue
-            self.peak_batch = max(self.peak_batch, batch.active)
+            size = batch.active
+            self.peak_batch = max(self.peak_batch, size)
+            t = time.perf_counter()
             try:
                 results = batch.step()
+                self.rates.observe_step(size, time.perf_counter() - t)
             except Exception as e:  # an engine failure fails this batch, not the worker
                 log.exception("decode step failed for %d sequences", batch.active)
                 for key in batch.keys:
@@ -271,6 +287,16 @@ class CloudWorker:
         except GenerationError as e:
             self._send_quietly(req, OffloadChunk(0, error=ErrorInfo(
                 str(e), "invalid_request_error", e.field)))
+            return
+        need_s = (self.rates.prefill_time(len(ids))
+                  + params.max_tokens * self.rates.step_time(batch.active + 1))
+        left_s = req.deadline_ms / 1000 - self._wall()
+        if need_s > left_s:
+            # It would expire mid-generation after taking batch steps from the others: say
+            # so now, while the device can still refuse it explicitly.
+            self.counts["too_late"] += 1
+            self._reply_error(req, f"the cloud cannot finish {params.max_tokens} tokens in "
+                              f"time (~{need_s:.2f} s needed, {left_s:.2f} s left)", "worker_busy")
             return
         key = next(self._keys)
         live[key] = _Live(req, Coalescer(self.chunk if req.stream else None))

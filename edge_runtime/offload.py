@@ -45,8 +45,14 @@ __all__ = ["CLIENT_ERRORS", "LatencyStats", "OffloadClient", "OffloadStream", "l
 
 log = logging.getLogger(__name__)
 
+RECONNECT_MAX_S = 2.0
+"""The offload connection's longest wait between two reconnect attempts (MqttClient: 30 s)."""
+
 # Errors that are the request's fault, not the cloud's: they must not open the breaker.
 CLIENT_ERRORS = frozenset({"invalid_request_error"})
+BUSY_CODES = frozenset({"worker_busy"})
+"""A worker that has no room, or cannot finish in time, says so at once: the device refuses
+the request (429), and the breaker, which is there to spot a broken cloud, is not told."""
 
 
 class OffloadStream:
@@ -142,6 +148,9 @@ class OffloadStream:
                 self.first_at = c.received_at
             self._put(c)
             if c.final:
+                if c.error is not None and c.error.code in BUSY_CODES:
+                    self._end(ok=None)  # a full cloud is not a broken one: no verdict
+                    return
                 remote_fault = c.error is not None and c.error.type not in CLIENT_ERRORS
                 self._end(ok=not remote_fault, last_at=c.received_at)
                 return
@@ -151,7 +160,7 @@ class OffloadStream:
             self._put(error)
             self._end(ok=False)
 
-    def _end(self, ok: bool, last_at: float | None = None) -> None:
+    def _end(self, ok: bool | None, last_at: float | None = None) -> None:
         self.done = True
         self._client._forget(self, outcome=ok)
         if ok and last_at is not None and self.first_at is not None:
@@ -187,6 +196,10 @@ class OffloadClient:
         self._tripped_by_disconnect = False
         self.round_trips = RoundTrips(latency_window, latency_max_age_s, clock)
         self.counts: collections.Counter[str] = collections.Counter()
+        # Back soon after the broker: meanwhile every overloaded request is refused. One
+        # connection per device, retried at most every ~2 s (with jitter), is light for a
+        # broker cluster; the agent's session (fleet) keeps the long default.
+        mqtt_options.setdefault("reconnect_max_s", RECONNECT_MAX_S)
         self.mqtt = MqttClient(
             broker_url,
             f"edge-{device}-{self.session}",

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from mqtt_fixtures import Broker
 
+from edge_runtime.breaker import BreakerConfig, CircuitBreaker, State
 from edge_runtime.bundle import verify_bundle
 from edge_runtime.cloud_worker import CloudWorker
 from edge_runtime.coalesce import ChunkPolicy, Coalescer
@@ -223,3 +224,37 @@ def test_a_deadline_passing_mid_generation_is_an_explicit_error_chunk(
     assert err.code == "aborted" and "deadline passed during generation" in str(err)
     assert 1 <= len(got) < 200 and w.counts["aborted"] == 1
     assert "".join(c.text for c in after) == greedy(local_gen, PROMPTS[3], 16)
+
+
+def test_a_request_that_cannot_finish_in_time_is_refused_at_once_and_spares_the_breaker(
+        broker: Broker, bundle: Any) -> None:
+    """The worker knows its step time (measured at start-up, then online): at 10 ms a step,
+    200 tokens do not fit in 1 s, so it answers `worker_busy` before spending a step on
+    them, and the device's breaker, there to spot a broken cloud, does not count it."""
+    breaker = CircuitBreaker(BreakerConfig(min_requests=2, open_s=60.0))
+    client = OffloadClient(broker.url, "dev1", breaker=breaker)
+    assert client.start(wait_s=10)
+    w = start_worker(broker, bundle)
+    try:
+        assert w.rates.step_s[1] < 0.01  # measured, not the 50 ms prior
+        w.rates.step_s[1] = 0.010  # a slower engine than the tiny model's
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0}
+
+        async def doomed() -> OffloadRemoteError:
+            with pytest.raises(OffloadRemoteError) as e:
+                [c async for c in client.submit(body, "completions", time.monotonic() + 1.0)]
+            return e.value
+
+        for _ in range(3):
+            t0 = time.monotonic()
+            err = asyncio.run(doomed())
+            assert time.monotonic() - t0 < 0.5  # refused at once, not left to expire
+            assert err.code == "worker_busy" and "cannot finish 200 tokens in time" in str(err)
+        assert w.counts["too_late"] == 3 and w.counts["served"] == 0
+        assert breaker.state is State.CLOSED and client.available()
+        assert client.latency().samples == 0  # a refusal is no round trip
+        ok = asyncio.run(ask(client, PROMPTS[0], 8))  # and a feasible one is served
+        assert ok[-1].finish_reason == "length"
+    finally:
+        w.stop()
+        client.stop()
