@@ -1,6 +1,6 @@
 """The daemon's side of cloud offload: one MQTT connection, many requests in flight.
 
-    scheduler ── available()? latency().first_p99_s < remaining deadline? ──▶ submit(...)
+    scheduler ── available()? p99 for its length < remaining deadline? ──▶ submit(...)
     submit ─▶ breaker.allow ─▶ PUBLISH edge/{device}/offload/req (QoS 1, correlation id)
     chunk on edge/{device}/offload/res/{session} ─▶ OffloadStream (on its loop: directly
     when the MQTT I/O runs on that loop, else via call_soon_threadsafe from paho's thread)
@@ -8,9 +8,10 @@
 
 Every request ends in exactly one outcome for the breaker: the last chunk (success), an error
 chunk, the deadline (OffloadTimeoutError), a lost broker (OffloadUnavailableError, and the
-breaker trips at once), or the caller's `cancel()` (no verdict). While the breaker is open,
-`submit` raises OffloadUnavailableError without touching the network: a dead cloud costs one
-fast decision, not a timeout per request.
+breaker trips at once), a worker with no room for it (`worker_busy`: no verdict) or the
+caller's `cancel()` (no verdict). While the breaker is open, `submit` raises
+OffloadUnavailableError without touching the network: a dead cloud costs one fast decision,
+not a timeout per request. Round trips are kept and read in cloud_latency.py.
 """
 
 from __future__ import annotations
