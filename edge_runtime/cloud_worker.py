@@ -35,10 +35,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
 from edge_runtime import topics
-from edge_runtime.api import schemas as s
 from edge_runtime.coalesce import ChunkPolicy, Coalescer
 from edge_runtime.errors import BrokerError, ConfigError, EngineError, GenerationError, MessageError
 from edge_runtime.generator import Chunk
@@ -53,9 +50,9 @@ from edge_runtime.messages import (
     response_props,
 )
 from edge_runtime.mqtt import Message, MqttClient
+from edge_runtime.offload_body import Body, prompt_and_params, read_body
 from edge_runtime.rate_probe import measure_rates
 from edge_runtime.request import DecodeBatch, TextGenerator
-from edge_runtime.sampling import SamplingParams
 from edge_runtime.scheduler import Rates
 
 log = logging.getLogger(__name__)
@@ -279,11 +276,7 @@ class CloudWorker:
         if body is None:
             return
         try:
-            if isinstance(body, s.ChatCompletionRequest):
-                ids = gen.chat_prompt([m.for_template() for m in body.messages])
-            else:
-                ids = gen.text_prompt(body.prompt_text)
-            params = _sampling_params(gen, body, len(ids))
+            ids, params = prompt_and_params(gen, body)
         except GenerationError as e:
             self._send_quietly(req, OffloadChunk(0, error=ErrorInfo(
                 str(e), "invalid_request_error", e.field)))
@@ -367,19 +360,14 @@ class CloudWorker:
         x.seq += 1
         return True
 
-    def _body(self, req: OffloadRequest) -> s.ChatCompletionRequest | s.CompletionRequest | None:
-        """The request's body validated by the API's own models; None after answering an
-        invalid one with an error chunk."""
-        chat = req.endpoint == "chat"
+    def _body(self, req: OffloadRequest) -> Body | None:
+        """The request's body (offload_body.py); None after answering an invalid one."""
         try:
-            return (s.ChatCompletionRequest if chat else s.CompletionRequest).model_validate(
-                req.body)
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"])
+            return read_body(req)
+        except MessageError as e:
             self.counts["invalid"] += 1
             self._send_quietly(req, OffloadChunk(0, error=ErrorInfo(
-                f"{where}: {err['msg']}", "invalid_request_error", "invalid_body")))
+                str(e), "invalid_request_error", "invalid_body")))
             return None
 
     # -- replies ----------------------------------------------------------------------------
@@ -408,13 +396,3 @@ class CloudWorker:
                               response_props(props.correlation_data), qos=1)
         except BrokerError as e:
             log.warning("cannot send an error to %s: %s", topic, e)
-
-
-def _sampling_params(
-    gen: TextGenerator, body: s.ChatCompletionRequest | s.CompletionRequest, n_prompt: int
-) -> SamplingParams:
-    """The API's rules (schemas._Sampling.sampling_params): body values, else defaults."""
-    if n_prompt == 0:
-        raise GenerationError("the prompt encodes to no tokens", "prompt")
-    max_tokens, _ = body.requested_max_tokens()
-    return body.sampling_params(gen.defaults, gen.resolve_max_tokens(n_prompt, max_tokens))
