@@ -10,6 +10,7 @@
                         [--cache-dir DIR] [--opt-level 0-5] [--workspace-mb N] [--force]
     edge-runtime cloud-worker --bundle DIR [--pubkey PEM ...] --broker mqtt://HOST:PORT
                         [--group G] [--concurrency N] [--threads N] [--echo]
+                        [--chunk-tokens 8] [--chunk-ms 25]
 
 User errors (a bad bundle, a bad config, a missing key) print one line and exit 1; only
 bugs print tracebacks. Exit code 2 is argparse's, for a malformed command line.
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime import __version__
 from edge_runtime.bundle import Bundle, verify_bundle
+from edge_runtime.coalesce import ChunkPolicy
 from edge_runtime.config import LOG_LEVELS, Config, load_config
 from edge_runtime.errors import ConfigError, EdgeError, SignatureError
 from edge_runtime.signing import default_trust_dir, trusted_keys
@@ -117,7 +119,14 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
     worker.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
     worker.add_argument("--group", default="cloud", help="shared-subscription group (cloud)")
-    worker.add_argument("--concurrency", type=int, default=1, help="requests served at once")
+    worker.add_argument("--concurrency", type=int, default=1,
+                        help="requests decoded together in one continuous batch (1)")
+    worker.add_argument("--chunk-tokens", type=int, default=ChunkPolicy.tokens,
+                        help="streamed answers: send held tokens once this many are pending "
+                        f"({ChunkPolicy.tokens}; 1 = one message per token)")
+    worker.add_argument("--chunk-ms", type=float, default=ChunkPolicy.ms,
+                        help="...or once the oldest has waited this long; the first text "
+                        f"goes out at once ({ChunkPolicy.ms:g} ms; 0 = never hold a token)")
     worker.add_argument("--threads", type=int, help="CPU engine threads per generator")
     worker.add_argument("--backend", default="auto", help="engine backend (default: auto)")
     worker.add_argument("--echo", action="store_true",
@@ -266,7 +275,9 @@ def _cloud_worker(args: argparse.Namespace) -> int:
         def load() -> Generator:
             return Generator.from_bundle(bundle, backend=args.backend, threads=args.threads)
 
-    worker = CloudWorker(args.broker, load, group=args.group, concurrency=args.concurrency)
+    chunk = ChunkPolicy(args.chunk_tokens, args.chunk_ms)  # ConfigError names a bad value
+    worker = CloudWorker(args.broker, load, group=args.group, concurrency=args.concurrency,
+                         chunk=chunk)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -276,7 +287,8 @@ def _cloud_worker(args: argparse.Namespace) -> int:
         raise EdgeError(f"cannot load the model: {worker.errors[0]}")
     state = "subscribed" if subscribed else "waiting for the broker"
     print(f"edge-runtime: cloud worker {state} on {args.broker} "
-          f"(group {args.group}, concurrency {args.concurrency})", flush=True)
+          f"(group {args.group}, concurrency {args.concurrency}, chunks of "
+          f"{chunk.tokens} tokens / {chunk.ms:g} ms)", flush=True)
     stop.wait()
     worker.stop()
     log.info("cloud worker stopped: %s", dict(worker.counts))

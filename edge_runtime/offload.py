@@ -1,6 +1,6 @@
 """The daemon's side of cloud offload: one MQTT connection, many requests in flight.
 
-    scheduler ── available()? latency().first_p99_s < remaining deadline? ──▶ submit(...)
+    scheduler ── available()? p99 for its length < remaining deadline? ──▶ submit(...)
     submit ─▶ breaker.allow ─▶ PUBLISH edge/{device}/offload/req (QoS 1, correlation id)
     chunk on edge/{device}/offload/res/{session} ─▶ OffloadStream (on its loop: directly
     when the MQTT I/O runs on that loop, else via call_soon_threadsafe from paho's thread)
@@ -8,9 +8,10 @@
 
 Every request ends in exactly one outcome for the breaker: the last chunk (success), an error
 chunk, the deadline (OffloadTimeoutError), a lost broker (OffloadUnavailableError, and the
-breaker trips at once), or the caller's `cancel()` (no verdict). While the breaker is open,
-`submit` raises OffloadUnavailableError without touching the network: a dead cloud costs one
-fast decision, not a timeout per request.
+breaker trips at once), a worker with no room for it (`worker_busy`: no verdict) or the
+caller's `cancel()` (no verdict). While the breaker is open, `submit` raises
+OffloadUnavailableError without touching the network: a dead cloud costs one fast decision,
+not a timeout per request. Round trips are kept and read in cloud_latency.py.
 """
 
 from __future__ import annotations
@@ -19,17 +20,16 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from edge_runtime import topics
 from edge_runtime.breaker import BreakerConfig, CircuitBreaker
+from edge_runtime.cloud_latency import LatencyStats, RoundTrips, length_bucket
 from edge_runtime.config import OffloadConfig
 from edge_runtime.errors import (
     BrokerError,
@@ -42,21 +42,18 @@ from edge_runtime.errors import (
 from edge_runtime.messages import OffloadChunk, OffloadRequest, decode_chunk, encode_request
 from edge_runtime.mqtt import NO_MATCHING_SUBSCRIBERS, Message, MqttClient, broker_credentials
 
+__all__ = ["CLIENT_ERRORS", "LatencyStats", "OffloadClient", "OffloadStream", "length_bucket"]
+
 log = logging.getLogger(__name__)
+
+RECONNECT_MAX_S = 2.0
+"""The offload connection's longest wait between two reconnect attempts (MqttClient: 30 s)."""
 
 # Errors that are the request's fault, not the cloud's: they must not open the breaker.
 CLIENT_ERRORS = frozenset({"invalid_request_error"})
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    """Round trips of recent successful offloads, from publish to first and to last chunk."""
-
-    samples: int
-    first_p50_s: float | None
-    first_p99_s: float | None
-    last_p50_s: float | None
-    last_p99_s: float | None
+BUSY_CODES = frozenset({"worker_busy"})
+"""A worker that has no room, or cannot finish in time, says so at once: the device refuses
+the request (429), and the breaker, which is there to spot a broken cloud, is not told."""
 
 
 class OffloadStream:
@@ -152,6 +149,9 @@ class OffloadStream:
                 self.first_at = c.received_at
             self._put(c)
             if c.final:
+                if c.error is not None and c.error.code in BUSY_CODES:
+                    self._end(ok=None)  # a full cloud is not a broken one: no verdict
+                    return
                 remote_fault = c.error is not None and c.error.type not in CLIENT_ERRORS
                 self._end(ok=not remote_fault, last_at=c.received_at)
                 return
@@ -161,7 +161,7 @@ class OffloadStream:
             self._put(error)
             self._end(ok=False)
 
-    def _end(self, ok: bool, last_at: float | None = None) -> None:
+    def _end(self, ok: bool | None, last_at: float | None = None) -> None:
         self.done = True
         self._client._forget(self, outcome=ok)
         if ok and last_at is not None and self.first_at is not None:
@@ -195,15 +195,12 @@ class OffloadClient:
         self._lock = threading.Lock()  # the breaker and _pending are shared with paho's thread
         self._pending: dict[bytes, OffloadStream] = {}
         self._tripped_by_disconnect = False
-        self._window = latency_window
-        self._max_age = latency_max_age_s
-        """Round trips older than this no longer count. The cloud's load changes, and an
-        estimate that never ages would keep a cloud that once timed out out of use for good:
-        nothing is offloaded, so no new sample could ever show it is fast again."""
-        self._latency: dict[int, collections.deque[tuple[float, float, float]]] = {}
-        """(first chunk s, last chunk s) of recent round trips per generation-length bucket
-        (length_bucket): a 16-token answer and a 512-token one have different p99s."""
+        self.round_trips = RoundTrips(latency_window, latency_max_age_s, clock)
         self.counts: collections.Counter[str] = collections.Counter()
+        # Back soon after the broker: meanwhile every overloaded request is refused. One
+        # connection per device, retried at most every ~2 s (with jitter), is light for a
+        # broker cluster; the agent's session (fleet) keeps the long default.
+        mqtt_options.setdefault("reconnect_max_s", RECONNECT_MAX_S)
         self.mqtt = MqttClient(
             broker_url,
             f"edge-{device}-{self.session}",
@@ -253,31 +250,12 @@ class OffloadClient:
     def latency(self, max_tokens: int | None = None) -> LatencyStats:
         """Round trips of recent offloads (successes, and timeouts at the time they took):
         all of them, or those in the generation-length bucket of `max_tokens`."""
-        since = self.clock() - self._max_age
-        with self._lock:
-            if max_tokens is None:
-                samples = [x for d in self._latency.values() for x in d]
-            else:
-                samples = list(self._latency.get(length_bucket(max_tokens), ()))
-        first = sorted(f for at, f, _ in samples if at >= since)
-        last = sorted(t for at, _, t in samples if at >= since)
-        return LatencyStats(
-            len(last), _pct(first, 0.5), _pct(first, 0.99), _pct(last, 0.5), _pct(last, 0.99)
-        )
+        return self.round_trips.stats(max_tokens)
 
     def p99_by_tokens(self, min_samples: int = 5) -> tuple[tuple[int, float], ...]:
-        """(bucket's max_tokens, p99 publish → last chunk) for each generation-length bucket
-        with at least `min_samples` round trips, ascending: scheduler.CloudState's table."""
-        since = self.clock() - self._max_age
-        with self._lock:
-            buckets = {b: sorted(t for at, _, t in d if at >= since)
-                       for b, d in self._latency.items()}
-        table = []
-        for b, last in sorted(buckets.items()):
-            p99 = _pct(last, 0.99)
-            if b and len(last) >= min_samples and p99 is not None:  # b 0: length unknown
-                table.append((b, p99))
-        return tuple(table)
+        """(bucket's max_tokens, p99 publish → last chunk) per generation-length bucket with
+        at least `min_samples` round trips: scheduler.CloudState's table."""
+        return self.round_trips.p99_by_tokens(min_samples)
 
     @property
     def in_flight(self) -> int:
@@ -351,12 +329,7 @@ class OffloadClient:
         self.counts[{None: "cancelled", True: "ok", False: "failed"}[outcome]] += 1
 
     def _observe(self, max_tokens: int, first_s: float, last_s: float) -> None:
-        bucket = length_bucket(max_tokens)
-        with self._lock:
-            d = self._latency.get(bucket)
-            if d is None:
-                d = self._latency[bucket] = collections.deque(maxlen=self._window)
-            d.append((self.clock(), first_s, last_s))
+        self.round_trips.add(max_tokens, first_s, last_s)
 
     def _on_ack(self, s: OffloadStream, reason: int) -> None:  # paho thread
         if reason == NO_MATCHING_SUBSCRIBERS:
@@ -417,21 +390,6 @@ def _call_soon(s: OffloadStream, fn: Callable[..., None], arg: Any) -> None:
         s.loop.call_soon_threadsafe(fn, arg)
 
 
-def length_bucket(max_tokens: int) -> int:
-    """The generation-length bucket of a request: the next power of two, at least 16 (0 for
-    an unknown length). Round trips are compared within a bucket."""
-    if max_tokens <= 0:
-        return 0
-    return max(16, 1 << (max_tokens - 1).bit_length())
-
-
 def _set_timeout(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_exception(asyncio.TimeoutError())
-
-
-def _pct(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile; None without samples (the scheduler decides what that means)."""
-    if not sorted_values:
-        return None
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]

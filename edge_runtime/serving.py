@@ -22,10 +22,8 @@ event loop never blocks on a decode step. The scheduler and its measured rates a
 between the two threads under one lock; it does no I/O, so the lock is held for microseconds.
 
 Hot swap (a fleet deploy): `swap(new_generator)` is called with a generator loaded and warmed
-up beside the serving one; the engine loop adopts it between two steps. From then on new
-requests start on it, while the old batch keeps stepping until its sequences finish: each
-request runs on the generator whose tokenizer made its prompt ids (`Request.generator`). The
-old generator is dropped once nothing queued or running refers to it.
+up beside the serving one; the engine loop adopts it between two steps, and the old one
+finishes what it started (model_swap.py).
 
 The request and model types that the API and this loop exchange are in request.py.
 """
@@ -36,10 +34,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
-from typing import Any, Protocol
 
+from edge_runtime.cloud_latency import NO_CLOUD, CloudPath, cloud_state
 from edge_runtime.errors import DeadlineExceededError, EngineError, OverloadedError
 from edge_runtime.generator import Chunk
+from edge_runtime.model_swap import ServedModels
+from edge_runtime.rate_probe import measure_rates
 from edge_runtime.request import (
     DecodeBatch,
     ModelChanged,
@@ -48,7 +48,6 @@ from edge_runtime.request import (
     Request,
     TextGenerator,
 )
-from edge_runtime.sampling import SamplingParams
 from edge_runtime.scheduler import (
     Action,
     CloudState,
@@ -59,40 +58,18 @@ from edge_runtime.scheduler import (
     SchedulerConfig,
 )
 
+__all__ = [
+    "NO_CLOUD", "CloudPath", "DecodeBatch", "LocalWorker", "ModelChanged", "ModelInfo",
+    "OffloadRequested", "Request", "TextGenerator", "cloud_state",
+]
+
 log = logging.getLogger(__name__)
 
-NO_CLOUD = CloudState(available=False, p99_s=0.0, configured=False)
 ENGINE_ERROR_WINDOW_S = 60.0
 REVIEW_INTERVAL_S = 0.02
 """How often queued jobs are re-decided (scheduler.review) while the engine is busy."""
 RATE_PROBE_INTERVAL_S = 1.0
 """Least time between two rate probes of an idle engine that is sending work away."""
-
-
-class CloudPath(Protocol):
-    """What the scheduler reads of the offload client (edge_runtime.offload.OffloadClient)."""
-
-    def available(self) -> bool: ...
-
-    def latency(self) -> Any: ...
-
-    def p99_by_tokens(self) -> tuple[tuple[int, float], ...]: ...
-
-
-def cloud_state(cloud: CloudPath | None, config: SchedulerConfig) -> Callable[[], CloudState]:
-    """The scheduler's view of the cloud path: up or not, and its p99 round trip (publish to
-    last chunk) per generation-length bucket; over all lengths, or the configured prior
-    until there are measurements, where a bucket has too few."""
-    if cloud is None:
-        return lambda: NO_CLOUD
-
-    def state() -> CloudState:
-        p99 = cloud.latency().last_p99_s
-        return CloudState(available=cloud.available(),
-                          p99_s=config.cloud_p99_prior_s if p99 is None else p99,
-                          p99_by_tokens=cloud.p99_by_tokens())
-
-    return state
 
 
 class LocalWorker:
@@ -126,13 +103,8 @@ class LocalWorker:
         self._stopping = False
         self._engine_errors: list[float] = []
         self._thread = threading.Thread(target=self._run, name="edge-runtime-engine", daemon=True)
-        self._served: tuple[TextGenerator | None, ModelInfo | None] = (None, model)
-        """The serving generator (once loaded and warmed up) and its model, replaced together
-        by one assignment so that a reader never sees the generator of one and the other's
-        name."""
-        self._swap: tuple[TextGenerator, ModelInfo | None, threading.Event] | None = None
-        self._draining: list[tuple[TextGenerator, DecodeBatch]] = []
-        """Generators swapped out, with the batch their running requests finish in."""
+        self._models = ServedModels(model)
+        self._draining = self._models.draining  # the same list: empty once a swap is over
         self.error: BaseException | None = None
         """Why loading failed, if it did."""
         self._ready = threading.Event()
@@ -170,20 +142,20 @@ class LocalWorker:
     @property
     def generator(self) -> TextGenerator | None:
         """The serving generator; the API tokenizes prompts with it."""
-        return self._served[0]
+        return self._models.served[0]
 
     @property
     def model(self) -> ModelInfo | None:
-        return self._served[1]
+        return self._models.served[1]
 
     @model.setter
     def model(self, info: ModelInfo) -> None:
-        self._served = (self._served[0], info)
+        self._models.served = (self._models.served[0], info)
 
     @property
     def served(self) -> tuple[TextGenerator | None, ModelInfo | None]:
         """(generator, model) read at once: a swap never shows half of each."""
-        return self._served
+        return self._models.served
 
     def swap(self, generator: TextGenerator, model: ModelInfo | None = None) -> None:
         """Serve `generator` (loaded and warmed up by the caller) for new requests; return
@@ -194,36 +166,14 @@ class LocalWorker:
                 self._seed_rates(generator)
             except Exception as e:
                 log.warning("could not measure the new model's service rates: %s", e)
-        done = threading.Event()
         with self._lock:
             if self._stopping:
                 raise EngineError("the server is shutting down; not swapping the model")
-            self._swap = (generator, model, done)
+            done = self._models.offer(generator, model)
             self._wake.notify_all()
         while not done.wait(0.05):
             if self.error is not None or (self._thread.ident and not self._thread.is_alive()):
                 raise EngineError("the engine loop is not running; cannot swap the model")
-
-    def _adopt(self, batch: DecodeBatch) -> tuple[TextGenerator, DecodeBatch]:
-        """Under the lock, on the engine thread: make the pending swap the serving model."""
-        assert self._swap is not None
-        gen, model, done = self._swap
-        self._swap = None
-        old = self._served[0]
-        if old is not None:
-            self._draining.append((old, batch))
-        self._served = (gen, model if model is not None else self._served[1])
-        done.set()
-        log.info("now serving %s; %d sequences finish on the previous model",
-                 model.version if model else "a new model", batch.active)
-        return gen, gen.batch(self.config.max_batch)
-
-    def _release_drained(self) -> None:
-        """Under the lock: drop swapped-out generators nothing queued or running refers to."""
-        for gen, batch in list(self._draining):
-            if not batch.active and not any(r.generator is gen for r in self._requests.values()):
-                self._draining.remove((gen, batch))
-                log.info("released the previous model")
 
     def reconfigure(self, config: SchedulerConfig) -> None:
         """Scheduler settings for the decisions from now on (a fleet set-config). max_batch
@@ -271,9 +221,7 @@ class LocalWorker:
             if self._stopping:
                 raise OverloadedError("the server is shutting down", 1.0, status=503)
             gen = request.generator
-            if gen is not None and gen is not self.generator and all(
-                g is not gen for g, _ in self._draining
-            ):
+            if gen is not None and not self._models.knows(gen):
                 raise ModelChanged()
             decision = self.scheduler.admit(job, now, self._cloud(), self.pressure())
             if decision.action is Action.LOCAL:
@@ -304,19 +252,20 @@ class LocalWorker:
             self._refuse_queued()
             return
         with self._lock:
-            self._served = (gen, self._served[1])
+            self._models.served = (gen, self._models.served[1])
         batch = gen.batch(self.config.max_batch)
         self._ready.set()
         while True:
             with self._lock:
-                if self._swap is not None:
-                    gen, batch = self._adopt(batch)
+                if self._models.pending is not None:
+                    gen, batch = self._models.adopt(batch, self.config.max_batch)
                 if self._draining:
-                    self._release_drained()
+                    self._models.release(
+                        lambda g: any(r.generator is g for r in self._requests.values()))
                 starting = self._admit_work(batch)
                 if starting is None:
                     break
-                draining = [b for _, b in self._draining if b.active]
+                draining = self._models.busy_batches()
                 if not starting and not batch.active and not draining:
                     if not (self._sent_away and self._probe_due()):
                         self._wake.wait(timeout=0.05)  # bounded: review() must still run
@@ -338,47 +287,15 @@ class LocalWorker:
             for old in draining:  # swapped-out models finish what they started
                 self._step(old)
 
-    def _seed_rates(self, gen: TextGenerator, prompt_tokens: int = 8, steps: int = 8) -> None:
-        """Time prefill and decode steps at every batch size up to max_batch (engine thread).
-
-        The scheduler serves locally only when its estimate meets a deadline, and it learns
-        rates only from local work: with a pessimistic rate (the generic prior of 50 ms a
-        step, or one measured while the CPU was busy) a tight deadline is never served
-        locally, so the rate is never measured again. This probe measures it directly, at
-        start-up and again when the engine is idle while requests are being sent away.
-        """
-        batch = gen.batch(self.config.max_batch)
-        warm = 2  # the first steps at a new shape are slow (allocation, thread wake-up)
-        per_seq = (steps + warm) * self.config.max_batch + 2
-        params = SamplingParams(max_tokens=per_seq, temperature=0.0)
-        prompt = [0] * prompt_tokens
-        prefill: list[float] = []
-        step_s: dict[int, float] = {}
-        try:
-            for size in range(1, self.config.max_batch + 1):
-                t = time.perf_counter()
-                batch.add(size, prompt, params)
-                prefill.append(time.perf_counter() - t)
-                samples = []
-                for i in range(steps + warm):
-                    if batch.active != size:  # a sequence finished early (EOS): stop here
-                        break
-                    t = time.perf_counter()
-                    batch.step()
-                    if i >= warm:
-                        samples.append(time.perf_counter() - t)
-                if len(samples) < 2:
-                    break
-                # Lower quartile: on a shared CPU, noise only ever makes a step slower.
-                step_s[size] = sorted(samples)[len(samples) // 4]
-        finally:
-            for key in batch.keys:
-                batch.remove(key)
+    def _seed_rates(self, gen: TextGenerator) -> None:
+        """Measure the engine's step and prefill times (rate_probe.py; engine thread) and
+        give them to the scheduler."""
+        step_s, prefill_tps = measure_rates(gen, self.config.max_batch)
         with self._lock:
             rates = self.scheduler.rates
             rates.step_s.update(step_s)
-            if prefill:
-                rates.prefill_tokens_per_s = prompt_tokens / sorted(prefill)[len(prefill) // 2]
+            if prefill_tps is not None:
+                rates.prefill_tokens_per_s = prefill_tps
         self._probed_at = time.monotonic()
         log.info("measured step times %s s, prefill %.0f tokens/s",
                  {b: round(v, 4) for b, v in sorted(step_s.items())}, rates.prefill_tokens_per_s)
@@ -420,7 +337,7 @@ class LocalWorker:
         req = self._requests[key]
         if req.generator is not None and req.generator is not self.generator:
             # Tokenized by a swapped-out model: it runs there (kept alive for it).
-            batch = next(b for g, b in self._draining if g is req.generator)
+            batch = self._models.batch_of(req.generator)
         if req.cancelled:
             self._finish(key)
             return

@@ -195,8 +195,10 @@ def summarize(results: Sequence[Result]) -> dict[str, Any]:
     cloud = [r for r in ok if r.served_by == "cloud"]
     lat = [r.latency_s for r in ok if r.latency_s is not None]
     lat_local = [r.latency_s for r in local if r.latency_s is not None]
+    lat_cloud = [r.latency_s for r in cloud if r.latency_s is not None]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     ttft_local = [r.ttft_s for r in local if r.ttft_s is not None]
+    ttft_cloud = [r.ttft_s for r in cloud if r.ttft_s is not None]
     n = len(results)
     out: dict[str, Any] = {
         "n": n,
@@ -207,6 +209,8 @@ def summarize(results: Sequence[Result]) -> dict[str, Any]:
         "expired": sum(r.outcome == "expired" for r in results),
         "expired_local": sum(r.outcome == "expired" and r.served_by == "local"
                              for r in results),
+        "expired_cloud": sum(r.outcome == "expired" and r.served_by == "cloud"
+                             for r in results),
         "errors": sum(r.outcome == "error" for r in results),
         "lost": sum(r.outcome == "lost" for r in results),
         "hung": sum(r.outcome == "hung" for r in results),
@@ -214,8 +218,8 @@ def summarize(results: Sequence[Result]) -> dict[str, Any]:
     }
     lag = [r.send_lag_s for r in results if r.send_lag_s is not None]
     out["send_lag_p99"] = pct(lag, 99)
-    for name, vals in (("lat", lat), ("lat_local", lat_local), ("ttft", ttft),
-                       ("ttft_local", ttft_local)):
+    for name, vals in (("lat", lat), ("lat_local", lat_local), ("lat_cloud", lat_cloud),
+                       ("ttft", ttft), ("ttft_local", ttft_local), ("ttft_cloud", ttft_cloud)):
         for p in (50, 95, 99):
             out[f"{name}_p{p}"] = pct(vals, p)
     out["by_length"] = by_length(results)

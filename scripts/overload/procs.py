@@ -128,12 +128,16 @@ class Procs:
                 time.sleep(0.02)
 
     def cloud_worker(
-        self, i: int, bundle: Path, pubkey: Path, broker: str, concurrency: int, threads: int
+        self, i: int, bundle: Path, pubkey: Path, broker: str, concurrency: int, threads: int,
+        chunk: tuple[int, float] = (8, 25.0),
     ) -> Proc:
+        """One `edge-runtime cloud-worker`: `concurrency` sequences in one batch, streamed
+        tokens coalesced `chunk` = (tokens, ms) per message."""
         return self.spawn(f"cloud-worker-{i}", [
             str(BIN / "edge-runtime"), "cloud-worker", "--bundle", str(bundle),
             "--pubkey", str(pubkey), "--broker", broker, "--concurrency", str(concurrency),
-            "--threads", str(threads), "--log-level", "warning",
+            "--threads", str(threads), "--chunk-tokens", str(chunk[0]),
+            "--chunk-ms", str(chunk[1]), "--log-level", "warning",
         ], self.cloud_cpus)
 
     def wait_worker(self, proc: Proc, timeout_s: float = 180.0) -> None:

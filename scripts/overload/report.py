@@ -21,8 +21,9 @@ def table(rows: Sequence[dict[str, Any]], slo_s: float) -> str:
     head = ("| Mode | Load | Offered req/s | Requests | Served local / cloud | Offloaded | "
             "Rejected (429/503) | Failed at deadline | Errors | Lost | Hung | "
             "Latency p50 / p95 / p99 s | "
-            "Local p99 s | TTFT p50 / p99 s | Local TTFT p99 s | Client send lag p99 s |")
-    lines = [head, "|---" + "|--:" * 15 + "|"]
+            "Local p99 s | Cloud p99 s | TTFT p50 / p99 s | Local / cloud TTFT p99 s | "
+            "Client send lag p99 s |")
+    lines = [head, "|---" + "|--:" * 16 + "|"]
     for r in rows:
         local_p99 = fmt(r["lat_local_p99"])
         if not math.isnan(r["lat_local_p99"]) and r["mode"] == "ours":
@@ -33,7 +34,8 @@ def table(rows: Sequence[dict[str, Any]], slo_s: float) -> str:
             f"{r['rejected']} | {r['expired']} ({r.get('expired_local', 0)} local) | "
             f"{r['errors']} | {r['lost']} | {r['hung']} | "
             f"{fmt(r['lat_p50'])} / {fmt(r['lat_p95'])} / {fmt(r['lat_p99'])} | {local_p99} | "
-            f"{fmt(r['ttft_p50'])} / {fmt(r['ttft_p99'])} | {fmt(r['ttft_local_p99'])} | "
+            f"{fmt(r['lat_cloud_p99'])} | {fmt(r['ttft_p50'])} / {fmt(r['ttft_p99'])} | "
+            f"{fmt(r['ttft_local_p99'])} / {fmt(r['ttft_cloud_p99'])} | "
             f"{fmt(r['send_lag_p99'])} |"
         )
     return "\n".join(lines)
@@ -89,6 +91,7 @@ def plot(rows: Sequence[dict[str, Any]], slo_s: float, capacity: float, path: Pa
         ("fifo", "lat_p99", "FIFO, no offload (Ollama-like)", "tab:red", "o-"),
         ("ours", "lat_p99", "ours: all served requests", "tab:blue", "s-"),
         ("ours", "lat_local_p99", "ours: served locally", "tab:cyan", "^--"),
+        ("ours", "lat_cloud_p99", "ours: served in the cloud", "tab:green", "v--"),
     ]
     for mode, key, label, color, style in series:
         pts = [(r["mult"], r[key]) for r in rows if r["mode"] == mode and not math.isnan(r[key])]
