@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 RECONNECT_MAX_S = 2.0
 """The offload connection's longest wait between two reconnect attempts (MqttClient: 30 s)."""
+RESUBSCRIBE_GRACE_S = 3.0
+"""After this client (re)connects, "no matching subscribers" is not held against the cloud for
+this long: cloud workers reconnect to a restarted broker on their own backoff (≤ 1 s)."""
 
 # Errors that are the request's fault, not the cloud's: they must not open the breaker.
 CLIENT_ERRORS = frozenset({"invalid_request_error"})
@@ -156,10 +159,11 @@ class OffloadStream:
                 self._end(ok=not remote_fault, last_at=c.received_at)
                 return
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: BaseException, verdict: bool = True) -> None:
+        """End with `error`; a failure of the cloud unless `verdict` is False."""
         if not self.done:
             self._put(error)
-            self._end(ok=False)
+            self._end(ok=False if verdict else None)
 
     def _end(self, ok: bool | None, last_at: float | None = None) -> None:
         self.done = True
@@ -195,6 +199,7 @@ class OffloadClient:
         self._lock = threading.Lock()  # the breaker and _pending are shared with paho's thread
         self._pending: dict[bytes, OffloadStream] = {}
         self._tripped_by_disconnect = False
+        self._connected_at = -float("inf")
         self.round_trips = RoundTrips(latency_window, latency_max_age_s, clock)
         self.counts: collections.Counter[str] = collections.Counter()
         # Back soon after the broker: meanwhile every overloaded request is refused. One
@@ -334,6 +339,13 @@ class OffloadClient:
     def _on_ack(self, s: OffloadStream, reason: int) -> None:  # paho thread
         if reason == NO_MATCHING_SUBSCRIBERS:
             err = OffloadUnavailableError("no cloud worker is subscribed to offload requests")
+            if self.clock() - self._connected_at < RESUBSCRIBE_GRACE_S:
+                # Right after a broker restart the workers may not have subscribed again yet
+                # (they reconnect on their own backoff): this request cannot go, but a cloud
+                # that is still coming back is not a broken one. No verdict, so the next
+                # request probes again instead of waiting out a reopened breaker.
+                _call_soon(s, lambda e: s._fail(e, verdict=False), err)
+                return
         elif reason >= 0x80:
             err = OffloadUnavailableError(f"the broker refused the request (reason {reason})")
         else:
@@ -357,6 +369,7 @@ class OffloadClient:
     def _on_connection(self, up: bool) -> None:  # paho thread (or the loop)
         if up:
             with self._lock:
+                self._connected_at = self.clock()
                 if self._tripped_by_disconnect:
                     # Reconnected: the cause of that trip is gone. Probe at once instead of
                     # waiting out the open interval; a failing probe reopens it as usual.

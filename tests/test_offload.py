@@ -20,6 +20,7 @@ import pytest
 from live_server import wait_until
 from mqtt_fixtures import Broker
 
+from edge_runtime import offload
 from edge_runtime.breaker import BreakerConfig, CircuitBreaker, State
 from edge_runtime.bundle import verify_bundle
 from edge_runtime.cloud_worker import CloudWorker
@@ -202,7 +203,11 @@ def test_two_workers_on_one_shared_subscription_split_the_load(
         b.stop()
 
 
-def test_no_worker_is_a_fast_unavailable_and_opens_the_breaker(device: OffloadClient) -> None:
+def test_no_worker_is_a_fast_unavailable_and_opens_the_breaker(
+    device: OffloadClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Long connected: the grace after a (re)connect is over.
+    monkeypatch.setattr(offload, "RESUBSCRIBE_GRACE_S", 0.0)
     # Mosquitto acks with "no matching subscribers": no need to wait for the deadline.
     for _ in range(2):
         t0 = time.monotonic()
@@ -212,6 +217,31 @@ def test_no_worker_is_a_fast_unavailable_and_opens_the_breaker(device: OffloadCl
     assert device.breaker.state is State.OPEN and not device.available()
     with pytest.raises(OffloadUnavailableError, match="breaker"):
         asyncio.run(collect(device, CHAT))
+
+
+def test_no_worker_yet_after_a_broker_restart_is_no_verdict(
+    broker: Broker, device: OffloadClient
+) -> None:
+    """Workers reconnect to a restarted broker on their own backoff: a device that is back
+    first gets "no matching subscribers" for a moment. That request cannot go (a fast,
+    explicit unavailable), but the breaker must not reopen for its open interval: the first
+    request after a worker is back is served."""
+    broker.kill()
+    wait_until(lambda: device.breaker.state is State.OPEN, 1.0)
+    broker.start()
+    wait_until(device.available, 10)  # reconnected: half-open, probing at once
+    t0 = time.monotonic()
+    with pytest.raises(OffloadUnavailableError, match="no cloud worker"):
+        asyncio.run(collect(device, CHAT, timeout_s=10))
+    assert time.monotonic() - t0 < 1.0
+    assert device.breaker.state is State.HALF_OPEN and device.available()
+    w = echo_worker(broker)
+    try:
+        chunks = asyncio.run(collect(device, CHAT))  # the probe goes through and closes it
+        assert chunks[-1].finish_reason == "length"
+        assert device.breaker.state is State.CLOSED
+    finally:
+        w.stop()
 
 
 def test_deadline_is_explicit(broker: Broker, device: OffloadClient) -> None:
