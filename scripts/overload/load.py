@@ -64,7 +64,8 @@ class Workload:
     """Each request asks for one of these (seeded choice): generation lengths to compare."""
     hard_cap_s: float
     deadline_ms: float | None = None
-    """Sent as `x-request-deadline-ms` when set."""
+    """The request's deadline from its scheduled arrival, when set: sent as
+    `x-request-deadline-ms` less the time the client itself was late in sending it."""
 
 
 async def one_request(
@@ -72,12 +73,17 @@ async def one_request(
 ) -> Result:
     """Send one streamed completion at (about) `t_arrival` (perf_counter clock)."""
     res = Result(max_tokens=max_tokens, t_arrival=t_arrival)
-    headers = {} if w.deadline_ms is None else {"x-request-deadline-ms": f"{w.deadline_ms:.0f}"}
     body = {"model": w.model, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
 
     async def run() -> None:
         res.send_lag_s = time.perf_counter() - t_arrival
+        headers = {}
+        if w.deadline_ms is not None:
+            # The deadline counts from when the user asked (the scheduled arrival), as the
+            # latencies do: a client that is late in sending leaves the daemon less time.
+            left_ms = max(1.0, w.deadline_ms - res.send_lag_s * 1000)
+            headers["x-request-deadline-ms"] = f"{left_ms:.0f}"
         async with client.stream("POST", f"{w.base_url}/v1/completions", json=body,
                                  headers=headers) as resp:
             res.status = resp.status_code

@@ -67,9 +67,15 @@ def fault_report(f: dict[str, Any], slo_s: float, args: argparse.Namespace) -> s
         f"- *Broker killed* (SIGKILL) at {m['broker_killed']:.1f} s, restarted at "
         f"{m['broker_restarted']:.1f} s: /metrics showed offload unavailable (breaker open) "
         f"**{s_(m.get('breaker_open_after_s'))}** after the kill and available again "
-        f"{s_(m.get('offload_available_after_s'))} after the restart; the first request "
-        f"served by the cloud after the restart finished "
-        f"**{s_(b['offload_recovered_after_s'])}** after it. Requests that arrived during "
+        f"{s_(m.get('offload_available_after_s'))} after the restart; "
+        + (f"the first request served by the cloud after the restart finished "
+           f"**{s_(b['offload_recovered_after_s'])}** after it. "
+           if b["offload_recovered_after_s"] is not None else
+           "**no request was served by the cloud in the rest of the phase**: the cloud "
+           "path was available, but the scheduler offloads only when the cloud's measured "
+           "p99 for the request's length fits its remaining deadline, and the p99 measured "
+           "under load before the kill did not (round trips age out after 30 s). ")
+        + f"Requests that arrived during "
         f"the outage: {b['outage']}; served locally then: {b['local_during_outage']['ok']} "
         f"ok, **{b['local_during_outage']['failed']} failed**.",
         f"- *One of two cloud workers killed* (SIGKILL) at {k['marks']['worker_killed']:.1f} "
