@@ -146,6 +146,10 @@ class Generator:
         m = bundle.manifest
         graph = bundle.graph("decoder")
         engine = load_engine(str(bundle.path(graph.file)), backend=backend, threads=threads)
+        # TensorRT may run another graph of the bundle with the same tensors (the QDQ graph
+        # packaged for it, decomposed attention): batches are padded the way that graph
+        # needs, not the way the ONNX Runtime graph (fused attention) does.
+        graph = getattr(engine, "graph_spec", None) or graph
         tok_cfg = bundle.path(m.tokenizer.config_file) if m.tokenizer.config_file else None
         tokenizer = TextTokenizer.from_files(bundle.path(m.tokenizer.file), tok_cfg)
         if m.tokenizer.chat_template:

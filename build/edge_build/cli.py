@@ -127,6 +127,7 @@ def cmd_package(a: argparse.Namespace) -> None:
         context_length=a.context_length,
         max_new_tokens=a.max_new_tokens,
         overwrite=a.force,
+        trt_dir=Path(a.trt_graph) if a.trt_graph else None,
     )
     print(f"bundle {path}")
 
@@ -311,6 +312,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--version", default="0.1.0")
     g.add_argument("--context-length", type=int, default=None)
     g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--trt-graph", metavar="QDQ_DIR",
+                   help="also ship this QDQ lowering (edge-build lower --format qdq) as the "
+                        "decoder_trt graph TensorRT builds from")
     g.add_argument("--force", action="store_true", help="replace an existing bundle")
     g.set_defaults(fn=cmd_package)
 

@@ -5,6 +5,11 @@ slice the final hidden state to one position before the LM head: a 500-token pre
 computes 1 × vocab logits instead of 500 × vocab (on Qwen2 shapes, 0.3 GB of float32 saved
 per prefill). The stage checks the rewritten graph against the original on a window.
 
+With `trt_dir` it also ships a second graph for TensorRT, `decoder_trt`: the opset-21 QDQ
+graph lower.py builds from the same integer codes (TensorRT's ONNX parser reads neither
+MatMulNBits nor the fused GroupQueryAttention), sliced and checked the same way, with the same
+tensors as `decoder` (edge_runtime/engines/trt_cache.py picks it by its weights format).
+
 It also writes the bundle's quality probe (`probe/reference.json`, edge_runtime/probe.py):
 reference prompts cut from held-out text with the serving graph's greedy outputs, and its
 perplexity on held-out windows. Listed in the manifest, the file is hashed and signed with
@@ -32,6 +37,7 @@ from edge_runtime.engines.ort import OrtEngine
 from edge_runtime.errors import BundleError
 
 DECODER = "model/decoder.onnx"
+DECODER_TRT = "model/decoder_trt.onnx"
 ROTARY_TABLE = "gqa/cos_cache"
 """fuse.py's rotary table [positions, head_dim / 2]."""
 _TWO_GB = 2**31 - 1
@@ -162,6 +168,76 @@ def _eos_ids(artifact: Path, config: dict[str, Any], tokenizer_eos: int | None) 
     return sorted(set(int(i) for i in ids))
 
 
+def _stage_graph(
+    model: Any, source: Path, rel: str, kv: Any, work: Path
+) -> tuple[dict[str, Path], list[Any], list[Any]]:
+    """Slice `model` (loaded from `source`) to last-position logits, stage it in `work` as
+    bundle file `rel`, check it against `source`: (files to ship, its inputs, its outputs)."""
+    import onnx
+
+    name = Path(rel).name
+    staged = work / name
+    slice_last_position(model)
+    large = model.ByteSize() > _TWO_GB
+    data = f"{name}.data"
+    onnx.save(model, str(staged), save_as_external_data=large,
+              location=data if large else None)
+    # Self-check: the rewritten graph's only logits row equals the source's last row.
+    window = [list(range(1, 17))]
+    full = onnx_logits(source, kv, window)[0][-1]
+    last = onnx_logits(staged, kv, window)[0][-1]
+    diff = float(np.abs(full - last).max())
+    if diff > 1e-4:
+        raise PackageCheckError(f"last-position {rel} differs from {source} by {diff:.2e}")
+    engine = OrtEngine(staged, providers=["CPUExecutionProvider"])
+    inputs, outputs = list(engine.inputs), list(engine.outputs)
+    engine.close()
+    files = {rel: staged}
+    if large:
+        files[f"{Path(rel).parent.as_posix()}/{data}"] = work / data
+    return files, inputs, outputs
+
+
+def _trt_graph(
+    trt_dir: Path, kv: Any, work: Path, files: dict[str, Path], inputs: list[Any],
+    outputs: list[Any],
+) -> dict[str, Any]:
+    """Stage `trt_dir`'s QDQ graph as `decoder_trt` (into `files`); its manifest entry."""
+    import onnx
+
+    model = onnx.load(str(trt_dir / "model.onnx"))
+    weights = weight_format(model, lineage(trt_dir))
+    if weights.get("format") != "qdq":
+        raise StageError(f"{trt_dir}: the TensorRT graph must be the QDQ lowering (edge-build "
+                         f"lower --format qdq), its weights are {weights}")
+    if any(n.op_type == "GroupQueryAttention" for n in model.graph.node):
+        raise StageError(f"{trt_dir}: a fused GroupQueryAttention graph is ONNX Runtime-only")
+    trt_files, trt_in, trt_out = _stage_graph(model, trt_dir / "model.onnx", DECODER_TRT, kv,
+                                              work)
+    del model
+    if _signature(trt_in) != _signature(inputs) or _signature(trt_out) != _signature(outputs):
+        raise PackageCheckError(
+            f"{trt_dir}: the TensorRT graph's tensors differ from the decoder's "
+            f"(inputs {sorted(_signature(trt_in) ^ _signature(inputs))}, outputs "
+            f"{sorted(_signature(trt_out) ^ _signature(outputs))})")
+    files.update(trt_files)
+    return {
+        "file": DECODER_TRT,
+        "format": "onnx",
+        "inputs": [vars(x) for x in trt_in],
+        "outputs": [vars(x) for x in trt_out],
+        "kv_cache": vars(kv),
+        "last_token_logits": True,
+        "left_padded_batch": True,  # decomposed attention: present = past ++ new
+        "right_padded_batch": False,
+        "weights": weights,
+    }
+
+
+def _signature(specs: Sequence[Any]) -> set[tuple[str, str, int]]:
+    return {(s.name, s.dtype, len(s.shape)) for s in specs}
+
+
 def run(
     input_dir: Path,
     out: Path,
@@ -173,8 +249,12 @@ def run(
     overwrite: bool = False,
     probe_texts: Sequence[str] | None = None,
     probe_spec: ProbeSpec | None = ProbeSpec(),
+    trt_dir: Path | None = None,
 ) -> Path:
     """Write a signed bundle for `input_dir` at `out`; return its path.
+
+    `trt_dir`: a QDQ artifact (edge-build lower --format qdq) of the same model, shipped as
+    the `decoder_trt` graph for TensorRT.
 
     `probe_texts`: held-out documents for the quality probe (default: the stdlib corpus's
     held-out side); `probe_spec=None` writes no probe.
@@ -205,7 +285,6 @@ def run(
     with tempfile.TemporaryDirectory(
         dir=Path(out).parent if Path(out).parent.exists() else None
     ) as work:
-        staged = Path(work) / "decoder.onnx"
         model = onnx.load(str(input_dir / "model.onnx"))
         weights = weight_format(model, lineage(input_dir))
         # A fused GQA graph batches right-padded sequences, the decomposed one left-padded
@@ -222,29 +301,12 @@ def run(
                     f"context_length {ctx} exceeds the {rows} positions the fused graph's "
                     f"rotary tables hold (edge-build fuse --max-positions)"
                 )
-        slice_last_position(model)
-        large = model.ByteSize() > _TWO_GB
-        onnx.save(
-            model,
-            str(staged),
-            save_as_external_data=large,
-            location="decoder.onnx.data" if large else None,
+        files, inputs, outputs = _stage_graph(
+            model, input_dir / "model.onnx", DECODER, kv, Path(work)
         )
         del model
-        # Self-check: the rewritten graph's only logits row equals the source's last row.
-        window = [list(range(1, 17))]
-        full = onnx_logits(input_dir / "model.onnx", kv, window)[0][-1]
-        last = onnx_logits(staged, kv, window)[0][-1]
-        diff = float(np.abs(full - last).max())
-        if diff > 1e-4:
-            raise PackageCheckError(f"last-position graph differs from source by {diff:.2e}")
-        engine = OrtEngine(staged, providers=["CPUExecutionProvider"])
-        inputs, outputs = list(engine.inputs), list(engine.outputs)
-        engine.close()
-
-        files = {DECODER: staged, "tokenizer/tokenizer.json": input_dir / "tokenizer.json"}
-        if large:
-            files["model/decoder.onnx.data"] = Path(work) / "decoder.onnx.data"
+        staged = Path(work) / Path(DECODER).name
+        files["tokenizer/tokenizer.json"] = input_dir / "tokenizer.json"
         if tok_cfg_path.is_file():
             files["tokenizer/tokenizer_config.json"] = tok_cfg_path
         stages = lineage(input_dir)
@@ -300,6 +362,10 @@ def run(
             },
             "engines": [],
         }
+        if trt_dir is not None:
+            fields["graphs"]["decoder_trt"] = _trt_graph(
+                require_dir(trt_dir, "TensorRT artifact"), kv, Path(work), files, inputs, outputs
+            )
         if probe_spec is not None:
             ref_file = Path(work) / "reference.json"
             texts = probe_texts if probe_texts is not None else _probe_texts()

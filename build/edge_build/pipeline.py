@@ -60,7 +60,8 @@ class Pipeline(StageRunner):
         served = lowered.get("matmulnbits", cur)
         if r.fuse.enabled:
             served = self.fuse(served)
-        bundle, pub = self.package(served)
+        trt = lowered.get("qdq") if r.package.tensorrt_graph else None
+        bundle, pub = self.package(served, trt)
         result = RunResult(bundle, pub, self.results, round(time.time() - started, 2))
         atomic_write_json(
             self.out / RUN_RECORD,
@@ -265,7 +266,7 @@ class Pipeline(StageRunner):
             "fuse", input_dir, params, produce, code, gates=gates, exact_vs_input=True
         )
 
-    def package(self, artifact: Path) -> tuple[Path, Path | None]:
+    def package(self, artifact: Path, trt: Path | None = None) -> tuple[Path, Path | None]:
         from edge_build import package
         from edge_runtime import signing
 
@@ -281,7 +282,8 @@ class Pipeline(StageRunner):
         if not key.is_file():
             raise StageError(f"signing key {key} does not exist (edge-build keygen makes one)")
         bundle = self.out / "bundle"
-        params = {**asdict(p), "key": key_id(key)}
+        params = {**asdict(p), "key": key_id(key),
+                  "trt_input": artifact_hash(trt) if trt is not None else None}
 
         def produce() -> None:
             package.run(
@@ -293,6 +295,7 @@ class Pipeline(StageRunner):
                 context_length=p.context_length,
                 max_new_tokens=p.max_new_tokens,
                 overwrite=True,
+                trt_dir=trt,
             )
 
         code = self.code(["edge_build.package"], [self.package])

@@ -179,6 +179,9 @@ class PackageConfig:
     """ed25519 private key; unset = a key made once beside the build (`--key` overrides)."""
     context_length: int | None = None
     max_new_tokens: int = 256
+    tensorrt_graph: bool = False
+    """Also ship the QDQ lowering as `decoder_trt`, the graph TensorRT builds its plan from
+    on the device (needs "qdq" in lower.formats); it doubles the bundle's weights."""
 
 
 @dataclass(frozen=True)
@@ -413,6 +416,8 @@ def _validate(r: Recipe, source: str) -> None:
         raise bad("'lower.formats' needs [quantize] (set quantize.enabled = true or formats = [])")
     if r.quantize.enabled and "matmulnbits" not in r.lower.formats:
         raise bad("'lower.formats' must include \"matmulnbits\": the bundle serves it")
+    if r.package.tensorrt_graph and "qdq" not in r.lower.formats:
+        raise bad("'package.tensorrt_graph' needs \"qdq\" in 'lower.formats' (the graph it ships)")
     if r.fuse.max_positions is not None and r.fuse.max_positions < 1:
         raise bad(f"'fuse.max_positions' must be >= 1, got {r.fuse.max_positions}")
     if not r.fuse.atol > 0:

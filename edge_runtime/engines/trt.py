@@ -136,6 +136,8 @@ class TrtEngine:
         self._engine = engine
         io = engine_io(trt, engine)
         check_io(io, graph)  # refuse a plan that is not this graph's before running it
+        self.graph_spec = graph
+        """The bundle graph this plan was built from (Generator batches by its padding)."""
         self._dtypes = {t.name: np.dtype(t.dtype) for t in io}
         self._input_names = [t.name for t in io if t.is_input]
         self._output_names = [t.name for t in io if not t.is_input]

@@ -50,6 +50,7 @@ def test_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             "distill.steps=7",
             "thresholds.prune.vs_teacher.min_top1=0.5",
             "lower.formats=['matmulnbits']",
+            "package.tensorrt_graph=false",  # it needs the qdq lowering
             "package.version=1.0",  # TOML would read a float; the field is a string
         ],
     )
@@ -82,6 +83,8 @@ def test_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("", ["source.path.x=1"], r"source\.path is not a table"),
         ("[fuse]\nmax_positions = 0\n", [], r"'fuse\.max_positions' must be >= 1, got 0"),
         ("", ["fuse.atol=0"], r"'fuse\.atol' must be > 0, got 0\.0"),
+        ("", ["package.tensorrt_graph=true", 'lower.formats=["matmulnbits"]'],
+         r"'package\.tensorrt_graph' needs \"qdq\""),
         ("", ["fuse.enabled=yes"], r"'fuse\.enabled' must be bool, got 'yes'"),
         ("[thresholds.fuse.vs_input]\nmax_abs_logit_diff = 'tiny'\n", [], r"max_abs_logit"),
     ],

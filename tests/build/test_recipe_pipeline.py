@@ -144,6 +144,56 @@ def test_the_bundle_serves_the_fused_graph_and_passes_its_own_probe(built: Any) 
     assert got.greedy_match == 1.0 and got.quality_drop is not None and got.quality_drop < 1e-3
 
 
+
+def test_the_bundle_carries_the_qdq_graph_tensorrt_builds_from(
+    built: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """package.tensorrt_graph (on in the demo recipe): the QDQ lowering ships as decoder_trt,
+    with the decoder's tensors and its own padding side. TensorRT's graph choice picks it,
+    and a Generator whose engine runs it (ONNX Runtime here, standing in for the engine that
+    reads it; no TensorRT on this machine) batches it left-padded, tokens unchanged."""
+    from edge_runtime import generator as generator_mod
+    from edge_runtime.engines.ort import OrtEngine
+    from edge_runtime.engines.trt_cache import select_graph
+    from edge_runtime.engines.trt_plan import same_interface
+    from edge_runtime.generator import Generator
+    from edge_runtime.sampling import SamplingParams
+
+    out, _, result = built
+    bundle = verify_bundle(result.bundle, [load_public_key(out / "signing.pub")])
+    graphs = bundle.manifest.graphs
+    trt = graphs["decoder_trt"]
+    assert trt.file == "model/decoder_trt.onnx" and trt.last_token_logits
+    assert trt.weights["dtype"] == "int4" and trt.weights["format"] == "qdq"
+    assert trt.left_padded_batch and not trt.right_padded_batch  # decomposed attention
+    assert same_interface(graphs["decoder"], trt)
+    assert select_graph(bundle.manifest) == ("decoder_trt", trt)
+
+    engines: list[OrtEngine] = []
+
+    def qdq_engine(path: str, backend: str = "auto", threads: int | None = None) -> OrtEngine:
+        engine = OrtEngine(str(bundle.path(trt.file)), threads=1)
+        engine.graph_spec = trt  # type: ignore[attr-defined]  # what TrtEngine exposes
+        engines.append(engine)
+        return engine
+
+    monkeypatch.setattr(generator_mod, "load_engine", qdq_engine)
+    gen = Generator.from_bundle(bundle)
+    assert gen.graph is trt  # batches padded the way the graph it runs needs
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    prompts = [gen.text_prompt(t) for t in ("def main():", "import os", "class Foo(object):")]
+    alone = [gen.generate(p, params).token_ids for p in prompts]
+    dec = gen.batch(3)
+    ids: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        ids[i] = [t for c in dec.add(i, p, params) for t in c.token_ids]
+    while dec.active:
+        for k, chunks in dec.step().items():
+            ids[k] += [t for c in chunks for t in c.token_ids]
+    assert [ids[i] for i in range(3)] == alone
+    assert engines and all(alone)
+
+
 def test_a_fusion_outside_its_tolerance_is_a_stage_quality_error(built: Any) -> None:
     out, sets, _ = built
     got = read_stage(out / "fuse")["quality"]["vs_input"]["max_abs_logit_diff"]
