@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BuiltBundle
+from bundle_fixtures import BuiltBundle
 from mqtt_fixtures import Broker
 
 from edge_runtime import signing, topics

@@ -9,20 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-
-@dataclass(frozen=True)
-class BuiltBundle:
-    path: Path
-    """The signed int4 bundle."""
-    pubkey: Path
-    key: Path
-    work: Path
-    """The stage artifacts: model/ (HF), onnx/ (fp32), int4/ (quantized)."""
+from bundle_fixtures import BuiltBundle
 
 
 @pytest.fixture(scope="session")

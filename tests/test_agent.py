@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from agent_fixtures import Controller, deploy, make_agent
-from conftest import BuiltBundle
+from bundle_fixtures import BuiltBundle
 from mqtt_fixtures import Broker
 
 from edge_runtime.fleet_messages import Command

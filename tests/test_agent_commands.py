@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from agent_fixtures import Controller, deploy, make_agent
-from conftest import BuiltBundle
+from bundle_fixtures import BuiltBundle
 from http_fixtures import RangeServer
 from mqtt_fixtures import Broker
 

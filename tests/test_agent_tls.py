@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent_fixtures import Controller, make_agent
-from conftest import BuiltBundle
+from bundle_fixtures import BuiltBundle
 from mqtt_fixtures import Broker, Pki
 
 from edge_runtime.fleet_messages import Command

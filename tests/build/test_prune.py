@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import tiny_config  # noqa: E402
+from model_fixtures import tiny_config  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from edge_build import cli, lm_eval, prune  # noqa: E402

@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import train_briefly  # noqa: E402
+from model_fixtures import train_briefly  # noqa: E402
 from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from edge_build.pipeline import run_recipe  # noqa: E402
