@@ -221,15 +221,25 @@ def _trt_graph(
             f"(inputs {sorted(_signature(trt_in) ^ _signature(inputs))}, outputs "
             f"{sorted(_signature(trt_out) ^ _signature(outputs))})")
     files.update(trt_files)
+    # Decomposed attention: present = past ++ new, so batches are left-padded.
+    return _graph_entry(DECODER_TRT, trt_in, trt_out, kv, fused=False, weights=weights)
+
+
+def _graph_entry(
+    rel: str, inputs: Sequence[Any], outputs: Sequence[Any], kv: Any, fused: bool,
+    weights: dict[str, Any],
+) -> dict[str, Any]:
+    """A last-position graph's manifest entry (bundle.GraphSpec). A fused GQA graph batches
+    right-padded sequences, a decomposed one left-padded."""
     return {
-        "file": DECODER_TRT,
+        "file": rel,
         "format": "onnx",
-        "inputs": [vars(x) for x in trt_in],
-        "outputs": [vars(x) for x in trt_out],
+        "inputs": [vars(s) for s in inputs],
+        "outputs": [vars(s) for s in outputs],
         "kv_cache": vars(kv),
         "last_token_logits": True,
-        "left_padded_batch": True,  # decomposed attention: present = past ++ new
-        "right_padded_batch": False,
+        "left_padded_batch": not fused,
+        "right_padded_batch": fused,
         "weights": weights,
     }
 
@@ -330,17 +340,7 @@ def run(
                 "pad_token_id": config.get("pad_token_id"),
             },
             "graphs": {
-                "decoder": {
-                    "file": DECODER,
-                    "format": "onnx",
-                    "inputs": [vars(s) for s in inputs],
-                    "outputs": [vars(s) for s in outputs],
-                    "kv_cache": vars(kv),
-                    "last_token_logits": True,
-                    "left_padded_batch": not fused,
-                    "right_padded_batch": fused,
-                    "weights": weights,
-                }
+                "decoder": _graph_entry(DECODER, inputs, outputs, kv, fused, weights),
             },
             "build": {
                 "stages": stages,
