@@ -36,7 +36,11 @@ def test_fused_graph_decodes_like_the_export(tiny_export: Path, tmp_path: Path, 
     src = tiny_export
     if int4:
         src = tmp_path / "int4"
-        quantize.run(tiny_export, src, eval_windows=[list(range(5, 37))], block_size=32)
+        # fp32 activations (accuracy level 0): the fusion must be the same computation. At
+        # level 4 activations are rounded to int8, and the fused norms' last-bit differences
+        # (~1e-6) flip a rounding now and then: 1e-3 in the logits, seen once in CI.
+        quantize.run(tiny_export, src, eval_windows=[list(range(5, 37))], block_size=32,
+                     accuracy_level=0)
     rec = fuse.run(src, tmp_path / "fused")
     assert read_stage(tmp_path / "fused")["stage"] == "fuse"
     assert rec["metrics"]["GroupQueryAttention"] == 2
