@@ -69,6 +69,14 @@ class BatchDecoder:
                 f"packaged before right-padded batching); serve it with scheduler.max_batch "
                 f"= 1, not {max_batch}, or package it again"
             )
+        limit: int | None = getattr(gen.engine, "max_batch", None)
+        if limit is not None and max_batch > limit:
+            raise EngineError(
+                f"the engine {gen.engine.name} decodes at most {limit} sequences together and "
+                f"scheduler.max_batch is {max_batch}: set scheduler.max_batch = {limit}, or "
+                f"build the plan again with `edge-runtime build-engine --profile "
+                f"max_batch={max_batch}`"
+            )
         self.gen = gen
         self._right = graph.right_padded_batch and not graph.left_padded_batch
         """Pad the cache on the right (fused GQA) instead of the left."""

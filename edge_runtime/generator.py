@@ -12,6 +12,8 @@ only what it must: pick a token, detokenize incrementally, look for stop strings
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -97,6 +99,24 @@ class StopMatcher:
         return out
 
 
+log = logging.getLogger(__name__)
+
+
+def engine_defaults(engine: Engine, defaults: GenerationDefaults) -> GenerationDefaults:
+    """The bundle's generation defaults with the context capped to what the engine holds.
+
+    A TensorRT plan is built for a maximum context (`--profile max_context=N`) that may be
+    shorter than the model's: a request that would outgrow it is then refused up front with
+    the usual context-length error, instead of failing inside the engine mid-generation.
+    """
+    limit: int | None = getattr(engine, "max_context", None)
+    if limit is None or limit >= defaults.context_length:
+        return defaults
+    log.info("context capped at %d tokens by the engine %s (the model's is %d)", limit,
+             engine.name, defaults.context_length)
+    return dataclasses.replace(defaults, context_length=limit)
+
+
 class Generator:
     """Generates for one sequence at a time on one engine."""
 
@@ -154,7 +174,7 @@ class Generator:
         tokenizer = TextTokenizer.from_files(bundle.path(m.tokenizer.file), tok_cfg)
         if m.tokenizer.chat_template:
             tokenizer.chat_template = m.tokenizer.chat_template
-        return cls(engine, graph, tokenizer, m.generation)
+        return cls(engine, graph, tokenizer, engine_defaults(engine, m.generation))
 
     @property
     def context_length(self) -> int:

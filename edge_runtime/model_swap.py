@@ -28,22 +28,25 @@ class ServedModels:
         """The serving generator (once loaded and warmed up) and its model, replaced together
         by one assignment so that a reader never sees the generator of one and the other's
         name."""
-        self.pending: tuple[TextGenerator, ModelInfo | None, threading.Event] | None = None
-        """A swap the engine loop has not adopted yet; the event is set once it has."""
+        self.pending: tuple[TextGenerator, ModelInfo | None, DecodeBatch,
+                            threading.Event] | None = None
+        """A swap the engine loop has not adopted yet, with the new generator's (empty)
+        batch; the event is set once it has."""
         self.draining: list[tuple[TextGenerator, DecodeBatch]] = []
         """Generators swapped out, with the batch their running requests finish in."""
 
-    def offer(self, gen: TextGenerator, model: ModelInfo | None) -> threading.Event:
-        """Ask the engine loop to serve `gen`; the event is set once it does."""
+    def offer(self, gen: TextGenerator, model: ModelInfo | None,
+              batch: DecodeBatch) -> threading.Event:
+        """Ask the engine loop to serve `gen` in `batch`; the event is set once it does."""
         done = threading.Event()
-        self.pending = (gen, model, done)
+        self.pending = (gen, model, batch, done)
         return done
 
-    def adopt(self, batch: DecodeBatch, max_batch: int) -> tuple[TextGenerator, DecodeBatch]:
+    def adopt(self, batch: DecodeBatch) -> tuple[TextGenerator, DecodeBatch]:
         """On the engine thread: make the pending swap the serving model; `batch` (the old
-        model's) keeps draining. The new generator and a fresh batch of its own."""
+        model's) keeps draining. The new generator and its own batch."""
         assert self.pending is not None
-        gen, model, done = self.pending
+        gen, model, new_batch, done = self.pending
         self.pending = None
         old = self.served[0]
         if old is not None:
@@ -52,7 +55,7 @@ class ServedModels:
         done.set()
         log.info("now serving %s; %d sequences finish on the previous model",
                  model.version if model else "a new model", batch.active)
-        return gen, gen.batch(max_batch)
+        return gen, new_batch
 
     def release(self, in_use: Callable[[TextGenerator], bool]) -> None:
         """Drop swapped-out generators that no running sequence and no `in_use` request

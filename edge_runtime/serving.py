@@ -160,7 +160,9 @@ class LocalWorker:
     def swap(self, generator: TextGenerator, model: ModelInfo | None = None) -> None:
         """Serve `generator` (loaded and warmed up by the caller) for new requests; return
         once the engine loop has adopted it. Requests already queued or running finish on
-        the generator they were tokenized with."""
+        the generator they were tokenized with. A generator whose engine cannot decode
+        `max_batch` sequences together is refused here (EngineError), before any change."""
+        batch = generator.batch(self.config.max_batch)
         if self._measure_rates:
             try:  # the new model's own speed, measured before it takes traffic
                 self._seed_rates(generator)
@@ -169,7 +171,7 @@ class LocalWorker:
         with self._lock:
             if self._stopping:
                 raise EngineError("the server is shutting down; not swapping the model")
-            done = self._models.offer(generator, model)
+            done = self._models.offer(generator, model, batch)
             self._wake.notify_all()
         while not done.wait(0.05):
             if self.error is not None or (self._thread.ident and not self._thread.is_alive()):
@@ -238,6 +240,7 @@ class LocalWorker:
     def _run(self) -> None:
         try:
             gen = self._load()
+            batch = gen.batch(self.config.max_batch)  # refuses a max_batch the engine lacks
             gen.warmup()
             if self._measure_rates:
                 try:
@@ -253,12 +256,11 @@ class LocalWorker:
             return
         with self._lock:
             self._models.served = (gen, self._models.served[1])
-        batch = gen.batch(self.config.max_batch)
         self._ready.set()
         while True:
             with self._lock:
                 if self._models.pending is not None:
-                    gen, batch = self._models.adopt(batch, self.config.max_batch)
+                    gen, batch = self._models.adopt(batch)
                 if self._draining:
                     self._models.release(
                         lambda g: any(r.generator is g for r in self._requests.values()))

@@ -25,7 +25,10 @@ The issue's bar: 4 streams give >= 2.5x the aggregate tokens/s of one stream. Th
 model (the demo recipe's bundle, or `--bundle`) is always measured; `--qwen05` adds the two
 Qwen2-0.5B-shape bundles of scripts/bench_decode.py (random weights; built through our
 pipeline into `--workdir` if missing): the exported graph (left-padded batches) and its
-GroupQueryAttention fusion (right-padded batches). Results are printed and written to
+GroupQueryAttention fusion (right-padded batches). `--llama-peer` (with `--qwen05`; needs
+`pip install llama-cpp-python`) measures llama.cpp the same way on the same weights as GGUF
+Q4_0 and the same prompt ids (scripts/bench/llama_batch.py, in its own process): whether
+"about 2x at 4 streams" is our runtime's or this CPU's. Results are printed and written to
 docs/BENCHMARKS.md between the `bench_batching` markers (`--no-write` to skip).
 """
 
@@ -34,9 +37,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -202,11 +208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the Qwen2-0.5B-shape bundles, exported and fused (bench_decode's)")
     ap.add_argument("--workdir", type=Path, default=Path("~/.cache/edge-bench"),
                     help="bench_decode's artifact cache (for --qwen05)")
+    ap.add_argument("--llama-peer", action="store_true",
+                    help="with --qwen05: llama.cpp Q4_0 on the same weights, batched the same way")
     ap.add_argument("--threads", type=int, default=2, help="CPU engine threads (2)")
     ap.add_argument("--tokens", type=int, default=128, help="tokens per stream (128)")
     ap.add_argument("--repeats", type=int, default=7, help="runs per stream count; median (7)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = ap.parse_args(argv)
+    if args.llama_peer and not args.qwen05:
+        ap.error("--llama-peer measures the Qwen2-0.5B-shape weights: add --qwen05")
 
     t_start = time.time()
     load_before = os.getloadavg()
@@ -237,17 +247,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             exact = identical_with_fp32_activations(gen, graph_file, args.tokens, args.threads)
         results.append(Result(label, gen, rows, ceiling, past, exact))
         gen.engine.close()
+    peer, peer_failed = None, False
+    if args.llama_peer:  # last, so that a crash in llama.cpp costs only its own rows
+        prompts = [results[1].gen.text_prompt(p) for p in PROMPTS]
+        try:
+            peer = llama_peer(args.workdir.expanduser().resolve(), prompts, args)
+        except RuntimeError as e:
+            print(f"llama.cpp peer: {e}", file=sys.stderr)
+            peer_failed = True
     load_after = os.getloadavg()
     wall = time.time() - t_start
 
     table, ceilings, verdicts = render(results)
+    peer_table = render_peer(peer) if peer else ""
     print(table)
     print(ceilings)
+    if peer:
+        print(peer_table)
     print("4 streams / 1 stream: " + "; ".join(verdicts))
     if args.no_write:
-        return 0
+        return 1 if peer_failed else 0
 
     cmd = "python scripts/bench_batching.py" + (" --qwen05" if args.qwen05 else "") + (
+        " --llama-peer" if args.llama_peer else "") + (
         f" --threads {args.threads}" if args.threads != 2 else ""
     ) + (f" --tokens {args.tokens}" if args.tokens != 128 else "") + (
         f" --repeats {args.repeats}" if args.repeats != 7 else "")
@@ -286,10 +308,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         ceilings,
         "",
         _CEILING_NOTE,
-    ] + ([_DIVERGENCE] if any(r.exact is not None for r in results) else []))
+    ] + ([_DIVERGENCE] if any(r.exact is not None for r in results) else [])
+      + (["", peer_table] if peer else []))
     update_section(DOC, MARK, body)
     print(f"wrote {DOC}")
-    return 0
+    return 1 if peer_failed else 0
+
+
+def llama_peer(workdir: Path, prompts: list[list[int]], args: argparse.Namespace
+               ) -> dict[str, Any]:
+    """llama.cpp's rows for the same prompts on the same weights (GGUF Q4_0), measured by
+    scripts/bench/llama_batch.py in its own process."""
+    from bench import artifacts
+
+    gguf = artifacts.build_gguf_q4_0(workdir, artifacts.build_hf_model(workdir), args.threads)
+    print(f"llama.cpp peer ({gguf.name}): streams {STREAMS} x {args.repeats} runs ...",
+          flush=True)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "bench" / "llama_batch.py"),
+         "--gguf", str(gguf), "--prompts", json.dumps(prompts), "--tokens", str(args.tokens),
+         "--repeats", str(args.repeats), "--threads", str(args.threads)],
+        check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama_batch.py failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    peer: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return peer
+
+
+def render_peer(peer: dict[str, Any]) -> str:
+    """The llama.cpp rows, as a paragraph and a table."""
+    lines = [
+        "**The peer on this machine.** llama.cpp "
+        f"{peer['llama_cpp_version']} (llama-cpp-python), the same Qwen2-0.5B-shape weights as "
+        "GGUF Q4_0, the same prompt ids, batched the same way (one `llama_decode` per step "
+        "with one token per sequence, `kv_unified` "
+        f"{str(peer['kv_unified']).lower()}; scripts/bench/llama_batch.py). \"Tokens = "
+        "single-stream\" compares with llama.cpp's own single-sequence greedy run.",
+        "",
+        "| Peer | Streams | Aggregate decode tok/s | Per stream tok/s | vs 1 stream "
+        "| Tokens = single-stream greedy |", "|:--|--:|--:|--:|--:|:-:|"]
+    for row in peer["rows"]:
+        lines.append(
+            f"| llama.cpp Q4_0 | {row['streams']} | {row['tok_s']:.1f} | "
+            f"{row['per_stream_tok_s']:.1f} | {row['ratio']:.2f}x | "
+            f"{'yes' if row['identical'] else '**NO**'} |")
+    return "\n".join(lines)
 
 
 @dataclasses.dataclass

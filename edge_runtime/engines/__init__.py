@@ -22,7 +22,12 @@ DeviceTensor = Any
 
 @runtime_checkable
 class Engine(Protocol):
-    """A loaded graph."""
+    """A loaded graph.
+
+    An engine compiled for fixed shape ranges (TensorRT) also has `max_batch` and
+    `max_context` properties: BatchDecoder refuses a wider batch and Generator.from_bundle
+    caps the model's context to what the engine holds. Engines without them take any shape.
+    """
 
     @property
     def name(self) -> str:

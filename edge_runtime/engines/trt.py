@@ -41,6 +41,7 @@ from edge_runtime.engines.trt_plan import (
     needs_pad,
     numpy_dtype,
     padded_mask,
+    plan_limits,
 )
 from edge_runtime.errors import EngineError
 
@@ -227,8 +228,13 @@ class TrtEngine:
 
     @property
     def max_batch(self) -> int:
-        """The widest batch any profile takes (serving's max_batch must not exceed it)."""
-        return max(r["input_ids"][2][0] for r in self._profiles if "input_ids" in r)
+        """The widest batch the plan decodes (BatchDecoder refuses a wider max_batch)."""
+        return plan_limits(self._profiles, self._past[0])[0]
+
+    @property
+    def max_context(self) -> int:
+        """The longest context the plan holds (Generator.from_bundle caps the model's)."""
+        return plan_limits(self._profiles, self._past[0])[1]
 
     def empty(self, shape: Sequence[int], dtype: str) -> DeviceTensor:
         t = CudaTensor(self._pool, shape, dtype)

@@ -217,6 +217,26 @@ def profile_shapes(graph: GraphSpec, limits: ProfileLimits) -> list[dict[str, Sh
     return profiles
 
 
+def plan_limits(profiles: Sequence[Mapping[str, ShapeRange]], past_name: str) -> tuple[int, int]:
+    """(widest batch, longest context) a plan's profiles admit.
+
+    The batch is the decode profiles' (one new token per sequence). The context, prompt plus
+    generated tokens, is bounded twice: by the longest prompt a prefill profile takes and by
+    the longest cache a decode profile takes plus the token being decoded.
+    """
+    decode = [p for p in profiles if p["input_ids"][2][1] == 1]
+    prefill = [p for p in profiles if p["input_ids"][2][1] > 1]
+    if not decode or not prefill:
+        raise EngineError(
+            f"the plan has {len(prefill)} prefill and {len(decode)} decode profiles; it needs "
+            "both: build it again with `edge-runtime build-engine`"
+        )
+    max_batch = max(p["input_ids"][2][0] for p in decode)
+    max_prompt = max(p["input_ids"][2][1] for p in prefill)
+    max_cache = max(p[past_name][2][2] for p in decode)
+    return max_batch, min(max_prompt, max_cache + 1)
+
+
 def needs_pad(shapes: Mapping[str, Sequence[int]], past_names: Sequence[str]) -> bool:
     """Whether a run's cache is empty (then every past input is: one cache for the batch)."""
     return any(len(shapes[n]) == 4 and shapes[n][2] == 0 for n in past_names if n in shapes)
