@@ -26,10 +26,11 @@ model (the demo recipe's bundle, or `--bundle`) is always measured; `--qwen05` a
 Qwen2-0.5B-shape bundles of scripts/bench_decode.py (random weights; built through our
 pipeline into `--workdir` if missing): the exported graph (left-padded batches) and its
 GroupQueryAttention fusion (right-padded batches). `--llama-peer` (with `--qwen05`; needs
-`pip install llama-cpp-python`) measures llama.cpp the same way on the same weights as GGUF
-Q4_0 and the same prompt ids (scripts/bench/llama_batch.py, in its own process): whether
-"about 2x at 4 streams" is our runtime's or this CPU's. Results are printed and written to
-docs/BENCHMARKS.md between the `bench_batching` markers (`--no-write` to skip).
+`pip install llama-cpp-python==0.3.16`, see bench_decode.py) measures llama.cpp the same way
+on the same weights as GGUF Q4_0 and the same prompt ids (scripts/bench/llama_batch.py, in
+its own process): whether "about 2x at 4 streams" is our runtime's or this CPU's. Results
+are printed and written to docs/BENCHMARKS.md between the `bench_batching` markers
+(`--no-write` to skip).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -48,7 +48,7 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import update_section
+from bench.report import cpu_model, update_section
 
 from edge_runtime.bundle import verify_bundle
 from edge_runtime.generator import Generator
@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"- **Command:** `{cmd}`",
         f"- **Date:** {now:%Y-%m-%d %H:%M} UTC (total wall time {wall:.0f} s)",
-        f"- **Machine:** {platform.machine()}, {os.cpu_count()} logical cores, engine "
+        f"- **Machine:** {cpu_model()}, {os.cpu_count()} logical cores, engine "
         f"threads {args.threads}; load average before {load_before[0]:.2f}, after "
         f"{load_after[0]:.2f}",
         f"- **Models:** {models} (int4 MatMulNBits, accuracy level 4 = int8 activations; "
@@ -394,11 +394,15 @@ def render(results: Sequence[Result]) -> tuple[str, str, list[str]]:
 
 
 _CEILING_NOTE = (
-    "Where the 4-row step costs about twice the 1-row step, no batching on top of these "
-    "kernels can reach 2.5x: on this AVX2 CPU without VNNI, ONNX Runtime's int4 "
-    "`MatMulNBits` with int8 activations is compute-bound from two rows on (each extra row "
-    "costs ~1/3 of the first), not weight-bandwidth-bound as on a GPU. \"ours / ceiling\" "
-    "is how much of what the kernels allow the continuous batching delivers.")
+    "Where the 4-row step costs more than 4 / 2.5 = 1.6 times the 1-row step, no batching "
+    "on top of these kernels can reach 2.5x. On 2 CPU cores ONNX Runtime's int4 "
+    "`MatMulNBits` with int8 activations (accuracy level 4) stops being bound by reading "
+    "the weights from two rows on: each extra row adds compute that does not hide behind "
+    "the weight reads, as it would on a GPU. How much it adds depends on the CPU's int8 "
+    "instructions (the machine line): on an AMD EPYC with AVX2 only, the same graphs "
+    "allowed 2.01-2.31x (2026-11-26); levels 0-3 (fp32 activations) allow ~1.5x here "
+    "(`python scripts/experiments/accuracy_level_ceiling.py`). \"ours / ceiling\" is "
+    "how much of what the kernels allow the continuous batching delivers.")
 
 _DIVERGENCE = (
     "Where tokens differ at accuracy level 4 (random weights only): `MatMulNBits` rounds "

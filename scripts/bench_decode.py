@@ -23,7 +23,7 @@ Results go to docs/BENCHMARKS.md (the section between `<!-- bench_decode:begin -
 Reproduce (CPU machine, from the repo root):
 
     pip install -e '.[build]'            # or: torch transformers optimum optimum-onnx onnx
-    pip install llama-cpp-python         # compiles llama.cpp (4-15 min on 2 cores); optional,
+    pip install llama-cpp-python==0.3.16 # compiles llama.cpp (2-15 min on 2 cores); optional,
                                          # without it the llama.cpp row says "skipped"
     uptime                               # a benchmark on a busy machine measures the load
     python scripts/bench_decode.py                        # all contenders, threads 2
@@ -35,6 +35,8 @@ int4 quantization ~4 min, GGUF conversion + Q4_0 ~1 min; ~8 GB RAM at peak), the
 of measuring per round with the defaults. Later runs reuse the artifacts. Measure on a quiet
 machine: the "Other CPU" column reports how much CPU everything else used during each
 contender, and llama.cpp's OpenMP threads in particular collapse under contention.
+0.3.16, not the newest: 0.3.36 crashed (SIGSEGV) in its first `llama_decode` of this model,
+through the high-level API too, on the Intel Xeon with AVX-512/AMX of 2026-12-04.
 The GGUF conversion uses the converter from the llama-cpp-python sdist of the installed
 version (fetched with `pip download`, cached in the work dir); its BPE pre-tokenizer check
 does not know our home-made tokenizer, so it is pinned to "qwen2" for the conversion.

@@ -15,13 +15,25 @@ SECTION = "bench_decode"
 VERSIONED = ("onnxruntime", "torch", "transformers", "optimum", "optimum-onnx", "llama-cpp-python")
 
 
+# The instruction sets that decide int4/int8 CPU kernel speed, by /proc/cpuinfo flag: two
+# machines named alike ("Xeon Processor") can differ in exactly these, and so in the results.
+ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx_vnni", "AVX-VNNI"),
+             ("avx512_vnni", "AVX-512 VNNI"), ("amx_int8", "AMX-INT8"), ("asimddp", "DOTPROD"),
+             ("i8mm", "I8MM"))
+
+
 def cpu_model() -> str:
+    """The CPU's model name and the int8-relevant instruction sets it has."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or "unknown"
     m = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return m.group(1).strip() if m else platform.processor() or "unknown"
+    name = m.group(1).strip() if m else platform.processor() or "unknown"
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.MULTILINE)
+    have = set(flags.group(1).split()) if flags else set()
+    isa = [label for flag, label in ISA_FLAGS if flag in have]
+    return f"{name} ({', '.join(isa) or 'no AVX2'})"
 
 
 def load_average() -> tuple[float, float, float]:
