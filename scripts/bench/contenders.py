@@ -163,7 +163,7 @@ def bench_ours(cfg: BenchConfig, bundle_dir: str | None = None) -> ContenderResu
 
 
 def bench_ours_fused(cfg: BenchConfig) -> ContenderResult:
-    """The same, on the bundle whose graph went through `edge_build.fuse` (batch 1 only)."""
+    """The same, on the bundle whose graph went through `edge_build.fuse` (batch 1 here)."""
     from bench import artifacts
 
     return bench_ours(cfg, artifacts.FUSED_BUNDLE_DIR)
@@ -385,7 +385,7 @@ CONTENDERS: dict[str, Callable[[BenchConfig], ContenderResult]] = {
 }
 LABELS = {
     "ours": "ours (edge_runtime, int4 ONNX)",
-    "ours-fused": "ours, fused graph (GQA; batch 1 only)",
+    "ours-fused": "ours, fused graph (GQA)",
     "ort-bare": "ORT bare loop (int4 ONNX)",
     "torch-fp32": "PyTorch eager fp32",
     "llama.cpp": "llama.cpp Q4_0",

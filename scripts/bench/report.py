@@ -179,8 +179,9 @@ def markdown_section(
         "`SkipSimplifiedLayerNormalization` — 297 nodes instead of 2,535 after ORT's "
         "optimisations. Exact with fp32 activations (max |Δlogit| 8e-6); at accuracy level 4 "
         "int8 rounding of activations lets near-tied greedy tokens differ from the unfused "
-        "graph. GQA assumes right-padded KV, so these bundles decode batch 1 only until "
-        "continuous batching moves to right padding.",
+        "graph. GQA assumes right-padded KV: continuous batching pads these bundles' cache on "
+        "the right (the demo recipe serves this graph; batched figures in the "
+        "continuous-batching section).",
         "- **llama.cpp Q4_0**: `convert_hf_to_gguf.py` (f16) then `llama_model_quantize` "
         "with `LLAMA_FTYPE_MOSTLY_Q4_0` (default params). Its recipe gives the tied "
         "embedding/output matrix Q6_K, which needs rows divisible by 256; 896 is not, so it "
