@@ -4,6 +4,13 @@
     step()      ─▶ one decode step for every active sequence ([B, 1]) ─▶ a token each
     finished / cancelled sequences leave ─▶ their rows are dropped from the cache
 
+Chunked prefill (`prefill_chunk`): a prompt longer than the chunk is prefilled `prefill_chunk`
+tokens at a time over its own growing cache, one chunk after each step()'s decode, and
+joins the batch when its prompt is done. Without it, a 2,000-token prompt would
+stop every running stream for its whole prefill (seconds on a CPU); with it, the running
+streams' steps are delayed by one chunk at most, and the long prompt's first token comes
+about as soon as it would have.
+
 Which side the padding goes depends on the graph's attention (bundle.GraphSpec):
 
 - decomposed attention (Optimum's export): present = past ++ new appends every row's new
@@ -56,12 +63,27 @@ class _Seq:
     pending: list[int] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """A sequence whose prompt is being prefilled chunk by chunk (not in the batch yet)."""
+
+    seq: _Seq
+    prompt: np.ndarray
+    """[1, S] int64: the whole prompt."""
+    cache: dict[str, DeviceTensor]
+    """The sequence's own cache: the first `done` prompt tokens."""
+    done: int = 0
+
+
 class BatchDecoder:
     """Decodes up to `max_batch` sequences together on one generator's engine."""
 
-    def __init__(self, gen: Generator, max_batch: int = 8) -> None:
+    def __init__(self, gen: Generator, max_batch: int = 8,
+                 prefill_chunk: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         graph = gen.graph
         if max_batch > 1 and not (graph.left_padded_batch or graph.right_padded_batch):
             raise EngineError(
@@ -81,6 +103,14 @@ class BatchDecoder:
         self._right = graph.right_padded_batch and not graph.left_padded_batch
         """Pad the cache on the right (fused GQA) instead of the left."""
         self.max_batch = max_batch
+        # A chunk after the first runs over a cache with several new tokens: a shape that an
+        # engine compiled for fixed ranges (a TensorRT plan: prefill over an empty cache,
+        # decode one token) holds in no profile. Those engines prefill whole prompts.
+        fixed_shapes = getattr(gen.engine, "max_batch", None) is not None
+        self.prefill_chunk = None if fixed_shapes else prefill_chunk
+        self.prefill_work: tuple[int, float] = (0, 0.0)
+        """(prompt tokens, seconds) of prefill done by the last add() or step() call."""
+        self._prefilling: list[_Prefill] = []
         self._seqs: list[_Seq] = []
         self._cache: dict[str, DeviceTensor] = {}
         self._width = 0  # P: cache columns shared by the batch
@@ -93,15 +123,24 @@ class BatchDecoder:
 
     @property
     def active(self) -> int:
-        return len(self._seqs)
+        """Sequences in the batch, and those still prefilling."""
+        return len(self._seqs) + len(self._prefilling)
+
+    @property
+    def prefilling(self) -> int:
+        """Sequences whose prompt is still being prefilled chunk by chunk."""
+        return len(self._prefilling)
 
     @property
     def keys(self) -> list[Hashable]:
-        return [s.key for s in self._seqs]
+        return [s.key for s in self._seqs] + [p.seq.key for p in self._prefilling]
 
     def add(self, key: Hashable, prompt_ids: Sequence[int], params: SamplingParams) -> list[Chunk]:
-        """Prefill a new sequence and sample its first token; the chunks it produced."""
-        if len(self._seqs) >= self.max_batch:
+        """Prefill a new sequence and sample its first token; the chunks it produced. A
+        prompt longer than `prefill_chunk` is only queued here (no chunks back): the next
+        steps prefill it, and the one that finishes it carries its first token."""
+        self.prefill_work = (0, 0.0)
+        if self.active >= self.max_batch:
             raise GenerationError(f"batch is full ({self.max_batch} sequences)")
         if not prompt_ids:
             raise GenerationError("prompt is empty", "prompt")
@@ -119,23 +158,55 @@ class BatchDecoder:
             stats=GenerationStats(prompt_tokens=n),
             t0=time.perf_counter(),
         )
-        ids = np.asarray([prompt_ids], dtype=np.int64)  # [1, S]
-        # A last-position graph yields [1, 1, V]: borrow row 0 of the batch buffer.
+        job = _Prefill(seq, np.asarray([prompt_ids], dtype=np.int64), gen.empty_cache(1))
+        if self.prefill_chunk is not None and n > self.prefill_chunk:
+            # Not even a first chunk here: the running streams' next step comes first, so
+            # that they never wait for more than one chunk (plus their own step).
+            self._prefilling.append(job)
+            return []
+        chunks = self._prefill(job)
+        assert chunks is not None
+        return chunks
+
+    def _prefill(self, job: _Prefill) -> list[Chunk] | None:
+        """Prefill the job's next chunk (its whole prompt when not chunked); once the prompt
+        is done, sample the first token and join the batch: the chunks that produced."""
+        gen, seq = self.gen, job.seq
+        start = job.done
+        end = job.prompt.shape[1] if self.prefill_chunk is None else min(
+            start + self.prefill_chunk, job.prompt.shape[1])
+        t = time.perf_counter()
+        # A last-position graph yields [1, 1, V]: borrow row 0 of the batch buffer (read
+        # before the next forward writes it).
         out = self._logits[:1] if gen.last_token_logits and self._logits is not None else None
-        logits, cache = gen.forward(
-            ids, gen.ones[:, :n], gen.positions[:, :n], gen.empty_cache(1), out=out
-        )
+        logits, job.cache = gen.forward(job.prompt[:, start:end], gen.ones[:, :end],
+                                        gen.positions[:, start:end], job.cache, out=out)
+        job.done = end
+        self.prefill_work = (end - start, time.perf_counter() - t)
+        if end < job.prompt.shape[1]:
+            return None
+        if job in self._prefilling:
+            self._prefilling.remove(job)
         chunks = self._advance(seq, logits[0, -1])
         if chunks and chunks[-1].finish_reason is not None:
             return chunks  # finished on its first token: never joins the batch
-        self._join(seq, cache)
+        self._join(seq, job.cache)
         return chunks
 
     def step(self) -> dict[Hashable, list[Chunk]]:
-        """One decode step for the whole batch; chunks per sequence key (may be empty)."""
+        """One decode step for the whole batch, then the next prefill chunk of the oldest
+        sequence still prefilling; chunks per sequence key (may be empty)."""
+        self.prefill_work = (0, 0.0)
+        result = self._decode() if self._seqs else {}
+        if self._prefilling:
+            job = self._prefilling[0]
+            chunks = self._prefill(job)
+            if chunks is not None:
+                result[job.seq.key] = chunks
+        return result
+
+    def _decode(self) -> dict[Hashable, list[Chunk]]:
         seqs = self._seqs
-        if not seqs:
-            return {}
         gen, b = self.gen, len(seqs)
         ids = self._ids[:b]
         for i, s in enumerate(seqs):
@@ -172,7 +243,10 @@ class BatchDecoder:
         idx = [i for i, s in enumerate(self._seqs) if s.key == key]
         if idx:
             self._drop(idx)
-        return bool(idx)
+        jobs = [p for p in self._prefilling if p.seq.key == key]
+        for p in jobs:
+            self._prefilling.remove(p)
+        return bool(idx or jobs)
 
     # -- per sequence --------------------------------------------------------------------
 

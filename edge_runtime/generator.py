@@ -255,11 +255,12 @@ class Generator:
             for name in self._past
         }
 
-    def batch(self, max_batch: int) -> BatchDecoder:
-        """A continuous batch of up to `max_batch` sequences on this generator's engine."""
+    def batch(self, max_batch: int, prefill_chunk: int | None = None) -> BatchDecoder:
+        """A continuous batch of up to `max_batch` sequences on this generator's engine;
+        prompts longer than `prefill_chunk` tokens are prefilled a chunk per step."""
         from edge_runtime.batching import BatchDecoder
 
-        return BatchDecoder(self, max_batch)
+        return BatchDecoder(self, max_batch, prefill_chunk)
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> ChunkStream:
         """Yield text deltas as tokens are decoded; the last chunk carries finish and stats.

@@ -30,10 +30,22 @@ class DecodeBatch(Protocol):
     """What the engine loop drives (edge_runtime.batching.BatchDecoder)."""
 
     @property
-    def active(self) -> int: ...
+    def active(self) -> int:
+        """Sequences in the batch, prefilling ones included."""
+        ...
+
+    @property
+    def prefilling(self) -> int:
+        """Sequences whose prompt is still being prefilled (chunked prefill)."""
+        ...
 
     @property
     def keys(self) -> list[Hashable]: ...
+
+    @property
+    def prefill_work(self) -> tuple[int, float]:
+        """(prompt tokens, seconds) of prefill done by the last add() or step() call."""
+        ...
 
     def add(
         self, key: Hashable, prompt_ids: Sequence[int], params: SamplingParams
@@ -60,7 +72,7 @@ class TextGenerator(Protocol):
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> ChunkStream: ...
 
-    def batch(self, max_batch: int) -> DecodeBatch: ...
+    def batch(self, max_batch: int, prefill_chunk: int | None = None) -> DecodeBatch: ...
 
     def warmup(self) -> None: ...
 

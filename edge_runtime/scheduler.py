@@ -74,6 +74,10 @@ class SchedulerConfig:
     """The cloud round trip assumed before any offload has been measured."""
     engine_error_limit: int = 3
     """Recent engine errors that make the scheduler stop serving locally."""
+    prefill_chunk: int = 128
+    """Prompts longer than this are prefilled this many tokens per decode step, so a long
+    prompt delays the running streams by one chunk at a time, not by its whole prefill
+    (0: whole prompts at once; TensorRT plans always prefill whole prompts)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,6 +88,10 @@ class SchedulerConfig:
                 f"scheduler.default_deadline_s must be > 0, got {self.default_deadline_s}",
             ),
             (self.safety >= 1.0, f"scheduler.safety must be >= 1, got {self.safety}"),
+            (
+                self.prefill_chunk >= 0,
+                f"scheduler.prefill_chunk must be >= 0 (0: off), got {self.prefill_chunk}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -162,7 +162,7 @@ class LocalWorker:
         once the engine loop has adopted it. Requests already queued or running finish on
         the generator they were tokenized with. A generator whose engine cannot decode
         `max_batch` sequences together is refused here (EngineError), before any change."""
-        batch = generator.batch(self.config.max_batch)
+        batch = generator.batch(self.config.max_batch, self.config.prefill_chunk or None)
         if self._measure_rates:
             try:  # the new model's own speed, measured before it takes traffic
                 self._seed_rates(generator)
@@ -240,7 +240,8 @@ class LocalWorker:
     def _run(self) -> None:
         try:
             gen = self._load()
-            batch = gen.batch(self.config.max_batch)  # refuses a max_batch the engine lacks
+            # refuses a max_batch the engine lacks
+            batch = gen.batch(self.config.max_batch, self.config.prefill_chunk or None)
             gen.warmup()
             if self._measure_rates:
                 try:
@@ -352,7 +353,6 @@ class LocalWorker:
             self._finish(key)
             return
         req.started = self._clock()
-        t = time.perf_counter()
         try:
             chunks = batch.add(key, req.prompt_ids, req.params)
         except Exception as e:  # a request the engine cannot run fails alone
@@ -361,8 +361,10 @@ class LocalWorker:
             req.deliver(e)
             self._finish(key)
             return
-        with self._lock:
-            self.scheduler.rates.observe_prefill(len(req.prompt_ids), time.perf_counter() - t)
+        tokens, seconds = batch.prefill_work
+        if tokens:
+            with self._lock:
+                self.scheduler.rates.observe_prefill(tokens, seconds)
         self._deliver(key, chunks)
 
     def _step(self, batch: DecodeBatch) -> None:
@@ -372,22 +374,26 @@ class LocalWorker:
                 batch.remove(key)
                 self._finish(key)
         self._expire(batch)
-        size = batch.active
-        if not size:
+        size = batch.active - batch.prefilling  # rows of the decode step
+        if not batch.active:
             return
         t = time.perf_counter()
         try:
             results = batch.step()
         except Exception as e:  # an engine failure fails the batch's requests, not the daemon
-            log.exception("decode step failed for %d sequences", size)
+            log.exception("decode step failed for %d sequences", batch.active)
             self._engine_errors.append(self._clock())
             for key in batch.keys:
                 batch.remove(key)
                 self._requests[key].deliver(e)
                 self._finish(key)
             return
+        tokens, prefill_s = batch.prefill_work  # a prefill chunk rode along: not a step's time
         with self._lock:
-            self.scheduler.rates.observe_step(size, time.perf_counter() - t)
+            if size:
+                self.scheduler.rates.observe_step(size, time.perf_counter() - t - prefill_s)
+            if tokens:
+                self.scheduler.rates.observe_prefill(tokens, prefill_s)
             for key in results:
                 self.scheduler.progressed(key)
         for key, chunks in results.items():

@@ -137,7 +137,7 @@ class FakeGenerator:
 
         return chunks()
 
-    def batch(self, max_batch: int) -> StreamBatch:
+    def batch(self, max_batch: int, prefill_chunk: int | None = None) -> StreamBatch:
         return StreamBatch(self, max_batch)
 
     def warmup(self) -> None:
@@ -153,6 +153,8 @@ class StreamBatch:
         self._gen = gen
         self._max = max_batch
         self._its: dict[Hashable, ChunkStream] = {}
+        self.prefill_work: tuple[int, float] = (0, 0.0)
+        self.prefilling = 0  # prompts are "prefilled" whole, in add()
 
     @property
     def active(self) -> int:
@@ -164,8 +166,10 @@ class StreamBatch:
 
     def add(self, key: Hashable, prompt_ids: Sequence[int], params: SamplingParams) -> list[Chunk]:
         assert len(self._its) < self._max
+        t = time.perf_counter()
         it = self._gen.stream(prompt_ids, params)
         first = next(it)
+        self.prefill_work = (len(prompt_ids), time.perf_counter() - t)
         if first.finish_reason is None:
             self._its[key] = it
         else:
@@ -173,6 +177,7 @@ class StreamBatch:
         return [first]
 
     def step(self) -> dict[Hashable, list[Chunk]]:
+        self.prefill_work = (0, 0.0)
         out: dict[Hashable, list[Chunk]] = {}
         for key, it in list(self._its.items()):
             chunk = next(it)

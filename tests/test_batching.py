@@ -121,3 +121,71 @@ def test_a_graph_without_a_batch_layout_is_refused(gen):
         assert BatchDecoder(gen, max_batch=1).max_batch == 1
     finally:
         gen.graph = saved
+
+
+# -- chunked prefill -----------------------------------------------------------------------
+
+LONG = ("import os\nimport sys\n\n\ndef main(argv):\n    for path in argv[1:]:\n"
+        "        with open(path) as f:\n            for line in f:\n"
+        "                print(line.rstrip())\n    return 0\n")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_chunked_prefill_gives_the_same_tokens(gen, chunk):
+    """A prompt prefilled a chunk per step over its own growing cache decodes exactly as one
+    prefilled whole, and so do the sequences it joins."""
+    jobs = [(i, gen.text_prompt(p), SamplingParams(max_tokens=10 + 3 * i, temperature=0.0))
+            for i, p in enumerate([*PROMPTS[:3], LONG])]
+    assert len(jobs[-1][1]) > 2 * 16
+    single = {key: gen.generate(ids, params).token_ids for key, ids, params in jobs}
+    dec = BatchDecoder(gen, max_batch=4, prefill_chunk=chunk)
+    out: dict = {key: [] for key, _, _ in jobs}
+    waiting = list(jobs)
+    for _ in range(1_000):
+        if waiting and dec.active < 4:
+            key, ids, params = waiting.pop(0)
+            out[key].extend(t for c in dec.add(key, ids, params) for t in c.token_ids)
+        for key, chunks in dec.step().items():
+            out[key].extend(t for c in chunks for t in c.token_ids)
+        if not waiting and not dec.active:
+            break
+    assert out == single
+
+
+def test_running_streams_advance_while_a_long_prompt_prefills(gen):
+    params = SamplingParams(max_tokens=100, temperature=0.0)
+    dec = BatchDecoder(gen, max_batch=3, prefill_chunk=8)
+    for k in range(2):
+        dec.add(k, gen.text_prompt(PROMPTS[k]), params)
+    while dec.prefilling:  # the two running streams' own prompts may take a few chunks
+        dec.step()
+    done_before = dec._seqs[0].stats.completion_tokens
+    long_ids = gen.text_prompt(LONG)
+    assert dec.add("long", long_ids, params) == []  # queued: no engine run, no token yet
+    assert dec.prefill_work == (0, 0.0)
+    assert (dec.active, dec.prefilling) == (3, 1) and "long" in dec.keys
+    chunks_left = -(-len(long_ids) // 8)
+    for i in range(chunks_left):
+        out = dec.step()
+        # every running stream got its token in this step; the prefill moved one chunk on
+        assert 0 < dec.prefill_work[0] <= 8 and dec.prefill_work[1] > 0
+        assert dec._seqs[0].stats.completion_tokens == done_before + i + 1
+        assert ("long" in out) == (i == chunks_left - 1)
+    assert dec.prefilling == 0 and dec.active == 3
+    with pytest.raises(GenerationError, match="batch is full"):
+        dec.add("x", long_ids, params)
+
+
+def test_a_prefilling_sequence_can_be_removed_and_counts_against_the_batch(gen):
+    params = SamplingParams(max_tokens=5, temperature=0.0)
+    dec = BatchDecoder(gen, max_batch=1, prefill_chunk=4)
+    dec.add("long", gen.text_prompt(LONG), params)
+    with pytest.raises(GenerationError, match="batch is full"):
+        dec.add("b", gen.text_prompt("x"), params)
+    assert dec.remove("long") and not dec.remove("long")
+    assert dec.active == 0 and dec.step() == {}
+    ref = gen.generate(gen.text_prompt("x = "), params).token_ids
+    got = [t for c in dec.add("b", gen.text_prompt("x = "), params) for t in c.token_ids]
+    while dec.active:
+        got.extend(t for c in dec.step().get("b", []) for t in c.token_ids)
+    assert got == ref

@@ -76,6 +76,7 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("[model]\nthreads = 0\n", "model.threads must be >= 1"),
         ("[model]\nbackend = 'tensorrtt'\n", "model.backend must be one of"),
         ("[scheduler]\nmax_batch = 0\n", "scheduler.max_batch must be >= 1"),
+        ("[scheduler]\nprefill_chunk = -1\n", "scheduler.prefill_chunk must be >= 0 (0: off)"),
         ("[log]\nlevel = 'loud'\n", "log.level must be one of"),
         ("server = 3\n", "[server] must be a table"),
         ("[server\n", "not valid TOML"),
