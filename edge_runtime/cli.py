@@ -10,7 +10,7 @@
                         [--cache-dir DIR] [--opt-level 0-5] [--workspace-mb N] [--force]
     edge-runtime cloud-worker --bundle DIR [--pubkey PEM ...] --broker mqtt://HOST:PORT
                         [--group G] [--concurrency N] [--threads N] [--echo]
-                        [--chunk-tokens 8] [--chunk-ms 25]
+                        [--chunk-tokens 8] [--chunk-ms 25] [--prefill-chunk 128]
 
 User errors (a bad bundle, a bad config, a missing key) print one line and exit 1; only
 bugs print tracebacks. Exit code 2 is argparse's, for a malformed command line.
@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--chunk-ms", type=float, default=ChunkPolicy.ms,
                         help="...or once the oldest has waited this long; the first text "
                         f"goes out at once ({ChunkPolicy.ms:g} ms; 0 = never hold a token)")
+    worker.add_argument("--prefill-chunk", type=int, default=128,
+                        help="prompt tokens prefilled per decode step, so a long prompt does "
+                        "not stop the other answers (128; 0 = whole prompts)")
     worker.add_argument("--threads", type=int, help="CPU engine threads per generator")
     worker.add_argument("--backend", default="auto", help="engine backend (default: auto)")
     worker.add_argument("--echo", action="store_true",
@@ -277,7 +280,7 @@ def _cloud_worker(args: argparse.Namespace) -> int:
 
     chunk = ChunkPolicy(args.chunk_tokens, args.chunk_ms)  # ConfigError names a bad value
     worker = CloudWorker(args.broker, load, group=args.group, concurrency=args.concurrency,
-                         chunk=chunk)
+                         chunk=chunk, prefill_chunk=args.prefill_chunk)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -85,6 +85,7 @@ class CloudWorker:
         concurrency: int = 1,
         max_queued: int | None = None,
         chunk: ChunkPolicy | None = None,
+        prefill_chunk: int = 128,
         default_timeout_s: float = 60.0,
         wall_clock: Callable[[], float] = time.time,
         **mqtt_options: Any,
@@ -92,10 +93,13 @@ class CloudWorker:
         """`load` builds the generator (on the engine thread); None answers at once (echo
         mode, for measuring the transport alone). `concurrency`: sequences decoded together;
         `max_queued`: requests waiting beyond those (default 2 x concurrency); `chunk`: token
-        coalescing of streamed answers (default ChunkPolicy()). `mqtt_options` go to
-        MqttClient."""
+        coalescing of streamed answers (default ChunkPolicy()); `prefill_chunk`: prompt
+        tokens prefilled per step (0: whole prompts). `mqtt_options` go to MqttClient."""
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        if prefill_chunk < 0:
+            raise ConfigError(f"prefill_chunk must be >= 0 (0: off), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         if max_queued is not None and max_queued < 1:
             raise ConfigError(f"max_queued must be >= 1, got {max_queued}")
         self._load = load
@@ -210,7 +214,7 @@ class CloudWorker:
             gen = self._load()
             gen.warmup()
             try:
-                batch = gen.batch(self.concurrency)
+                batch = gen.batch(self.concurrency, self.prefill_chunk or None)
             except EngineError as e:
                 raise EngineError(f"{e} (for the cloud worker: --concurrency 1)") from e
             step_s, prefill_tps = measure_rates(gen, self.concurrency)
@@ -231,12 +235,16 @@ class CloudWorker:
             self._expire(batch, live)
             if not batch.active:
                 continue
-            size = batch.active
-            self.peak_batch = max(self.peak_batch, size)
+            size = batch.active - batch.prefilling  # rows of the decode step
+            self.peak_batch = max(self.peak_batch, batch.active)
             t = time.perf_counter()
             try:
                 results = batch.step()
-                self.rates.observe_step(size, time.perf_counter() - t)
+                tokens, prefill_s = batch.prefill_work  # a prefill chunk is not step time
+                if size:
+                    self.rates.observe_step(size, time.perf_counter() - t - prefill_s)
+                if tokens:
+                    self.rates.observe_prefill(tokens, prefill_s)
             except Exception as e:  # an engine failure fails this batch, not the worker
                 log.exception("decode step failed for %d sequences", batch.active)
                 for key in batch.keys:
@@ -306,6 +314,9 @@ class CloudWorker:
             self.counts["failed"] += 1
             self._reply_error(req, f"generation failed: {e}", "engine_error")
             return
+        tokens, prefill_s = batch.prefill_work
+        if tokens:
+            self.rates.observe_prefill(tokens, prefill_s)
         self._emit(batch, live, key, chunks, time.monotonic())
 
     def _expire(self, batch: DecodeBatch, live: _Batch) -> None:

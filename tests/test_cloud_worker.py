@@ -147,9 +147,12 @@ def test_64_tokens_arrive_in_far_fewer_messages_with_the_same_text(
     assert coalesced[0].text and len(coalesced[0].text) <= len(coalesced[1].text)
 
 
+@pytest.mark.parametrize("prefill_chunk", [0, 4])  # whole prompts / a chunk per step
 def test_concurrent_requests_decode_in_one_batch_and_match_greedy(
-        broker: Broker, bundle: Any, device: OffloadClient, local_gen: Generator) -> None:
-    w = start_worker(broker, bundle, concurrency=4)
+        broker: Broker, bundle: Any, device: OffloadClient, local_gen: Generator,
+        prefill_chunk: int) -> None:
+    assert max(len(local_gen.text_prompt(p)) for p in PROMPTS) > 4
+    w = start_worker(broker, bundle, concurrency=4, prefill_chunk=prefill_chunk)
     try:
         async def all_at_once() -> list[list[OffloadChunk]]:
             return list(await asyncio.gather(*(ask(device, p, 48) for p in PROMPTS)))
@@ -191,6 +194,8 @@ def test_bad_worker_settings_are_config_errors(broker: Broker) -> None:
         CloudWorker(broker.url, None, concurrency=0)
     with pytest.raises(ConfigError, match="max_queued must be >= 1, got 0"):
         CloudWorker(broker.url, None, max_queued=0)
+    with pytest.raises(ConfigError, match=r"prefill_chunk must be >= 0 \(0: off\), got -1"):
+        CloudWorker(broker.url, None, prefill_chunk=-1)
 
 
 def test_a_deadline_passing_mid_generation_is_an_explicit_error_chunk(
