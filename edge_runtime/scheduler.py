@@ -19,7 +19,8 @@ included — so every decision is unit-tested exactly with hand-built rates.
 
 Two rules keep the promise of a LOCAL decision:
 - A newcomer is served locally only if it also leaves every job already admitted on time:
-  its prefill pauses their decoding and its row slows every later step (a bigger batch).
+  its prefill pauses their decoding and its row slows every later step (a bigger batch);
+  a prompt prefilled in chunks also holds its row through one decode step per chunk.
   Checking only the newcomer's own finish let a long request admitted into an idle batch be
   overtaken by the newcomers that filled the batch after it (tests: the "1x" case).
 - The engine loop ends a running request at its deadline (serving.py), so a running job
@@ -357,12 +358,15 @@ class Scheduler:
         # [key, tokens left, deadline at which the engine ends it (inf: not cut)]
         active: list[tuple[Hashable, int, float]] = [r for r in running if r[1] > 0]
         pending = list(queue)
-        cap = self.config.max_batch
+        cap, chunk = self.config.max_batch, self.config.prefill_chunk
         while pending or active:
             while pending and len(active) < cap:
                 j = pending.pop(0)
                 t += self.rates.prefill_time(j.prompt_tokens)  # prefill pauses decoding
-                active.append((j.key, max(0, j.max_tokens - 1), math.inf))  # token 1 = prefill
+                # Chunked, it also waits out one decode step per chunk, holding its slot.
+                waits = math.ceil(j.prompt_tokens / chunk) if 0 < chunk < j.prompt_tokens else 0
+                # token 1 comes with the prefill
+                active.append((j.key, max(0, j.max_tokens - 1) + waits, math.inf))
             if not active:
                 break
             step = self.rates.step_time(len(active))

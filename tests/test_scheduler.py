@@ -68,6 +68,17 @@ def test_batching_is_in_the_estimate():
     assert d.estimated_finish == pytest.approx(0.1 + 10 * 0.15)
 
 
+def test_chunked_prefill_is_in_the_estimate():
+    s = sched(max_batch=2, prefill_chunk=4)
+    s.admit(job("a"), 0.0, UP, OK)
+    s.next_batch(2)
+    d = s.admit(job("b"), 0.0, UP, OK)
+    # b: prefill 0.1 s in all, spread over 3 chunks of <= 4 tokens, one after each of 3
+    # decode steps (in which it holds a slot), then its 10 steps: 13 steps, the first 11
+    # beside a (0.15 s), the last 2 alone (0.1 s). Whole-prompt prefill: 0.1 + 10 x 0.15.
+    assert d.estimated_finish == pytest.approx(0.1 + 11 * 0.15 + 2 * 0.1)
+
+
 def test_reject_codes_depend_on_the_cloud():
     s = sched(max_queue=0)
     assert s.admit(job("a"), 0.0, NONE, OK).status == 429
