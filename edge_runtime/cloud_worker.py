@@ -240,11 +240,7 @@ class CloudWorker:
             t = time.perf_counter()
             try:
                 results = batch.step()
-                tokens, prefill_s = batch.prefill_work  # a prefill chunk is not step time
-                if size:
-                    self.rates.observe_step(size, time.perf_counter() - t - prefill_s)
-                if tokens:
-                    self.rates.observe_prefill(tokens, prefill_s)
+                self.rates.observe_call(size, time.perf_counter() - t, batch.prefill_work)
             except Exception as e:  # an engine failure fails this batch, not the worker
                 log.exception("decode step failed for %d sequences", batch.active)
                 for key in batch.keys:
@@ -314,9 +310,7 @@ class CloudWorker:
             self.counts["failed"] += 1
             self._reply_error(req, f"generation failed: {e}", "engine_error")
             return
-        tokens, prefill_s = batch.prefill_work
-        if tokens:
-            self.rates.observe_prefill(tokens, prefill_s)
+        self.rates.observe_call(0, 0.0, batch.prefill_work)
         self._emit(batch, live, key, chunks, time.monotonic())
 
     def _expire(self, batch: DecodeBatch, live: _Batch) -> None:

@@ -130,6 +130,14 @@ class Rates:
             old = self.step_s.get(batch)
             self.step_s[batch] = seconds if old is None else old + self.alpha * (seconds - old)
 
+    def observe_call(self, rows: int, seconds: float, prefill: tuple[int, float]) -> None:
+        """One add() or step() of a decode batch that took `seconds`: the prefill it did
+        (`DecodeBatch.prefill_work`: tokens, seconds; a chunk may ride along a step) counts
+        as prefill, the rest as a decode step of `rows` sequences (none in add())."""
+        tokens, prefill_s = prefill
+        self.observe_prefill(tokens, prefill_s)
+        self.observe_step(rows, seconds - prefill_s)
+
     def step_time(self, batch: int) -> float:
         """Decode step time at `batch`; unseen sizes scale the nearest smaller one up
         linearly (pessimistic: weight reads are shared, so real steps grow slower)."""

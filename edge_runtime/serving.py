@@ -361,10 +361,8 @@ class LocalWorker:
             req.deliver(e)
             self._finish(key)
             return
-        tokens, seconds = batch.prefill_work
-        if tokens:
-            with self._lock:
-                self.scheduler.rates.observe_prefill(tokens, seconds)
+        with self._lock:
+            self.scheduler.rates.observe_call(0, 0.0, batch.prefill_work)
         self._deliver(key, chunks)
 
     def _step(self, batch: DecodeBatch) -> None:
@@ -388,12 +386,8 @@ class LocalWorker:
                 self._requests[key].deliver(e)
                 self._finish(key)
             return
-        tokens, prefill_s = batch.prefill_work  # a prefill chunk rode along: not a step's time
         with self._lock:
-            if size:
-                self.scheduler.rates.observe_step(size, time.perf_counter() - t - prefill_s)
-            if tokens:
-                self.scheduler.rates.observe_prefill(tokens, prefill_s)
+            self.scheduler.rates.observe_call(size, time.perf_counter() - t, batch.prefill_work)
             for key in results:
                 self.scheduler.progressed(key)
         for key, chunks in results.items():

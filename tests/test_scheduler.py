@@ -223,3 +223,13 @@ def test_cloud_p99_is_read_for_the_request_s_generation_length():
     d = s.admit(job("long", deadline=1.0, max_tokens=64), 0.0, cloud, OK)
     assert (d.action, d.status) == (Action.REJECT, 429)
     assert "p99 1.20s at 64 tokens" in d.reason
+
+
+def test_a_prefill_chunk_riding_along_a_step_is_not_step_time():
+    r = Rates(prefill_tokens_per_s=100.0, step_s={2: 0.1}, alpha=1.0)
+    r.observe_call(2, 0.5, (128, 0.4))  # a 0.5 s step() of which 0.4 s prefilled 128 tokens
+    assert r.step_s[2] == pytest.approx(0.1) and r.prefill_tokens_per_s == pytest.approx(320)
+    r.observe_call(0, 0.0, (64, 0.1))  # add(): prefill only
+    assert r.step_s == {2: pytest.approx(0.1)} and r.prefill_tokens_per_s == pytest.approx(640)
+    r.observe_call(2, 0.2, (0, 0.0))  # a plain step
+    assert r.step_s[2] == pytest.approx(0.2) and r.prefill_tokens_per_s == pytest.approx(640)
