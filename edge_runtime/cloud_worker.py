@@ -53,7 +53,7 @@ from edge_runtime.mqtt import Message, MqttClient
 from edge_runtime.offload_body import Body, prompt_and_params, read_body
 from edge_runtime.rate_probe import measure_rates
 from edge_runtime.request import DecodeBatch, TextGenerator
-from edge_runtime.scheduler import Rates
+from edge_runtime.scheduler import Rates, prefill_waits
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +285,9 @@ class CloudWorker:
             self._send_quietly(req, OffloadChunk(0, error=ErrorInfo(
                 str(e), "invalid_request_error", e.field)))
             return
+        steps = params.max_tokens + prefill_waits(len(ids), self.prefill_chunk)
         need_s = (self.rates.prefill_time(len(ids))
-                  + params.max_tokens * self.rates.step_time(batch.active + 1))
+                  + steps * self.rates.step_time(batch.active + 1))
         left_s = req.deadline_ms / 1000 - self._wall()
         if need_s > left_s:
             # It would expire mid-generation after taking batch steps from the others: say

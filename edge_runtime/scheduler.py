@@ -371,8 +371,7 @@ class Scheduler:
             while pending and len(active) < cap:
                 j = pending.pop(0)
                 t += self.rates.prefill_time(j.prompt_tokens)  # prefill pauses decoding
-                # Chunked, it also waits out one decode step per chunk, holding its slot.
-                waits = math.ceil(j.prompt_tokens / chunk) if 0 < chunk < j.prompt_tokens else 0
+                waits = prefill_waits(j.prompt_tokens, chunk)  # holding its slot meanwhile
                 # token 1 comes with the prefill
                 active.append((j.key, max(0, j.max_tokens - 1) + waits, math.inf))
             if not active:
@@ -394,6 +393,12 @@ class Scheduler:
                 break
             active = left
         return finishes
+
+
+def prefill_waits(prompt_tokens: int, chunk: int) -> int:
+    """Decode steps a prompt waits out before its first token when it is prefilled `chunk`
+    tokens after each step (BatchDecoder's chunked prefill; 0 = whole prompts at once)."""
+    return math.ceil(prompt_tokens / chunk) if 0 < chunk < prompt_tokens else 0
 
 
 @dataclass

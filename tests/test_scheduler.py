@@ -233,3 +233,10 @@ def test_a_prefill_chunk_riding_along_a_step_is_not_step_time():
     assert r.step_s == {2: pytest.approx(0.1)} and r.prefill_tokens_per_s == pytest.approx(640)
     r.observe_call(2, 0.2, (0, 0.0))  # a plain step
     assert r.step_s[2] == pytest.approx(0.2) and r.prefill_tokens_per_s == pytest.approx(640)
+
+
+def test_prefill_waits():
+    from edge_runtime.scheduler import prefill_waits
+
+    assert [prefill_waits(n, 4) for n in (1, 4, 5, 8, 9)] == [0, 0, 2, 2, 3]
+    assert prefill_waits(1000, 0) == 0  # chunking off
