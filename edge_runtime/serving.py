@@ -7,6 +7,7 @@ what joins it, what goes to the cloud and what is refused.
                                                     ─▶ review(): late ones → offload/refuse
          ◀── OFFLOAD / REJECT decision              ─▶ next_batch(free slots) → batch.add
                                                     ─▶ batch.step() → a token per sequence
+                                                       (+ a chunk of a long prompt's prefill)
     async for c in request.chunks() ◀── loop.call_soon_threadsafe(put_nowait) ◀── each Chunk
 
 Deadlines hold for running requests too: before each decode step, a request whose deadline
@@ -397,7 +398,11 @@ class LocalWorker:
         """End the running requests that the next decode step cannot serve in time."""
         now = self._clock()
         with self._lock:
-            step = self.scheduler.rates.step_time(max(1, batch.active))
+            rates = self.scheduler.rates
+            step = rates.step_time(max(1, batch.active - batch.prefilling))
+            if batch.prefilling:  # the next step carries a prefill chunk too
+                step += rates.prefill_time(self.config.prefill_chunk)
+        what = "a decode step" + (" with a prefill chunk" if batch.prefilling else "")
         for key in batch.keys:
             req = self._requests[key]
             if req.deadline is not None and now + step > req.deadline:
@@ -405,7 +410,7 @@ class LocalWorker:
                 batch.remove(key)
                 req.deliver(DeadlineExceededError(
                     f"the request's deadline came during generation ({req.deadline - now:.3f}s "
-                    f"left, a decode step takes ~{step:.3f}s): generation stopped"
+                    f"left, {what} takes ~{step:.3f}s): generation stopped"
                 ))
                 self._finish(key)
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from live_server import FakeGenerator, serve_in_thread, sse_events, wait_until
+from live_server import FakeGenerator, StreamBatch, serve_in_thread, sse_events, wait_until
 
 from edge_runtime.api import create_app
 from edge_runtime.config import Config, SchedulerConfig
@@ -56,12 +56,26 @@ def worker(gen: FakeGenerator, clock: Clock, max_batch: int = 2) -> Iterator[Loc
         w.stop()
 
 
-def test_running_request_is_ended_at_its_deadline_and_the_other_one_finishes() -> None:
+class PrefillingGenerator(FakeGenerator):
+    """Its batches report one long prompt prefilling beside the running sequences."""
+
+    def batch(self, max_batch: int, prefill_chunk: int | None = None) -> StreamBatch:
+        b = StreamBatch(self, max_batch + 1)
+        b.prefilling = 1
+        return b
+
+
+@pytest.mark.parametrize("prefilling", [False, True])
+def test_running_request_is_ended_at_its_deadline_and_the_other_one_finishes(
+        prefilling: bool) -> None:
     clock = Clock()
-    gen = FakeGenerator(delay_s=0.02)  # 20 tokens, 20 ms apart: the test has time to act
-    with worker(gen, clock) as w:
+    # 20 tokens, 20 ms apart: the test has time to act
+    gen = (PrefillingGenerator if prefilling else FakeGenerator)(delay_s=0.02)
+    with worker(gen, clock, max_batch=3 if prefilling else 2) as w:
         w.scheduler.rates.alpha = 0.0  # frozen 50 ms steps: the margin checked below
         w.scheduler.rates.step_s = {1: 0.05, 2: 0.05}
+        # a 128-token prefill chunk takes 0.128 s at 1,000 tokens/s
+        w.scheduler.rates.prefill_tokens_per_s = 1000.0
 
         async def scenario() -> tuple[list[Chunk], BaseException | None, list[Chunk]]:
             loop = asyncio.get_running_loop()
@@ -77,7 +91,8 @@ def test_running_request_is_ended_at_its_deadline_and_the_other_one_finishes() -
                     got.append(c)
                     if len(got) == 3:
                         # 4.96 s later: the next 50 ms step would end past the deadline.
-                        clock.advance(4.96)
+                        # With a prefill chunk riding along (0.178 s), 4.85 s is enough.
+                        clock.advance(4.85 if prefilling else 4.96)
             except DeadlineExceededError as e:
                 error = e
             rest = [c async for c in long.chunks()]
@@ -85,8 +100,9 @@ def test_running_request_is_ended_at_its_deadline_and_the_other_one_finishes() -
 
         got, error, rest = asyncio.run(scenario())
         assert isinstance(error, DeadlineExceededError)
-        assert "deadline came during generation (0.040s left, a decode step takes ~0.050s)" \
-            in str(error)
+        want = ("(0.150s left, a decode step with a prefill chunk takes ~0.178s)" if prefilling
+                else "(0.040s left, a decode step takes ~0.050s)")
+        assert f"deadline came during generation {want}" in str(error)
         assert 3 <= len(got) < 20 and all(c.finish_reason is None for c in got)
         assert "".join(c.text for c in rest) == gen.reply and rest[-1].finish_reason == "stop"
         # The scheduler no longer counts it: its slot is free for the queue.
