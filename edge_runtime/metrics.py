@@ -162,6 +162,11 @@ class Metrics:
             "Requests waiting or being generated.",
             registry=r,
         )
+        self.prefilling = Gauge(
+            "edge_runtime_prefilling",
+            "Long prompts being prefilled a chunk per decode step (scheduler.prefill_chunk).",
+            registry=r,
+        )
         self.ready = Gauge(
             "edge_runtime_model_ready", "1 once the model is loaded and warmed up.", registry=r
         )
@@ -172,9 +177,12 @@ class Metrics:
             registry=r,
         )
 
-    def track_queue(self, depth: Callable[[], float], ready: Callable[[], bool]) -> None:
-        """Read queue depth and readiness at scrape time, so they are never stale."""
+    def track_queue(self, depth: Callable[[], float], ready: Callable[[], bool],
+                    prefilling: Callable[[], float] = lambda: 0.0) -> None:
+        """Read queue depth, readiness and prefilling prompts at scrape time, so they are
+        never stale."""
         self.queue_depth.set_function(depth)
+        self.prefilling.set_function(prefilling)
         self.ready.set_function(lambda: float(ready()))
 
     def track_offload(self, available: Callable[[], bool]) -> None:

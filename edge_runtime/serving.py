@@ -113,6 +113,9 @@ class LocalWorker:
         """A request was offloaded or refused since the last rate probe."""
         self._probed_at = 0.0
         self._reviewed_at = -1.0
+        self.prefilling = 0
+        """Long prompts being prefilled a chunk per step (set by the engine loop after each
+        step; read by /metrics)."""
         self.drained = False
         """Set by the fleet's drain: the API admits no new request (fleet_serving.py); what is
         queued or running finishes. The engine loop itself does not look at it."""
@@ -362,6 +365,7 @@ class LocalWorker:
             req.deliver(e)
             self._finish(key)
             return
+        self.prefilling = batch.prefilling
         with self._lock:
             self.scheduler.rates.observe_call(0, 0.0, batch.prefill_work)
         self._deliver(key, chunks)
@@ -387,6 +391,7 @@ class LocalWorker:
                 self._requests[key].deliver(e)
                 self._finish(key)
             return
+        self.prefilling = batch.prefilling
         with self._lock:
             self.scheduler.rates.observe_call(size, time.perf_counter() - t, batch.prefill_work)
             for key in results:

@@ -397,4 +397,5 @@ def test_metrics_count_requests_and_tokens() -> None:
         assert metric(url, "edge_runtime_time_to_first_token_seconds_count", served_by="local") == 2
         assert metric(url, "edge_runtime_request_duration_seconds_count", **labels) == 3
         assert metric(url, "edge_runtime_queue_depth") == 0
+        assert metric(url, "edge_runtime_prefilling") == 0  # the gauge is exported
         assert metric(url, "edge_runtime_model_ready") == 1

@@ -29,8 +29,11 @@ def test_a_long_prompt_joins_running_streams_chunk_by_chunk(tiny_bundle) -> None
     widths: list[int] = []  # tokens per engine run, from here on
     forward = gen.forward
 
+    seen_prefilling: list[int] = []  # what /metrics would read, sampled at each engine run
+
     def recording(ids, *args, **kwargs):  # the real forward, its input widths noted
         widths.append(ids.shape[1])
+        seen_prefilling.append(worker.prefilling)
         return forward(ids, *args, **kwargs)
 
     gen.forward = recording  # type: ignore[method-assign]
@@ -58,6 +61,7 @@ def test_a_long_prompt_joins_running_streams_chunk_by_chunk(tiny_bundle) -> None
         assert asyncio.run(run()) == want
         assert max(widths) == 8  # no engine run prefilled more than a chunk
         assert sum(w > 1 for w in widths) >= len(prompts[2]) // 8
+        assert max(seen_prefilling) == 1 and worker.prefilling == 0
         assert worker.scheduler.rates.prefill_tokens_per_s != prior  # chunks were observed
     finally:
         worker.stop()

@@ -51,7 +51,7 @@ def create_app(
     metrics = Metrics()
     if worker.model is None:
         worker.model = model
-    metrics.track_queue(lambda: worker.depth, lambda: worker.ready)
+    metrics.track_queue(lambda: worker.depth, lambda: worker.ready, lambda: worker.prefilling)
     if offload is not None:
         metrics.track_offload(offload.available)
     state = ServingState(
