@@ -142,18 +142,11 @@ def identical_with_fp32_activations(gen: Generator, graph_file: Path, tokens: in
     """
     import tempfile
 
-    import onnx
-
+    from edge_build.evaluate import save_fp32_activations
     from edge_runtime.engines.ort import OrtEngine
 
-    model = onnx.load(str(graph_file))
-    for node in model.graph.node:
-        for a in node.attribute:
-            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
-                a.i = 0
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "decoder.onnx"
-        onnx.save(model, str(path), save_as_external_data=True, location="decoder.onnx.data")
+        path = save_fp32_activations(graph_file, Path(tmp) / "decoder.onnx")
         exact = Generator(OrtEngine(str(path), threads=threads), gen.graph, gen.tokenizer,
                           gen.defaults)
         prompts = [exact.text_prompt(p) for p in PROMPTS]

@@ -80,19 +80,34 @@ def with_fp32_activations(model: onnx.ModelProto) -> onnx.ModelProto:
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    for node in out.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = 0
+    set_accuracy_level(out, 0)
     return out
+
+
+def set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
+    """Set every MatMulNBits node's accuracy_level, in place: 0 (fp32 activations, ONNX
+    Runtime's default, so the attribute is left out) up to 4 (int8 activations)."""
+    from onnx import helper
+
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            kept = [a for a in n.attribute if a.name != "accuracy_level"]
+            del n.attribute[:]
+            n.attribute.extend(kept + ([helper.make_attribute("accuracy_level", level)]
+                                       if level else []))  # fmt: skip
 
 
 def save_fp32_activations(src: Path, dst: Path) -> Path:
     """`src` (an ONNX file) rewritten by with_fp32_activations, saved at `dst`."""
+    return save_accuracy_level(src, dst, 0)
+
+
+def save_accuracy_level(src: Path, dst: Path, level: int) -> Path:
+    """`src` (an ONNX file) with every MatMulNBits at accuracy `level`, saved at `dst`."""
     import onnx
 
-    model = with_fp32_activations(onnx.load(str(src)))
+    model = onnx.load(str(src))
+    set_accuracy_level(model, level)
     large = model.ByteSize() > _TWO_GB
     onnx.save(model, str(dst), save_as_external_data=large,
               location=f"{dst.name}.data" if large else None)

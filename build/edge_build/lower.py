@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_build.evaluate import compare_logits, onnx_logits, prefill_feeds
+from edge_build.evaluate import compare_logits, onnx_logits, prefill_feeds, set_accuracy_level
 from edge_build.export import CARRIED_FILES, kv_spec, read_config
 from edge_build.int4 import QTensor, QuantizedWeights, pack_nibbles
 from edge_build.stage import (
@@ -222,17 +222,6 @@ def _save(model: Any, path: Path) -> None:
               location=path.name + ".data" if large else None)  # fmt: skip
 
 
-def _set_level(model: Any, level: int) -> None:
-    from onnx import helper
-
-    for n in model.graph.node:
-        if n.op_type == "MatMulNBits":
-            kept = [a for a in n.attribute if a.name != "accuracy_level"]
-            del n.attribute[:]
-            n.attribute.extend(kept + ([helper.make_attribute("accuracy_level", level)]
-                                       if level else []))  # fmt: skip
-
-
 def _unoptimized_logits(path: Path, kv: Any, windows: list[list[int]]) -> list[np.ndarray]:
     """Logits with every ORT graph optimisation off: the QDQ graph's standard ops as
     written. (With optimisations on, ORT's CPU provider fuses DequantizeLinear → MatMul into
@@ -287,11 +276,11 @@ def lower(
     with stage_output(Path(out)) as tmp:
         if fmt == "matmulnbits" and accuracy_level != 0:
             with tempfile.TemporaryDirectory(dir=tmp.parent) as work:
-                _set_level(model, 0)  # fp32 activations: only the weight format differs
+                set_accuracy_level(model, 0)  # fp32 activations: only the weight format differs
                 _save(model, Path(work) / "model.onnx")
                 exact = compare_logits(ref, onnx_logits(Path(work) / "model.onnx", kv,
                                                         check_windows))  # fmt: skip
-            _set_level(model, accuracy_level)
+            set_accuracy_level(model, accuracy_level)
         _save(model, tmp / "model.onnx")
         got = compare_logits(ref, onnx_logits(tmp / "model.onnx", kv, check_windows))
         if fmt == "qdq":

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import onnx
+from edge_build.evaluate import save_accuracy_level
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,16 +37,8 @@ def main() -> int:
     src = args.bundle / "model" / "decoder.onnx"
     print(f"{cpu_model()}; {src}; {args.threads} threads, {args.past} cached tokens")
     for level in (int(x) for x in args.levels.split(",")):
-        model = onnx.load(str(src))
-        for node in model.graph.node:
-            if node.op_type == "MatMulNBits":
-                for a in node.attribute:
-                    if a.name == "accuracy_level":
-                        a.i = level
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "decoder.onnx"
-            onnx.save(model, str(path), save_as_external_data=True,
-                      location="decoder.onnx.data")
+            path = save_accuracy_level(src, Path(tmp) / "decoder.onnx", level)
             t = kernel_ceiling(path, args.threads, args.past, repeats=3)
         print(f"level {level}: step 1 row {t[1] * 1e3:.2f} ms, 2 rows {t[2] * 1e3:.2f} ms, "
               f"4 rows {t[4] * 1e3:.2f} ms -> ceiling 4 x t1 / t4 = {4 * t[1] / t[4]:.2f}x, "

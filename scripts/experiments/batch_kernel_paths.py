@@ -16,22 +16,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
+
+from edge_build.evaluate import save_accuracy_level
 
 BUNDLE = Path.home() / ".cache/edge-bench/bundle-int4-b128-acc4/model/decoder.onnx"
 PAST = 42
-
-
-def with_accuracy_level(src: Path, level: int, out: Path) -> Path:
-    model = onnx.load(str(src))
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = level
-    onnx.save(model, str(out))
-    return out
 
 
 def step_logits(path: Path, batch: int) -> tuple[np.ndarray, float]:
@@ -54,7 +44,7 @@ def step_logits(path: Path, batch: int) -> tuple[np.ndarray, float]:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        fp32_act = with_accuracy_level(BUNDLE, 0, Path(tmp) / "acc0.onnx")
+        fp32_act = save_accuracy_level(BUNDLE, Path(tmp) / "acc0.onnx", 0)
         ref, _ = step_logits(fp32_act, 1)
         for name, path in (("accuracy level 4", BUNDLE), ("accuracy level 0", fp32_act)):
             runs = {b: step_logits(path, b) for b in (1, 2, 4)}
