@@ -79,11 +79,11 @@ class BatchDecoder:
     """Decodes up to `max_batch` sequences together on one generator's engine."""
 
     def __init__(self, gen: Generator, max_batch: int = 8,
-                 prefill_chunk: int | None = None) -> None:
+                 prefill_chunk: int = 0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        if prefill_chunk is not None and prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: off), got {prefill_chunk}")
         graph = gen.graph
         if max_batch > 1 and not (graph.left_padded_batch or graph.right_padded_batch):
             raise EngineError(
@@ -104,10 +104,11 @@ class BatchDecoder:
         """Pad the cache on the right (fused GQA) instead of the left."""
         self.max_batch = max_batch
         # A chunk after the first runs over a cache with several new tokens: a shape that an
-        # engine compiled for fixed ranges (a TensorRT plan: prefill over an empty cache,
-        # decode one token) holds in no profile. Those engines prefill whole prompts.
-        fixed_shapes = getattr(gen.engine, "max_batch", None) is not None
-        self.prefill_chunk = None if fixed_shapes else prefill_chunk
+        # engine compiled for fixed ranges (a TensorRT plan, the engines with a batch limit:
+        # prefill over an empty cache, decode one token) holds in no profile. Those engines
+        # prefill whole prompts.
+        self.prefill_chunk = 0 if limit is not None else prefill_chunk
+        """Prompt tokens prefilled per step; 0: whole prompts in add()."""
         self.prefill_work: tuple[int, float] = (0, 0.0)
         """(prompt tokens, seconds) of prefill done by the last add() or step() call."""
         self._prefilling: list[_Prefill] = []
@@ -159,7 +160,7 @@ class BatchDecoder:
             t0=time.perf_counter(),
         )
         job = _Prefill(seq, np.asarray([prompt_ids], dtype=np.int64), gen.empty_cache(1))
-        if self.prefill_chunk is not None and n > self.prefill_chunk:
+        if 0 < self.prefill_chunk < n:
             # Not even a first chunk here: the running streams' next step comes first, so
             # that they never wait for more than one chunk (plus their own step).
             self._prefilling.append(job)
@@ -173,7 +174,7 @@ class BatchDecoder:
         is done, sample the first token and join the batch: the chunks that produced."""
         gen, seq = self.gen, job.seq
         start = job.done
-        end = job.prompt.shape[1] if self.prefill_chunk is None else min(
+        end = job.prompt.shape[1] if not self.prefill_chunk else min(
             start + self.prefill_chunk, job.prompt.shape[1])
         t = time.perf_counter()
         # A last-position graph yields [1, 1, V]: borrow row 0 of the batch buffer (read

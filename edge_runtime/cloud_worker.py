@@ -214,7 +214,7 @@ class CloudWorker:
             gen = self._load()
             gen.warmup()
             try:
-                batch = gen.batch(self.concurrency, self.prefill_chunk or None)
+                batch = gen.batch(self.concurrency, self.prefill_chunk)
             except EngineError as e:
                 raise EngineError(f"{e} (for the cloud worker: --concurrency 1)") from e
             step_s, prefill_tps = measure_rates(gen, self.concurrency)

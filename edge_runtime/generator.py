@@ -255,9 +255,9 @@ class Generator:
             for name in self._past
         }
 
-    def batch(self, max_batch: int, prefill_chunk: int | None = None) -> BatchDecoder:
+    def batch(self, max_batch: int, prefill_chunk: int = 0) -> BatchDecoder:
         """A continuous batch of up to `max_batch` sequences on this generator's engine;
-        prompts longer than `prefill_chunk` tokens are prefilled a chunk per step."""
+        prompts longer than `prefill_chunk` tokens (0: off) are prefilled a chunk per step."""
         from edge_runtime.batching import BatchDecoder
 
         return BatchDecoder(self, max_batch, prefill_chunk)

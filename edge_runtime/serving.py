@@ -166,7 +166,7 @@ class LocalWorker:
         once the engine loop has adopted it. Requests already queued or running finish on
         the generator they were tokenized with. A generator whose engine cannot decode
         `max_batch` sequences together is refused here (EngineError), before any change."""
-        batch = generator.batch(self.config.max_batch, self.config.prefill_chunk or None)
+        batch = generator.batch(self.config.max_batch, self.config.prefill_chunk)
         if self._measure_rates:
             try:  # the new model's own speed, measured before it takes traffic
                 self._seed_rates(generator)
@@ -245,7 +245,7 @@ class LocalWorker:
         try:
             gen = self._load()
             # refuses a max_batch the engine lacks
-            batch = gen.batch(self.config.max_batch, self.config.prefill_chunk or None)
+            batch = gen.batch(self.config.max_batch, self.config.prefill_chunk)
             gen.warmup()
             if self._measure_rates:
                 try:

@@ -61,7 +61,7 @@ def one_run(gen: Generator, chunk: int, long_ids: Sequence[int]) -> dict[str, An
     """Three streams decode; the long prompt arrives; step until it has its first token."""
     params = SamplingParams(max_tokens=gen.context_length - len(long_ids) - 1, temperature=0.0)
     short = SamplingParams(max_tokens=400, temperature=0.0)
-    dec = gen.batch(RUNNING + 1, chunk or None)
+    dec = gen.batch(RUNNING + 1, chunk)
     for i, p in enumerate(PROMPTS[:RUNNING]):
         dec.add(i, gen.text_prompt(p), short)
     while dec.prefilling:

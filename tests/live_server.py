@@ -137,7 +137,7 @@ class FakeGenerator:
 
         return chunks()
 
-    def batch(self, max_batch: int, prefill_chunk: int | None = None) -> StreamBatch:
+    def batch(self, max_batch: int, prefill_chunk: int = 0) -> StreamBatch:
         return StreamBatch(self, max_batch)
 
     def warmup(self) -> None:

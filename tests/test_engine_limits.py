@@ -73,7 +73,7 @@ def test_a_batch_wider_than_the_engine_is_refused_naming_both(narrow):
 def test_chunked_prefill_is_off_on_an_engine_with_fixed_shapes(narrow):
     """A chunk after the first (several tokens over a cache) fits no TensorRT profile."""
     dec = narrow.batch(2, prefill_chunk=4)
-    assert dec.prefill_chunk is None
+    assert dec.prefill_chunk == 0  # off
     prompt = narrow.text_prompt("def f(x):\n    return x")
     assert len(prompt) > 4
     assert dec.add("a", prompt, SamplingParams(max_tokens=2, temperature=0)) != []

@@ -59,7 +59,7 @@ def worker(gen: FakeGenerator, clock: Clock, max_batch: int = 2) -> Iterator[Loc
 class PrefillingGenerator(FakeGenerator):
     """Its batches report one long prompt prefilling beside the running sequences."""
 
-    def batch(self, max_batch: int, prefill_chunk: int | None = None) -> StreamBatch:
+    def batch(self, max_batch: int, prefill_chunk: int = 0) -> StreamBatch:
         b = StreamBatch(self, max_batch + 1)
         b.prefilling = 1
         return b
