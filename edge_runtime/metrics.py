@@ -178,7 +178,7 @@ class Metrics:
         )
 
     def track_queue(self, depth: Callable[[], float], ready: Callable[[], bool],
-                    prefilling: Callable[[], float] = lambda: 0.0) -> None:
+                    prefilling: Callable[[], float]) -> None:
         """Read queue depth, readiness and prefilling prompts at scrape time, so they are
         never stale."""
         self.queue_depth.set_function(depth)
