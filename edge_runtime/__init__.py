@@ -3,7 +3,7 @@ API, and (in later modules) overload offload and fleet management over MQTT 5.""
 
 from __future__ import annotations
 
-from edge_runtime.bundle import Bundle, Manifest, verify_bundle, write_bundle
+from edge_runtime.bundle.manifest import Bundle, Manifest, verify_bundle, write_bundle
 from edge_runtime.errors import (
     BundleError,
     BundleIntegrityError,
@@ -16,8 +16,9 @@ from edge_runtime.errors import (
     OverloadedError,
     SignatureError,
 )
-from edge_runtime.generator import Chunk, Completion, Generator
-from edge_runtime.sampling import SamplingParams
+from edge_runtime.model.generator import Generator
+from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.model.stream import Chunk, Completion
 
 __version__ = "0.1.0"
 

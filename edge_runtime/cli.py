@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime import __version__
-from edge_runtime.bundle import Bundle, verify_bundle
-from edge_runtime.coalesce import ChunkPolicy
+from edge_runtime.bundle.manifest import Bundle, verify_bundle
+from edge_runtime.cloud.coalesce import ChunkPolicy
 from edge_runtime.config import LOG_LEVELS, Config, load_config
 from edge_runtime.errors import ConfigError, EdgeError, SignatureError
 from edge_runtime.signing import default_trust_dir, trusted_keys
@@ -38,8 +38,8 @@ from edge_runtime.signing import default_trust_dir, trusted_keys
 if TYPE_CHECKING:
     import uvicorn
 
-    from edge_runtime.offload import OffloadClient
-    from edge_runtime.serving import LocalWorker
+    from edge_runtime.offload.client import OffloadClient
+    from edge_runtime.serving.engine_loop import LocalWorker
 
 log = logging.getLogger("edge_runtime")
 
@@ -160,8 +160,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _build_engine(args: argparse.Namespace) -> int:
+    from edge_runtime.engines.trt_build import BuildOptions, build_engine
     from edge_runtime.engines.trt_plan import ProfileLimits
-    from edge_runtime.trt_build import BuildOptions, build_engine
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bundle = _trusted_bundle(args.bundle, args.pubkey or [])  # never build from unverified ONNX
@@ -195,7 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = (load_config(args.config) if args.config else Config()).override(flags)
     config_file: Path | None = args.config
     if cfg.fleet.enabled and cfg.fleet.root is not None:
-        from edge_runtime.fleet_serving import config_path
+        from edge_runtime.fleet.daemon import config_path
 
         # The file fleet set-config writes; without --config, one under the fleet root,
         # read here (with the flags on top) once a set-config has written it.
@@ -208,8 +208,8 @@ def _serve(args: argparse.Namespace) -> int:
     root, pubkeys = cfg.model.bundle, cfg.model.pubkeys
     fleet = cfg.fleet.enabled
     if fleet:
-        from edge_runtime.fleet_serving import SLOTS, install_initial
-        from edge_runtime.slots import Slots
+        from edge_runtime.fleet.daemon import SLOTS, install_initial
+        from edge_runtime.fleet.slots import Slots
 
         assert cfg.fleet.root is not None  # FleetConfig checks it
         slots_dir = cfg.fleet.root / SLOTS
@@ -259,9 +259,9 @@ def _cloud_worker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from edge_runtime.cloud_worker import CloudWorker
-    from edge_runtime.generator import Generator
-    from edge_runtime.mqtt import BrokerURL
+    from edge_runtime.cloud.worker import CloudWorker
+    from edge_runtime.model.generator import Generator
+    from edge_runtime.mqtt.client import BrokerURL
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -307,10 +307,12 @@ def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -
     # Imported here so that `edge-runtime verify` does not pay for the web stack.
     import uvicorn
 
-    from edge_runtime.accesslog import AccessLog
-    from edge_runtime.api import create_app
-    from edge_runtime.generator import Generator
-    from edge_runtime.serving import LocalWorker, ModelInfo, cloud_state
+    from edge_runtime.api.accesslog import AccessLog
+    from edge_runtime.api.app import create_app
+    from edge_runtime.model.generator import Generator
+    from edge_runtime.serving.cloud_view import cloud_state
+    from edge_runtime.serving.engine_loop import LocalWorker
+    from edge_runtime.serving.request import ModelInfo
 
     server: uvicorn.Server | None = None
 
@@ -323,7 +325,7 @@ def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -
 
     offload = None
     if cfg.offload.broker is not None and cfg.scheduler.offload_enabled:
-        from edge_runtime.offload import OffloadClient
+        from edge_runtime.offload.client import OffloadClient
 
         offload = OffloadClient.from_config(cfg.offload)  # started on the server's loop
     worker = LocalWorker(load, cfg.scheduler, cloud=cloud_state(offload, cfg.scheduler),
@@ -331,7 +333,7 @@ def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -
     access_log = AccessLog.open(cfg.log.access_log)
     app = create_app(worker, ModelInfo.from_bundle(bundle), cfg, access_log, offload)
     if fleet is not None:  # the app's lifespan starts it once the model is warm
-        from edge_runtime.fleet_serving import attach
+        from edge_runtime.fleet.daemon import attach
 
         trust, config_file, flags = fleet
         attach(app, worker, cfg, trust, bundle.root, config_file, flags,

@@ -2,7 +2,7 @@
 
     [server]   where and how the HTTP API listens
     [model]    which bundle to serve and which keys may sign it
-    [scheduler] batch size, queue bound, default deadline, offload policy (scheduler.py)
+    [scheduler] batch size, queue bound, default deadline, offload policy (serving/scheduler.py)
     [log]      the JSON-lines access log and the log level
     [offload]  the MQTT broker of the cloud path, and its circuit breaker
     [fleet]    the device agent inside the daemon: broker, identity, bundle slots, and the
@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.scheduler import SchedulerConfig
+from edge_runtime.serving.scheduler import SchedulerConfig
 
 if TYPE_CHECKING:
-    from edge_runtime.probe import ProbeThresholds
+    from edge_runtime.model.probe import ProbeThresholds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -223,7 +223,7 @@ class FleetConfig:
             raise ConfigError(f"fleet probe thresholds: {e}") from None
 
     def thresholds(self) -> ProbeThresholds:
-        from edge_runtime.probe import ProbeThresholds
+        from edge_runtime.model.probe import ProbeThresholds
 
         return ProbeThresholds(
             min_greedy_match=self.probe_min_greedy_match,

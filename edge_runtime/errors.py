@@ -96,7 +96,8 @@ class OverloadedError(EdgeError):
 
 class DeadlineExceededError(EdgeError):
     """The request's deadline came before its response was complete; the engine loop stopped
-    generating it (serving.py). HTTP 504, or an error event in a stream that has begun."""
+    generating it (serving/engine_loop.py). HTTP 504, or an error event in a stream that has
+    begun."""
 
 
 class OffloadError(EdgeError):
@@ -121,11 +122,12 @@ class OffloadRemoteError(OffloadError):
 
 
 class BrokerError(EdgeError):
-    """Not connected to the MQTT broker, or it refused a publish/subscribe (mqtt.py)."""
+    """Not connected to the MQTT broker, or it refused a publish/subscribe (mqtt/client.py)."""
 
 
 class MessageError(EdgeError):
-    """An MQTT payload, its properties or a topic id do not follow messages.py / topics.py."""
+    """An MQTT payload, its properties or a topic id do not follow offload/messages.py,
+    fleet/messages.py or mqtt/topics.py."""
 
 
 class FleetError(EdgeError):

@@ -5,7 +5,7 @@
     python scripts/bench_batching.py --qwen05 [--workdir ~/.cache/edge-bench]
 
 What is measured: the streams are decoded together by one `BatchDecoder`
-(`Generator.batch(4)`, edge_runtime/batching.py) on one CPU engine with `--threads` intra-op
+(`Generator.batch(4)`, edge_runtime/model/batching.py) on one CPU engine with `--threads` intra-op
 threads. Each stream has its own prompt (different lengths, so the batch cache really is
 padded). All sequences are prefilled and joined first; then the clock runs over the
 `step()` loop only, until every stream has produced `--tokens` tokens (EOS ignored, so every
@@ -50,9 +50,9 @@ from typing import Any
 
 from bench.report import cpu_model, update_section
 
-from edge_runtime.bundle import verify_bundle
-from edge_runtime.generator import Generator
-from edge_runtime.sampling import SamplingParams
+from edge_runtime.bundle.manifest import verify_bundle
+from edge_runtime.model.generator import Generator
+from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.signing import trusted_keys
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,10 +33,12 @@ from bench.report import cpu_model, update_section
 from overload.load import pct
 from overload.procs import BIN, Procs, free_port, tail
 
-from edge_runtime import probe, signing, topics
-from edge_runtime.bundle import MANIFEST, verify_bundle, write_bundle
-from edge_runtime.fleet_messages import Ack, Command
-from edge_runtime.mqtt import Message, MqttClient
+from edge_runtime import signing
+from edge_runtime.bundle.manifest import MANIFEST, verify_bundle, write_bundle
+from edge_runtime.fleet.messages import Ack, Command
+from edge_runtime.model import probe
+from edge_runtime.mqtt import topics
+from edge_runtime.mqtt.client import Message, MqttClient
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"

@@ -32,7 +32,7 @@ from pathlib import Path
 from bench.report import cpu_model, update_section
 from bench_offload_rtt import DOC, cpu_s, pct, start_mosquitto
 
-from edge_runtime.offload import OffloadClient
+from edge_runtime.offload.client import OffloadClient
 
 PROMPTS = ("Once upon a time", "The robot arm picks up the red box and", "Hello, kiosk.",
            "Step one of the maintenance procedure is to")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench.report import cpu_model, update_section
 
-from edge_runtime.offload import LatencyStats, OffloadClient
+from edge_runtime.offload.client import LatencyStats, OffloadClient
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 

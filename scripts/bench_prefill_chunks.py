@@ -38,8 +38,8 @@ from typing import Any
 from bench.report import cpu_model, update_section
 from bench_batching import PROMPTS, load_generator
 
-from edge_runtime.generator import Generator
-from edge_runtime.sampling import SamplingParams
+from edge_runtime.model.generator import Generator
+from edge_runtime.model.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "BENCHMARKS.md"

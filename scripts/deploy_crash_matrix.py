@@ -5,7 +5,7 @@
 
 One run = one crash point × one fresh device:
   1. a device root serving bundle v1 (synthetic, signed: slots never look inside a graph);
-  2. the agent as a real process (`python -m edge_runtime.agent_process --health verify`)
+  2. the agent as a real process (`python -m edge_runtime.fleet.agent_process --health verify`)
      with EDGE_FLEET_CRASH_AT=<point>, connected to a real, persistent Mosquitto;
   3. a deploy command for bundle v2 as an http URL (a real HTTP server with Range, here);
   4. the agent prints `PAUSED <point>` there and gets SIGKILL;
@@ -45,11 +45,12 @@ from bundle_fixtures import make_bundle  # noqa: E402
 from http_fixtures import RangeServer  # noqa: E402
 from mqtt_fixtures import Broker  # noqa: E402
 
-from edge_runtime import signing, topics  # noqa: E402
-from edge_runtime.bundle import verify_bundle  # noqa: E402
-from edge_runtime.fleet_messages import Ack, Command  # noqa: E402
-from edge_runtime.mqtt import Message, MqttClient  # noqa: E402
-from edge_runtime.slots import Slots  # noqa: E402
+from edge_runtime import signing  # noqa: E402
+from edge_runtime.bundle.manifest import verify_bundle  # noqa: E402
+from edge_runtime.fleet.messages import Ack, Command  # noqa: E402
+from edge_runtime.fleet.slots import Slots  # noqa: E402
+from edge_runtime.mqtt import topics  # noqa: E402
+from edge_runtime.mqtt.client import Message, MqttClient  # noqa: E402
 
 STAGES: dict[str, list[str]] = {
     "download": ["download:partial"],
@@ -133,7 +134,7 @@ class Matrix:
         if crash_at:
             env["EDGE_FLEET_CRASH_AT"] = crash_at
         return subprocess.Popen(
-            [sys.executable, "-m", "edge_runtime.agent_process", "--root", str(root),
+            [sys.executable, "-m", "edge_runtime.fleet.agent_process", "--root", str(root),
              "--device", device, "--broker", self.broker.url, "--pubkey", str(self.pub),
              "--health", "verify", "--telemetry-s", "3600"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -145,7 +145,7 @@ def run_rollout(a: argparse.Namespace, broker: str, db: Path, bundle: Path, pub:
                 rid: str, workers: list[subprocess.Popen[str]] | None = None) -> dict[str, Any]:
     """`edge-fleet deploy` as the operator would run it; take devices offline after the
     canary when `workers` is given. Returns exit code, wall time and the status JSON."""
-    cmd = [sys.executable, "-m", "edge_runtime.fleet_cli", "--broker", broker, "--db", str(db),
+    cmd = [sys.executable, "-m", "edge_runtime.rollout.cli", "--broker", broker, "--db", str(db),
            "deploy", str(bundle), "--group", GROUP, "--canary", a.canary, "--batch", a.batch,
            "--abort-if", RULE, "--soak", str(a.soak), "--ack-timeout", str(a.ack_timeout),
            "--max-failures", a.max_failures, "--pubkey", str(pub), "--id", rid,
@@ -163,7 +163,7 @@ def run_rollout(a: argparse.Namespace, broker: str, db: Path, bundle: Path, pub:
             offline_sent = True
     code = proc.wait()
     wall = time.monotonic() - t0
-    out = subprocess.run([sys.executable, "-m", "edge_runtime.fleet_cli", "--db", str(db),
+    out = subprocess.run([sys.executable, "-m", "edge_runtime.rollout.cli", "--db", str(db),
                           "status", rid, "--json"], capture_output=True, text=True, check=False,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     status = json.loads(out.stdout) if out.returncode == 0 else {}
@@ -358,7 +358,7 @@ def simulate(a: argparse.Namespace, command: str) -> int:
 
 def check_abort(status: dict[str, Any], broker: str, a: argparse.Namespace) -> dict[str, Any]:
     """From the retained statuses: is every canary device back on its previous bundle?"""
-    from edge_runtime.fleet_cli import read_statuses
+    from edge_runtime.rollout.cli import read_statuses
 
     statuses = read_statuses(broker, wait_s=3.0)
     canary = [d for d in status.get("devices", []) if d["phase"] == 0]

@@ -125,7 +125,7 @@ def teacher_forced(gen: Any, prompt: list[int], tokens: list[int]) -> list[np.nd
 
 def batch_decode(gen: Any, prompts: list[list[int]], new: int) -> tuple[list[list[int]], float]:
     """Greedy tokens of `prompts` decoded as one batch, and decode tokens/s (steps only)."""
-    from edge_runtime.sampling import SamplingParams
+    from edge_runtime.model.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=new, temperature=0.0)
     dec = gen.batch(len(prompts))
@@ -160,16 +160,16 @@ def run(args: argparse.Namespace) -> int:
     if reason is not None:
         print(f"trt_selftest: SKIPPED — no TensorRT/GPU on this machine: {reason}")
         return EXIT_NO_GPU
-    from edge_runtime.bundle import verify_bundle
-    from edge_runtime.engines import load_engine
+    from edge_runtime.bundle.manifest import verify_bundle
+    from edge_runtime.engines.load import load_engine
     from edge_runtime.engines.ort import OrtEngine
+    from edge_runtime.engines.trt_build import BuildOptions, build_engine
     from edge_runtime.engines.trt_cache import select_graph
     from edge_runtime.engines.trt_plan import ProfileLimits
-    from edge_runtime.generator import Generator
-    from edge_runtime.sampling import SamplingParams
+    from edge_runtime.model.generator import Generator
+    from edge_runtime.model.sampling import SamplingParams
+    from edge_runtime.model.tokenizer import TextTokenizer
     from edge_runtime.signing import trusted_keys
-    from edge_runtime.tokenizer import TextTokenizer
-    from edge_runtime.trt_build import BuildOptions, build_engine
 
     bundle_dir, pubkey = (make_demo(args.make_demo) if args.make_demo
                           else (args.bundle, args.pubkey))  # fmt: skip
@@ -182,14 +182,13 @@ def run(args: argparse.Namespace) -> int:
         import os
 
         os.environ["EDGE_RUNTIME_TRT_CACHE"] = str(args.cache_dir)
-    graph = bundle.graph("decoder")
-    path = str(bundle.path(graph.file))
     # The reference runs the graph TensorRT was built from (for a Q/DQ graph, ONNX Runtime's
     # CPU provider fuses it to int8-activation MatMulNBits: part of the measured Δ).
     ref_path = str(bundle.path(select_graph(m)[1].file))
     tok_cfg = bundle.path(m.tokenizer.config_file) if m.tokenizer.config_file else None
     tokenizer = TextTokenizer.from_files(bundle.path(m.tokenizer.file), tok_cfg)
-    trt_gen = Generator(load_engine(path, backend="tensorrt"), graph, tokenizer, m.generation)
+    trt_engine, graph = load_engine(bundle, "decoder", backend="tensorrt")
+    trt_gen = Generator(trt_engine, graph, tokenizer, m.generation)
     ort_gen = Generator(OrtEngine(ref_path, providers=["CPUExecutionProvider"]), graph, tokenizer,
                         m.generation)  # fmt: skip
     print(f"engines: {trt_gen.engine.name} vs {ort_gen.engine.name}")

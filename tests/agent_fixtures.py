@@ -17,12 +17,13 @@ import pytest
 from bundle_fixtures import BuiltBundle
 from mqtt_fixtures import Broker
 
-from edge_runtime import signing, topics
-from edge_runtime.agent import AgentConfig, DeviceAgent
-from edge_runtime.bundle import MANIFEST
-from edge_runtime.fleet_messages import Ack, Command
-from edge_runtime.mqtt import Message, MqttClient, TlsFiles
-from edge_runtime.slots import Slots
+from edge_runtime import signing
+from edge_runtime.bundle.manifest import MANIFEST
+from edge_runtime.fleet.agent import AgentConfig, DeviceAgent
+from edge_runtime.fleet.messages import Ack, Command
+from edge_runtime.fleet.slots import Slots
+from edge_runtime.mqtt import topics
+from edge_runtime.mqtt.client import Message, MqttClient, TlsFiles
 
 DEVICE = "dev-1"
 
@@ -31,7 +32,7 @@ DEVICE = "dev-1"
 def bundle_v2(tiny_bundle: BuiltBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same model re-released as version 2: re-signed with edge_runtime alone, so these
     tests also run on the device leg (no onnx, no torch)."""
-    from edge_runtime.bundle import write_bundle
+    from edge_runtime.bundle.manifest import write_bundle
     from edge_runtime.signing import load_private_key
 
     src = tiny_bundle.path

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime import signing
-from edge_runtime.bundle import write_bundle
+from edge_runtime.bundle.manifest import write_bundle
 
 
 @dataclass(frozen=True)

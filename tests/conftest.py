@@ -57,14 +57,9 @@ def bundle_copy(tiny_bundle: BuiltBundle, tmp_path: Path) -> Path:
     return dst
 
 
-# A real Mosquitto per test (`broker`, `persistent_broker`): see mqtt_fixtures.py.
-# The device agent's: a controller, a device root, bundle v2 (see agent_fixtures.py).
-from agent_fixtures import (  # noqa: E402, F401
-    bundle_v2,
-    bundle_v2_tar,
-    controller,
-    device_root,
-)
+# A real Mosquitto per test (`broker`, `persistent_broker`, `tls_broker`), shared by every
+# folder that talks MQTT: see mqtt_fixtures.py. Each folder's own fixtures are in its
+# conftest.py (tests/fleet: the device agent's controller, device root and bundle v2).
 from mqtt_fixtures import broker, persistent_broker, pki, tls_broker  # noqa: E402, F401
 
 

@@ -16,10 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from fleetsim.devices import make_sim_bundle, provision, sim_agent
 
-from edge_runtime import signing, topics
-from edge_runtime.agent import DeviceAgent
-from edge_runtime.fleet_messages import Ack, parse_command
-from edge_runtime.mqtt import Message, MqttClient
+from edge_runtime import signing
+from edge_runtime.fleet.agent import DeviceAgent
+from edge_runtime.fleet.messages import Ack, parse_command
+from edge_runtime.mqtt import topics
+from edge_runtime.mqtt.client import Message, MqttClient
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,11 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from edge_runtime.bundle import GenerationDefaults
+from edge_runtime.bundle.manifest import GenerationDefaults
 from edge_runtime.errors import EngineError
-from edge_runtime.generator import Chunk, ChunkStream, GenerationStats, Generator
-from edge_runtime.sampling import SamplingParams
+from edge_runtime.model.generator import Generator
+from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.model.stream import Chunk, ChunkStream, GenerationStats
 
 
 @contextmanager

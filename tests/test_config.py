@@ -151,7 +151,7 @@ probe_max_ttft_ms = 800
 
 
 def test_fleet_section(tmp_path: Path) -> None:
-    from edge_runtime.fleet_serving import agent_config
+    from edge_runtime.fleet.daemon import agent_config
 
     cfg = load_config(write(tmp_path, FLEET))
     f = cfg.fleet

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_runtime.bundle import KVCacheSpec
+from edge_runtime.bundle.manifest import KVCacheSpec
 from edge_runtime.engines.ort import OrtEngine
 
 if TYPE_CHECKING:

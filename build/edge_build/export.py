@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_build.evaluate import compare_logits, onnx_logits
 from edge_build.stage import QualityGateError, StageError, require_dir, stage_output, write_stage
-from edge_runtime.bundle import KVCacheSpec
+from edge_runtime.bundle.manifest import KVCacheSpec
 
 SUPPORTED = ("qwen2", "llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -50,7 +50,7 @@ def train_tokenizer(corpus: Corpus, vocab_size: int, out: Path) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from edge_runtime.tokenizer import CHATML_TEMPLATE
+    from edge_runtime.model.tokenizer import CHATML_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(

@@ -10,7 +10,7 @@ graph lower.py builds from the same integer codes (TensorRT's ONNX parser reads 
 MatMulNBits nor the fused GroupQueryAttention), sliced and checked the same way, with the same
 tensors as `decoder` (edge_runtime/engines/trt_cache.py picks it by its weights format).
 
-It also writes the bundle's quality probe (`probe/reference.json`, edge_runtime/probe.py):
+It also writes the bundle's quality probe (`probe/reference.json`, edge_runtime/model/probe.py):
 reference prompts cut from held-out text with the serving graph's greedy outputs, and its
 perplexity on held-out windows. Listed in the manifest, the file is hashed and signed with
 the rest, so a device can hold a deployed bundle to the numbers of its own build.
@@ -31,10 +31,11 @@ import numpy as np
 from edge_build.evaluate import onnx_logits
 from edge_build.export import kv_spec, read_config
 from edge_build.stage import StageError, lineage, require_dir
-from edge_runtime import probe, signing
-from edge_runtime.bundle import SCHEMA_VERSION, Manifest, verify_bundle, write_bundle
+from edge_runtime import signing
+from edge_runtime.bundle.manifest import SCHEMA_VERSION, Manifest, verify_bundle, write_bundle
 from edge_runtime.engines.ort import OrtEngine
 from edge_runtime.errors import BundleError
+from edge_runtime.model import probe
 
 DECODER = "model/decoder.onnx"
 DECODER_TRT = "model/decoder_trt.onnx"
@@ -102,7 +103,7 @@ def write_reference(
     spec: ProbeSpec, out: Path,
 ) -> dict[str, Any]:
     """Run the probe's reference on the serving graph (CPU, ONNX Runtime); write it at out."""
-    from edge_runtime.generator import Generator
+    from edge_runtime.model.generator import Generator
 
     manifest = Manifest.from_dict({**fields, "files": {}, "schema_version": SCHEMA_VERSION})
     engine = OrtEngine(graph_file, providers=["CPUExecutionProvider"])
@@ -271,7 +272,7 @@ def run(
     """
     import onnx
 
-    from edge_runtime.tokenizer import TextTokenizer
+    from edge_runtime.model.tokenizer import TextTokenizer
 
     started = time.time()
     input_dir = require_dir(input_dir, "artifact")

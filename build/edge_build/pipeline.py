@@ -269,7 +269,6 @@ class Pipeline(StageRunner):
     def package(self, artifact: Path, trt: Path | None = None) -> tuple[Path, Path | None]:
         from edge_build import package
         from edge_runtime import signing
-
         p = self.recipe.package
         key, pub = self.key, None
         if key is None:  # a key made once for this build directory
@@ -305,7 +304,6 @@ class Pipeline(StageRunner):
 
 def key_id(key: Path) -> str:
     from edge_runtime import signing
-
     return str(signing.key_id(signing.load_private_key(key).public_key()))
 
 

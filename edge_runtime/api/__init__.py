@@ -1,8 +1,15 @@
-"""The OpenAI-compatible HTTP API (FastAPI). `create_app` is the entry point."""
+"""The HTTP front door: the OpenAI-compatible API (FastAPI + uvicorn).
 
-from __future__ import annotations
+    app.py          create_app: routes, thin over the serving layer
+    completions.py  OpenAI request → engine request → OpenAI response (JSON or SSE)
+    schemas.py      request and response bodies (pydantic), all in one place
+    errors.py       one error shape for every 4xx/5xx
+    middleware.py   request context, auth, body limits, access log (pure ASGI)
+    metrics.py      Prometheus metrics of the daemon
+    accesslog.py    the JSON-lines access and audit log
 
-from edge_runtime.api.app import create_app
-from edge_runtime.api.errors import APIError
-
-__all__ = ["APIError", "create_app"]
+May import: serving, offload (the client the dispatcher is handed), model, bundle, config,
+errors. Nothing imports api except cli.py and the fleet agent inside the daemon (its
+metrics); the cloud worker reads only schemas.py, so this file imports nothing: importing
+`edge_runtime.api.schemas` must not load FastAPI.
+"""

@@ -24,19 +24,20 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from edge_runtime.accesslog import AccessLog
 from edge_runtime.api import schemas as s
+from edge_runtime.api.accesslog import AccessLog
 from edge_runtime.api.completions import ServingState, create_completion
 from edge_runtime.api.errors import APIError, install_handlers
+from edge_runtime.api.metrics import Metrics
 from edge_runtime.api.middleware import (
     AuthMiddleware,
     BodyLimitMiddleware,
     RequestContextMiddleware,
 )
 from edge_runtime.config import Config
-from edge_runtime.metrics import Metrics
-from edge_runtime.offload import OffloadClient
-from edge_runtime.serving import LocalWorker, ModelInfo
+from edge_runtime.offload.client import OffloadClient
+from edge_runtime.serving.engine_loop import LocalWorker
+from edge_runtime.serving.request import ModelInfo
 
 
 def create_app(

@@ -32,21 +32,21 @@ from starlette.types import Receive
 
 from edge_runtime.api import schemas as s
 from edge_runtime.api.errors import SERVER_ERROR, APIError, from_edge_error
+from edge_runtime.api.metrics import REFUSED, Metrics
 from edge_runtime.api.middleware import RequestContext, request_context
 from edge_runtime.errors import ContextLengthError, EdgeError, GenerationError
-from edge_runtime.generator import Chunk, GenerationStats
-from edge_runtime.metrics import REFUSED, Metrics
-from edge_runtime.offload import OffloadClient, OffloadStream
-from edge_runtime.request import (
+from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.model.stream import Chunk, GenerationStats
+from edge_runtime.offload.client import OffloadClient, OffloadStream
+from edge_runtime.serving.engine_loop import LocalWorker
+from edge_runtime.serving.request import (
     ModelChanged,
     ModelInfo,
     OffloadRequested,
     TextGenerator,
 )
-from edge_runtime.request import Request as EngineRequest
-from edge_runtime.sampling import SamplingParams
-from edge_runtime.scheduler import Action
-from edge_runtime.serving import LocalWorker
+from edge_runtime.serving.request import Request as EngineRequest
+from edge_runtime.serving.scheduler import Action
 
 T = TypeVar("T")
 # 499: the client closed the connection before the response began (nginx's convention).

@@ -20,9 +20,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge_runtime.accesslog import AccessLog
+from edge_runtime.api.accesslog import AccessLog
 from edge_runtime.api.errors import SERVER_ERROR, APIError
-from edge_runtime.metrics import Metrics
+from edge_runtime.api.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

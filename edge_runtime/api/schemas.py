@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
-from edge_runtime.bundle import GenerationDefaults
-from edge_runtime.sampling import SamplingParams
+from edge_runtime.bundle.manifest import GenerationDefaults
+from edge_runtime.model.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edge_runtime.bundle import TensorSpec
-from edge_runtime.engines import DeviceTensor
+from edge_runtime.bundle.manifest import TensorSpec
+from edge_runtime.engines.protocol import DeviceTensor
 from edge_runtime.errors import EngineError
 
 log = logging.getLogger(__name__)

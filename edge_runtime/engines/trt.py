@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.bundle import GraphSpec, TensorSpec
-from edge_runtime.engines import DeviceTensor
+from edge_runtime.bundle.manifest import GraphSpec, TensorSpec
 from edge_runtime.engines.cuda_mem import BufferPool, CudaTensor, PinnedBuffer, check, import_cudart
+from edge_runtime.engines.protocol import DeviceTensor
 from edge_runtime.engines.trt_cache import PlanRecord, Target
 from edge_runtime.engines.trt_plan import (
     PAD,

@@ -17,8 +17,8 @@ holds ONNX Runtime contrib ops when it is 4-bit (`MatMulNBits`, `GatherBlockQuan
 fused (`GroupQueryAttention`), so `select_graph` takes, in order: a graph the manifest marks
 for TensorRT (`weights.format == "qdq"`: opset-21 blocked INT4 DequantizeLinear, from
 `edge-build lower --format qdq`), else the serving graph when it is plain float ONNX, else it
-refuses with the reason. `open_trt` puts it together for `load_engine`: it imports tensorrt
-(through trt.py) only once a plan for the graph is known to exist.
+refuses with the reason. load.py puts it together: it imports tensorrt (through trt.py) only
+once a plan for the graph is known to exist.
 """
 
 from __future__ import annotations
@@ -30,15 +30,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edge_runtime.atomic import atomic_write_json
-from edge_runtime.bundle import MANIFEST, GraphSpec, Manifest
-from edge_runtime.engines.trt_plan import ProfileLimits, same_interface
+from edge_runtime.bundle.manifest import GraphSpec, Manifest
+from edge_runtime.engines.trt_plan import ProfileLimits
 from edge_runtime.errors import BundleError, ConfigError, EngineError
-
-if TYPE_CHECKING:
-    from edge_runtime.engines.trt import TrtEngine
 
 log = logging.getLogger(__name__)
 
@@ -210,87 +207,3 @@ def graph_sha256(manifest: Manifest, graph: GraphSpec) -> str:
     if entry is None:
         raise BundleError(f"graph file {graph.file} is not listed in the manifest")
     return entry.sha256
-
-
-def bundle_of(graph_path: str | os.PathLike[str]) -> tuple[Path, Manifest] | None:
-    """The bundle a graph file belongs to (its manifest lists the file), or None.
-
-    `load_engine` receives only a path; the manifest beside it says which plan to look for.
-    The manifest is the one `verify_bundle` checked before the daemon loads anything.
-    """
-    path = Path(graph_path).resolve()
-    for root in path.parents:
-        manifest_path = root / MANIFEST
-        if not manifest_path.is_file():
-            continue
-        try:
-            manifest = Manifest.from_dict(json.loads(manifest_path.read_bytes()))
-        except (ValueError, BundleError):
-            return None
-        rel = path.relative_to(root).as_posix()
-        return (root, manifest) if rel in manifest.files else None
-    return None
-
-
-def open_trt(graph_path: str | os.PathLike[str], required: bool) -> TrtEngine | None:
-    """A TrtEngine for the bundle graph at `graph_path`, from the plan cache.
-
-    `required` (backend "tensorrt"): every obstacle is an EngineError saying what to do.
-    Otherwise (backend "auto") None means "use ONNX Runtime": no plan for this graph (decided
-    without importing tensorrt), no tensorrt, no plan for this GPU, or a plan that fails to
-    load (logged as a warning).
-    """
-
-    import importlib.util
-
-    from edge_runtime.engines.cuda_mem import import_cudart
-    from edge_runtime.engines.trt import (
-        TRT_INSTALL_HINT,
-        TrtEngine,
-        current_target,
-        import_tensorrt,
-    )
-
-    def give_up(message: str, warn: bool = False) -> None:
-        if required:
-            raise EngineError(message)
-        (log.warning if warn else log.info)("TensorRT not used: %s", message)
-
-    found = bundle_of(graph_path)
-    if found is None:
-        give_up(f"{graph_path} is not a graph of a bundle (no manifest.json lists it)")
-        return None
-    root, manifest = found
-    rel = Path(graph_path).resolve().relative_to(root).as_posix()
-    requested = next((g for g in manifest.graphs.values() if g.file == rel), None)
-    try:
-        gname, graph = select_graph(manifest)
-    except EngineError as e:
-        give_up(str(e))
-        return None
-    if requested is None or not same_interface(requested, graph):
-        give_up(f"graph {gname!r} ({graph.file}) does not have the I/O of {rel}")
-        return None
-    sha = graph_sha256(manifest, graph)
-    cache = default_cache_dir()
-    build_cmd = f"edge-runtime build-engine {root}"
-    if not required:
-        if find_plan(cache, sha) is None:
-            give_up(f"no TensorRT plan for graph {gname!r} in {cache} (build one: {build_cmd})")
-            return None
-        if importlib.util.find_spec("tensorrt") is None:
-            give_up(f"a plan exists in {cache} but tensorrt is not importable: {TRT_INSTALL_HINT}")
-            return None
-    try:
-        target = current_target(import_tensorrt(), import_cudart())
-        record = find_plan(cache, sha, target)
-        if record is None:
-            raise EngineError(
-                f"no TensorRT plan in {cache} for graph {gname!r} (SHA-256 {sha[:12]}…) on "
-                f"{target.gpu_name} (sm {target.compute_capability}, TensorRT "
-                f"{target.trt_version}): run `{build_cmd}`"
-            )
-        return TrtEngine(plan_paths(cache, record.key)[0], graph, record=record)
-    except EngineError as e:
-        give_up(str(e), warn=True)
-        return None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_runtime.bundle import GraphSpec, TensorSpec
+from edge_runtime.bundle.manifest import GraphSpec, TensorSpec
 from edge_runtime.errors import ConfigError, EngineError
 
 PREFILL, DECODE = 0, 1

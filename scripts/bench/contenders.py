@@ -140,9 +140,9 @@ def bench_ours(cfg: BenchConfig, bundle_dir: str | None = None) -> ContenderResu
     from bench import artifacts
 
     _ensure_repo_importable()
-    from edge_runtime.bundle import verify_bundle
-    from edge_runtime.generator import Generator
-    from edge_runtime.sampling import SamplingParams
+    from edge_runtime.bundle.manifest import verify_bundle
+    from edge_runtime.model.generator import Generator
+    from edge_runtime.model.sampling import SamplingParams
     from edge_runtime.signing import load_public_key
 
     workdir = Path(cfg.workdir)

@@ -24,11 +24,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_runtime.agent import AgentConfig, DeviceAgent
-from edge_runtime.bundle import MANIFEST, write_bundle
+from edge_runtime.bundle.manifest import MANIFEST, write_bundle
 from edge_runtime.errors import HealthCheckError
-from edge_runtime.slots import Slots
-from edge_runtime.telemetry import HostTelemetry
+from edge_runtime.fleet.agent import AgentConfig, DeviceAgent
+from edge_runtime.fleet.slots import Slots
+from edge_runtime.fleet.telemetry import HostTelemetry
 
 GOOD = {"quality": 0.90, "error_rate": 0.005, "ttft_p95_ms": 310.0, "tokens_per_s": 30.0}
 

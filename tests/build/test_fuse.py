@@ -87,7 +87,7 @@ def test_unexpected_graph_is_a_named_error(tiny_export: Path):
 def test_fused_bundle_declares_right_padded_batches(tiny_bundle, tiny_fused_bundle):
     """package marks a GQA graph as batching right-padded sequences and the decomposed graph
     as left-padded; test_batching runs the batch decoder on both."""
-    from edge_runtime.bundle import verify_bundle
+    from edge_runtime.bundle.manifest import verify_bundle
     from edge_runtime.signing import load_public_key
 
     keys = [load_public_key(tiny_bundle.pubkey)]

@@ -11,8 +11,9 @@ pytest.importorskip("torch")
 
 from edge_build import package
 from edge_build.stage import StageError
-from edge_runtime import probe, signing
-from edge_runtime.bundle import MANIFEST, verify_bundle
+from edge_runtime import signing
+from edge_runtime.bundle.manifest import MANIFEST, verify_bundle
+from edge_runtime.model import probe
 
 TEXT = [Path(json.__file__).with_name("decoder.py").read_text()]
 

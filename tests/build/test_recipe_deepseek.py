@@ -20,9 +20,9 @@ from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from edge_build.pipeline import run_recipe  # noqa: E402
 from edge_build.recipe import load_recipe  # noqa: E402
 from edge_build.textdata import token_stream  # noqa: E402
-from edge_runtime.bundle import verify_bundle  # noqa: E402
-from edge_runtime.generator import Generator  # noqa: E402
-from edge_runtime.sampling import SamplingParams  # noqa: E402
+from edge_runtime.bundle.manifest import verify_bundle  # noqa: E402
+from edge_runtime.model.generator import Generator  # noqa: E402
+from edge_runtime.model.sampling import SamplingParams  # noqa: E402
 from edge_runtime.signing import generate_keypair, load_public_key  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[2] / "models" / "deepseek-r1-distill-qwen-1.5b.toml"

@@ -23,7 +23,7 @@ from edge_build.prune_target import mlp_ratio_for_target  # noqa: E402
 from edge_build.quality import StageQualityError  # noqa: E402
 from edge_build.recipe import load_recipe  # noqa: E402
 from edge_build.stage import read_stage  # noqa: E402
-from edge_runtime.bundle import verify_bundle  # noqa: E402
+from edge_runtime.bundle.manifest import Bundle, GraphSpec, verify_bundle  # noqa: E402
 from edge_runtime.signing import load_public_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,8 +138,7 @@ def test_the_bundle_serves_the_fused_graph_and_passes_its_own_probe(built: Any) 
     assert graph.weights["dtype"] == "int4" and graph.weights["format"] == "MatMulNBits"
     assert graph.weights["method"] == "awq" and graph.weights["accuracy_level"] == 4
     # probe/reference.json was written from the fused graph: the bundle reproduces it.
-    from edge_runtime import probe
-
+    from edge_runtime.model import probe
     got = probe.probe_bundle(bundle, probe.ProbeThresholds(max_ttft_ms=60_000), threads=1)
     assert got.greedy_match == 1.0 and got.quality_drop is not None and got.quality_drop < 1e-3
 
@@ -152,12 +151,12 @@ def test_the_bundle_carries_the_qdq_graph_tensorrt_builds_from(
     with the decoder's tensors and its own padding side. TensorRT's graph choice picks it,
     and a Generator whose engine runs it (ONNX Runtime here, standing in for the engine that
     reads it; no TensorRT on this machine) batches it left-padded, tokens unchanged."""
-    from edge_runtime import generator as generator_mod
     from edge_runtime.engines.ort import OrtEngine
     from edge_runtime.engines.trt_cache import select_graph
     from edge_runtime.engines.trt_plan import same_interface
-    from edge_runtime.generator import Generator
-    from edge_runtime.sampling import SamplingParams
+    from edge_runtime.model import generator as generator_mod
+    from edge_runtime.model.generator import Generator
+    from edge_runtime.model.sampling import SamplingParams
 
     out, _, result = built
     bundle = verify_bundle(result.bundle, [load_public_key(out / "signing.pub")])
@@ -171,11 +170,12 @@ def test_the_bundle_carries_the_qdq_graph_tensorrt_builds_from(
 
     engines: list[OrtEngine] = []
 
-    def qdq_engine(path: str, backend: str = "auto", threads: int | None = None) -> OrtEngine:
+    def qdq_engine(bundle: Bundle, graph: str = "decoder", backend: str = "auto",
+                   threads: int | None = None) -> tuple[OrtEngine, GraphSpec]:
+        # What load_engine returns when a TensorRT plan of the QDQ graph exists.
         engine = OrtEngine(str(bundle.path(trt.file)), threads=1)
-        engine.graph_spec = trt  # type: ignore[attr-defined]  # what TrtEngine exposes
         engines.append(engine)
-        return engine
+        return engine, trt
 
     monkeypatch.setattr(generator_mod, "load_engine", qdq_engine)
     gen = Generator.from_bundle(bundle)

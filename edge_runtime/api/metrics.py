@@ -1,0 +1,215 @@
+"""Prometheus metrics of the daemon, in a registry of their own.
+
+Each app instance owns one `Metrics` (and so one `CollectorRegistry`): the default global
+registry would make a second app in the same process (tests, a future cloud worker beside a
+local one) fail with duplicate time series. Every series that describes served work carries
+`served_by` (`local` now, `cloud` once offload exists) so dashboards can split the two.
+
+`RecentWindow` keeps the last minute of completions for the fleet agent's telemetry: exact
+p95s and rates over a recent window, which cumulative Prometheus histograms cannot give. Its
+snapshot's names are telemetry.RUNTIME_FIELDS, the names a rollout's abort rule reads.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from edge_runtime.model.stream import GenerationStats
+
+# Latency buckets for an edge device: from a cached short answer (tens of ms) to a long
+# generation on a busy CPU (a minute).
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+
+ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+)
+
+
+COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+REFUSED = "none"
+"""`served_by` of a request no path served on purpose (the device is drained)."""
+
+
+class RecentWindow:
+    """Completion requests and generations of the last `window_s` seconds."""
+
+    def __init__(self, window_s: float = 60.0, maxlen: int = 20_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        # (time, status, served_by, seconds) / (time, ttft_s incl. queue, decode tokens, s)
+        # served_by "none": refused unserved on purpose (a drained device), not an error.
+        self._requests: deque[tuple[float, int, str, float]] = deque(maxlen=maxlen)
+        self._generations: deque[tuple[float, float, int, float]] = deque(maxlen=maxlen)
+
+    def request(self, status: int, served_by: str, seconds: float) -> None:
+        with self._lock:
+            self._requests.append((self._clock(), status, served_by, seconds))
+
+    def generation(self, ttft_s: float, decode_tokens: int, decode_s: float) -> None:
+        with self._lock:
+            self._generations.append((self._clock(), ttft_s, decode_tokens, decode_s))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Rates and p95s over the window (None where nothing was measured)."""
+        since = self._clock() - self.window_s
+        with self._lock:
+            reqs = [r for r in self._requests if r[0] >= since]
+            gens = [g for g in self._generations if g[0] >= since]
+        n = len(reqs)
+        ok = sorted(r[3] for r in reqs if r[1] < 400)
+        errors = sum(r[1] >= 500 and r[2] != REFUSED for r in reqs)
+        tokens = sum(g[2] for g in gens)
+        decode_s = sum(g[3] for g in gens)
+        return {
+            "window_s": self.window_s,
+            "requests": n,
+            "error_rate": errors / n if n else 0.0,
+            "rejected_rate": sum(r[1] == 429 for r in reqs) / n if n else 0.0,
+            "offload_share": sum(r[2] == "cloud" for r in reqs) / n if n else 0.0,
+            "p95_latency_ms": _ms(_p95(ok)),
+            "ttft_p95_ms": _ms(_p95(sorted(g[1] for g in gens))),
+            "tokens_per_s": round(tokens / decode_s, 2) if decode_s > 0 else None,
+        }
+
+
+def _p95(values: list[float]) -> float | None:
+    """Nearest-rank 95th percentile of sorted values."""
+    return values[max(0, math.ceil(0.95 * len(values)) - 1)] if values else None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 2)
+
+
+class Metrics:
+    """The daemon's series; `render()` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.recent = RecentWindow()
+        """The last minute of completions, for fleet telemetry (not exported to Prometheus)."""
+        r = self.registry
+        self.requests = Counter(
+            "edge_runtime_requests",
+            "HTTP requests by endpoint, status code and where they were served.",
+            ("endpoint", "status", "served_by"),
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "edge_runtime_request_duration_seconds",
+            "Time from request received to last byte sent.",
+            ("endpoint", "served_by"),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "edge_runtime_time_to_first_token_seconds",
+            "Time from request queued to first generated token (queue wait included).",
+            ("served_by",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "edge_runtime_queue_wait_seconds",
+            "Time a request waited in the queue before generation started.",
+            ("served_by",),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "edge_runtime_prompt_tokens",
+            "Prompt tokens processed.",
+            ("served_by",),
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "edge_runtime_generation_tokens",
+            "Tokens generated.",
+            ("served_by",),
+            registry=r,
+        )
+        self.decode_rate = Histogram(
+            "edge_runtime_decode_tokens_per_second",
+            "Decode speed of each generation (tokens after the first, per second).",
+            ("served_by",),
+            buckets=_TOKENS_PER_S_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "edge_runtime_queue_depth",
+            "Requests waiting or being generated.",
+            registry=r,
+        )
+        self.prefilling = Gauge(
+            "edge_runtime_prefilling",
+            "Long prompts being prefilled a chunk per decode step (scheduler.prefill_chunk).",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "edge_runtime_model_ready", "1 once the model is loaded and warmed up.", registry=r
+        )
+        self.offload_available = Gauge(
+            "edge_runtime_offload_available",
+            "1 while an offload would go out (broker connected, circuit breaker not open); "
+            "absent without a cloud path.",
+            registry=r,
+        )
+
+    def track_queue(self, depth: Callable[[], float], ready: Callable[[], bool],
+                    prefilling: Callable[[], float]) -> None:
+        """Read queue depth, readiness and prefilling prompts at scrape time, so they are
+        never stale."""
+        self.queue_depth.set_function(depth)
+        self.prefilling.set_function(prefilling)
+        self.ready.set_function(lambda: float(ready()))
+
+    def track_offload(self, available: Callable[[], bool]) -> None:
+        """Read the cloud path's availability at scrape time (offload.OffloadClient)."""
+        self.offload_available.set_function(lambda: float(available()))
+
+    def observe_request(self, endpoint: str, status: int, served_by: str, seconds: float) -> None:
+        label = endpoint if endpoint in ENDPOINTS else "other"  # bounded label values
+        self.requests.labels(label, str(status), served_by).inc()
+        self.request_latency.labels(label, served_by).observe(seconds)
+        if endpoint in COMPLETION_ENDPOINTS:
+            self.recent.request(status, served_by, seconds)
+
+    def observe_generation(
+        self, stats: GenerationStats, queue_wait_s: float, served_by: str
+    ) -> None:
+        self.queue_wait.labels(served_by).observe(queue_wait_s)
+        self.prompt_tokens.labels(served_by).inc(stats.prompt_tokens)
+        self.generated_tokens.labels(served_by).inc(stats.completion_tokens)
+        if stats.completion_tokens > 0:
+            self.ttft.labels(served_by).observe(queue_wait_s + stats.ttft_s)
+        if stats.decode_tokens_per_s > 0:
+            self.decode_rate.labels(served_by).observe(stats.decode_tokens_per_s)
+        if served_by == "local" and stats.completion_tokens > 0:
+            self.recent.generation(queue_wait_s + stats.ttft_s, stats.completion_tokens - 1,
+                                   stats.decode_s)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

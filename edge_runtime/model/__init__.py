@@ -1,0 +1,11 @@
+"""The model on one engine: tokens in, tokens out.
+
+    generator.py   Generator: prefill + decode over the KV cache, one sequence
+    batching.py    BatchDecoder: continuous batching, chunked prefill
+    stream.py      Chunk, Completion, GenerationStats, StopMatcher: what a generation yields
+    sampling.py    greedy / temperature / top-k / top-p, seeded
+    tokenizer.py   tokenizer.json + chat template, without transformers
+    probe.py       the bundle's quality and latency probe (build time and on the device)
+
+May import: engines, bundle, errors. No threads, no queues, no network: serving/ owns those.
+"""

@@ -1,0 +1,330 @@
+"""Continuous batching: sequences join and leave a shared decode batch between steps.
+
+    add(prompt) ─▶ prefill alone ([1, S]) ─▶ first token ─▶ merge its cache into the batch
+    step()      ─▶ one decode step for every active sequence ([B, 1]) ─▶ a token each
+    finished / cancelled sequences leave ─▶ their rows are dropped from the cache
+
+Chunked prefill (`prefill_chunk`): a prompt longer than the chunk is prefilled `prefill_chunk`
+tokens at a time over its own growing cache, one chunk after each step()'s decode, and
+joins the batch when its prompt is done. Without it, a 2,000-token prompt would
+stop every running stream for its whole prefill (seconds on a CPU); with it, the running
+streams' steps are delayed by one chunk at most, and the long prompt's first token comes
+about as soon as it would have.
+
+Which side the padding goes depends on the graph's attention (bundle.GraphSpec):
+
+- decomposed attention (Optimum's export): present = past ++ new appends every row's new
+  key/value at the same column, so the cache is left-padded — a sequence of length L sits in
+  the last L of P columns of each [B, kv_heads, P, head_dim] tensor;
+- fused GroupQueryAttention: the kernel reads each row's length from the mask (`seqlens_k`)
+  and writes the new key/value right after it, so the cache is right-padded — a sequence
+  sits in the first L columns.
+
+Either way its attention-mask row is 0 over the padding and position ids stay each
+sequence's own, so a token's logits do not depend on who else is in the batch. Cache
+surgery (pad, concatenate, drop rows) happens only when the batch changes, never per step;
+when one sequence is left the cache is exactly its own, unpadded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edge_runtime.errors import EngineError, GenerationError
+from edge_runtime.model.sampling import Sampler, SamplingParams
+from edge_runtime.model.stream import Chunk, GenerationStats, StopMatcher
+from edge_runtime.model.tokenizer import IncrementalDecoder
+
+if TYPE_CHECKING:  # generator.py imports this module to build its batch
+    from edge_runtime.engines.protocol import DeviceTensor
+    from edge_runtime.model.generator import Generator
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One sequence's decoding state."""
+
+    key: Hashable
+    sampler: Sampler
+    decoder: IncrementalDecoder
+    stops: StopMatcher
+    max_tokens: int
+    length: int
+    """Tokens in this sequence's cache (prompt + fed tokens)."""
+    stats: GenerationStats
+    t0: float
+    t_first: float = 0.0
+    token: int = -1
+    """The last sampled token: fed at the next step."""
+    pending: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A sequence whose prompt is being prefilled chunk by chunk (not in the batch yet)."""
+
+    seq: _Seq
+    prompt: np.ndarray
+    """[1, S] int64: the whole prompt."""
+    cache: dict[str, DeviceTensor]
+    """The sequence's own cache: the first `done` prompt tokens."""
+    done: int = 0
+
+
+class BatchDecoder:
+    """Decodes up to `max_batch` sequences together on one generator's engine."""
+
+    def __init__(self, gen: Generator, max_batch: int = 8,
+                 prefill_chunk: int = 0) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: off), got {prefill_chunk}")
+        graph = gen.graph
+        if max_batch > 1 and not (graph.left_padded_batch or graph.right_padded_batch):
+            raise EngineError(
+                f"this bundle's decoder declares no padded-batch layout (a fused graph "
+                f"packaged before right-padded batching); serve it with scheduler.max_batch "
+                f"= 1, not {max_batch}, or package it again"
+            )
+        limit: int | None = getattr(gen.engine, "max_batch", None)
+        if limit is not None and max_batch > limit:
+            raise EngineError(
+                f"the engine {gen.engine.name} decodes at most {limit} sequences together and "
+                f"scheduler.max_batch is {max_batch}: set scheduler.max_batch = {limit}, or "
+                f"build the plan again with `edge-runtime build-engine --profile "
+                f"max_batch={max_batch}`"
+            )
+        self.gen = gen
+        self._right = graph.right_padded_batch and not graph.left_padded_batch
+        """Pad the cache on the right (fused GQA) instead of the left."""
+        self.max_batch = max_batch
+        # A chunk after the first runs over a cache with several new tokens: a shape that an
+        # engine compiled for fixed ranges (a TensorRT plan, the engines with a batch limit:
+        # prefill over an empty cache, decode one token) holds in no profile. Those engines
+        # prefill whole prompts.
+        self.prefill_chunk = 0 if limit is not None else prefill_chunk
+        """Prompt tokens prefilled per step; 0: whole prompts in add()."""
+        self.prefill_work: tuple[int, float] = (0, 0.0)
+        """(prompt tokens, seconds) of prefill done by the last add() or step() call."""
+        self._prefilling: list[_Prefill] = []
+        self._seqs: list[_Seq] = []
+        self._cache: dict[str, DeviceTensor] = {}
+        self._width = 0  # P: cache columns shared by the batch
+        self._ids = np.empty((max_batch, 1), dtype=np.int64)
+        self._logits = (
+            np.empty((max_batch, 1, gen.vocab_size), dtype=gen.logits_dtype)
+            if gen.last_token_logits
+            else None
+        )
+
+    @property
+    def active(self) -> int:
+        """Sequences in the batch, and those still prefilling."""
+        return len(self._seqs) + len(self._prefilling)
+
+    @property
+    def prefilling(self) -> int:
+        """Sequences whose prompt is still being prefilled chunk by chunk."""
+        return len(self._prefilling)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [s.key for s in self._seqs] + [p.seq.key for p in self._prefilling]
+
+    def add(self, key: Hashable, prompt_ids: Sequence[int], params: SamplingParams) -> list[Chunk]:
+        """Prefill a new sequence and sample its first token; the chunks it produced. A
+        prompt longer than `prefill_chunk` is only queued here (no chunks back): the next
+        steps prefill it, and the one that finishes it carries its first token."""
+        self.prefill_work = (0, 0.0)
+        if self.active >= self.max_batch:
+            raise GenerationError(f"batch is full ({self.max_batch} sequences)")
+        if not prompt_ids:
+            raise GenerationError("prompt is empty", "prompt")
+
+        gen = self.gen
+        n = len(prompt_ids)
+        seq = _Seq(
+            key=key,
+            sampler=Sampler(params),
+            decoder=IncrementalDecoder(gen.tokenizer),
+            stops=StopMatcher(params.stop),
+            max_tokens=gen.resolve_max_tokens(n, params.max_tokens),
+            length=n,
+            stats=GenerationStats(prompt_tokens=n),
+            t0=time.perf_counter(),
+        )
+        job = _Prefill(seq, np.asarray([prompt_ids], dtype=np.int64), gen.empty_cache(1))
+        if 0 < self.prefill_chunk < n:
+            # Not even a first chunk here: the running streams' next step comes first, so
+            # that they never wait for more than one chunk (plus their own step).
+            self._prefilling.append(job)
+            return []
+        chunks = self._prefill(job)
+        assert chunks is not None
+        return chunks
+
+    def _prefill(self, job: _Prefill) -> list[Chunk] | None:
+        """Prefill the job's next chunk (its whole prompt when not chunked); once the prompt
+        is done, sample the first token and join the batch: the chunks that produced."""
+        gen, seq = self.gen, job.seq
+        start = job.done
+        end = job.prompt.shape[1] if not self.prefill_chunk else min(
+            start + self.prefill_chunk, job.prompt.shape[1])
+        t = time.perf_counter()
+        # A last-position graph yields [1, 1, V]: borrow row 0 of the batch buffer (read
+        # before the next forward writes it).
+        out = self._logits[:1] if gen.last_token_logits and self._logits is not None else None
+        logits, job.cache = gen.forward(job.prompt[:, start:end], gen.ones[:, :end],
+                                        gen.positions[:, start:end], job.cache, out=out)
+        job.done = end
+        self.prefill_work = (end - start, time.perf_counter() - t)
+        if end < job.prompt.shape[1]:
+            return None
+        if job in self._prefilling:
+            self._prefilling.remove(job)
+        chunks = self._advance(seq, logits[0, -1])
+        if chunks and chunks[-1].finish_reason is not None:
+            return chunks  # finished on its first token: never joins the batch
+        self._join(seq, job.cache)
+        return chunks
+
+    def step(self) -> dict[Hashable, list[Chunk]]:
+        """One decode step for the whole batch, then the next prefill chunk of the oldest
+        sequence still prefilling; chunks per sequence key (may be empty)."""
+        self.prefill_work = (0, 0.0)
+        result = self._decode() if self._seqs else {}
+        if self._prefilling:
+            job = self._prefilling[0]
+            chunks = self._prefill(job)
+            if chunks is not None:
+                result[job.seq.key] = chunks
+        return result
+
+    def _decode(self) -> dict[Hashable, list[Chunk]]:
+        seqs = self._seqs
+        gen, b = self.gen, len(seqs)
+        ids = self._ids[:b]
+        for i, s in enumerate(seqs):
+            ids[i, 0] = s.token
+        width = self._width + 1
+        if b == 1:  # the common case: no padding, no per-step allocation
+            mask = gen.ones[:, :width]
+            positions = gen.positions[:, width - 1 : width]
+        else:
+            lengths = np.fromiter((s.length for s in seqs), dtype=np.int64, count=b)
+            cols = np.arange(width)[None, :]
+            if self._right:  # row i attends to its first (length_i + 1) columns
+                mask = (cols <= lengths[:, None]).astype(np.int64)
+            else:  # row i attends to its last (length_i + 1) columns
+                mask = (cols >= (width - 1 - lengths)[:, None]).astype(np.int64)
+            positions = lengths[:, None]
+        out = self._logits[:b] if self._logits is not None else None
+        logits, self._cache = gen.forward(ids, mask, positions, self._cache, out=out)
+        self._width = width
+        result: dict[Hashable, list[Chunk]] = {}
+        done: list[int] = []
+        for i, s in enumerate(seqs):
+            s.length += 1
+            chunks = self._advance(s, logits[i, -1])
+            result[s.key] = chunks
+            if chunks and chunks[-1].finish_reason is not None:
+                done.append(i)
+        if done:
+            self._drop(done)
+        return result
+
+    def remove(self, key: Hashable) -> bool:
+        """Drop a sequence (its client went away); False when it is not in the batch."""
+        idx = [i for i, s in enumerate(self._seqs) if s.key == key]
+        if idx:
+            self._drop(idx)
+        jobs = [p for p in self._prefilling if p.seq.key == key]
+        for p in jobs:
+            self._prefilling.remove(p)
+        return bool(idx or jobs)
+
+    # -- per sequence --------------------------------------------------------------------
+
+    def _advance(self, s: _Seq, logits: np.ndarray) -> list[Chunk]:
+        """Sample the next token of `s` from its logits row; the chunks that produced."""
+
+        token = s.sampler(logits)
+        st = s.stats
+        if st.completion_tokens == 0:
+            s.t_first = time.perf_counter()
+            st.ttft_s = s.t_first - s.t0
+        if token in self.gen.eos_ids:
+            return [self._finish(s, "stop", None)]
+        st.completion_tokens += 1
+        s.pending.append(token)
+        text, hit = s.stops.feed(s.decoder.push(token))
+        if hit:
+            return [self._finish(s, "stop", text)]
+        chunks = []
+        if text:
+            chunks.append(Chunk(text, s.pending))
+            s.pending = []
+        if st.completion_tokens >= s.max_tokens:
+            chunks.append(self._finish(s, "length", None))
+        s.token = token
+        return chunks
+
+    def _finish(self, s: _Seq, reason: str, tail: str | None) -> Chunk:
+
+        if tail is None:  # EOS or length: release what was held back
+            tail, hit = s.stops.feed(s.decoder.flush())
+            if hit:
+                reason = "stop"
+            else:
+                tail += s.stops.flush()
+        s.stats.decode_s = time.perf_counter() - s.t_first
+        chunk = Chunk(tail, s.pending, reason, s.stats)
+        s.pending = []
+        return chunk
+
+    # -- cache surgery (only when the batch changes) -------------------------------------
+
+    def _join(self, seq: _Seq, cache: dict[str, DeviceTensor]) -> None:
+        if not self._seqs:
+            self._seqs, self._cache, self._width = [seq], cache, seq.length
+            return
+        engine = self.gen.engine
+        width = max(self._width, seq.length)
+        merged = {}
+        for name, batch_t in self._cache.items():
+            old = _pad(engine.to_host(batch_t), width, self._right)
+            new = _pad(engine.to_host(cache[name]), width, self._right)
+            merged[name] = engine.from_host(np.concatenate([old, new], axis=0))
+        self._seqs.append(seq)
+        self._cache, self._width = merged, width
+
+    def _drop(self, rows: list[int]) -> None:
+        gone = set(rows)
+        keep = [i for i in range(len(self._seqs)) if i not in gone]
+        self._seqs = [self._seqs[i] for i in keep]
+        if not keep:
+            self._cache, self._width = {}, 0
+            return
+        # Columns that are padding for every remaining row can go.
+        width = max(s.length for s in self._seqs)
+        cols = slice(0, width) if self._right else slice(self._width - width, self._width)
+        engine = self.gen.engine
+        self._cache = {
+            name: engine.from_host(np.ascontiguousarray(engine.to_host(t)[keep, :, cols, :]))
+            for name, t in self._cache.items()
+        }
+        self._width = width
+
+
+def _pad(t: np.ndarray, width: int, right: bool) -> np.ndarray:
+    """[B, H, L, D] → [B, H, width, D] with zeros on the right or the left."""
+    extra = width - t.shape[2]
+    if extra == 0:
+        return t
+    return np.pad(t, ((0, 0), (0, 0), (0, extra) if right else (extra, 0), (0, 0)))

@@ -1,0 +1,215 @@
+"""Text generation over a decoder graph with a KV cache: prefill, then one token per step.
+
+    prompt ids ─▶ prefill (whole prompt, empty cache) ─▶ logits[-1] ─▶ sampler ─▶ token
+                                  ▲                                               │
+                                  └──── decode (one token, cache from last step) ◀┘
+
+The cache never passes through numpy: `present.*` outputs of one step are bound as the
+`past_key_values.*` inputs of the next as engine tensors (see engines/). Per step, Python does
+only what it must: pick a token, detokenize incrementally, look for stop strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.bundle.manifest import Bundle, GenerationDefaults, GraphSpec
+from edge_runtime.engines.load import load_engine
+from edge_runtime.engines.protocol import DeviceTensor, Engine
+from edge_runtime.errors import BundleError, ContextLengthError
+from edge_runtime.model.batching import BatchDecoder
+from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.model.stream import (
+    ChunkStream,
+    Completion,
+)
+from edge_runtime.model.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def engine_defaults(engine: Engine, defaults: GenerationDefaults) -> GenerationDefaults:
+    """The bundle's generation defaults with the context capped to what the engine holds.
+
+    A TensorRT plan is built for a maximum context (`--profile max_context=N`) that may be
+    shorter than the model's: a request that would outgrow it is then refused up front with
+    the usual context-length error, instead of failing inside the engine mid-generation.
+    """
+    limit: int | None = getattr(engine, "max_context", None)
+    if limit is None or limit >= defaults.context_length:
+        return defaults
+    log.info("context capped at %d tokens by the engine %s (the model's is %d)", limit,
+             engine.name, defaults.context_length)
+    return dataclasses.replace(defaults, context_length=limit)
+
+
+class Generator:
+    """Generates for one sequence at a time on one engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        graph: GraphSpec,
+        tokenizer: TextTokenizer,
+        defaults: GenerationDefaults,
+    ) -> None:
+        if graph.kv_cache is None:
+            raise BundleError("decoder graph has no kv_cache spec; cannot generate")
+        self.engine = engine
+        self.graph = graph
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+        kv = graph.kv_cache
+        self._kv = kv
+        self._past = [
+            n
+            for i in range(kv.num_layers)
+            for n in (kv.past_key.format(layer=i), kv.past_value.format(layer=i))
+        ]
+        self._present = [
+            n
+            for i in range(kv.num_layers)
+            for n in (kv.present_key.format(layer=i), kv.present_value.format(layer=i))
+        ]
+        names = {s.name for s in engine.inputs}
+        missing = [n for n in ("input_ids", *self._past) if n not in names]
+        if missing:
+            raise BundleError(f"decoder graph lacks inputs {missing}")
+        self._has_mask = "attention_mask" in names
+        self._has_positions = "position_ids" in names
+        self._eos = frozenset(defaults.eos_token_ids)
+        ctx = defaults.context_length
+        # Reused every step: a view [:, :n] of a C-contiguous row is itself contiguous.
+        self.ones = np.ones((1, ctx), dtype=np.int64)
+        self.positions = np.arange(ctx, dtype=np.int64)[None, :]
+        spec = next((o for o in graph.outputs if o.name == "logits"), None)
+        self._logits_spec = spec if spec is not None and isinstance(spec.shape[-1], int) else None
+
+    @classmethod
+    def from_bundle(
+        cls, bundle: Bundle, backend: str = "auto", threads: int | None = None
+    ) -> Generator:
+        m = bundle.manifest
+        # The spec of the graph that really runs: TensorRT may run the bundle's QDQ graph
+        # (decomposed attention) where ONNX Runtime runs the fused one (engines/load.py).
+        engine, graph = load_engine(bundle, "decoder", backend=backend, threads=threads)
+        tok_cfg = bundle.path(m.tokenizer.config_file) if m.tokenizer.config_file else None
+        tokenizer = TextTokenizer.from_files(bundle.path(m.tokenizer.file), tok_cfg)
+        if m.tokenizer.chat_template:
+            tokenizer.chat_template = m.tokenizer.chat_template
+        return cls(engine, graph, tokenizer, engine_defaults(engine, m.generation))
+
+    @property
+    def context_length(self) -> int:
+        return self.defaults.context_length
+
+    # -- prompts ------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        return self.tokenizer.encode(self.tokenizer.render_chat(messages))
+
+    def text_prompt(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
+        """The max_tokens to use, or a ContextLengthError quoting the numbers."""
+        room = self.context_length - prompt_len
+        if room < 1:
+            raise ContextLengthError(
+                f"prompt has {prompt_len} tokens; the model's context is "
+                f"{self.context_length}, leaving no room to generate",
+                "messages",
+            )
+        if max_tokens is None:
+            return min(self.defaults.max_new_tokens, room)
+        if max_tokens > room:
+            raise ContextLengthError(
+                f"max_tokens {max_tokens} + prompt {prompt_len} tokens exceeds the "
+                f"context length {self.context_length}",
+                "max_tokens",
+            )
+        return max_tokens
+
+    # -- generation ---------------------------------------------------------------------
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos
+
+    @property
+    def last_token_logits(self) -> bool:
+        return self._logits_spec is not None and self.graph.last_token_logits
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._logits_spec.shape[-1]) if self._logits_spec is not None else 0
+
+    @property
+    def logits_dtype(self) -> str:
+        return self._logits_spec.dtype if self._logits_spec is not None else "float32"
+
+    def forward(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        positions: np.ndarray,
+        past: Mapping[str, DeviceTensor],
+        out: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, dict[str, DeviceTensor]]:
+        """One graph run: ids/positions [B, S], mask [B, P + S] → logits, new cache.
+
+        `out`, when given, is a [B, 1, V] buffer the engine writes the logits into.
+        """
+        feeds: dict[str, Any] = {"input_ids": ids, **past}
+        if self._has_mask:
+            feeds["attention_mask"] = mask
+        if self._has_positions:
+            feeds["position_ids"] = positions
+        host, device = self.engine.run(
+            feeds, ("logits",), self._present, out={"logits": out} if out is not None else None
+        )
+        cache = {p: device[q] for p, q in zip(self._past, self._present, strict=True)}
+        return host["logits"], cache
+
+    def empty_cache(self, batch: int) -> dict[str, DeviceTensor]:
+        kv = self._kv
+        return {
+            name: self.engine.empty((batch, kv.num_kv_heads, 0, kv.head_dim), kv.dtype)
+            for name in self._past
+        }
+
+    def batch(self, max_batch: int, prefill_chunk: int = 0) -> BatchDecoder:
+        """A continuous batch of up to `max_batch` sequences on this generator's engine;
+        prompts longer than `prefill_chunk` tokens (0: off) are prefilled a chunk per step."""
+
+        return BatchDecoder(self, max_batch, prefill_chunk)
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> ChunkStream:
+        """Yield text deltas as tokens are decoded; the last chunk carries finish and stats.
+
+        A batch of one: the same code path as continuous batching, without its surgery.
+        """
+        dec = self.batch(1)
+        yield from dec.add(0, prompt_ids, params)
+        while dec.active:
+            yield from dec.step()[0]
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
+        parts: list[str] = []
+        ids: list[int] = []
+        for chunk in self.stream(prompt_ids, params):
+            parts.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                assert chunk.stats is not None
+                return Completion("".join(parts), ids, chunk.finish_reason, chunk.stats)
+        raise AssertionError("stream ended without a finish chunk")
+
+    def warmup(self) -> None:
+        """One short generation so the first real request does not pay for lazy init."""
+        self.generate([0], SamplingParams(max_tokens=2, temperature=0.0))

@@ -1,0 +1,13 @@
+"""The operator's side of the fleet: `edge-fleet` and staged rollouts.
+
+    cli.py          edge-fleet: devices, telemetry, rollouts, commands
+    controller.py   the staged-rollout controller (pure state machine)
+    plan.py         a rollout's records and which device goes in which phase
+    driver.py       the I/O around the controller: MQTT, SQLite, the clock
+    store.py        rollout state in SQLite (survives a killed controller)
+    abort_rules.py  the `--abort-if` expression (a small parser, no eval)
+
+May import: fleet.messages (the wire format it shares with devices), fleet.slots (a .tar is
+unpacked and verified the way a device does it), bundle, mqtt, signing,
+config, atomic, errors. Runs on an operator's machine, never on a device.
+"""

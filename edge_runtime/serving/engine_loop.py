@@ -1,0 +1,429 @@
+"""Local serving: the engine loop. One thread decodes a continuous batch; the scheduler says
+what joins it, what goes to the cloud and what is refused.
+
+    event loop (API)                               engine-loop thread
+    ────────────────                               ──────────────────
+    LocalWorker.submit(Request) ─▶ scheduler.admit ─▶ LOCAL: queued (deadline order)
+                                                    ─▶ review(): late ones → offload/refuse
+         ◀── OFFLOAD / REJECT decision              ─▶ next_batch(free slots) → batch.add
+                                                    ─▶ batch.step() → a token per sequence
+                                                       (+ a chunk of a long prompt's prefill)
+    async for c in request.chunks() ◀── loop.call_soon_threadsafe(put_nowait) ◀── each Chunk
+
+Deadlines hold for running requests too: before each decode step, a request whose deadline
+has passed, or would pass before that step ends, leaves the batch and gets a
+DeadlineExceededError — a 504 `deadline_exceeded` JSON error, or, once an SSE stream has
+begun, an error event (`{"error": {..., "code": "deadline_exceeded"}}`) and `[DONE]`, which
+OpenAI's clients raise as an APIError. An answer cut short is never passed off as complete
+(no `finish_reason: "length"`): the client asked for the whole answer by then. A request
+whose deadline passed while it waited is refused the same way before its prefill.
+
+The generator is synchronous and not thread-safe, so exactly one thread drives it and the
+event loop never blocks on a decode step. The scheduler and its measured rates are shared
+between the two threads under one lock; it does no I/O, so the lock is held for microseconds.
+
+Hot swap (a fleet deploy): `swap(new_generator)` is called with a generator loaded and warmed
+up beside the serving one; the engine loop adopts it between two steps, and the old one
+finishes what it started (model_swap.py).
+
+The request and model types that the API and this loop exchange are in request.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+
+from edge_runtime.errors import DeadlineExceededError, EngineError, OverloadedError
+from edge_runtime.model.stream import Chunk
+from edge_runtime.serving.cloud_view import NO_CLOUD
+from edge_runtime.serving.model_swap import ServedModels
+from edge_runtime.serving.rate_probe import measure_rates
+from edge_runtime.serving.request import (
+    DecodeBatch,
+    ModelChanged,
+    ModelInfo,
+    OffloadRequested,
+    Request,
+    TextGenerator,
+)
+from edge_runtime.serving.scheduler import (
+    Action,
+    CloudState,
+    Decision,
+    Job,
+    Pressure,
+    Scheduler,
+    SchedulerConfig,
+)
+
+__all__ = ["LocalWorker"]
+
+log = logging.getLogger(__name__)
+
+ENGINE_ERROR_WINDOW_S = 60.0
+REVIEW_INTERVAL_S = 0.02
+"""How often queued jobs are re-decided (scheduler.review) while the engine is busy."""
+RATE_PROBE_INTERVAL_S = 1.0
+"""Least time between two rate probes of an idle engine that is sending work away."""
+
+
+class LocalWorker:
+    """Loads the model, then runs the engine loop on one thread."""
+
+    def __init__(
+        self,
+        load: Callable[[], TextGenerator],
+        config: SchedulerConfig | None = None,
+        cloud: Callable[[], CloudState] | None = None,
+        pressure: Callable[[], Pressure] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        measure_rates: bool = True,
+        model: ModelInfo | None = None,
+    ) -> None:
+        """`measure_rates`: time the engine at start-up and when idle (see _seed_rates); off
+        only for scripted test generators whose timing is the test's own. `model`: what the
+        API reports about the loaded model (a swap replaces it with the generator)."""
+        self._load = load
+        self._measure_rates = measure_rates
+        self.config = config or SchedulerConfig()
+        self.scheduler = Scheduler(self.config)
+        self._cloud = cloud or (lambda: NO_CLOUD)
+        self._pressure = pressure or Pressure
+        self._on_failure = on_failure
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._requests: dict[Hashable, Request] = {}
+        self._stopping = False
+        self._engine_errors: list[float] = []
+        self._thread = threading.Thread(target=self._run, name="edge-runtime-engine", daemon=True)
+        self._models = ServedModels(model)
+        self._draining = self._models.draining  # the same list: empty once a swap is over
+        self.error: BaseException | None = None
+        """Why loading failed, if it did."""
+        self._ready = threading.Event()
+        self._sent_away = False
+        """A request was offloaded or refused since the last rate probe."""
+        self._probed_at = 0.0
+        self._reviewed_at = -1.0
+        self.prefilling = 0
+        """Long prompts being prefilled a chunk per step (set by the engine loop after each
+        step; read by /metrics)."""
+        self.drained = False
+        """Set by the fleet's drain: the API admits no new request (fleet_serving.py); what is
+        queued or running finishes. The engine loop itself does not look at it."""
+
+    # -- control (event loop / main thread) ----------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse the queued requests, let the running ones finish, join the thread."""
+        if not self._thread.is_alive():
+            return
+        self._refuse_queued()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _refuse_queued(self) -> None:
+        with self._lock:
+            self._stopping = True
+            for job in self.scheduler.next_batch(len(self.scheduler.queue)):
+                self.scheduler.finished(job.key)
+                req = self._requests.pop(job.key, None)
+                if req is not None:
+                    req.deliver(OverloadedError("the server is shutting down", 1.0, status=503))
+            self._wake.notify_all()
+
+    @property
+    def generator(self) -> TextGenerator | None:
+        """The serving generator; the API tokenizes prompts with it."""
+        return self._models.served[0]
+
+    @property
+    def model(self) -> ModelInfo | None:
+        return self._models.served[1]
+
+    @model.setter
+    def model(self, info: ModelInfo) -> None:
+        self._models.served = (self._models.served[0], info)
+
+    @property
+    def served(self) -> tuple[TextGenerator | None, ModelInfo | None]:
+        """(generator, model) read at once: a swap never shows half of each."""
+        return self._models.served
+
+    def swap(self, generator: TextGenerator, model: ModelInfo | None = None) -> None:
+        """Serve `generator` (loaded and warmed up by the caller) for new requests; return
+        once the engine loop has adopted it. Requests already queued or running finish on
+        the generator they were tokenized with. A generator whose engine cannot decode
+        `max_batch` sequences together is refused here (EngineError), before any change."""
+        batch = generator.batch(self.config.max_batch, self.config.prefill_chunk)
+        if self._measure_rates:
+            try:  # the new model's own speed, measured before it takes traffic
+                self._seed_rates(generator)
+            except Exception as e:
+                log.warning("could not measure the new model's service rates: %s", e)
+        with self._lock:
+            if self._stopping:
+                raise EngineError("the server is shutting down; not swapping the model")
+            done = self._models.offer(generator, model, batch)
+            self._wake.notify_all()
+        while not done.wait(0.05):
+            if self.error is not None or (self._thread.ident and not self._thread.is_alive()):
+                raise EngineError("the engine loop is not running; cannot swap the model")
+
+    def reconfigure(self, config: SchedulerConfig) -> None:
+        """Scheduler settings for the decisions from now on (a fleet set-config). max_batch
+        sizes the decode batches already built: changing it takes a restart (the caller,
+        live_config.py, keeps it)."""
+        assert config.max_batch == self.config.max_batch, "max_batch changes need a restart"
+        with self._lock:
+            self.config = self.scheduler.config = config
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting plus those being generated."""
+        return len(self.scheduler.queue) + len(self.scheduler.running)
+
+    def pressure(self) -> Pressure:
+        now = self._clock()
+        recent = [t for t in self._engine_errors if now - t < ENGINE_ERROR_WINDOW_S]
+        self._engine_errors = recent
+        base = self._pressure()
+        return Pressure(
+            engine_errors=base.engine_errors + len(recent), memory=base.memory, thermal=base.thermal
+        )
+
+    def submit(self, request: Request) -> Decision:
+        """Admit `request`: LOCAL queues it; OFFLOAD is returned for the caller to carry out;
+        REJECT raises OverloadedError (429, or 503 when no path can serve it)."""
+        now = self._clock()
+        if request.deadline is None:
+            request.deadline = now + self.config.default_deadline_s
+        job = Job(
+            key=request.id,
+            arrival=now,
+            deadline=request.deadline,
+            prompt_tokens=len(request.prompt_ids),
+            max_tokens=request.params.max_tokens,
+        )
+        with self._lock:
+            if self._stopping:
+                raise OverloadedError("the server is shutting down", 1.0, status=503)
+            gen = request.generator
+            if gen is not None and not self._models.knows(gen):
+                raise ModelChanged()
+            decision = self.scheduler.admit(job, now, self._cloud(), self.pressure())
+            if decision.action is Action.LOCAL:
+                self._requests[job.key] = request
+                self._wake.notify()
+        if decision.action is not Action.LOCAL and self._measure_rates:
+            self._sent_away = True  # the engine loop re-measures the rates when it is idle
+        if decision.action is Action.REJECT:
+            raise OverloadedError(decision.reason, decision.retry_after_s, decision.status)
+        return decision
+
+    # -- engine-loop thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            gen = self._load()
+            # refuses a max_batch the engine lacks
+            batch = gen.batch(self.config.max_batch, self.config.prefill_chunk)
+            gen.warmup()
+            if self._measure_rates:
+                try:
+                    self._seed_rates(gen)
+                except Exception as e:  # e.g. a graph that cannot batch: keep the priors
+                    log.warning("could not measure service rates at start-up: %s", e)
+        except BaseException as e:
+            log.error("loading the model failed: %s", e)
+            self.error = e
+            if self._on_failure is not None:
+                self._on_failure(e)
+            self._refuse_queued()
+            return
+        with self._lock:
+            self._models.served = (gen, self._models.served[1])
+        self._ready.set()
+        while True:
+            with self._lock:
+                if self._models.pending is not None:
+                    gen, batch = self._models.adopt(batch)
+                if self._draining:
+                    self._models.release(
+                        lambda g: any(r.generator is g for r in self._requests.values()))
+                starting = self._admit_work(batch)
+                if starting is None:
+                    break
+                draining = self._models.busy_batches()
+                if not starting and not batch.active and not draining:
+                    if not (self._sent_away and self._probe_due()):
+                        self._wake.wait(timeout=0.05)  # bounded: review() must still run
+                        continue
+                    self._sent_away = False
+                    probe = True
+                else:
+                    probe = False
+            if probe:  # idle, yet work went elsewhere: the rates may be stale
+                try:
+                    self._seed_rates(gen)
+                except Exception as e:
+                    log.warning("could not re-measure service rates: %s", e)
+                continue
+            for job in starting:
+                self._start(batch, job.key)
+            if batch.active:
+                self._step(batch)
+            for old in draining:  # swapped-out models finish what they started
+                self._step(old)
+
+    def _seed_rates(self, gen: TextGenerator) -> None:
+        """Measure the engine's step and prefill times (rate_probe.py; engine thread) and
+        give them to the scheduler."""
+        step_s, prefill_tps = measure_rates(gen, self.config.max_batch)
+        with self._lock:
+            rates = self.scheduler.rates
+            rates.step_s.update(step_s)
+            if prefill_tps is not None:
+                rates.prefill_tokens_per_s = prefill_tps
+        self._probed_at = time.monotonic()
+        log.info("measured step times %s s, prefill %.0f tokens/s",
+                 {b: round(v, 4) for b, v in sorted(step_s.items())}, rates.prefill_tokens_per_s)
+
+    def _probe_due(self) -> bool:
+        return time.monotonic() - self._probed_at >= RATE_PROBE_INTERVAL_S
+
+    def _admit_work(self, batch: DecodeBatch) -> list[Job] | None:
+        """Under the lock: re-decide late queued jobs, drop cancelled ones, take new ones.
+        None when the loop should end."""
+        if self._stopping and not batch.active and not self.scheduler.queue and not self._draining:
+            return None
+        now = self._clock()
+        # review() simulates the queue ahead of every queued job (quadratic in its length):
+        # at most every REVIEW_INTERVAL_S, not before every decode step.
+        real = time.monotonic()  # not self._clock: a test's frozen clock must not stop it
+        due = real - self._reviewed_at >= REVIEW_INTERVAL_S
+        reviewed = self.scheduler.review(now, self._cloud(), self.pressure()) if due else []
+        if due:
+            self._reviewed_at = real
+        for job, decision in reviewed:
+            req = self._requests.pop(job.key, None)
+            if req is None:
+                continue
+            if decision.action is Action.OFFLOAD:
+                req.deliver(OffloadRequested(decision))
+            else:
+                req.deliver(
+                    OverloadedError(decision.reason, decision.retry_after_s, decision.status)
+                )
+        for job in list(self.scheduler.queue):
+            if self._requests[job.key].cancelled:
+                self.scheduler.cancel(job.key)
+                self._requests.pop(job.key, None)
+        running = batch.active + sum(b.active for _, b in self._draining)
+        return self.scheduler.next_batch(self.config.max_batch - running)
+
+    def _start(self, batch: DecodeBatch, key: Hashable) -> None:
+        req = self._requests[key]
+        if req.generator is not None and req.generator is not self.generator:
+            # Tokenized by a swapped-out model: it runs there (kept alive for it).
+            batch = self._models.batch_of(req.generator)
+        if req.cancelled:
+            self._finish(key)
+            return
+        if req.deadline is not None and self._clock() >= req.deadline:
+            late = self._clock() - req.deadline
+            log.info("request %s reached its deadline before its prefill", key)
+            req.deliver(DeadlineExceededError(
+                f"the request's deadline passed while it waited ({late:.2f}s ago): not started"
+            ))
+            self._finish(key)
+            return
+        req.started = self._clock()
+        try:
+            chunks = batch.add(key, req.prompt_ids, req.params)
+        except Exception as e:  # a request the engine cannot run fails alone
+            log.exception("request %s failed in prefill", key)
+            self._engine_errors.append(self._clock())
+            req.deliver(e)
+            self._finish(key)
+            return
+        self.prefilling = batch.prefilling
+        with self._lock:
+            self.scheduler.rates.observe_call(0, 0.0, batch.prefill_work)
+        self._deliver(key, chunks)
+
+    def _step(self, batch: DecodeBatch) -> None:
+        for key in batch.keys:
+            if self._requests[key].cancelled:
+                log.info("request %s cancelled by its client", key)
+                batch.remove(key)
+                self._finish(key)
+        self._expire(batch)
+        size = batch.active - batch.prefilling  # rows of the decode step
+        if not batch.active:
+            return
+        t = time.perf_counter()
+        try:
+            results = batch.step()
+        except Exception as e:  # an engine failure fails the batch's requests, not the daemon
+            log.exception("decode step failed for %d sequences", batch.active)
+            self._engine_errors.append(self._clock())
+            for key in batch.keys:
+                batch.remove(key)
+                self._requests[key].deliver(e)
+                self._finish(key)
+            return
+        self.prefilling = batch.prefilling
+        with self._lock:
+            self.scheduler.rates.observe_call(size, time.perf_counter() - t, batch.prefill_work)
+            for key in results:
+                self.scheduler.progressed(key)
+        for key, chunks in results.items():
+            self._deliver(key, chunks)
+
+    def _expire(self, batch: DecodeBatch) -> None:
+        """End the running requests that the next decode step cannot serve in time."""
+        now = self._clock()
+        with self._lock:
+            rates = self.scheduler.rates
+            step = rates.step_time(max(1, batch.active - batch.prefilling))
+            if batch.prefilling:  # the next step carries a prefill chunk too
+                step += rates.prefill_time(self.config.prefill_chunk)
+        what = "a decode step" + (" with a prefill chunk" if batch.prefilling else "")
+        for key in batch.keys:
+            req = self._requests[key]
+            if req.deadline is not None and now + step > req.deadline:
+                log.info("request %s reached its deadline during generation", key)
+                batch.remove(key)
+                req.deliver(DeadlineExceededError(
+                    f"the request's deadline came during generation ({req.deadline - now:.3f}s "
+                    f"left, {what} takes ~{step:.3f}s): generation stopped"
+                ))
+                self._finish(key)
+
+    def _deliver(self, key: Hashable, chunks: list[Chunk]) -> None:
+        req = self._requests[key]
+        for chunk in chunks:
+            req.deliver(chunk)
+            if chunk.finish_reason is not None:
+                self._finish(key)
+
+    def _finish(self, key: Hashable) -> None:
+        with self._lock:
+            self.scheduler.finished(key)
+            self._requests.pop(key, None)

@@ -1,0 +1,52 @@
+"""A direct measurement of the engine's service rates: prefill and decode-step times at every
+batch size, for the scheduler's estimates.
+
+The scheduler serves locally only when its estimate meets a deadline, and it learns rates
+only from local work: with a pessimistic rate (the generic prior of 50 ms a step, or one
+measured while the CPU was busy) a tight deadline is never served locally, so the rate is
+never measured again. The engine loop (serving.py) therefore runs this probe at start-up,
+before a hot swap (the new model's own speed) and again when the engine is idle while
+requests are being sent away.
+"""
+
+from __future__ import annotations
+
+import time
+
+from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.serving.request import TextGenerator
+
+
+def measure_rates(
+    gen: TextGenerator, max_batch: int, prompt_tokens: int = 8, steps: int = 8
+) -> tuple[dict[int, float], float | None]:
+    """(seconds per decode step by batch size, prefill tokens/s or None), timed on `gen`'s
+    engine with a batch of its own (call it on the thread that owns the generator)."""
+    batch = gen.batch(max_batch)
+    warm = 2  # the first steps at a new shape are slow (allocation, thread wake-up)
+    params = SamplingParams(max_tokens=(steps + warm) * max_batch + 2, temperature=0.0)
+    prompt = [0] * prompt_tokens
+    prefill: list[float] = []
+    step_s: dict[int, float] = {}
+    try:
+        for size in range(1, max_batch + 1):
+            t = time.perf_counter()
+            batch.add(size, prompt, params)
+            prefill.append(time.perf_counter() - t)
+            samples = []
+            for i in range(steps + warm):
+                if batch.active != size:  # a sequence finished early (EOS): stop here
+                    break
+                t = time.perf_counter()
+                batch.step()
+                if i >= warm:
+                    samples.append(time.perf_counter() - t)
+            if len(samples) < 2:
+                break
+            # Lower quartile: on a shared CPU, noise only ever makes a step slower.
+            step_s[size] = sorted(samples)[len(samples) // 4]
+    finally:
+        for key in batch.keys:
+            batch.remove(key)
+    prefill_tps = prompt_tokens / sorted(prefill)[len(prefill) // 2] if prefill else None
+    return step_s, prefill_tps

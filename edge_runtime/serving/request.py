@@ -1,0 +1,163 @@
+"""One request's way through the engine loop, and the types on both sides of it.
+
+    api (event loop)                          serving.LocalWorker (engine-loop thread)
+    Request(prompt_ids, params, loop, ...) ─▶ submit ─▶ a decode batch of a TextGenerator
+    async for c in request.chunks()        ◀─ Request.deliver(Chunk | error)
+
+`TextGenerator` and `DecodeBatch` are what the engine loop needs of a model
+(generator.Generator, batching.BatchDecoder; tests pass fakes); `ModelInfo` is what the API
+says of the served model; `OffloadRequested` and `ModelChanged` are the two ways a submitted
+request comes back unserved on purpose. serving.py, which drives them, re-exports them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from edge_runtime.bundle.manifest import MANIFEST, Bundle, GenerationDefaults
+from edge_runtime.errors import OverloadedError
+from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.model.stream import Chunk, ChunkStream
+from edge_runtime.serving.scheduler import Decision
+
+
+class DecodeBatch(Protocol):
+    """What the engine loop drives (edge_runtime.model.batching.BatchDecoder)."""
+
+    @property
+    def active(self) -> int:
+        """Sequences in the batch, prefilling ones included."""
+        ...
+
+    @property
+    def prefilling(self) -> int:
+        """Sequences whose prompt is still being prefilled (chunked prefill)."""
+        ...
+
+    @property
+    def keys(self) -> list[Hashable]: ...
+
+    @property
+    def prefill_work(self) -> tuple[int, float]:
+        """(prompt tokens, seconds) of prefill done by the last add() or step() call."""
+        ...
+
+    def add(
+        self, key: Hashable, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> list[Chunk]: ...
+
+    def step(self) -> dict[Hashable, list[Chunk]]: ...
+
+    def remove(self, key: Hashable) -> bool: ...
+
+
+class TextGenerator(Protocol):
+    """What serving needs of `edge_runtime.model.generator.Generator` (tests pass a fake)."""
+
+    defaults: GenerationDefaults
+
+    @property
+    def context_length(self) -> int: ...
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> list[int]: ...
+
+    def text_prompt(self, text: str) -> list[int]: ...
+
+    def resolve_max_tokens(self, prompt_len: int, max_tokens: int | None) -> int: ...
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> ChunkStream: ...
+
+    def batch(self, max_batch: int, prefill_chunk: int = 0) -> DecodeBatch: ...
+
+    def warmup(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the API says about the served model (`/v1/models`, the `model` field)."""
+
+    name: str
+    version: str
+    created: int
+    """Unix time the bundle was signed (its manifest's mtime)."""
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> ModelInfo:
+        m = bundle.manifest
+        mtime = int(bundle.path(MANIFEST).stat().st_mtime)
+        return cls(name=m.name, version=m.version, created=mtime)
+
+
+class OffloadRequested(OverloadedError):
+    """Delivered to a queued request that the scheduler sent to the cloud after all. The API
+    carries it out; where nothing does, it is an honest 503 rather than a 500."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.reason, decision.retry_after_s or 1.0, status=503)
+        self.decision = decision
+
+
+class ModelChanged(OverloadedError):
+    """The generator that tokenized a request was swapped out and released before it was
+    submitted (a deploy happened meanwhile). The API tokenizes again with the new one."""
+
+    def __init__(self) -> None:
+        super().__init__("the model was replaced while the request was prepared", 0.1, 503)
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request on its way through the engine loop.
+
+    Created on the event loop; the worker hands results back through `deliver`, which is the
+    only method meant to be called from the worker thread.
+    """
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    arrival: float = field(default_factory=time.monotonic)
+    """time.monotonic() when the request arrived."""
+    deadline: float | None = None
+    """time.monotonic() by which the response must be complete (None: the config's default)."""
+    started: float | None = None
+    """time.monotonic() when its prefill began (set by the worker)."""
+    events: asyncio.Queue[Chunk | BaseException] = field(default_factory=asyncio.Queue)
+    generator: TextGenerator | None = None
+    """The generator whose tokenizer made `prompt_ids` (None: the one serving at submit)."""
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """The client went away: the worker drops this request or stops it between tokens."""
+        self._cancelled.set()
+
+    @property
+    def queue_wait_s(self) -> float:
+        return (self.started if self.started is not None else time.monotonic()) - self.arrival
+
+    def deliver(self, item: Chunk | BaseException) -> None:
+        """Worker thread → event loop. asyncio.Queue is not thread-safe; the loop is."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancel()
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """The generated chunks, ending with the one that has `finish_reason`; raises errors."""
+        while True:
+            item = await self.events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return

@@ -1,0 +1,191 @@
+"""Continuous batching on the real int4 graph: joining, leaving, identical tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_runtime.bundle.manifest import verify_bundle
+from edge_runtime.errors import GenerationError
+from edge_runtime.model.batching import BatchDecoder
+from edge_runtime.model.generator import Generator
+from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.signing import load_public_key
+
+PROMPTS = [
+    "def main(argv):\n    ",
+    "import os\nimport sys\n\nclass Reader:\n    def __init__(self, path):\n        self.",
+    "    return ",
+    "# Copyright 2001 Python Software Foundation\n\n\"\"\"Utilities for",
+    "x = [i * 2 for i in range(",
+]
+
+
+@pytest.fixture(scope="module", params=["decomposed", "fused"])
+def gen(request, tiny_bundle) -> Generator:
+    """The exported graph (left-padded batches) and its GroupQueryAttention fusion
+    (right-padded batches): every test runs on both cache layouts."""
+    path = tiny_bundle.path if request.param == "decomposed" else \
+        request.getfixturevalue("tiny_fused_bundle")
+    g = Generator.from_bundle(verify_bundle(path, [load_public_key(tiny_bundle.pubkey)]))
+    assert g.graph.right_padded_batch == (request.param == "fused")
+    g._eos = frozenset()  # fixed lengths: what is compared is tokens, not when EOS comes
+    return g
+
+
+def _run_batched(gen, jobs, max_batch, join_every=3):
+    """jobs: (key, prompt ids, params). New sequences join every `join_every` steps."""
+    dec = BatchDecoder(gen, max_batch=max_batch)
+    out = {key: [] for key, _, _ in jobs}
+    finished = {}
+    waiting = list(jobs)
+    steps = 0
+    while waiting or dec.active:
+        if waiting and dec.active < max_batch and steps % join_every == 0:
+            key, ids, params = waiting.pop(0)
+            for c in dec.add(key, ids, params):
+                out[key].extend(c.token_ids)
+                if c.finish_reason:
+                    finished[key] = c
+        for key, chunks in dec.step().items():
+            for c in chunks:
+                out[key].extend(c.token_ids)
+                if c.finish_reason:
+                    finished[key] = c
+        steps += 1
+        assert steps < 10_000
+    return out, finished
+
+
+@pytest.mark.parametrize("max_batch", [2, 4])
+def test_batched_tokens_equal_single_stream_greedy(gen, max_batch):
+    jobs = [(i, gen.text_prompt(p), SamplingParams(max_tokens=12 + 7 * i, temperature=0.0))
+            for i, p in enumerate(PROMPTS)]
+    single = {key: gen.generate(ids, params).token_ids for key, ids, params in jobs}
+    batched, finished = _run_batched(gen, jobs, max_batch)
+    assert batched == single
+    assert {k: c.finish_reason for k, c in finished.items()} == dict.fromkeys(single, "length")
+    assert all(finished[k].stats.completion_tokens == len(single[k]) for k in single)
+
+
+def test_seeded_sampling_is_independent_of_batch_neighbours(gen):
+    jobs = [(i, gen.text_prompt(p), SamplingParams(max_tokens=15, temperature=0.9, seed=i))
+            for i, p in enumerate(PROMPTS[:3])]
+    single = {key: gen.generate(ids, params).token_ids for key, ids, params in jobs}
+    batched, _ = _run_batched(gen, jobs, max_batch=3, join_every=1)
+    assert batched == single
+
+
+def test_remove_leaves_the_others_untouched(gen):
+    ids = [gen.text_prompt(p) for p in PROMPTS[:3]]
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    ref = gen.generate(ids[2], params).token_ids
+    dec = BatchDecoder(gen, max_batch=3)
+    got: list[int] = []
+    for k in range(3):
+        for c in dec.add(k, ids[k], params):
+            if k == 2:
+                got.extend(c.token_ids)
+    for step in range(30):
+        if step == 2:
+            assert dec.remove(0) and dec.remove(1)
+            assert not dec.remove(1)
+        for c in dec.step().get(2, []):
+            got.extend(c.token_ids)
+        if not dec.active:
+            break
+    assert got == ref
+    assert dec.active == 0
+
+
+def test_full_batch_and_empty_prompt_are_refused(gen):
+    dec = BatchDecoder(gen, max_batch=1)
+    dec.add("a", gen.text_prompt("x"), SamplingParams(max_tokens=5))
+    with pytest.raises(GenerationError, match="batch is full"):
+        dec.add("b", gen.text_prompt("y"), SamplingParams(max_tokens=5))
+    with pytest.raises(GenerationError, match="empty"):
+        BatchDecoder(gen, max_batch=2).add("c", [], SamplingParams(max_tokens=5))
+
+
+def test_a_graph_without_a_batch_layout_is_refused(gen):
+    """A fused bundle packaged before right-padded batching declares neither layout: it
+    serves one sequence at a time instead of decoding a batch wrongly."""
+    from dataclasses import replace
+
+    from edge_runtime.errors import EngineError
+
+    saved = gen.graph
+    try:
+        gen.graph = replace(saved, left_padded_batch=False, right_padded_batch=False)
+        with pytest.raises(EngineError, match="max_batch = 1"):
+            BatchDecoder(gen, max_batch=2)
+        assert BatchDecoder(gen, max_batch=1).max_batch == 1
+    finally:
+        gen.graph = saved
+
+
+# -- chunked prefill -----------------------------------------------------------------------
+
+LONG = ("import os\nimport sys\n\n\ndef main(argv):\n    for path in argv[1:]:\n"
+        "        with open(path) as f:\n            for line in f:\n"
+        "                print(line.rstrip())\n    return 0\n")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_chunked_prefill_gives_the_same_tokens(gen, chunk):
+    """A prompt prefilled a chunk per step over its own growing cache decodes exactly as one
+    prefilled whole, and so do the sequences it joins."""
+    jobs = [(i, gen.text_prompt(p), SamplingParams(max_tokens=10 + 3 * i, temperature=0.0))
+            for i, p in enumerate([*PROMPTS[:3], LONG])]
+    assert len(jobs[-1][1]) > 2 * 16
+    single = {key: gen.generate(ids, params).token_ids for key, ids, params in jobs}
+    dec = BatchDecoder(gen, max_batch=4, prefill_chunk=chunk)
+    out: dict = {key: [] for key, _, _ in jobs}
+    waiting = list(jobs)
+    for _ in range(1_000):
+        if waiting and dec.active < 4:
+            key, ids, params = waiting.pop(0)
+            out[key].extend(t for c in dec.add(key, ids, params) for t in c.token_ids)
+        for key, chunks in dec.step().items():
+            out[key].extend(t for c in chunks for t in c.token_ids)
+        if not waiting and not dec.active:
+            break
+    assert out == single
+
+
+def test_running_streams_advance_while_a_long_prompt_prefills(gen):
+    params = SamplingParams(max_tokens=100, temperature=0.0)
+    dec = BatchDecoder(gen, max_batch=3, prefill_chunk=8)
+    for k in range(2):
+        dec.add(k, gen.text_prompt(PROMPTS[k]), params)
+    while dec.prefilling:  # the two running streams' own prompts may take a few chunks
+        dec.step()
+    done_before = dec._seqs[0].stats.completion_tokens
+    long_ids = gen.text_prompt(LONG)
+    assert dec.add("long", long_ids, params) == []  # queued: no engine run, no token yet
+    assert dec.prefill_work == (0, 0.0)
+    assert (dec.active, dec.prefilling) == (3, 1) and "long" in dec.keys
+    chunks_left = -(-len(long_ids) // 8)
+    for i in range(chunks_left):
+        out = dec.step()
+        # every running stream got its token in this step; the prefill moved one chunk on
+        assert 0 < dec.prefill_work[0] <= 8 and dec.prefill_work[1] > 0
+        assert dec._seqs[0].stats.completion_tokens == done_before + i + 1
+        assert ("long" in out) == (i == chunks_left - 1)
+    assert dec.prefilling == 0 and dec.active == 3
+    with pytest.raises(GenerationError, match="batch is full"):
+        dec.add("x", long_ids, params)
+
+
+def test_a_prefilling_sequence_can_be_removed_and_counts_against_the_batch(gen):
+    params = SamplingParams(max_tokens=5, temperature=0.0)
+    dec = BatchDecoder(gen, max_batch=1, prefill_chunk=4)
+    dec.add("long", gen.text_prompt(LONG), params)
+    with pytest.raises(GenerationError, match="batch is full"):
+        dec.add("b", gen.text_prompt("x"), params)
+    assert dec.remove("long") and not dec.remove("long")
+    assert dec.active == 0 and dec.step() == {}
+    ref = gen.generate(gen.text_prompt("x = "), params).token_ids
+    got = [t for c in dec.add("b", gen.text_prompt("x = "), params) for t in c.token_ids]
+    while dec.active:
+        got.extend(t for c in dec.step().get("b", []) for t in c.token_ids)
+    assert got == ref
