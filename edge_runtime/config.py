@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import sys
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.serving.scheduler import SchedulerConfig
+from edge_runtime.tomlconfig import TableLoader, read_toml
 
 if TYPE_CHECKING:
     from edge_runtime.model.probe import ProbeThresholds
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Jetson's system Python (JetPack 6) is 3.10
-    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -272,63 +265,21 @@ _SECTIONS: dict[str, type[Any]] = {
 def load_config(path: str | Path) -> Config:
     """Read and validate a TOML config file; every problem is a ConfigError naming the key."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    data = read_toml(path, "config file")
     return config_from_dict(data, base_dir=path.resolve().parent, source=str(path))
 
 
 def config_from_dict(data: Mapping[str, Any], base_dir: Path, source: str = "config") -> Config:
+    """A Config from a parsed TOML table: its sections checked here, their keys by the shared
+    loader (edge_runtime/tomlconfig.py), relative paths resolved against base_dir."""
     unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"{source}: unknown section {unknown[0]!r} (known: {sorted(_SECTIONS)})")
+    loader = TableLoader(source, base_dir, ConfigError)
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         table = data.get(name, {})
         if not isinstance(table, Mapping):
             raise ConfigError(f"{source}: [{name}] must be a table")
-        hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for key in table:
-            if key not in fields:
-                raise ConfigError(
-                    f"{source}: unknown key '{name}.{key}' (known: {', '.join(sorted(fields))})"
-                )
-        values = {
-            key: _coerce(value, hints[key], f"{name}.{key}", base_dir, source)
-            for key, value in table.items()
-        }
-        try:
-            sections[name] = cls(**values)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from e
+        sections[name] = loader.build(cls, table, name)
     return Config(**sections)
-
-
-def _coerce(value: Any, tp: Any, key: str, base_dir: Path, source: str) -> Any:
-    """Check a TOML value against a field's annotation; resolve paths against base_dir."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):  # `X | None`: TOML has no null
-        (tp,) = [a for a in args if a is not type(None)]
-        return _coerce(value, tp, key, base_dir, source)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
-        return tuple(_coerce(v, args[0], key, base_dir, source) for v in value)
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        Path: lambda v: isinstance(v, str) and v != "",
-    }[tp](value)
-    if not ok:
-        raise ConfigError(f"{source}: '{key}' must be {tp.__name__}, got {value!r}")
-    if tp is Path:
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else base_dir / p
-    return float(value) if tp is float else value
