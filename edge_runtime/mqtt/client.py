@@ -18,9 +18,10 @@ without it, Nagle's algorithm holds small publishes back until the previous one 
 
 PUBLISH properties go through `mqtt_props` instead of paho's `Properties` codec both ways
 (a packed block on the way out, a `_Client._handle_publish` that parses the packet itself on
-the way in, paho's own decoder for anything that fast path does not handle): paho's codec
-cost ~0.45 ms of every offload round trip. What a connection is made of (broker URL, TLS
-files, Will, a received Message) is in mqtt_types.py, free of paho; it is re-exported here.
+the way in, paho's own decoder for anything that fast path does not handle): paho's decoder
+alone costs ~0.19 ms of the offload round trip's p50 (docs/BENCHMARKS.md, "paho-mqtt pin").
+What a connection is made of (broker URL, TLS files, Will, a received Message) is in
+mqtt_types.py, free of paho; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -396,9 +397,10 @@ class _Decoded(Properties):
 class _Client(paho.Client):
     """paho's client with a fast decoder for received MQTT 5 PUBLISH packets at QoS 0/1.
 
-    It overrides one private method, `_handle_publish` (the same in paho 2.0–2.2), and hands
-    every packet the fast path does not take (QoS 2, topic aliases, anything malformed) to
-    paho's own. tests/test_mqtt_props.py checks that the fast path is the one in use.
+    It overrides one private method, `_handle_publish` (the same in paho 2.0–2.2, hence the
+    pin `paho-mqtt>=2.0,<2.3` in pyproject.toml), and hands every packet the fast path does
+    not take (QoS 2, topic aliases, anything malformed) to paho's own.
+    tests/mqtt/test_mqtt_props.py checks that the fast path is the one in use.
     """
 
     fast_publishes = 0
