@@ -4,7 +4,8 @@ port, from a generated config, that can be killed (-9) and restarted on the same
     b = Broker(workdir)                          persistence off, anonymous, plain MQTT
     b = Broker(workdir, persistence=True)        store saved after every change (see below)
     b = Broker(workdir, pki=make_pki(dir))       TLS only, client certificate required
-    b = Broker(workdir, acl_file=..., password_file=..., extra=["max_connections -1"])
+    b = Broker(workdir, acl_file=..., password_file=write_passwords(path, {"dev": pw}),
+               extra=["max_connections -1"])      any other mosquitto.conf lines
     b.start(); b.url; b.kill(); b.start()        same port: clients reconnect by themselves
     with Broker(workdir) as b: ...               start, then stop (SIGTERM, SIGKILL after)
 
@@ -121,6 +122,24 @@ def make_pki(out: Path, client_cn: str = "dev-1") -> Pki:
     other_ca_path, _ = write("other-ca", other_ca_cert, other_ca_key)
     return Pki(ca_path, *write("server", *server), *write("client", *client),
                other_ca_path, *write("other-client", *other))
+
+
+def write_passwords(path: Path, users: dict[str, str]) -> Path:
+    """A Mosquitto password file (`password_file`) for test users, written without
+    `mosquitto_passwd -b` so that no password is in a process's argv: `user:$6$salt$hash`,
+    hash = SHA-512(password + salt), base64 (the format Mosquitto 1.4-2.x reads)."""
+    import base64
+    import hashlib
+
+    lines = []
+    for user, password in users.items():
+        salt = os.urandom(12)
+        digest = hashlib.sha512(password.encode() + salt).digest()
+        lines.append(f"{user}:$6${base64.b64encode(salt).decode()}"
+                     f"${base64.b64encode(digest).decode()}")
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
 
 
 class Broker:
