@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
     worker.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
     worker.add_argument("--group", default="cloud", help="shared-subscription group (cloud)")
+    worker.add_argument("--model", help="answer only requests for this model name ('bundle': "
+                        "the bundle's name), others get model_not_found; default: any name "
+                        "(devices whose model is named differently still offload)")
     add_auth_options(worker, "EDGE_CLOUD")
     worker.add_argument("--concurrency", type=int, default=1,
                         help="requests decoded together in one continuous batch (1)")
@@ -274,12 +277,13 @@ def _cloud_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")
     BrokerURL.parse(args.broker)  # a bad URL is a one-line error, before loading anything
     load = None
-    model = None  # the echo worker answers any model name
+    model = None if args.model in (None, "bundle") else args.model
     if not args.echo:
         if args.bundle is None:
             raise ConfigError("cloud-worker needs --bundle DIR (or --echo)")
         bundle = _trusted_bundle(args.bundle, args.pubkey or [])
-        model = bundle.manifest.name  # a request for another model gets the API's 404 error
+        if args.model == "bundle":  # another model name gets the API's 404 error
+            model = bundle.manifest.name
 
         def load() -> Generator:
             return Generator.from_bundle(bundle, backend=args.backend, threads=args.threads)
