@@ -13,8 +13,9 @@ The first text of a streamed answer goes out at once; later tokens go out in chu
 
 Capacity also grows by starting more workers on the same broker: the broker hands each
 request to one member of the share group, so there is no load balancer of our own. Every
-request that reached us gets an answer or is dropped on purpose: a malformed one gets an
-error chunk, a full queue gets an error chunk at once (the device then serves locally or
+request that reached us gets an answer or is dropped on purpose, and every refusal is
+logged: an answer goes only to the requesting device's own response topic (anything else is
+dropped and counted, offload.messages.screen_request), a malformed one gets an error chunk, a full queue gets an error chunk at once (the device then serves locally or
 rejects), an expired one is dropped and counted (nobody is waiting for it), one whose
 deadline passes mid-generation gets an error chunk at the next step. `stop()` unsubscribes
 first, so the broker sends new requests to the other workers, then fails what is queued and

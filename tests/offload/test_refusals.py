@@ -1,12 +1,25 @@
-"""What a cloud worker refuses before serving, as pure functions: where it may answer
-(topics.check_response_topic), and screen_request / model_refusal (offload/messages.py)."""
+"""What a cloud worker refuses before serving: the pure functions (where it may answer,
+topics.check_response_topic; screen_request / model_refusal of offload/messages.py), then
+the same refusals through an echo worker on a real broker (error reply or log line, never
+silence; nothing ever published on a foreign topic)."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
 
+import pytest
+from live_server import wait_until
+from mqtt_fixtures import Broker
+
+from edge_runtime.cloud.worker import CloudWorker
 from edge_runtime.errors import MessageError
 from edge_runtime.mqtt import topics
+from edge_runtime.mqtt.client import Message, MqttClient
 from edge_runtime.mqtt.types import PublishProps
 from edge_runtime.offload.messages import (
     MAX_REQUEST_BYTES,
@@ -90,3 +103,73 @@ def test_model_refusal_is_the_apis_404() -> None:
     r = model_refusal({"model": "other"}, "tiny")
     assert r is not None and r.reply and r.error.code == "model_not_found"
     assert "'other'" in r.error.message and "'tiny'" in r.error.message
+
+
+# -- the same refusals on a real broker, through the echo worker ----------------------------
+
+BODY = json.dumps({"model": "tiny", "prompt": "hi"}).encode()
+
+
+@pytest.fixture
+def worker(broker: Broker) -> Iterator[CloudWorker]:
+    w = CloudWorker(broker.url, None, model="tiny", reconnect_min_s=0.1)
+    assert w.start(wait_s=10)
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def listener(broker: Broker) -> Iterator[tuple[MqttClient, list[Message]]]:
+    got: list[Message] = []
+    c = MqttClient(broker.url, "listener")
+    c.subscribe("#", got.append)
+    assert c.start(wait_s=10) and c.wait_subscribed(10)
+    yield c, got
+    c.stop()
+
+
+def _answers(got: list[Message], topic: str) -> list[dict[str, object]]:
+    return [json.loads(m.payload) for m in got if m.topic == topic]
+
+
+def test_foreign_response_topics_get_nothing_published(
+        worker: CloudWorker, listener: tuple[MqttClient, list[Message]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    c, got = listener
+    for target in ("fleet/victim/cmd", "edge/dev-b/offload/res/s1"):
+        c.publish(REQ, BODY, PublishProps(response_topic=target, correlation_data=b"1"),
+                  wait_s=5)
+    wait_until(lambda: worker.counts["foreign_topic"] == 2, 5)
+    time.sleep(0.3)
+    assert [m.topic for m in got] == [REQ, REQ]  # only the two requests themselves
+    assert worker.counts["messages"] == 0
+    assert "belongs to device 'dev-b'" in caplog.text and "fleet/victim/cmd" in caplog.text
+
+
+@pytest.mark.parametrize("props, payload, code, counter", [
+    (props(v="2"), BODY, "unsupported_version", "bad_version"),
+    (props(), b" " * (MAX_REQUEST_BYTES + 1), "request_too_large", "too_large"),
+    (props(), json.dumps({"model": "other", "prompt": "hi"}).encode(), "model_not_found",
+     "unknown_model"),
+])
+def test_unservable_requests_get_an_error_reply(
+        worker: CloudWorker, listener: tuple[MqttClient, list[Message]], props: PublishProps,
+        payload: bytes, code: str, counter: str) -> None:
+    c, got = listener
+    c.publish(REQ, payload, props, wait_s=5)
+    wait_until(lambda: _answers(got, "edge/dev-a/offload/res/s1"), 5)
+    [answer] = _answers(got, "edge/dev-a/offload/res/s1")
+    assert answer["error"]["code"] == code  # type: ignore[index]
+    assert worker.counts[counter] == 1
+
+
+def test_an_mqtt_311_request_is_logged_not_silent(
+        broker: Broker, worker: CloudWorker, caplog: pytest.LogCaptureFixture) -> None:
+    pub = shutil.which("mosquitto_pub")
+    if pub is None:
+        pytest.skip("mosquitto_pub is not installed")
+    caplog.set_level(logging.WARNING)
+    subprocess.run([pub, "-V", "311", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                    "-t", REQ, "-m", BODY.decode()], check=True, timeout=10)
+    wait_until(lambda: worker.counts["no_response_topic"] == 1, 5)
+    assert "MQTT 3.1.1" in caplog.text and REQ in caplog.text
