@@ -15,11 +15,12 @@ Capacity also grows by starting more workers on the same broker: the broker hand
 request to one member of the share group, so there is no load balancer of our own. Every
 request that reached us gets an answer or is dropped on purpose, and every refusal is
 logged: an answer goes only to the requesting device's own response topic (anything else is
-dropped and counted, offload.messages.screen_request), a malformed one gets an error chunk, a full queue gets an error chunk at once (the device then serves locally or
-rejects), an expired one is dropped and counted (nobody is waiting for it), one whose
-deadline passes mid-generation gets an error chunk at the next step. `stop()` unsubscribes
-first, so the broker sends new requests to the other workers, then fails what is queued and
-gives what runs `drain_s` to finish before failing it too.
+dropped and counted, offload.messages.screen_request), a malformed one gets an error chunk,
+a full queue gets an error chunk at once (the device then serves locally or rejects), an
+expired one is dropped and counted (nobody is waiting for it), one whose deadline passes
+mid-generation gets an error chunk at the next step. `stop()` unsubscribes first, so the
+broker sends new requests to the other workers, then fails what is queued and gives what
+runs `drain_s` to finish before failing it too.
 """
 
 from __future__ import annotations
