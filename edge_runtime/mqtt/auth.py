@@ -33,6 +33,17 @@ class BrokerAuth:
         return {"username": self.username, "password": self.password, "tls": self.tls}
 
 
+class _NoPasswordInArgv(argparse.Action):
+    """`--password` exists only to be refused: without it argparse would take `--password
+    SECRET` as an abbreviation of `--password-file` and name the secret in its error."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error(f"{option_string} is not accepted: a command line is visible to every "
+                     f"user (ps); put the password in a file (--password-file) or in "
+                     f"${self.metavar}")
+
+
 def add_auth_options(p: argparse.ArgumentParser, env_prefix: str) -> None:
     """`--username`, `--password-file`, `--ca-file`, `--cert-file`, `--key-file`, each
     defaulting to `{env_prefix}_{NAME}`; the password itself only from a file or the
@@ -43,6 +54,8 @@ def add_auth_options(p: argparse.ArgumentParser, env_prefix: str) -> None:
     p.add_argument("--password-file", default=env(f"{env_prefix}_PASSWORD_FILE"),
                    help=f"file whose first line is the broker password "
                    f"(${env_prefix}_PASSWORD_FILE, or the password in ${env_prefix}_PASSWORD)")
+    p.add_argument("--password", action=_NoPasswordInArgv, metavar=f"{env_prefix}_PASSWORD",
+                   help=argparse.SUPPRESS)
     p.add_argument("--ca-file", default=env(f"{env_prefix}_CA_FILE"),
                    help=f"CA of the broker's certificate, mqtts (${env_prefix}_CA_FILE)")
     p.add_argument("--cert-file", default=env(f"{env_prefix}_CERT_FILE"),

@@ -52,6 +52,7 @@ from edge_runtime.mqtt.types import (
     TlsFiles,
     Will,
     broker_credentials,
+    identity_of,
 )
 
 __all__ = [
@@ -112,7 +113,7 @@ class MqttClient:
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         self._client = c
-        self.identity = _identity(username, tls)
+        self.identity = identity_of(username, tls)
         """Who this client logs in as, for error messages: a username, a certificate's CN,
         or `anonymous`; never the password."""
         self.refusal: str | None = None
@@ -273,6 +274,7 @@ class MqttClient:
         with self._lock:
             subs = list(self._handlers.items())
             self._pending_subs.clear()
+            self._sub_mids.clear()  # SUBACKs of a dead connection never come
             if not subs:
                 self._subscribed.set()
         # With clean_start the broker forgot our subscriptions; without it, it may still have
@@ -388,27 +390,6 @@ class MqttClient:
                 self._on_connection(up)
             except Exception:
                 log.exception("connection callback failed")
-
-
-def _identity(username: str | None, tls: TlsFiles | None) -> str:
-    """`user NAME`, `certificate CN=NAME` (what `use_identity_as_username` makes the username)
-    or `anonymous`."""
-    if username:
-        return f"user {username!r}"
-    if tls is not None and tls.cert_file:
-        try:
-            from cryptography import x509
-            from cryptography.x509.oid import NameOID
-
-            with open(tls.cert_file, "rb") as f:
-                cert = x509.load_pem_x509_certificate(f.read())
-            cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            if cn:
-                return f"certificate CN={cn[0].value!s}"
-        except (OSError, ValueError, ImportError):
-            pass  # paho reports an unreadable certificate itself when it connects
-        return f"certificate {tls.cert_file}"
-    return "anonymous"
 
 
 def _matches(topic_filter: str, topic: str) -> bool:

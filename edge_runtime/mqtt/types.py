@@ -80,6 +80,27 @@ def broker_credentials(
     return password, tls
 
 
+def identity_of(username: str | None, tls: TlsFiles | None) -> str:
+    """`user NAME`, `certificate CN=NAME` (what `use_identity_as_username` makes the username)
+    or `anonymous`."""
+    if username:
+        return f"user {username!r}"
+    if tls is not None and tls.cert_file:
+        try:
+            from cryptography import x509
+            from cryptography.x509.oid import NameOID
+
+            with open(tls.cert_file, "rb") as f:
+                cert = x509.load_pem_x509_certificate(f.read())
+            cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if cn:
+                return f"certificate CN={cn[0].value!s}"
+        except (OSError, ValueError, ImportError):
+            pass  # paho reports an unreadable certificate itself when it connects
+        return f"certificate {tls.cert_file}"
+    return "anonymous"
+
+
 @dataclass(frozen=True)
 class Message:
     topic: str
