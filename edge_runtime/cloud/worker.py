@@ -414,7 +414,7 @@ class CloudWorker:
     def _refuse(self, msg: Message, refused: Refusal | None) -> None:
         assert refused is not None
         self.counts[refused.counter] += 1
-        log.warning("refused a request on %s (%s): %s", msg.topic,
+        log.warning("refused a request on %r (%s): %s", msg.topic,
                     "answered" if refused.reply else "not answered", refused.error.message)
         if refused.reply:
             self._reply_raw(msg.props, refused.error)

@@ -243,3 +243,32 @@ def test_cloud_worker_with_a_password_and_a_refused_one(sb: ShippedBroker) -> No
     finally:
         ok.stop()
         bad.stop()
+
+
+def test_rollout_driver_logs_in_and_reports_a_refusal(sb: ShippedBroker, tmp_path: Path,
+                                                     capsys: Any) -> None:
+    import threading
+
+    from edge_runtime.errors import RolloutError
+    from edge_runtime.mqtt.auth import BrokerAuth
+    from edge_runtime.rollout.driver import create_rollout, drive
+    from edge_runtime.rollout.plan import RolloutSpec
+    from edge_runtime.rollout.store import RolloutStore
+
+    spec = RolloutSpec(group="lab", bundle="/b.tar", sha256="0" * 64, signer="k",
+                       version="v2", broker=sb.password_url, ack_timeout_s=1)
+    store = RolloutStore(tmp_path / "rollouts.db")
+    try:
+        create_rollout(store, spec, {"dev-a": {"online": True, "groups": ["lab"],
+                                               "bundle": "v1"}}, "r-1")
+        wrong = BrokerAuth("operator-pw", "wrong", sb.tls())
+        with pytest.raises(RolloutError, match="refused the connection of user "
+                           "'operator-pw': Not authorized"):
+            drive(store, "r-1", auth=wrong, connect_timeout_s=2)
+        stop = threading.Event()
+        stop.set()  # connect, subscribe, and stop at the first tick: resumable
+        right = BrokerAuth("operator-pw", sb.passwords["operator-pw"], sb.tls())
+        record = drive(store, "r-1", auth=right, connect_timeout_s=10, stop=stop)
+        assert record.state == "running"
+    finally:
+        store.close()
