@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -272,3 +276,49 @@ def test_rollout_driver_logs_in_and_reports_a_refusal(sb: ShippedBroker, tmp_pat
         assert record.state == "running"
     finally:
         store.close()
+
+
+def _cloud_worker_cli(sb: ShippedBroker, *auth: str, env: dict[str, str] | None = None
+                      ) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-c", "import sys; from edge_runtime.cli import main; "
+           "sys.exit(main(sys.argv[1:]))", "cloud-worker", "--echo", "--log-level", "error",
+           "--ca-file", str(sb.pki.ca), *auth]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def test_cloud_worker_cli_with_a_certificate_answers_mosquitto_rr_over_tls(
+        sb: ShippedBroker) -> None:
+    rr = shutil.which("mosquitto_rr")
+    if rr is None:
+        pytest.skip("mosquitto_rr is not installed")
+    cert, key = sb.certs[WORKER]
+    p = _cloud_worker_cli(sb, "--broker", sb.cert_url, "--cert-file", str(cert),
+                          "--key-file", str(key))
+    try:
+        assert p.stdout is not None
+        assert "subscribed" in p.stdout.readline()
+        dcert, dkey = sb.certs["dev-a"]
+        out = subprocess.run(
+            [rr, "-V", "5", "-h", "127.0.0.1", "-p", str(sb.cert_port), "--cafile",
+             str(sb.pki.ca), "--cert", str(dcert), "--key", str(dkey), "-q", "1", "-W", "10",
+             "-t", "edge/dev-a/offload/req", "-e", "edge/dev-a/offload/res/cli",
+             "-m", json.dumps({"model": "tiny", "prompt": "Hello"})],
+            capture_output=True, text=True, timeout=20, check=True)
+        answer = json.loads(out.stdout)
+        assert answer["v"] == 1 and answer["finish_reason"] == "length"
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def test_cloud_worker_cli_says_not_authorized(sb: ShippedBroker) -> None:
+    p = _cloud_worker_cli(sb, "--broker", sb.password_url, "--username", "worker-pw",
+                          env={"EDGE_CLOUD_PASSWORD": "wrong-password"})
+    try:
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1
+    assert "Not authorized" in err and "worker-pw" in err and "wrong-password" not in err
