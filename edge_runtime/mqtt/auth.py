@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.mqtt.types import TlsFiles, broker_credentials
+from edge_runtime.mqtt.types import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def auth_from_args(a: argparse.Namespace, env_prefix: str) -> BrokerAuth:
             raise ConfigError(f"cannot read --password-file {a.password_file}: {e}") from e
     else:
         password = os.environ.get(f"{env_prefix}_PASSWORD") or None
-    _, tls = broker_credentials("broker", None, ca, cert, key)
+    tls = TlsFiles(*(str(f) if f else None for f in (ca, cert, key))) if ca or cert else None
     if password is not None and not a.username:
         raise ConfigError(f"a broker password needs --username (or ${env_prefix}_USERNAME)")
     return BrokerAuth(a.username or None, password, tls)

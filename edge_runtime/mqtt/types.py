@@ -9,6 +9,7 @@ above (offload, fleet, rollouts) only fill it in.
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,14 +67,18 @@ def broker_credentials(
     section: str, password_file: Path | None, ca_file: Path | None, cert_file: Path | None,
     key_file: Path | None,
 ) -> tuple[str | None, TlsFiles | None]:
-    """A config section's broker password (the first line of its file) and TLS files;
-    ConfigError naming `{section}.password_file` when that file cannot be read."""
+    """A config section's broker password (the first line of its file, else the environment
+    variable EDGE_RUNTIME_{SECTION}_PASSWORD, for containers that inject secrets that way)
+    and TLS files; ConfigError naming `{section}.password_file` when that file cannot be
+    read."""
     password = None
     if password_file is not None:
         try:
             password = password_file.read_text().splitlines()[0].strip()
         except (OSError, IndexError) as e:
             raise ConfigError(f"cannot read {section}.password_file: {e}") from e
+    elif section.isidentifier():
+        password = os.environ.get(f"EDGE_RUNTIME_{section.upper()}_PASSWORD") or None
     tls = None
     if ca_file or cert_file:
         tls = TlsFiles(*(str(p) if p else None for p in (ca_file, cert_file, key_file)))

@@ -57,3 +57,17 @@ def test_unusable_credentials_are_one_line_errors(argv: list[str], message: str,
     monkeypatch.delenv("EDGE_T_USERNAME", raising=False)
     with pytest.raises(ConfigError, match=message):
         parse(argv)
+
+
+def test_daemon_sections_read_the_password_file_else_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_runtime.mqtt.types import broker_credentials
+
+    monkeypatch.delenv("EDGE_RUNTIME_FLEET_PASSWORD", raising=False)
+    assert broker_credentials("fleet", None, None, None, None) == (None, None)
+    monkeypatch.setenv("EDGE_RUNTIME_FLEET_PASSWORD", "from-env")
+    assert broker_credentials("fleet", None, None, None, None)[0] == "from-env"
+    assert broker_credentials("offload", None, None, None, None)[0] is None
+    pw = tmp_path / "pw"
+    pw.write_text("from-file\n")
+    assert broker_credentials("fleet", pw, None, None, None)[0] == "from-file"
