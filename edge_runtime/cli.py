@@ -11,6 +11,8 @@
     edge-runtime cloud-worker --bundle DIR [--pubkey PEM ...] --broker mqtt://HOST:PORT
                         [--group G] [--concurrency N] [--threads N] [--echo]
                         [--chunk-tokens 8] [--chunk-ms 25] [--prefill-chunk 128]
+                        [--username U --password-file F] [--ca-file F --cert-file F
+                         --key-file F]   (or $EDGE_CLOUD_USERNAME, $EDGE_CLOUD_PASSWORD, …)
 
 User errors (a bad bundle, a bad config, a missing key) print one line and exit 1; only
 bugs print tracebacks. Exit code 2 is argparse's, for a malformed command line.
@@ -33,6 +35,7 @@ from edge_runtime.bundle.manifest import Bundle, verify_bundle
 from edge_runtime.cloud.coalesce import ChunkPolicy
 from edge_runtime.config import LOG_LEVELS, Config, load_config
 from edge_runtime.errors import ConfigError, EdgeError, SignatureError
+from edge_runtime.mqtt.auth import add_auth_options, auth_from_args
 from edge_runtime.signing import default_trust_dir, trusted_keys
 
 if TYPE_CHECKING:
@@ -119,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
     worker.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
     worker.add_argument("--group", default="cloud", help="shared-subscription group (cloud)")
+    worker.add_argument("--model", help="answer only requests for this model name ('bundle': "
+                        "the bundle's name), others get model_not_found; default: any name "
+                        "(devices whose model is named differently still offload)")
+    add_auth_options(worker, "EDGE_CLOUD")
     worker.add_argument("--concurrency", type=int, default=1,
                         help="requests decoded together in one continuous batch (1)")
     worker.add_argument("--chunk-tokens", type=int, default=ChunkPolicy.tokens,
@@ -270,17 +277,23 @@ def _cloud_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")
     BrokerURL.parse(args.broker)  # a bad URL is a one-line error, before loading anything
     load = None
+    model = None if args.model in (None, "bundle") else args.model
     if not args.echo:
         if args.bundle is None:
             raise ConfigError("cloud-worker needs --bundle DIR (or --echo)")
         bundle = _trusted_bundle(args.bundle, args.pubkey or [])
+        if args.model == "bundle":  # another model name gets the API's 404 error
+            model = bundle.manifest.name
 
         def load() -> Generator:
             return Generator.from_bundle(bundle, backend=args.backend, threads=args.threads)
 
     chunk = ChunkPolicy(args.chunk_tokens, args.chunk_ms)  # ConfigError names a bad value
+    auth = auth_from_args(args, "EDGE_CLOUD")
     worker = CloudWorker(args.broker, load, group=args.group, concurrency=args.concurrency,
-                         chunk=chunk, prefill_chunk=args.prefill_chunk)
+                         chunk=chunk, prefill_chunk=args.prefill_chunk,
+                         model=model,
+                         **auth.mqtt_options())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -288,6 +301,9 @@ def _cloud_worker(args: argparse.Namespace) -> int:
     subscribed = worker.start()
     if worker.errors:
         raise EdgeError(f"cannot load the model: {worker.errors[0]}")
+    if worker.mqtt.refusal is not None or worker.mqtt.refused_filters:
+        worker.stop(drain_s=0)  # a broker that says "Not authorized" will not change its mind
+        raise worker.mqtt.failure(10.0)
     state = "subscribed" if subscribed else "waiting for the broker"
     print(f"edge-runtime: cloud worker {state} on {args.broker} "
           f"(group {args.group}, concurrency {args.concurrency}, chunks of "

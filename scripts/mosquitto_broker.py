@@ -124,6 +124,40 @@ def make_pki(out: Path, client_cn: str = "dev-1") -> Pki:
                other_ca_path, *write("other-client", *other))
 
 
+def issue_client(pki: Pki, cn: str, out: Path | None = None) -> tuple[Path, Path]:
+    """Another client certificate and key (CN `cn`) signed by `pki`'s CA (its key lies next
+    to it): one identity per device, operator or worker of a test."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca.with_suffix(".key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    out = out or pki.ca.parent
+    c, k = out / f"{cn}.pem", out / f"{cn}.key"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    return c, k
+
+
 def write_passwords(path: Path, users: dict[str, str]) -> Path:
     """A Mosquitto password file (`password_file`) for test users, written without
     `mosquitto_passwd -b` so that no password is in a process's argv: `user:$6$salt$hash`,
@@ -157,7 +191,11 @@ class Broker:
         extra: Iterable[str] = (),
         log_types: Iterable[str] = ("error", "warning"),
         own_group: bool = False,
+        config: str | None = None,
     ) -> None:
+        """`config`: a whole mosquitto.conf to run instead of the generated one (the shipped
+        deploy/mosquitto config, rewritten onto a test's files); `port` is then the listener
+        `start` waits for (one of `config`'s)."""
         if MOSQUITTO is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         workdir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +203,7 @@ class Broker:
         self.workdir = workdir
         self.log = workdir / "mosquitto.log"
         self.config = workdir / "mosquitto.conf"
-        self.tls = pki is not None
+        self.tls = pki is not None or config is not None
         self.own_group = own_group
         lines = [
             f"listener {self.port} 127.0.0.1",
@@ -191,6 +229,8 @@ class Broker:
         if acl_file is not None:
             lines.append(f"acl_file {acl_file}")
         lines.extend(extra)
+        if config is not None:
+            lines = config.splitlines()
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to its own user, losing workdir
         self.config.write_text("\n".join(lines) + "\n")

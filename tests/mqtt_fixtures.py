@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mosquitto_broker import MOSQUITTO, Broker, Pki, free_port, make_pki
+from mosquitto_broker import MOSQUITTO, Broker, Pki, free_port, issue_client, make_pki
 
-__all__ = ["MOSQUITTO", "Broker", "Pki", "broker", "free_port", "make_pki",
+__all__ = ["MOSQUITTO", "Broker", "Pki", "broker", "free_port", "issue_client", "make_pki",
            "persistent_broker", "pki", "tls_broker"]
 
 

@@ -13,12 +13,14 @@ The first text of a streamed answer goes out at once; later tokens go out in chu
 
 Capacity also grows by starting more workers on the same broker: the broker hands each
 request to one member of the share group, so there is no load balancer of our own. Every
-request that reached us gets an answer or is dropped on purpose: a malformed one gets an
-error chunk, a full queue gets an error chunk at once (the device then serves locally or
-rejects), an expired one is dropped and counted (nobody is waiting for it), one whose
-deadline passes mid-generation gets an error chunk at the next step. `stop()` unsubscribes
-first, so the broker sends new requests to the other workers, then fails what is queued and
-gives what runs `drain_s` to finish before failing it too.
+request that reached us gets an answer or is dropped on purpose, and every refusal is
+logged: an answer goes only to the requesting device's own response topic (anything else is
+dropped and counted, offload.messages.screen_request), a malformed one gets an error chunk,
+a full queue gets an error chunk at once (the device then serves locally or rejects), an
+expired one is dropped and counted (nobody is waiting for it), one whose deadline passes
+mid-generation gets an error chunk at the next step. `stop()` unsubscribes first, so the
+broker sends new requests to the other workers, then fails what is queued and gives what
+runs `drain_s` to finish before failing it too.
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ from edge_runtime.offload.messages import (
     OffloadChunk,
     OffloadRequest,
     PublishProps,
+    Refusal,
     Usage,
     decode_request,
     encode_chunk,
+    model_refusal,
     response_props,
+    screen_request,
 )
 from edge_runtime.serving.rate_probe import measure_rates
 from edge_runtime.serving.request import DecodeBatch, TextGenerator
@@ -88,13 +93,15 @@ class CloudWorker:
         prefill_chunk: int = 128,
         default_timeout_s: float = 60.0,
         wall_clock: Callable[[], float] = time.time,
+        model: str | None = None,
         **mqtt_options: Any,
     ) -> None:
         """`load` builds the generator (on the engine thread); None answers at once (echo
         mode, for measuring the transport alone). `concurrency`: sequences decoded together;
         `max_queued`: requests waiting beyond those (default 2 x concurrency); `chunk`: token
         coalescing of streamed answers (default ChunkPolicy()); `prefill_chunk`: prompt
-        tokens prefilled per step (0: whole prompts). `mqtt_options` go to MqttClient."""
+        tokens prefilled per step (0: whole prompts); `model`: the name requests must ask for
+        (None: any). `mqtt_options` go to MqttClient."""
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
         if prefill_chunk < 0:
@@ -103,6 +110,7 @@ class CloudWorker:
         if max_queued is not None and max_queued < 1:
             raise ConfigError(f"max_queued must be >= 1, got {max_queued}")
         self._load = load
+        self.model = model
         self.concurrency = concurrency
         self.chunk = chunk or ChunkPolicy()
         self.group = topics.check_id(group, "group")
@@ -124,7 +132,10 @@ class CloudWorker:
         self.peak_batch = 0
         """The most sequences one decode step has served so far."""
         self.counts: collections.Counter[str] = collections.Counter()
-        """served, expired, busy, malformed, invalid, aborted, failed, unanswered, messages"""
+        """served, expired, busy, malformed, invalid, aborted, failed, unanswered, messages,
+        and the refusals of offload.messages.screen_request/model_refusal: no_response_topic,
+        foreign_topic (an answer asked for elsewhere than the device's own response topic),
+        bad_version, too_large, unknown_model"""
         # Workers must be subscribed again before the devices probe the cloud after a broker
         # restart (a probe that finds no subscriber reopens a device's breaker): they retry
         # sooner than the devices (offload.RECONNECT_MAX_S); there are few of them.
@@ -180,12 +191,20 @@ class CloudWorker:
 
     def _on_request(self, msg: Message) -> None:
         now_ms = int(self._wall() * 1000)
-        try:
-            req = decode_request(msg.topic, msg.payload, msg.props, now_ms,
-                                 self._default_timeout_ms)
-        except MessageError as e:
-            self.counts["malformed"] += 1
-            self._reply_raw(msg.props, ErrorInfo(str(e), "invalid_request_error", "bad_message"))
+        # Answers go only to the requesting device's own response topic (never to a topic a
+        # request names at will); every refusal is logged, and answered where that is allowed.
+        refused = screen_request(msg.topic, len(msg.payload), msg.props)
+        req = None
+        if refused is None:
+            try:
+                req = decode_request(msg.topic, msg.payload, msg.props, now_ms,
+                                     self._default_timeout_ms)
+                refused = model_refusal(req.body, self.model)
+            except MessageError as e:
+                refused = Refusal("malformed", ErrorInfo(str(e), "invalid_request_error",
+                                                         "bad_message"), reply=True)
+        if refused is not None or req is None:
+            self._refuse(msg, refused)
             return
         if req.deadline_ms <= now_ms:
             self.counts["expired"] += 1
@@ -391,6 +410,14 @@ class CloudWorker:
 
     def _reply_error(self, req: OffloadRequest, message: str, code: str, seq: int = 0) -> None:
         self._send_quietly(req, OffloadChunk(seq, error=ErrorInfo(message, "server_error", code)))
+
+    def _refuse(self, msg: Message, refused: Refusal | None) -> None:
+        assert refused is not None
+        self.counts[refused.counter] += 1
+        log.warning("refused a request on %r (%s): %s", msg.topic,
+                    "answered" if refused.reply else "not answered", refused.error.message)
+        if refused.reply:
+            self._reply_raw(msg.props, refused.error)
 
     def _reply_raw(self, props: PublishProps, error: ErrorInfo) -> None:
         """Answer a request too malformed to decode, if it says where to."""
