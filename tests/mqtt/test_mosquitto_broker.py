@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from mosquitto_broker import MOSQUITTO, Broker, write_passwords
 
+from edge_runtime.errors import BrokerError
 from edge_runtime.mqtt.client import Message, MqttClient
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
@@ -30,7 +31,9 @@ def test_acl_and_password_file_are_enforced(tmp_path: Path) -> None:
         wrong = MqttClient(b.url, "wrong", username="dev", password="guess")
         try:
             assert dev.start(wait_s=5) and dev.wait_subscribed(5)
-            dev.publish("no/x", b"denied", wait_s=5)  # the ACL drops it
+            with pytest.raises(BrokerError, match="refused user 'dev' the publish to 'no/x': "
+                               "Not authorized"):
+                dev.publish("no/x", b"denied", wait_s=5)  # the ACL refuses it (PUBACK 0x87)
             dev.publish("ok/x", b"allowed", wait_s=5)
             assert seen.wait(5)
             assert not anon.start(wait_s=1)  # allow_anonymous false with a password file
