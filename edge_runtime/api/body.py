@@ -24,6 +24,8 @@ MAX_DEPTH = 64
 """Deepest nesting accepted (the API's own bodies are 4 levels deep; tool schemas a few more)."""
 MAX_INT_DIGITS = 40
 """Longest integer literal: far beyond any int64 field, far below Python's 4300-digit limit."""
+INVALID_JSON = "invalid_json"
+"""The error code of a body that is not JSON this API can read (its message says why)."""
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
@@ -62,18 +64,21 @@ def _check_json(body: bytes) -> APIError | None:
         text = body.decode("utf-8-sig")  # RFC 8259: UTF-8; a leading BOM may be ignored
     except UnicodeDecodeError as e:
         return APIError(
-            400, f"request body is not UTF-8: byte 0x{body[e.start]:02x} at offset {e.start}"
+            400, f"request body is not UTF-8: byte 0x{body[e.start]:02x} at offset {e.start}",
+            code=INVALID_JSON,
         )
     try:
         data = json.loads(text, parse_constant=_no_constant, parse_int=_int)
     except json.JSONDecodeError as e:
         return APIError(
-            400, f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})"
+            400, f"request body is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})",
+            code=INVALID_JSON,
         )
     except RecursionError:
-        return APIError(400, f"request body is nested deeper than {MAX_DEPTH} levels")
+        return APIError(400, f"request body is nested deeper than {MAX_DEPTH} levels",
+                        code=INVALID_JSON)
     except ValueError as e:
-        return APIError(400, f"request body is not valid JSON: {e}")
+        return APIError(400, f"request body is not valid JSON: {e}", code=INVALID_JSON)
     return _check_values(data)
 
 
@@ -94,7 +99,8 @@ def _check_values(data: Any) -> APIError | None:
     while stack:
         value, path, depth = stack.pop()
         if depth > MAX_DEPTH:
-            return APIError(400, f"request body is nested deeper than {MAX_DEPTH} levels")
+            return APIError(400, f"request body is nested deeper than {MAX_DEPTH} levels",
+                            code=INVALID_JSON)
         if isinstance(value, str):
             bad = _lone_surrogate(value)
             if bad is not None:
