@@ -9,7 +9,8 @@ requests. Two ways matter, and each has its check here:
                      attacker.example:8000`: only the names this daemon answers to pass
                      (the loopback names when bound to loopback, server.allowed_hosts).
     cross-site calls a page's fetch() or form POST carries an `Origin` header. Such a request
-                     is served only for an origin in server.cors_origins (with the CORS
+                     is served only for the daemon's own origin (its /docs page) or an origin
+                     in server.cors_origins (with the CORS
                      headers a browser needs, and preflight answered here); any other Origin
                      gets 403 before the app sees it. body.py requires application/json, so
                      a browser always asks first (preflight) and never sends a "simple" POST.
@@ -120,8 +121,11 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        err = self._check_host(header(scope, b"host"))
+        host = header(scope, b"host")
+        err = self._check_host(host)
         origin = header(scope, b"origin")
+        if err is None and origin is not None and self._same_origin(scope, origin, host):
+            origin = None  # the daemon's own pages (/docs): a Host that passed, so no rebinding
         if err is None and origin is not None:
             err = self._check_origin(origin)
         if err is None and origin is not None and scope["method"] == "OPTIONS":
@@ -147,6 +151,13 @@ class GuardMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
+
+    def _same_origin(self, scope: Scope, origin: str, host: str | None) -> bool:
+        """Whether `origin` is this server as the client reached it. Only trusted while Host
+        is checked: without that check a rebinding page's origin matches its Host too."""
+        if self.hosts is None or host is None:
+            return False
+        return normalize_origin(origin) == f"{scope.get('scheme', 'http')}://{host.lower()}"
 
     def _check_host(self, host: str | None) -> APIError | None:
         if self.hosts is None:

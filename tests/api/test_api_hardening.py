@@ -245,6 +245,18 @@ def test_docs_are_off_unless_enabled_and_behind_the_key() -> None:
         assert r.status_code == 200 and "/v1/chat/completions" in r.json()["paths"]
     with serve(docs=True) as url:  # no key: open, like the API itself
         assert httpx.get(f"{url}/openapi.json").status_code == 200
+        # The docs page's own "try it out" calls: same origin, served without CORS config.
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers={"Origin": url})
+        assert r.status_code == 200, r.text
+
+
+def test_same_origin_counts_only_while_host_is_checked() -> None:
+    """With the Host check off, a rebinding page's Origin equals the Host it sends: it must
+    not pass as the daemon's own origin."""
+    with serve(host="0.0.0.0", allowed_hosts=("*",)) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers={
+            "Host": "attacker.example:8000", "Origin": "http://attacker.example:8000"})
+        assert_refused(r, 403, "origin_not_allowed", "attacker.example")
 
 
 def test_readyz_details_only_for_an_authenticated_caller() -> None:
