@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from scripts.security.row import Row
+from .row import Row
 
 AREA = "http"
 SERVE = [sys.executable, "-c", "import sys; from edge_runtime.cli import main; sys.exit(main())"]
