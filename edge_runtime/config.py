@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
     from edge_runtime.model.probe import ProbeThresholds
 
 
+API_KEY_ENV = "EDGE_RUNTIME_API_KEY"
+"""The environment variable read for the API key when neither api_key nor api_key_file is
+set (a systemd `Environment=`/`LoadCredential=` or a container secret, never argv)."""
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -37,11 +43,34 @@ class ServerConfig:
     port: int = 8000
     """TCP port; 0 picks a free one (the URL printed at start-up says which)."""
     api_key: str | None = None
-    """When set, /v1/* and /metrics require `Authorization: Bearer <api_key>`."""
+    """When set, /v1/* and /metrics require `Authorization: Bearer <api_key>`. Prefer
+    api_key_file or $EDGE_RUNTIME_API_KEY: this file is often world-readable."""
     api_key_file: Path | None = None
     """A file holding the key (first line), so it stays out of `ps` and of this file."""
     max_body_bytes: int = 1 << 20
     """Largest request body accepted; a bigger one gets 413 before it is parsed."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names (or addresses) requests may name in their Host header, besides the loopback
+    names when bound to loopback. A foreign Host gets 400: it is how DNS rebinding lets a web
+    page reach a loopback service. Empty while bound to a wildcard address (0.0.0.0, ::):
+    no check, and a warning at start-up. `*` turns the check off."""
+    cors_origins: tuple[str, ...] = ()
+    """Web origins (`https://app.example`) whose pages may call the API from a browser. A
+    request carrying any other Origin header is refused with 403; none are allowed by
+    default."""
+    docs: bool = False
+    """Serve /docs, /redoc and /openapi.json (behind the API key when one is set)."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) to serve HTTPS with; needs tls_key_file."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file."""
+    jwt_public_key_file: Path | None = None
+    """PEM public key (Ed25519, EC P-256 or RSA ≥ 2048) that signs accepted JWT bearer
+    tokens (EdDSA, ES256, RS256: the key's type decides); tokens must carry `exp`."""
+    jwt_audience: str | None = None
+    """When set, a token's `aud` must name it."""
+    jwt_issuer: str | None = None
+    """When set, a token's `iss` must equal it."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -50,13 +79,27 @@ class ServerConfig:
             raise ConfigError(f"server.max_body_bytes must be >= 1, got {self.max_body_bytes}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("server.api_key must not be empty")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("server.tls_cert_file and server.tls_key_file go together")
+        for origin in self.cors_origins:
+            scheme, _, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not rest or "/" in rest:
+                raise ConfigError(
+                    f"server.cors_origins entry {origin!r} is not an origin "
+                    "(scheme://host[:port], no path, e.g. https://app.example)"
+                )
+        for host in self.allowed_hosts:
+            if not host or any(c in host for c in "/ "):
+                raise ConfigError(f"server.allowed_hosts entry {host!r} is not a host name")
 
     def resolved_api_key(self) -> str | None:
-        """`api_key`, else the first line of `api_key_file`, else None (no auth)."""
+        """`api_key`, else the first line of `api_key_file`, else $EDGE_RUNTIME_API_KEY, else
+        None (no API key)."""
         if self.api_key is not None:
             return self.api_key
         if self.api_key_file is None:
-            return None
+            env = os.environ.get(API_KEY_ENV, "").strip()
+            return env or None
         try:
             lines = self.api_key_file.read_text().strip().splitlines()
         except OSError as e:
@@ -73,6 +116,10 @@ class ServerConfig:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:  # a host name: assume it may be reachable from outside
             return False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
