@@ -243,6 +243,7 @@ class LocalWorker:
             gen = self._load()
             # refuses a max_batch the engine lacks
             batch = gen.batch(self.config.max_batch, self.config.prefill_chunk)
+            self._limit_to(batch)
             gen.warmup()
             if self._measure_rates:
                 try:
@@ -263,6 +264,7 @@ class LocalWorker:
             with self._lock:
                 if self._models.pending is not None:
                     gen, batch = self._models.adopt(batch)
+                    self._limit_to(batch)
                 if self._draining:
                     self._models.release(
                         lambda g: any(r.generator is g for r in self._requests.values()))
@@ -290,6 +292,12 @@ class LocalWorker:
                 self._step(batch)
             for old in draining:  # swapped-out models finish what they started
                 self._step(old)
+
+    def _limit_to(self, batch: DecodeBatch) -> None:
+        """The scheduler plans with what the batch runs, not with what the config asked
+        (one source of truth for max_batch and prefill_chunk)."""
+        with self._lock:
+            self.scheduler.limit_to(batch.max_batch, batch.prefill_chunk)
 
     def _seed_rates(self, gen: TextGenerator) -> None:
         """Measure the engine's step and prefill times (rate_probe.py; engine thread) and
@@ -335,7 +343,7 @@ class LocalWorker:
                 self.scheduler.cancel(job.key)
                 self._requests.pop(job.key, None)
         running = batch.active + sum(b.active for _, b in self._draining)
-        return self.scheduler.next_batch(self.config.max_batch - running)
+        return self.scheduler.next_batch(self.scheduler.max_batch - running)
 
     def _start(self, batch: DecodeBatch, key: Hashable) -> None:
         req = self._requests[key]
@@ -403,7 +411,7 @@ class LocalWorker:
             rates = self.scheduler.rates
             step = rates.step_time(max(1, batch.active - batch.prefilling))
             if batch.prefilling:  # the next step carries a prefill chunk too
-                step += rates.prefill_time(self.config.prefill_chunk)
+                step += rates.prefill_time(batch.prefill_chunk)
         what = "a decode step" + (" with a prefill chunk" if batch.prefilling else "")
         for key in batch.keys:
             req = self._requests[key]

@@ -43,6 +43,17 @@ class DecodeBatch(Protocol):
     def keys(self) -> list[Hashable]: ...
 
     @property
+    def max_batch(self) -> int:
+        """Sequences it decodes together at most."""
+        ...
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens prefilled per step (0: whole prompts in add()): the batch's own
+        value, which an engine with fixed shape ranges forces to 0 whatever was asked."""
+        ...
+
+    @property
     def prefill_work(self) -> tuple[int, float]:
         """(prompt tokens, seconds) of prefill done by the last add() or step() call."""
         ...

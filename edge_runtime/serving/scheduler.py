@@ -194,6 +194,26 @@ class Scheduler:
         self.queue: list[Job] = []
         self.running: dict[Hashable, Running] = {}
         """Running jobs → tokens they may still generate, and their deadlines."""
+        self.limits: tuple[int, int] | None = None
+        """(max_batch, prefill_chunk) the engine's decode batch actually runs with, set by
+        the engine loop from the batch (`limit_to`); None: the config's, until it is built."""
+
+    def limit_to(self, max_batch: int, prefill_chunk: int) -> None:
+        """Plan with the batch's own limits: an engine compiled for fixed shape ranges (a
+        TensorRT plan) prefills whole prompts whatever `prefill_chunk` the config asks for,
+        and a chunk the batch will not take must not enter the estimates."""
+        self.limits = (max_batch, prefill_chunk)
+
+    @property
+    def max_batch(self) -> int:
+        """Sequences decoded together: the batch's, else the config's."""
+        return self.config.max_batch if self.limits is None else self.limits[0]
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens prefilled per step (0: whole prompts): the batch's, else the
+        config's."""
+        return self.config.prefill_chunk if self.limits is None else self.limits[1]
 
     # -- decisions ----------------------------------------------------------------------
 
@@ -366,7 +386,7 @@ class Scheduler:
         # [key, tokens left, deadline at which the engine ends it (inf: not cut)]
         active: list[tuple[Hashable, int, float]] = [r for r in running if r[1] > 0]
         pending = list(queue)
-        cap, chunk = self.config.max_batch, self.config.prefill_chunk
+        cap, chunk = self.max_batch, self.prefill_chunk
         while pending or active:
             while pending and len(active) < cap:
                 j = pending.pop(0)
