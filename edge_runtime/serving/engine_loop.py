@@ -46,6 +46,7 @@ from edge_runtime.serving.request import (
     ModelChanged,
     ModelInfo,
     OffloadRequested,
+    QueueFull,
     Request,
     TextGenerator,
 )
@@ -83,12 +84,18 @@ class LocalWorker:
         clock: Callable[[], float] = time.monotonic,
         measure_rates: bool = True,
         model: ModelInfo | None = None,
+        reprobe_idle: bool = True,
     ) -> None:
         """`measure_rates`: time the engine at start-up and when idle (see _seed_rates); off
         only for scripted test generators whose timing is the test's own. `model`: what the
-        API reports about the loaded model (a swap replaces it with the generator)."""
+        API reports about the loaded model (a swap replaces it with the generator).
+        `reprobe_idle`: measure again when idle after sending work away (off for the cloud
+        worker, whose refusals are final: it has no other path whose choice the measured
+        rates decide). `clock`: the deadlines' clock (the cloud worker's is the wall clock
+        its requests' deadlines are written in)."""
         self._load = load
         self._measure_rates = measure_rates
+        self._reprobe = measure_rates and reprobe_idle
         self.config = config or SchedulerConfig()
         self.scheduler = Scheduler(self.config)
         self._cloud = cloud or (lambda: NO_CLOUD)
@@ -110,6 +117,8 @@ class LocalWorker:
         """A request was offloaded or refused since the last rate probe."""
         self._probed_at = 0.0
         self._reviewed_at = -1.0
+        self.peak_batch = 0
+        """The most sequences one decode step has served so far."""
         self.prefilling = 0
         """Long prompts being prefilled a chunk per step (set by the engine loop after each
         step; read by /metrics)."""
@@ -230,10 +239,11 @@ class LocalWorker:
             if decision.action is Action.LOCAL:
                 self._requests[job.key] = request
                 self._wake.notify()
-        if decision.action is not Action.LOCAL and self._measure_rates:
+        if decision.action is not Action.LOCAL and self._reprobe:
             self._sent_away = True  # the engine loop re-measures the rates when it is idle
         if decision.action is Action.REJECT:
-            raise OverloadedError(decision.reason, decision.retry_after_s, decision.status)
+            refusal = QueueFull if decision.queue_full else OverloadedError
+            raise refusal(decision.reason, decision.retry_after_s, decision.status)
         return decision
 
     # -- engine-loop thread --------------------------------------------------------------
@@ -264,7 +274,7 @@ class LocalWorker:
             with self._lock:
                 if self._models.pending is not None:
                     gen, batch = self._models.adopt(batch)
-                    self._limit_to(batch)
+                    self.scheduler.limit_to(batch.max_batch, batch.prefill_chunk)  # locked
                 if self._draining:
                     self._models.release(
                         lambda g: any(r.generator is g for r in self._requests.values()))
@@ -385,6 +395,7 @@ class LocalWorker:
         size = batch.active - batch.prefilling  # rows of the decode step
         if not batch.active:
             return
+        self.peak_batch = max(self.peak_batch, batch.active)
         t = time.perf_counter()
         try:
             results = batch.step()

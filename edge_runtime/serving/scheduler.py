@@ -32,6 +32,7 @@ The cloud's p99 round trip comes per generation length (`CloudState.p99_for`): a
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Hashable, Iterable
@@ -55,6 +56,9 @@ class Decision:
     """For REJECT: 429 (overloaded, retry later) or 503 (no path can serve it)."""
     retry_after_s: float = 0.0
     estimated_finish: float | None = None
+    queue_full: bool = False
+    """For REJECT: the queue had no room (max_queue), whatever this request asked; a front
+    door that tells "busy" from "too late" (the cloud worker) reads it."""
 
 
 @dataclass(frozen=True)
@@ -220,8 +224,10 @@ class Scheduler:
     def admit(self, job: Job, now: float, cloud: CloudState, pressure: Pressure) -> Decision:
         """Decide for a new request. LOCAL also enqueues it."""
         trouble = self._local_trouble(pressure)
+        full = False
         if trouble is None:
             if len(self.queue) >= self.config.max_queue:
+                full = True
                 trouble = f"the local queue is full ({self.config.max_queue} waiting)"
             else:
                 finish = self._estimate_finish(job, now)
@@ -237,7 +243,10 @@ class Scheduler:
                     return Decision(
                         Action.LOCAL, "local estimate meets the deadline", estimated_finish=finish
                     )
-        return self._elsewhere(job, now, cloud, trouble)
+        decision = self._elsewhere(job, now, cloud, trouble)
+        if full and decision.action is Action.REJECT:
+            return dataclasses.replace(decision, queue_full=True)
+        return decision
 
     def review(
         self, now: float, cloud: CloudState, pressure: Pressure
