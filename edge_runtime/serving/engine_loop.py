@@ -216,12 +216,18 @@ class LocalWorker:
             engine_errors=base.engine_errors + len(recent), memory=base.memory, thermal=base.thermal
         )
 
+    def deadline(self, budget_s: float | None = None) -> float:
+        """The deadline of a request arriving now, on this loop's clock: `budget_s` from
+        now, else scheduler.default_deadline_s (the one place that default is applied)."""
+        return self._clock() + (self.config.default_deadline_s if budget_s is None else budget_s)
+
     def submit(self, request: Request) -> Decision:
-        """Admit `request`: LOCAL queues it; OFFLOAD is returned for the caller to carry out;
-        REJECT raises OverloadedError (429, or 503 when no path can serve it)."""
+        """Admit `request`: LOCAL queues it; OFFLOAD is returned for the caller to carry out
+        (dispatch.Dispatcher does); REJECT raises OverloadedError (429, or 503 when no path
+        can serve it)."""
         now = self._clock()
         if request.deadline is None:
-            request.deadline = now + self.config.default_deadline_s
+            request.deadline = self.deadline()
         job = Job(
             key=request.id,
             arrival=now,
