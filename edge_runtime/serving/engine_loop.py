@@ -1,7 +1,7 @@
 """Local serving: the engine loop. One thread decodes a continuous batch; the scheduler says
 what joins it, what goes to the cloud and what is refused.
 
-    event loop (API)                               engine-loop thread
+    event loop (a front door)                      engine-loop thread
     ────────────────                               ──────────────────
     LocalWorker.submit(Request) ─▶ scheduler.admit ─▶ LOCAL: queued (deadline order)
                                                     ─▶ review(): late ones → offload/refuse
@@ -123,8 +123,8 @@ class LocalWorker:
         """Long prompts being prefilled a chunk per step (set by the engine loop after each
         step; read by /metrics)."""
         self.drained = False
-        """Set by the fleet's drain: the API admits no new request (fleet_serving.py); what is
-        queued or running finishes. The engine loop itself does not look at it."""
+        """Set by the fleet's drain: the dispatcher (dispatch.py) admits no new request here;
+        what is queued or running finishes. The engine loop itself does not look at it."""
 
     # -- control (event loop / main thread) ----------------------------------------------
 
