@@ -73,5 +73,8 @@ def test_the_engine_loop_gives_the_scheduler_the_batch_limits() -> None:
             return decision.estimated_finish
 
         assert asyncio.run(submit()) == pytest.approx(clock[0] + 1.45)
+        # A hot swap to an engine without shape limits: its batch's limits from then on.
+        w.swap(FakeGenerator())
+        assert (w.scheduler.max_batch, w.scheduler.prefill_chunk) == (4, 128)
     finally:
         w.stop()
