@@ -176,7 +176,7 @@ class CloudWorker:
                 self.errors.append(e)
                 return False
         self.mqtt.subscribe(self.topic_filter, self._on_request)
-        # The MQTT I/O runs on an asyncio loop of its own thread (mqtt_loop.py) rather than
+        # The MQTT I/O runs on an asyncio loop of its own thread (mqtt/loop.py) rather than
         # paho's: requests are decoded and echo answers sent there without paho's wake-up
         # socket pair (two syscalls and a select wake per packet); the engine loop hands its
         # chunks to it (Request.deliver).
@@ -363,7 +363,7 @@ class CloudWorker:
         return True
 
     def _body(self, req: OffloadRequest) -> Body | None:
-        """The request's body (offload_body.py); None after answering an invalid one."""
+        """The request's body (body.py); None after answering an invalid one."""
         try:
             return read_body(req)
         except MessageError as e:

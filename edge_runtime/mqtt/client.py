@@ -21,7 +21,7 @@ PUBLISH properties go through `mqtt_props` instead of paho's `Properties` codec 
 the way in, paho's own decoder for anything that fast path does not handle): paho's decoder
 alone costs ~0.19 ms of the offload round trip's p50 (docs/BENCHMARKS.md, "paho-mqtt pin").
 What a connection is made of (broker URL, TLS files, Will, a received Message) is in
-mqtt_types.py, free of paho; it is re-exported here.
+types.py, free of paho; it is re-exported here.
 """
 
 from __future__ import annotations

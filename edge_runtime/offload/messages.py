@@ -18,9 +18,9 @@ The answer is a sequence of chunks on the response topic, each with the same Cor
 or, on failure, a last chunk with `"error": {"message", "type", "code"}`. A non-streamed
 request gets exactly one chunk, which is what `mosquitto_rr` prints. The user properties are
 optional on the way in (a hand-made `mosquitto_rr` call has none): the endpoint is then read
-off the body, the deadline off the message expiry. Nothing here imports paho: `mqtt_props.py`
+off the body, the deadline off the message expiry. Nothing here imports paho: `mqtt/props.py`
 encodes `PublishProps` on the wire and decodes them (paho's own codec costs more than the
-broker's whole round trip), `mqtt.py` hands them to paho.
+broker's whole round trip), `mqtt/client.py` hands them to paho.
 """
 
 from __future__ import annotations

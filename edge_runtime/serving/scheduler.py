@@ -23,7 +23,7 @@ Two rules keep the promise of a LOCAL decision:
   a prompt prefilled in chunks also holds its row through one decode step per chunk.
   Checking only the newcomer's own finish let a long request admitted into an idle batch be
   overtaken by the newcomers that filled the batch after it (tests: the "1x" case).
-- The engine loop ends a running request at its deadline (serving.py), so a running job
+- The engine loop ends a running request at its deadline (engine_loop.py), so a running job
   occupies its slot until its last token or its deadline, whichever comes first.
 
 The cloud's p99 round trip comes per generation length (`CloudState.p99_for`): a request for
@@ -164,7 +164,7 @@ class CloudState:
     the request's generation length is known: the prior, or all samples together."""
     configured: bool = True
     p99_by_tokens: tuple[tuple[int, float], ...] = ()
-    """(max_tokens up to, p99 s) per generation-length bucket, ascending; from offload.py."""
+    """(max_tokens up to, p99 s) per generation-length bucket, ascending (the offload client)."""
 
     def p99_for(self, max_tokens: int) -> float:
         """The p99 round trip for a request of `max_tokens`: its bucket's, else the next
