@@ -390,11 +390,11 @@ class CloudWorker:
 
     def _refuse(self, msg: Message, refused: Refusal | None) -> None:
         assert refused is not None
-        self.counts[refused.counter] += 1
         log.warning("refused a request on %r (%s): %s", msg.topic,
                     "answered" if refused.reply else "not answered", refused.error.message)
         if refused.reply:
             self._reply_raw(msg.props, refused.error)
+        self.counts[refused.counter] += 1  # last: a reader that sees the count sees the rest
 
     def _reply_raw(self, props: PublishProps, error: ErrorInfo) -> None:
         """Answer a request too malformed to decode, if it says where to."""
