@@ -127,7 +127,8 @@ class BatchDecoder:
         )
         # A batch of one drafts with the bundle's draft model and verifies k tokens per
         # target pass; wider batches decode one token per step (speculative.py).
-        self.spec = Speculator(gen, gen.draft) if gen.speculative else None
+        self.spec = (Speculator(gen, gen.draft)
+                     if gen.speculative and gen.draft is not None else None)
 
     @property
     def active(self) -> int:
