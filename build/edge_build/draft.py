@@ -34,6 +34,17 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({int(i * step) for i in range(n)}))
 
 
+def resolve_layers(cfg: distill.DistillConfig, served_dir: Path) -> distill.DistillConfig:
+    """`cfg` with layers "auto" replaced by default_layers of the served model's depth."""
+    if cfg.layers != "auto":
+        return cfg
+    import dataclasses
+    import json
+
+    n = int(json.loads((Path(served_dir) / "config.json").read_text())["num_hidden_layers"])
+    return dataclasses.replace(cfg, layers=default_layers(n))
+
+
 def run(
     served_dir: Path,
     out: Path,
@@ -43,13 +54,7 @@ def run(
 ) -> dict[str, Any]:
     """Distil the draft of `served_dir` (layers `cfg.layers`, "auto" = default_layers) into
     `out`; return its stage record (stage "draft", input: the served model)."""
-    if cfg.layers == "auto":
-        import json
-
-        n = int(json.loads((Path(served_dir) / "config.json").read_text())["num_hidden_layers"])
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, layers=default_layers(n))
+    cfg = resolve_layers(cfg, served_dir)
     record = distill.run(served_dir, out, cfg, data=data, progress=progress)
     assert record is not None  # no max_steps: the schedule always completes
     return mark_draft(out, served_dir)
