@@ -37,13 +37,13 @@ import numpy as np
 
 from edge_runtime.errors import EngineError, GenerationError
 from edge_runtime.model.sampling import Sampler, SamplingParams
-from edge_runtime.model.speculative import Speculator
 from edge_runtime.model.stream import Chunk, GenerationStats, StopMatcher
 from edge_runtime.model.tokenizer import IncrementalDecoder
 
 if TYPE_CHECKING:  # generator.py imports this module to build its batch
     from edge_runtime.engines.protocol import DeviceTensor
     from edge_runtime.model.generator import Generator
+    from edge_runtime.model.speculative import Speculator
 
 
 @dataclass(eq=False)
@@ -127,8 +127,7 @@ class BatchDecoder:
         )
         # A batch of one drafts with the bundle's draft model and verifies k tokens per
         # target pass; wider batches decode one token per step (speculative.py).
-        self.spec = (Speculator(gen, gen.draft)
-                     if gen.speculative and gen.draft is not None else None)
+        self.spec: Speculator | None = gen.speculator()
 
     @property
     def active(self) -> int:

@@ -24,6 +24,7 @@ from edge_runtime.engines.protocol import DeviceTensor, Engine
 from edge_runtime.errors import BundleError, ContextLengthError
 from edge_runtime.model.batching import BatchDecoder
 from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.model.speculative import Speculator
 from edge_runtime.model.stream import (
     ChunkStream,
     Completion,
@@ -96,6 +97,7 @@ class Generator:
         self._starts = [np.array([-max(n, 1)], dtype=np.int64) for n in range(18)]
         self.draft: Generator | None = None
         """The bundle's draft model (speculative decoding), when it has one and it is on."""
+        self._speculator: Speculator | None = None
 
     @classmethod
     def from_bundle(
@@ -125,6 +127,16 @@ class Generator:
     def speculative(self) -> bool:
         """A draft model is loaded and this graph returns logits for k + 1 positions."""
         return self.draft is not None and self._window is not None
+
+    def speculator(self) -> Speculator | None:
+        """The speculative decoder of this generator's batches of one (None without a
+        draft): one per generator, so what it learns (acceptance rate, step costs, k) carries
+        over from one batch and one request to the next."""
+        if self.draft is None or self._window is None:
+            return None
+        if self._speculator is None:
+            self._speculator = Speculator(self, self.draft)
+        return self._speculator
 
     @property
     def context_length(self) -> int:

@@ -66,6 +66,9 @@ class Speculator:
         self.t_verify_base = 0.0
         """A verify pass, less its per-drafted-token part."""
         self.t_verify_per_token = 0.0
+        self.t_overhead = 0.0
+        """The rest of a round: accepting, emitting, trimming the caches (Python's share,
+        which at small models is most of it)."""
         self.t_plain = 0.0
         """One plain decode step of the batch of one."""
         self.paused = 1
@@ -80,6 +83,7 @@ class Speculator:
             if draft.last_token_logits else None
         )
         self.rounds = 0
+        self._last_accepted = 0
 
     # -- the round -----------------------------------------------------------------------
 
@@ -93,9 +97,14 @@ class Speculator:
             out = dec._decode_plain()
             self.t_plain = _avg(self.t_plain, time.perf_counter() - t)
             return out
-        return {s.key: self._round(dec, s, room)}
+        t = time.perf_counter()
+        chunks, t_draft, t_verify, k = self._round(dec, s, room)
+        self._learn(k, self._last_accepted, t_draft, t_verify, time.perf_counter() - t)
+        return {s.key: chunks}
 
-    def _round(self, dec: BatchDecoder, s: _Seq, k: int) -> list[Chunk]:
+    def _round(self, dec: BatchDecoder, s: _Seq, k: int
+               ) -> tuple[list[Chunk], float, float, int]:
+        """(chunks, seconds drafting, seconds verifying, k)."""
         target, draft, sampler = self.target, self.draft, s.sampler
         greedy = sampler.params.greedy
         rng = sampler.rng
@@ -151,8 +160,8 @@ class Speculator:
                 dec._drop([0])
                 self._owner = None
                 break
-        self._learn(k, accepted, t1 - t0, t2 - t1)
-        return chunks
+        self._last_accepted = accepted
+        return chunks, t1 - t0, t2 - t1, k
 
     @staticmethod
     def _accept(sampler: object, greedy: bool, rows: np.ndarray, drafts: list[int],
@@ -188,8 +197,10 @@ class Speculator:
 
     # -- adapting k ----------------------------------------------------------------------
 
-    def _learn(self, k: int, accepted: int, t_draft: float, t_verify: float) -> None:
+    def _learn(self, k: int, accepted: int, t_draft: float, t_verify: float,
+               t_round: float) -> None:
         self.rounds += 1
+        self.t_overhead = _avg(self.t_overhead, max(0.0, t_round - t_draft - t_verify))
         examined = accepted + (1 if accepted < k else 0)
         self.alpha = _avg(self.alpha, accepted / examined, first=self.rounds == 1)
         self.t_draft = _avg(self.t_draft, t_draft / k)
@@ -211,7 +222,8 @@ class Speculator:
         best, gain = 1, 0.0
         for k in range(1, self.k_max + 1):
             tokens = (1 - a ** (k + 1)) / (1 - a)
-            cost = k * self.t_draft + self.t_verify_base + k * self.t_verify_per_token
+            cost = (k * self.t_draft + self.t_verify_base + k * self.t_verify_per_token
+                    + self.t_overhead)
             g = tokens * plain / cost if cost > 0 else 0.0
             if g > gain:
                 best, gain = k, g
