@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from spec_fixtures import build_spec_bundles
 
 from edge_runtime.bundle.manifest import verify_bundle
 from edge_runtime.model.batching import BatchDecoder
@@ -21,12 +20,6 @@ PROMPTS = [
     "    return ",
     "x = [i * 2 for i in range(",
 ]
-
-
-@pytest.fixture(scope="module")
-def spec_bundles(tiny_bundle, tmp_path_factory):
-    pytest.importorskip("torch")
-    return build_spec_bundles(tiny_bundle, tmp_path_factory.mktemp("spec"))
 
 
 @pytest.fixture(scope="module", params=["decomposed", "fused"])
