@@ -83,7 +83,9 @@ class Speculator:
             if draft.last_token_logits else None
         )
         self.rounds = 0
-        self._last_accepted = 0
+        self._timing: tuple[int, int, float, float, float] = (0, 0, 0.0, 0.0, 0.0)
+        """The last round's k, accepted drafts, seconds per draft step (-1: none measured),
+        verify seconds, drafting seconds (catch-up included)."""
 
     # -- the round -----------------------------------------------------------------------
 
@@ -98,13 +100,13 @@ class Speculator:
             self.t_plain = _avg(self.t_plain, time.perf_counter() - t)
             return out
         t = time.perf_counter()
-        chunks, t_draft, t_verify, k = self._round(dec, s, room)
-        self._learn(k, self._last_accepted, t_draft, t_verify, time.perf_counter() - t)
+        chunks = self._round(dec, s, room)
+        self._learn(time.perf_counter() - t)
         return {s.key: chunks}
 
-    def _round(self, dec: BatchDecoder, s: _Seq, k: int
-               ) -> tuple[list[Chunk], float, float, int]:
-        """(chunks, seconds drafting, seconds verifying, k)."""
+    def _round(self, dec: BatchDecoder, s: _Seq, k: int) -> list[Chunk]:
+        """Draft k tokens, verify them, emit what is kept; the round's timings go to
+        self._timing for _learn."""
         target, draft, sampler = self.target, self.draft, s.sampler
         greedy = sampler.params.greedy
         rng = sampler.rng
@@ -114,8 +116,13 @@ class Speculator:
         drafts: list[int] = []
         qs: list[np.ndarray] = []
         feed = s.tokens[self._len:]  # ends with s.token, the last sampled token
-        for _ in range(k):
+        t_catchup = 0.0
+        for i in range(k):
             n = len(feed)
+            if i == 1 and t_catchup < 0:  # the first step fed several tokens: catching up
+                t_catchup = time.perf_counter() - t0
+            elif i == 0 and n > 1:
+                t_catchup = -1.0
             end = self._len + n
             logits, self._cache = draft.forward(
                 np.asarray([feed], dtype=np.int64), draft.ones[:, :end],
@@ -160,8 +167,14 @@ class Speculator:
                 dec._drop([0])
                 self._owner = None
                 break
-        self._last_accepted = accepted
-        return chunks, t1 - t0, t2 - t1, k
+        if t_catchup < 0:  # k = 1 and it was a catch-up: no draft step measured
+            t_catchup = t1 - t0
+        # The draft's catch-up (a new sequence's prompt, or tokens decoded in a batch) is a
+        # one-off per sequence: not a cost of the rounds to come.
+        steps = k - (1 if t_catchup else 0)
+        self._timing = (k, accepted, (t1 - t0 - t_catchup) / steps if steps else -1.0,
+                        t2 - t1, t1 - t0)
+        return chunks
 
     @staticmethod
     def _accept(sampler: object, greedy: bool, rows: np.ndarray, drafts: list[int],
@@ -197,13 +210,14 @@ class Speculator:
 
     # -- adapting k ----------------------------------------------------------------------
 
-    def _learn(self, k: int, accepted: int, t_draft: float, t_verify: float,
-               t_round: float) -> None:
+    def _learn(self, t_round: float) -> None:
+        k, accepted, t_step, t_verify, t_drafting = self._timing
         self.rounds += 1
-        self.t_overhead = _avg(self.t_overhead, max(0.0, t_round - t_draft - t_verify))
         examined = accepted + (1 if accepted < k else 0)
         self.alpha = _avg(self.alpha, accepted / examined, first=self.rounds == 1)
-        self.t_draft = _avg(self.t_draft, t_draft / k)
+        if t_step >= 0:
+            self.t_draft = _avg(self.t_draft, t_step)
+        self.t_overhead = _avg(self.t_overhead, max(0.0, t_round - t_drafting - t_verify))
         # Verify cost ≈ base + per_token·k: the base is what one plain step costs; the rest
         # is what the k extra positions add.
         base = self.t_plain if self.t_plain > 0 else t_verify / (1 + 0.1 * k)
@@ -231,7 +245,11 @@ class Speculator:
 
 
 def _avg(old: float, new: float, first: bool = False) -> float:
-    return new if first or old == 0.0 else _DECAY * old + (1 - _DECAY) * new
+    """Exponential average; a sample over 3x the average (a preempted step on a shared
+    CPU) counts as 3x, so one outlier cannot switch speculation off for long."""
+    if first or old == 0.0:
+        return new
+    return _DECAY * old + (1 - _DECAY) * min(new, 3 * old)
 
 
 def _trim(gen: Generator, cache: dict[str, DeviceTensor], keep: int,
