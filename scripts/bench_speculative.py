@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Speculative decoding: batch-1 decode tokens/s with and without the bundle's draft model.
 
-    python scripts/bench_speculative.py [--bundle DIR --pubkey PEM] [--tokens 128]
-        [--prompts 6] [--rounds 2] [--threads 2] [--ks 2,4] [--no-write]
+    python scripts/bench_speculative.py [--recipe R.toml ...] [--bundle DIR --pubkey PEM]
+        [--tokens 128] [--prompts 6] [--rounds 2] [--threads 2] [--ks 2,4] [--no-write]
 
 Needs: the repository's Python environment (`pip install -e '.[build]'`: torch,
-transformers and optimum build the pair when no --bundle is given). Without --bundle the
-demo recipe (models/demo.toml: a teacher trained here, distilled 4 → 2 layers, pruned,
-AWQ 4-bit, fused; its [draft] 2 → 1 layer distilled on the served model's logits) is built
-into --workdir (about 15 minutes on two cores, once) and its bundle is measured: the served
-model is the target, the bundle's `draft` graph the draft.
+transformers and optimum build the pairs when no --bundle is given). Each --recipe (default:
+models/demo.toml, the demo recipe — teacher trained here, distilled 4 → 2 layers, pruned, AWQ
+4-bit, fused, with a [draft] 2 → 1 layer — and models/speculative-pair.toml, an 8-layer
+hidden-512 target with a one-layer draft) is built into --workdir/<recipe name> (a few
+minutes each on two cores, once; cached after) and its bundle measured: the served model is
+the target, the bundle's `draft` graph the draft.
 
 For each held-out prompt (stdlib code the models never trained on, `--prompt-tokens` long)
 and each round, contenders run interleaved on the same ONNX Runtime CPU engines: plain greedy
@@ -55,14 +56,12 @@ DOC = ROOT / "docs" / "BENCHMARKS.md"
 MARK = "bench_speculative"
 
 
-def build_demo_pair(work: Path) -> tuple[Path, Path]:
-    """The demo recipe's bundle (served model + draft), built into `work` once."""
-    from edge_build.demo import demo_recipe
+def build_pair(recipe: Path, work: Path) -> tuple[Path, Path]:
+    """`recipe`'s bundle (served model + draft), built into `work` (cached stages reused)."""
     from edge_build.pipeline import run_recipe
     from edge_build.recipe import load_recipe
 
-    if not (work / "bundle" / "manifest.json").is_file():
-        run_recipe(load_recipe(demo_recipe()), work, progress=True)
+    run_recipe(load_recipe(recipe), work, progress=True)
     return work / "bundle", work / "signing.pub"
 
 
@@ -131,43 +130,22 @@ def step_costs(gen: Generator, ids: list[int], ks: Sequence[int], reps: int = 20
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", type=Path, help="a bundle with a draft graph (default: the "
-                    "demo recipe's, built into --workdir)")
-    ap.add_argument("--pubkey", type=Path)
-    ap.add_argument("--workdir", type=Path, default=Path("~/.cache/edge-bench/spec-demo"))
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--prompts", type=int, default=6)
-    ap.add_argument("--prompt-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ks", default="2,4")
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args(argv)
-    ks = [int(k) for k in args.ks.split(",") if k]
-    if args.bundle is None:
-        bundle_dir, pub = build_demo_pair(args.workdir.expanduser().resolve())
-    else:
-        if args.pubkey is None:
-            ap.error("--bundle needs --pubkey (the key its manifest is signed with)")
-        bundle_dir, pub = args.bundle, args.pubkey
+def measure(bundle_dir: Path, pub: Path, args: argparse.Namespace, ks: Sequence[int]
+            ) -> dict[str, Any]:
+    """One pair's runs: the table rows, step costs and what the pair is."""
     bundle = verify_bundle(bundle_dir, [load_public_key(pub)])
     gen = Generator.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     if not gen.speculative or gen.draft is None:
-        ap.error(f"{bundle_dir} has no draft graph (package it with a [draft] recipe table)")
+        raise SystemExit(f"{bundle_dir} has no draft graph (build it with a [draft] table)")
     gen.defaults = dataclasses.replace(gen.defaults, eos_token_ids=[])
     gen._eos = frozenset()  # fixed-length outputs: the same work for every contender
     m = bundle.manifest
-    layers = (m.graphs["decoder"].kv_cache, m.graphs["draft"].kv_cache)
+    kv = (m.graphs["decoder"].kv_cache, m.graphs["draft"].kv_cache)
+    params = m.build.get("package", {}).get("parameters", {})
     ps = prompts(gen, args.prompts, args.prompt_tokens)
     gen.warmup()
     contenders: list[int | str | None] = [None, "auto", *ks]
-    names = {None: "plain greedy", "auto": "speculative, adaptive k",
-             **{k: f"speculative, k = {k}" for k in ks}}
     results: dict[Any, list[dict[str, Any]]] = {c: [] for c in contenders}
-    load_before = os.getloadavg()
-    t0 = time.time()
     mismatches = 0
     for r in range(args.rounds):
         for i, ids in enumerate(ps):
@@ -179,66 +157,133 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ref = res["ids"]
                 elif res["ids"] != ref:
                     mismatches += 1
-            print(f"round {r + 1} prompt {i + 1}: " + ", ".join(
-                f"{names[c]} {results[c][-1]['tps']:.0f} tok/s" for c in contenders), flush=True)
-    costs = step_costs(gen, ps[0], ks)
-    wall = time.time() - t0
-    load_after = os.getloadavg()
+            print(f"{m.name} round {r + 1} prompt {i + 1}: " + ", ".join(
+                f"{NAMES.get(c, f'k = {c}')} {results[c][-1]['tps']:.0f} tok/s"
+                for c in contenders), flush=True)
     if mismatches:
-        print(f"FAIL: {mismatches} speculative outputs differ from plain greedy decoding")
-        return 1
+        raise SystemExit(f"FAIL: {mismatches} speculative outputs of {m.name} differ from "
+                         "plain greedy decoding")
+    costs = step_costs(gen, ps[0], ks)
     base = statistics.median(x["tps"] for x in results[None])
-    table = ["| Decoding | Decode tok/s (median) | vs plain | Acceptance rate | Tokens per "
-             "target pass |", "|---|--:|--:|--:|--:|"]
+    rows = []
     for c in contenders:
         tps = statistics.median(x["tps"] for x in results[c])
         drafted = sum(x["drafted"] for x in results[c])
         accepted = sum(x["accepted"] for x in results[c])
-        rate = f"{accepted / drafted:.2f}" if drafted else "-"
-        passes = f"{1 + accepted / (drafted / int(c)):.2f}" if drafted and c != "auto" \
-            and c is not None else "-"
-        table.append(f"| {names[c]} | {tps:.0f} | {tps / base:.2f}x | {rate} | {passes} |")
-    text = "\n".join(table)
-    cost = (f"target decode step {costs['target_step'] * 1e3:.3f} ms, draft step "
-            f"{costs['draft_step'] * 1e3:.3f} ms "
-            f"({costs['draft_step'] / costs['target_step']:.2f} of a target step), verify "
-            "pass " + ", ".join(f"k = {k}: {costs[f'verify_{k}'] * 1e3:.3f} ms" for k in ks))
-    print(text)
-    print(cost)
+        rows.append({"name": NAMES.get(c, f"speculative, k = {c}"), "tps": tps,
+                     "ratio": tps / base, "drafted": drafted, "accepted": accepted,
+                     "per_pass": 1 + accepted / (drafted / int(c))
+                     if drafted and isinstance(c, int) else None})
+    return {"name": f"{m.name} {m.version}", "layers": (kv[0].num_layers if kv[0] else 0,
+                                                        kv[1].num_layers if kv[1] else 0),
+            "hidden": params.get("hidden_size"), "prompts": len(ps), "rows": rows,
+            "costs": costs, "ks": list(ks)}
+
+
+NAMES: dict[Any, str] = {None: "plain greedy", "auto": "speculative, adaptive k"}
+
+
+def section(pair: dict[str, Any]) -> list[str]:
+    c, ks = pair["costs"], pair["ks"]
+    table = ["| Decoding | Decode tok/s (median) | vs plain | Acceptance rate | Tokens per "
+             "target pass |", "|---|--:|--:|--:|--:|"]
+    for r in pair["rows"]:
+        rate = f"{r['accepted'] / r['drafted']:.2f}" if r["drafted"] else "-"
+        per = f"{r['per_pass']:.2f}" if r["per_pass"] else "-"
+        table.append(f"| {r['name']} | {r['tps']:.0f} | {r['ratio']:.2f}x | {rate} | {per} |")
+    t = c["target_step"]
+    cost = (f"target decode step {t * 1e3:.3f} ms, draft step {c['draft_step'] * 1e3:.3f} ms "
+            f"(**{c['draft_step'] / t:.2f}** of a target step), verify pass of k + 1 tokens "
+            + ", ".join(f"k = {k}: {c[f'verify_{k}'] * 1e3:.3f} ms "
+                        f"({c[f'verify_{k}'] / t:.2f}x a step)" for k in ks))
+    return [
+        f"### {pair['name']}: target {pair['layers'][0]} layers (hidden {pair['hidden']}), "
+        f"draft {pair['layers'][1]} layer(s)",
+        "",
+        f"- **Step costs** (median of 200 engine runs over a {PROMPT_TOKENS[0]}-token cache): "
+        f"{cost}",
+        "",
+        *table,
+        "",
+    ]
+
+
+PROMPT_TOKENS = [48]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", type=Path, action="append",
+                    help="a recipe with a [draft] table, built into --workdir/<its name> once "
+                    "(repeatable; default: models/demo.toml and models/speculative-pair.toml)")
+    ap.add_argument("--bundle", type=Path, help="measure this bundle instead of recipes")
+    ap.add_argument("--pubkey", type=Path)
+    ap.add_argument("--workdir", type=Path, default=Path("~/.cache/edge-bench/speculative"))
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--prompt-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ks", default="2,4")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    ks = [int(k) for k in args.ks.split(",") if k]
+    PROMPT_TOKENS[0] = args.prompt_tokens
+    if args.bundle is not None:
+        if args.pubkey is None:
+            ap.error("--bundle needs --pubkey (the key its manifest is signed with)")
+        targets = [(args.bundle, args.pubkey)]
+    else:
+        recipes = args.recipe or [ROOT / "models" / "demo.toml",
+                                  ROOT / "models" / "speculative-pair.toml"]
+        targets = [build_pair(r, args.workdir.expanduser().resolve() / r.stem)
+                   for r in recipes]
+    load_before = os.getloadavg()
+    t0 = time.time()
+    pairs = [measure(b, p, args, ks) for b, p in targets]
+    wall = time.time() - t0
+    load_after = os.getloadavg()
+    body: list[str] = []
+    for pair in pairs:
+        body += section(pair)
+    print("\n".join(body))
     if args.no_write:
         return 0
-    cmd = "python scripts/bench_speculative.py" + (
+    defaults = {a.dest: a.default for a in ap._actions}
+    cmd = "python scripts/bench_speculative.py" + "".join(
+        f" --recipe {r}" for r in args.recipe or []) + (
         f" --bundle {args.bundle} --pubkey {args.pubkey}" if args.bundle else "") + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in (
-            ("tokens", args.tokens), ("prompts", args.prompts), ("rounds", args.rounds),
-            ("threads", args.threads), ("ks", args.ks))
-        if str(v) != str(ap.get_default(k)))
-    body = [
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k in ("tokens", "prompts", "prompt_tokens", "rounds", "threads", "ks")
+        and v != defaults[k])
+    head = [
         "## Speculative decoding: batch-1 decode with the bundle's draft model, CPU",
         "",
         "_Generated by `scripts/bench_speculative.py`; do not edit between the markers._",
         "",
         f"- **Command:** `{cmd}`",
-        f"- **Date:** {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC (wall time "
+        f"- **Date:** {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC (measuring "
         f"{wall:.0f} s)",
         f"- **Machine:** {cpu_model()}, {os.cpu_count()} logical cores, ONNX Runtime CPU, "
         f"{args.threads} threads; load average before {load_before[0]:.2f}, after "
-        f"{load_after[0]:.2f} (a shared machine: other work ran meanwhile)",
-        f"- **Pair:** {m.name} {m.version}: target = the served decoder "
-        f"({layers[0].num_layers if layers[0] else '?'} layers), draft = the bundle's `draft` "
-        f"graph ({layers[1].num_layers if layers[1] else '?'} layer(s)), distilled on the "
-        "served model's logits by the recipe's [draft] stage, same int4/fused stages",
-        f"- **Workload:** {len(ps)} held-out stdlib prompts of {args.prompt_tokens} tokens, "
-        f"{args.tokens} new tokens each, greedy, EOS ignored; {args.rounds} round(s), "
-        "contenders interleaved per prompt; every speculative output was identical to plain "
-        "greedy decoding, token for token",
-        f"- **Step costs** (median of 200, over a {args.prompt_tokens}-token cache): {cost}",
+        f"{load_after[0]:.2f}. A shared machine (other engineers' builds and tests ran "
+        "meanwhile): single runs vary by up to 2x, hence medians",
+        "- **Pairs:** trained here by their recipes; the target is the bundle's served "
+        "decoder, the draft its `draft` graph, distilled on the served model's logits by the "
+        "[draft] stage and sent through the same AWQ int4 / fuse stages",
+        f"- **Workload:** held-out stdlib prompts of {args.prompt_tokens} tokens (up to "
+        f"{args.prompts}), {args.tokens} new tokens each, greedy, EOS ignored; {args.rounds} "
+        "round(s), contenders interleaved per prompt; every speculative output was identical "
+        "to plain greedy decoding, token for token (the script fails otherwise). Acceptance "
+        "rate = accepted / drafted tokens over all runs",
         "",
-        text,
     ]
-    update_section(DOC, MARK, "\n".join(body))
+    update_section(DOC, MARK, "\n".join(head + body + NOTES))
     print(f"wrote {DOC}")
     return 0
+
+
+NOTES: list[str] = []
 
 
 if __name__ == "__main__":
