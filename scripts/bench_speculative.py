@@ -104,6 +104,25 @@ def run(gen: Generator, ids: list[int], tokens: int, k: int | str | None) -> dic
             "accepted": st.accepted_tokens}
 
 
+MAX_TIE = 0.01
+"""A divergence from plain greedy output is accepted only at a near tie: the reference's
+top-2 logit margin there below this (multi-token and one-token engine passes differ by up to
+~3e-3 logits in their last bits; see speculative.GREEDY_MARGIN)."""
+
+
+def divergence(gen: Generator, prompt: list[int], ref: list[int], got: list[int],
+               c: Any) -> dict[str, Any]:
+    """Where a speculative output first differs from the plain one, and the target's top-2
+    margin there (from one prefill of the common prefix)."""
+    j = next(i for i, (a, b) in enumerate(zip(ref, got, strict=False)) if a != b)
+    seq = [*prompt, *ref[:j]]
+    n = len(seq)
+    logits, _ = gen.forward(np.asarray([seq], dtype=np.int64), gen.ones[:, :n],
+                            gen.positions[:, :n], gen.empty_cache(1))
+    top2 = np.sort(logits[0, -1])[-2:]
+    return {"contender": str(c), "token": j, "margin": float(top2[1] - top2[0])}
+
+
 def step_costs(gen: Generator, ids: list[int], ks: Sequence[int], reps: int = 200
                ) -> dict[str, float]:
     """Median seconds of one target decode step, one draft step, and a verify pass of k + 1
@@ -146,7 +165,8 @@ def measure(bundle_dir: Path, pub: Path, args: argparse.Namespace, ks: Sequence[
     gen.warmup()
     contenders: list[int | str | None] = [None, "auto", *ks]
     results: dict[Any, list[dict[str, Any]]] = {c: [] for c in contenders}
-    mismatches = 0
+    diverged: list[dict[str, Any]] = []
+    outputs = 0
     for r in range(args.rounds):
         for i, ids in enumerate(ps):
             ref = None
@@ -155,14 +175,18 @@ def measure(bundle_dir: Path, pub: Path, args: argparse.Namespace, ks: Sequence[
                 results[c].append(res)
                 if c is None:
                     ref = res["ids"]
-                elif res["ids"] != ref:
-                    mismatches += 1
+                else:
+                    outputs += 1
+                    if res["ids"] != ref:
+                        assert ref is not None
+                        diverged.append(divergence(gen, ids, ref, res["ids"], c))
             print(f"{m.name} round {r + 1} prompt {i + 1}: " + ", ".join(
                 f"{NAMES.get(c, f'k = {c}')} {results[c][-1]['tps']:.0f} tok/s"
                 for c in contenders), flush=True)
-    if mismatches:
-        raise SystemExit(f"FAIL: {mismatches} speculative outputs of {m.name} differ from "
-                         "plain greedy decoding")
+    real = [d for d in diverged if d["margin"] > MAX_TIE]
+    if real:
+        raise SystemExit(f"FAIL: speculative outputs of {m.name} differ from plain greedy "
+                         f"decoding where the choice was no near tie: {real}")
     costs = step_costs(gen, ps[0], ks)
     base = statistics.median(x["tps"] for x in results[None])
     rows = []
@@ -177,6 +201,7 @@ def measure(bundle_dir: Path, pub: Path, args: argparse.Namespace, ks: Sequence[
     return {"name": f"{m.name} {m.version}", "layers": (kv[0].num_layers if kv[0] else 0,
                                                         kv[1].num_layers if kv[1] else 0),
             "hidden": params.get("hidden_size"), "prompts": len(ps), "rows": rows,
+            "outputs": outputs, "diverged": diverged,
             "costs": costs, "ks": list(ks)}
 
 
@@ -210,7 +235,25 @@ def section(pair: dict[str, Any]) -> list[str]:
         "",
         *table,
         "",
+        identical_line(pair),
+        "",
     ]
+
+
+def identical_line(pair: dict[str, Any]) -> str:
+    d = pair["diverged"]
+    n = pair["outputs"]
+    if not d:
+        return f"All {n} speculative outputs were identical to plain greedy decoding."
+    where = "; ".join(f"{x['contender']} at token {x['token']} (top-2 margin "
+                      f"{x['margin']:.4f})" for x in d)
+    return (f"{n - len(d)} of {n} speculative outputs were identical to plain greedy decoding; "
+            f"{len(d)} took the other side of a near tie ({where}): the target's two best "
+            "logits there differ by less than what separates a one-token engine pass from a "
+            "multi-token one over the same cache (up to ~3e-3 on this graph: int8 activation "
+            "blocks and GroupQueryAttention take other kernel paths), so a cache built by "
+            "verify passes can tip them. Prefills and chunked prefill build caches the same "
+            "way.")
 
 
 PROMPT_TOKENS = [48]
@@ -278,9 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "[draft] stage and sent through the same AWQ int4 / fuse stages",
         f"- **Workload:** held-out stdlib prompts of {args.prompt_tokens} tokens (up to "
         f"{args.prompts}), {args.tokens} new tokens each, greedy, EOS ignored; {args.rounds} "
-        "round(s), contenders interleaved per prompt; every speculative output was identical "
-        "to plain greedy decoding, token for token (the script fails otherwise). Acceptance "
-        "rate = accepted / drafted tokens over all runs",
+        "round(s), contenders interleaved per prompt; each speculative output is compared with "
+        "plain greedy decoding token for token (the script fails on any difference that is "
+        f"not a near tie, top-2 margin < {MAX_TIE}). Acceptance rate = accepted / drafted "
+        "tokens over all runs",
         "",
     ]
     update_section(DOC, MARK, "\n".join(head + body + NOTES))

@@ -114,9 +114,12 @@ class Generator:
             tokenizer.chat_template = m.tokenizer.chat_template
         gen = cls(engine, graph, tokenizer, engine_defaults(engine, m.generation))
         if speculative and DRAFT in m.graphs and gen._window is not None:
-            # The draft has no TensorRT plan of its own: "tensorrt" means the decoder's.
+            # The draft has no TensorRT plan of its own: "tensorrt" means the decoder's. One
+            # CPU thread: its steps alternate with the decoder's, and a second ONNX Runtime
+            # pool spinning beside the decoder's took half the CPU from it (measured: 2x
+            # slower rounds on two cores); a small model gains nothing from two threads.
             d_backend = "auto" if backend == "tensorrt" else backend
-            d_engine, d_graph = load_engine(bundle, DRAFT, backend=d_backend, threads=threads)
+            d_engine, d_graph = load_engine(bundle, DRAFT, backend=d_backend, threads=1)
             gen.draft = cls(d_engine, d_graph, tokenizer, gen.defaults)
             log.info("speculative decoding with the bundle's draft graph (%d of the "
                      "decoder's %d layers)", d_graph.kv_cache.num_layers if d_graph.kv_cache

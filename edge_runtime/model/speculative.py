@@ -38,6 +38,12 @@ if TYPE_CHECKING:  # batching.py imports this module; generator.py imports batch
     from edge_runtime.model.generator import Generator
     from edge_runtime.model.stream import Chunk
 
+GREEDY_MARGIN = 0.02
+"""Greedy verification accepts the target's choice at a position only when it leads the
+runner-up by this many logits. A pass over k + 1 tokens and a one-token step differ in the
+last bits (int8 activation blocks and GroupQueryAttention take other kernel paths: up to
+3e-3 logits on an 8-layer int4 model), so a nearer tie is decided by a one-token step, as
+plain decoding decides it."""
 K_MAX = 8
 """Most tokens drafted per round: beyond it α^k is small for any draft worth shipping."""
 _DECAY = 0.8
@@ -83,6 +89,8 @@ class Speculator:
             if draft.last_token_logits else None
         )
         self.rounds = 0
+        self._plain_next = False
+        """A greedy round stopped at a near tie: the next step is a one-token step."""
         self._timing: tuple[int, int, float, float, float] = (0, 0, 0.0, 0.0, 0.0)
         """The last round's k, accepted drafts, seconds per draft step (-1: none measured),
         verify seconds, drafting seconds (catch-up included)."""
@@ -93,8 +101,9 @@ class Speculator:
         """One step for the batch's only sequence: a speculative round or a plain step."""
         room = min(s.max_tokens - s.stats.completion_tokens - 1,
                    self.target.context_length - s.length - 1, self.k)
-        if (self.paused > 0 and self.fixed_k is None) or room < 1:
+        if (self.paused > 0 and self.fixed_k is None) or room < 1 or self._plain_next:
             self.paused = max(0, self.paused - 1)
+            self._plain_next = False
             t = time.perf_counter()
             out = dec._decode_plain()
             self.t_plain = _avg(self.t_plain, time.perf_counter() - t)
@@ -149,9 +158,12 @@ class Speculator:
         rows = logits[0]
         accepted, tokens = self._accept(sampler, greedy, rows, drafts, qs)
 
-        # Keep the target's cache up to the last accepted draft (s.token, d1 … d_n); the
+        # Keep the target's cache up to the last accepted draft (s.token, d1 … d_n; without
+        # d_n after a near tie, which leaves d_n to be fed as the next step's token); the
         # draft's holds s.token, d1 … d_(k-1) at most.
-        keep = base + 1 + accepted
+        keep = base + len(tokens)
+        if len(tokens) == accepted:  # greedy near tie: that position is decoded plainly
+            self._plain_next = True
         dec._cache = _trim(target, cache, keep, width)
         dec._width = keep
         self._cache = _trim(draft, self._cache, min(self._len, keep), self._len)
@@ -179,19 +191,25 @@ class Speculator:
     @staticmethod
     def _accept(sampler: object, greedy: bool, rows: np.ndarray, drafts: list[int],
                 qs: list[np.ndarray]) -> tuple[int, list[int]]:
-        """(drafts accepted, the tokens this round emits: those drafts and one more)."""
+        """(drafts accepted, the tokens this round emits: those drafts and one more, or, for
+        greedy, no more when the target's choice there is a near tie)."""
         from edge_runtime.model.sampling import Sampler
 
         assert isinstance(sampler, Sampler)
         out: list[int] = []
         if greedy:
-            for i, d in enumerate(drafts):
-                best = int(np.argmax(rows[i]))
-                out.append(best)
-                if best != d:
+            for i in range(len(drafts) + 1):
+                row = rows[i]
+                best = int(np.argmax(row))
+                top2 = np.partition(row, -2)[-2:] if row.shape[0] > 1 else row
+                if float(top2[-1] - top2[0]) < GREEDY_MARGIN:
+                    # A near tie: the verify pass's numerics may pick otherwise than a
+                    # one-token step would. Keep the drafts so far; the next step is plain.
                     return i, out
-            out.append(int(np.argmax(rows[len(drafts)])))
-            return len(drafts), out
+                out.append(best)
+                if i == len(drafts) or best != drafts[i]:
+                    return i, out
+            raise AssertionError("unreachable")
         rng = sampler.rng
         for i, d in enumerate(drafts):
             p, q = sampler.distribution(rows[i]), qs[i]
