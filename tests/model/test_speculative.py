@@ -202,3 +202,18 @@ def test_distribution_is_what_the_sampler_draws_from():
     assert seen == set(np.flatnonzero(dist).tolist())
     greedy = Sampler(SamplingParams(max_tokens=1, temperature=0.0)).distribution(logits)
     assert greedy.argmax() == logits.argmax() and greedy.sum() == 1
+
+
+def test_greedy_verification_leaves_near_ties_to_a_one_token_step():
+    """A verify row whose two best logits are closer than GREEDY_MARGIN is not trusted: the
+    drafts before it are kept and no token is taken from it (the next step is plain)."""
+    from edge_runtime.model.speculative import GREEDY_MARGIN
+
+    greedy = Sampler(SamplingParams(max_tokens=8, temperature=0.0))
+    rows = np.zeros((4, 6), dtype=np.float32)
+    rows[0, 2] = rows[1, 3] = rows[3, 1] = 5.0
+    rows[2, 4], rows[2, 5] = 5.0, 5.0 - GREEDY_MARGIN / 2  # a near tie at position 2
+    assert Speculator._accept(greedy, True, rows, [2, 3, 4], []) == (2, [2, 3])
+    rows[2, 5] = 5.0 - 2 * GREEDY_MARGIN  # a clear choice: accepted, and the bonus token
+    assert Speculator._accept(greedy, True, rows, [2, 3, 4], []) == (3, [2, 3, 4, 1])
+    assert Speculator._accept(greedy, True, rows, [2, 0, 4], []) == (1, [2, 3])
