@@ -188,6 +188,11 @@ def measure(bundle_dir: Path, pub: Path, args: argparse.Namespace, ks: Sequence[
         raise SystemExit(f"FAIL: speculative outputs of {m.name} differ from plain greedy "
                          f"decoding where the choice was no near tie: {real}")
     costs = step_costs(gen, ps[0], ks)
+    n = len(ps)
+    per_prompt = {  # speed-up of each contender on each prompt, median over rounds
+        str(c): [statistics.median(results[c][r * n + i]["tps"] / results[None][r * n + i]["tps"]
+                                   for r in range(args.rounds)) for i in range(n)]
+        for c in contenders if c is not None}
     base = statistics.median(x["tps"] for x in results[None])
     rows = []
     for c in contenders:
@@ -201,7 +206,7 @@ def measure(bundle_dir: Path, pub: Path, args: argparse.Namespace, ks: Sequence[
     return {"name": f"{m.name} {m.version}", "layers": (kv[0].num_layers if kv[0] else 0,
                                                         kv[1].num_layers if kv[1] else 0),
             "hidden": params.get("hidden_size"), "prompts": len(ps), "rows": rows,
-            "outputs": outputs, "diverged": diverged,
+            "outputs": outputs, "diverged": diverged, "per_prompt": per_prompt,
             "costs": costs, "ks": list(ks)}
 
 
@@ -234,6 +239,10 @@ def section(pair: dict[str, Any]) -> list[str]:
         f"{cost}",
         "",
         *table,
+        "",
+        "Per prompt (speed-up over plain, median over rounds): " + "; ".join(
+            f"{NAMES.get(c, f'k = {c}') if c != 'auto' else 'adaptive k'}: "
+            + ", ".join(f"{x:.2f}x" for x in v) for c, v in pair["per_prompt"].items()) + ".",
         "",
         identical_line(pair),
         "",

@@ -10,14 +10,19 @@ target verifies them in one pass over its cache, and the accepted prefix is kept
 That is the rejection rule of Leviathan et al. (2023) and Chen et al. (2023): every emitted
 token is distributed exactly as the target's sampler would have drawn it, whatever the draft.
 Greedy is its limit (p and q one-hot): keep the drafts the target's argmax agrees with, then
-the target's argmax — the same tokens as plain greedy decoding. Both caches are then cut
-back to the accepted tokens (the rejected drafts' keys and values must not be attended to).
+the target's argmax — the same tokens as plain greedy decoding, up to the engine's last bits:
+a pass over several tokens and a one-token step round differently (int4 kernels, fused
+attention), so a near tie is left to a one-token step (GREEDY_MARGIN), and a tie closer than
+the keys and values a verify pass wrote differ by can still go the other way (seen on an
+8-layer int4 model: margin 9e-4; docs/BENCHMARKS.md). Both caches are then cut back to the
+accepted tokens (the rejected drafts' keys and values must not be attended to).
 
 k adapts: the acceptance rate α (per drafted token, an exponential average over rounds),
 the draft's step time and the verify pass's time are measured, and each round takes the k
 that maximises the expected tokens per second, (1 − α^(k+1)) / (1 − α) / (k·t_draft +
-t_verify(k)), against the plain decode rate; when no k beats it, speculation steps aside for
-a while and then tries again with k = 1. It runs only for a batch of one (BatchDecoder asks):
+t_verify(k) + the round's own overhead), against the plain decode rate; when no k is expected
+to beat it by MIN_GAIN, speculation steps aside for a while and then tries again with k = 1.
+It runs only for a batch of one (BatchDecoder asks):
 a wider batch already amortises the weights over its rows, and its rows would accept
 different numbers of drafts. The draft catches up on whatever tokens its cache lacks (a
 sequence that decoded in a batch, or a new one), so a sequence can move between plain and
@@ -49,6 +54,9 @@ K_MAX = 8
 _DECAY = 0.8
 """Weight of the past in the running averages (about the last five rounds count)."""
 _PAUSE_STEPS = 32
+MIN_GAIN = 1.1
+"""Expected speed-up below which speculation pauses: the estimates come from a few noisy
+rounds, and a round that loses costs more than a plain step that could have won."""
 """Plain steps before speculation is tried again after it stopped paying."""
 
 
@@ -244,7 +252,7 @@ class Speculator:
         if self.fixed_k is not None:
             return
         self.k, gain = self.best_k()
-        if gain <= 1.0:
+        if gain < MIN_GAIN:
             self.k, self.paused = 1, _PAUSE_STEPS
 
     def best_k(self) -> tuple[int, float]:
