@@ -21,7 +21,8 @@ k adapts: the acceptance rate α (per drafted token, an exponential average over
 the draft's step time and the verify pass's time are measured, and each round takes the k
 that maximises the expected tokens per second, (1 − α^(k+1)) / (1 − α) / (k·t_draft +
 t_verify(k) + the round's own overhead), against the plain decode rate; when no k is expected
-to beat it by MIN_GAIN, speculation steps aside for a while and then tries again with k = 1.
+to beat it by MIN_GAIN, speculation steps aside for a while (longer each time it still does
+not pay) and then tries again with k = 1.
 It runs only for a batch of one (BatchDecoder asks):
 a wider batch already amortises the weights over its rows, and its rows would accept
 different numbers of drafts. The draft catches up on whatever tokens its cache lacks (a
@@ -54,6 +55,7 @@ K_MAX = 8
 _DECAY = 0.8
 """Weight of the past in the running averages (about the last five rounds count)."""
 _PAUSE_STEPS = 32
+_MAX_PAUSE = 2048
 MIN_GAIN = 1.1
 """Expected speed-up below which speculation pauses: the estimates come from a few noisy
 rounds, and a round that loses costs more than a plain step that could have won."""
@@ -97,6 +99,7 @@ class Speculator:
             if draft.last_token_logits else None
         )
         self.rounds = 0
+        self._pause = _PAUSE_STEPS
         self._plain_next = False
         """A greedy round stopped at a near tie: the next step is a one-token step."""
         self._timing: tuple[int, int, float, float, float] = (0, 0, 0.0, 0.0, 0.0)
@@ -253,7 +256,12 @@ class Speculator:
             return
         self.k, gain = self.best_k()
         if gain < MIN_GAIN:
-            self.k, self.paused = 1, _PAUSE_STEPS
+            # Each probe that finds no gain doubles the pause: on a pair where speculation
+            # never pays, probing costs a few percent at most.
+            self.k, self.paused = 1, self._pause
+            self._pause = min(2 * self._pause, _MAX_PAUSE)
+        else:
+            self._pause = _PAUSE_STEPS
 
     def best_k(self) -> tuple[int, float]:
         """(k with the most expected tokens per second, its speed-up over plain decoding)."""
