@@ -349,10 +349,12 @@ NOTES = [
     "stands aside: it probes now and then, with a pause that doubles while it does not pay.",
     "",
     "**The issue's target (≥ 1.5x decode tokens/s at batch 1) is not reached on this CPU.** "
-    "The best median is ~1.1x (fixed k on the 8-layer pair on a quiet machine; the adaptive "
-    "k stays near 1.0x, standing aside), short of the target by about 0.4x. Single prompts "
-    "of predictable code reach 1.4-1.6x at k = 4 (nearly every draft accepted); others lose "
-    "30-40% where acceptance falls below ~0.5. Why, from the step costs:",
+    "The best median is ~1.1x (fixed k = 2 on the 8-layer pair), short of the target by "
+    "about 0.4x. Single prompts of predictable code reach 1.4-1.6x at k = 4 (nearly every "
+    "draft accepted); others lose 30-40% where acceptance falls below ~0.5. The adaptive k "
+    "(what the daemon runs) takes such a request at ~1.3x and stands aside on the others, "
+    "paying 5-10% for its probing rounds (a probe after a pause also lets the draft catch up "
+    "on every token it missed): its median is 0.9-1.0x. Why, from the step costs:",
     "",
     "- **The verify pass is not free on a CPU.** k + 1 = 3 tokens cost ~1.5x a one-token "
     "step, 5 tokens ~2x: the int4 MatMulNBits kernels (int8 activations) are compute-bound "
@@ -369,8 +371,8 @@ NOTES = [
     "logits, is 0.47-0.63 per drafted token (top-1 agreement 0.70 on held-out text). For "
     "1.5x at k = 4 with this verify cost the draft would need ~0.9 acceptance at ≤ 0.1 of a "
     "step.",
-    "- The daemon's own overhead is small: a paused speculator decodes within ~3% of plain "
-    "decoding, and the fixed-k rows sit within ~0.1x of their engine-time ceilings. A "
+    "- The daemon's own overhead is small: a speculator that stands aside decodes within ~3% "
+    "of plain decoding, and the fixed-k rows sit within ~0.1x of their engine-time ceilings. A "
     "second ONNX Runtime thread pool for the draft did cost 2x (two pools spinning on two "
     "cores); the draft now runs on one thread.",
     "",
