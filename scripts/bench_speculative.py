@@ -352,7 +352,8 @@ NOTES = [
     "The best median is ~1.1x (fixed k = 2 on the 8-layer pair), short of the target by "
     "about 0.4x. Single prompts of predictable code reach 1.4-1.6x at k = 4 (nearly every "
     "draft accepted); others lose 30-40% where acceptance falls below ~0.5. The adaptive k "
-    "(what the daemon runs) takes such a request at ~1.3x and stands aside on the others, "
+    "(what the daemon runs) took such a request at 1.0-1.35x across our runs and stands "
+    "aside on the others, "
     "paying 5-10% for its probing rounds (a probe after a pause also lets the draft catch up "
     "on every token it missed): its median is 0.9-1.0x. Why, from the step costs:",
     "",
