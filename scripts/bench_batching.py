@@ -180,6 +180,7 @@ def kernel_ceiling(graph_file: Path, threads: int, past: int, repeats: int) -> d
         f["input_ids"] = np.full((b, 1), 123, np.int64)
         f["attention_mask"] = np.ones((b, past + 1), np.int64)
         f["position_ids"] = np.full((b, 1), past, np.int64)
+        f["logits_start"] = np.array([-1], np.int64)  # a decoder packaged with a draft
         names = {i.name for i in sess.get_inputs()}
         feeds[b] = {k: v for k, v in f.items() if k in names}
     times: dict[int, list[float]] = {b: [] for b in STREAMS}

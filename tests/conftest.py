@@ -50,6 +50,17 @@ def tiny_fused_bundle(tiny_bundle: BuiltBundle, tmp_path_factory: pytest.TempPat
                        version="1")
 
 
+@pytest.fixture(scope="session")
+def spec_bundles(tiny_bundle: BuiltBundle, tmp_path_factory: pytest.TempPathFactory
+                 ) -> dict[str, Path]:
+    """The tiny model with a one-layer draft graph (speculative decoding), per cache layout
+    ("decomposed", "fused"); see spec_fixtures.py."""
+    pytest.importorskip("torch")
+    from spec_fixtures import build_spec_bundles
+
+    return build_spec_bundles(tiny_bundle, tmp_path_factory.mktemp("spec"))
+
+
 @pytest.fixture
 def bundle_copy(tiny_bundle: BuiltBundle, tmp_path: Path) -> Path:
     dst = tmp_path / "bundle"

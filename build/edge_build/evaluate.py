@@ -48,6 +48,8 @@ def prefill_feeds(window: Sequence[int], input_names: set[str],
         feeds["attention_mask"] = np.ones((1, n), dtype=np.int64)
     if "position_ids" in input_names:
         feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+    if "logits_start" in input_names:  # a decoder packaged with a draft: every position
+        feeds["logits_start"] = np.array([-n], dtype=np.int64)
     empty = np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), dtype=kv.dtype)
     for i in range(kv.num_layers):
         feeds[kv.past_key.format(layer=i)] = empty

@@ -39,6 +39,10 @@ from edge_runtime.model import probe
 
 DECODER = "model/decoder.onnx"
 DECODER_TRT = "model/decoder_trt.onnx"
+DRAFT = "model/draft.onnx"
+"""The draft model speculative decoding proposes with (edge_runtime/model/speculative.py)."""
+LOGITS_WINDOW = "logits_start"
+"""The decoder's logits-window input when the bundle has a draft (bundle.GraphSpec)."""
 ROTARY_TABLE = "gqa/cos_cache"
 """fuse.py's rotary table [positions, head_dim / 2]."""
 _TWO_GB = 2**31 - 1
@@ -48,8 +52,14 @@ class PackageCheckError(StageError):
     """The serving graph does not reproduce the source graph's last-position logits."""
 
 
-def slice_last_position(model: Any) -> None:
-    """Rewrite `logits = LMHead(h)` as `logits = LMHead(h[:, -1:, :])`, in place."""
+def slice_last_position(model: Any, window: str | None = None) -> None:
+    """Rewrite `logits = LMHead(h)` as `logits = LMHead(h[:, -1:, :])`, in place.
+
+    `window`: take the slice's start from an int64 [1] input of that name instead (-1: the
+    last position; -n: the last n, speculative decoding's verify pass). A required input:
+    ONNX Runtime's IOBinding cannot bind an initializer that is also an input (seen with
+    1.23: "Failed to find NodeArg"), so the generator feeds it on every run.
+    """
     from onnx import TensorProto, helper
 
     graph = model.graph
@@ -59,23 +69,29 @@ def slice_last_position(model: Any) -> None:
     head = heads[0]
     hidden = head.input[0]
     consts = {
-        "edge_last_starts": -1,
+        window or "edge_last_starts": -1,
         "edge_last_ends": np.iinfo(np.int64).max,
         "edge_last_axes": 1,
     }
     for name, value in consts.items():
-        graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
+        if name != window:
+            graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
     sliced = hidden + "_last"
     node = helper.make_node("Slice", [hidden, *consts], [sliced], name="edge_last_position")
     head.input[0] = sliced
     # Insert before the head so the node list stays topologically sorted.
     idx = list(graph.node).index(head)
     graph.node.insert(idx, node)
+    if window:
+        graph.input.append(helper.make_tensor_value_info(window, TensorProto.INT64, [1]))
     for out in graph.output:
         if out.name == "logits":
             dim = out.type.tensor_type.shape.dim[1]
             dim.Clear()
-            dim.dim_value = 1
+            if window:
+                dim.dim_param = "logits_positions"
+            else:
+                dim.dim_value = 1
 
 
 @dataclass(frozen=True)
@@ -170,7 +186,7 @@ def _eos_ids(artifact: Path, config: dict[str, Any], tokenizer_eos: int | None) 
 
 
 def _stage_graph(
-    model: Any, source: Path, rel: str, kv: Any, work: Path
+    model: Any, source: Path, rel: str, kv: Any, work: Path, window: str | None = None
 ) -> tuple[dict[str, Path], list[Any], list[Any]]:
     """Slice `model` (loaded from `source`) to last-position logits, stage it in `work` as
     bundle file `rel`, check it against `source`: (files to ship, its inputs, its outputs)."""
@@ -178,18 +194,20 @@ def _stage_graph(
 
     name = Path(rel).name
     staged = work / name
-    slice_last_position(model)
+    slice_last_position(model, window)
     large = model.ByteSize() > _TWO_GB
     data = f"{name}.data"
     onnx.save(model, str(staged), save_as_external_data=large,
               location=data if large else None)
     # Self-check: the rewritten graph's only logits row equals the source's last row.
-    window = [list(range(1, 17))]
-    full = onnx_logits(source, kv, window)[0][-1]
-    last = onnx_logits(staged, kv, window)[0][-1]
+    sample = [list(range(1, 17))]
+    full = onnx_logits(source, kv, sample)[0][-1]
+    last = onnx_logits(staged, kv, sample)[0][-1]
     diff = float(np.abs(full - last).max())
     if diff > 1e-4:
         raise PackageCheckError(f"last-position {rel} differs from {source} by {diff:.2e}")
+    if window:
+        _check_window(staged, source, kv, window)
     engine = OrtEngine(staged, providers=["CPUExecutionProvider"])
     inputs, outputs = list(engine.inputs), list(engine.outputs)
     engine.close()
@@ -197,6 +215,53 @@ def _stage_graph(
     if large:
         files[f"{Path(rel).parent.as_posix()}/{data}"] = work / data
     return files, inputs, outputs
+
+
+def _check_window(staged: Path, source: Path, kv: Any, window: str) -> None:
+    """The logits window works: asking for the last 4 positions gives the source's rows."""
+    import onnxruntime as ort
+
+    ids = np.arange(1, 17, dtype=np.int64)[None, :]
+    want = onnx_logits(source, kv, ids.tolist())[0][-4:]
+    sess = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    feeds: dict[str, Any] = {"input_ids": ids, window: np.array([-4], dtype=np.int64)}
+    if "attention_mask" in names:
+        feeds["attention_mask"] = np.ones_like(ids)
+    if "position_ids" in names:
+        feeds["position_ids"] = np.arange(16, dtype=np.int64)[None, :]
+    for i in range(kv.num_layers):
+        for t in (kv.past_key, kv.past_value):
+            feeds[t.format(layer=i)] = np.zeros((1, kv.num_kv_heads, 0, kv.head_dim),
+                                                dtype=kv.dtype)
+    got = sess.run(["logits"], feeds)[0][0]
+    diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+    if diff > 1e-4:
+        raise PackageCheckError(f"{staged.name}: logits window {window} gives rows of shape "
+                                f"{got.shape} differing by {diff:.2e} from the source's last 4")
+
+
+def _draft_graph(
+    draft_dir: Path, tokenizer_file: Path, work: Path, files: dict[str, Path]
+) -> dict[str, Any]:
+    """Stage `draft_dir`'s graph as `draft` (into `files`); its manifest entry. It must
+    share the decoder's tokenizer byte for byte: its token ids are the decoder's."""
+    import onnx
+
+    for f in ("model.onnx", "tokenizer.json"):
+        if not (draft_dir / f).is_file():
+            raise StageError(f"draft {draft_dir} has no {f}")
+    if (draft_dir / "tokenizer.json").read_bytes() != tokenizer_file.read_bytes():
+        raise StageError(f"draft {draft_dir}: its tokenizer.json differs from the decoder's "
+                         "(a draft must use the served model's tokenizer)")
+    kv = kv_spec(read_config(draft_dir))
+    model = onnx.load(str(draft_dir / "model.onnx"))
+    weights = weight_format(model, lineage(draft_dir))
+    fused = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
+    d_files, d_in, d_out = _stage_graph(model, draft_dir / "model.onnx", DRAFT, kv, work)
+    del model
+    files.update(d_files)
+    return _graph_entry(DRAFT, d_in, d_out, kv, fused, weights)
 
 
 def _trt_graph(
@@ -216,6 +281,9 @@ def _trt_graph(
     trt_files, trt_in, trt_out = _stage_graph(model, trt_dir / "model.onnx", DECODER_TRT, kv,
                                               work)
     del model
+    # The decoder's logits window (a bundle with a draft) is ONNX Runtime's alone: TensorRT
+    # runs the last-position graph and the generator does not speculate on it.
+    inputs = [s for s in inputs if s.name != LOGITS_WINDOW]
     if _signature(trt_in) != _signature(inputs) or _signature(trt_out) != _signature(outputs):
         raise PackageCheckError(
             f"{trt_dir}: the TensorRT graph's tensors differ from the decoder's "
@@ -228,7 +296,7 @@ def _trt_graph(
 
 def _graph_entry(
     rel: str, inputs: Sequence[Any], outputs: Sequence[Any], kv: Any, fused: bool,
-    weights: dict[str, Any],
+    weights: dict[str, Any], window: str | None = None,
 ) -> dict[str, Any]:
     """A last-position graph's manifest entry (bundle.GraphSpec). A fused GQA graph batches
     right-padded sequences, a decomposed one left-padded."""
@@ -242,6 +310,7 @@ def _graph_entry(
         "left_padded_batch": not fused,
         "right_padded_batch": fused,
         "weights": weights,
+        "logits_window": window,
     }
 
 
@@ -261,11 +330,16 @@ def run(
     probe_texts: Sequence[str] | None = None,
     probe_spec: ProbeSpec | None = ProbeSpec(),
     trt_dir: Path | None = None,
+    draft_dir: Path | None = None,
 ) -> Path:
     """Write a signed bundle for `input_dir` at `out`; return its path.
 
     `trt_dir`: a QDQ artifact (edge-build lower --format qdq) of the same model, shipped as
     the `decoder_trt` graph for TensorRT.
+
+    `draft_dir`: a smaller model's artifact with the same tokenizer (edge_build/draft.py),
+    shipped as the `draft` graph; the decoder then also takes the logits-window input that
+    speculative decoding verifies with.
 
     `probe_texts`: held-out documents for the quality probe (default: the stdlib corpus's
     held-out side); `probe_spec=None` writes no probe.
@@ -312,8 +386,9 @@ def run(
                     f"context_length {ctx} exceeds the {rows} positions the fused graph's "
                     f"rotary tables hold (edge-build fuse --max-positions)"
                 )
+        window = LOGITS_WINDOW if draft_dir is not None else None
         files, inputs, outputs = _stage_graph(
-            model, input_dir / "model.onnx", DECODER, kv, Path(work)
+            model, input_dir / "model.onnx", DECODER, kv, Path(work), window
         )
         del model
         staged = Path(work) / Path(DECODER).name
@@ -341,7 +416,7 @@ def run(
                 "pad_token_id": config.get("pad_token_id"),
             },
             "graphs": {
-                "decoder": _graph_entry(DECODER, inputs, outputs, kv, fused, weights),
+                "decoder": _graph_entry(DECODER, inputs, outputs, kv, fused, weights, window),
             },
             "build": {
                 "stages": stages,
@@ -367,6 +442,11 @@ def run(
             fields["graphs"]["decoder_trt"] = _trt_graph(
                 require_dir(trt_dir, "TensorRT artifact"), kv, Path(work), files, inputs, outputs
             )
+        if draft_dir is not None:
+            fields["graphs"]["draft"] = _draft_graph(
+                require_dir(draft_dir, "draft artifact"), input_dir / "tokenizer.json",
+                Path(work), files)
+            fields["build"]["draft"] = {"stages": lineage(draft_dir)}
         if probe_spec is not None:
             ref_file = Path(work) / "reference.json"
             texts = probe_texts if probe_texts is not None else _probe_texts()

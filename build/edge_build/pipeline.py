@@ -2,6 +2,8 @@
 
     teacher → distill → prune → [heal] → quantize → export → lower(matmulnbits, qdq)
         → [fuse] → package
+                      └─ [draft] → draft-quantize → draft-export → draft-lower-matmulnbits
+                                 → [draft-fuse] ─▶ package (the bundle's `draft` graph)
 
 One method per stage: it reads the recipe's table for the stage, calls the stage's module
 (teacher.py, distill.py, prune.py, quantize.py, export.py, fuse.py, package.py) and hands
@@ -51,6 +53,7 @@ class Pipeline(StageRunner):
             cur = self.prune(cur)
             if r.prune.heal_steps > 0:
                 cur = self.heal(cur)
+        served_model = cur  # the served model in HF form: what a draft imitates
         quant_dir = None
         if r.quantize.enabled:
             cur = quant_dir = self.quantize(cur)
@@ -61,7 +64,8 @@ class Pipeline(StageRunner):
         if r.fuse.enabled:
             served = self.fuse(served)
         trt = lowered.get("qdq") if r.package.tensorrt_graph else None
-        bundle, pub = self.package(served, trt)
+        draft = self.draft_chain(served_model) if r.draft.enabled else None
+        bundle, pub = self.package(served, trt, draft)
         result = RunResult(bundle, pub, self.results, round(time.time() - started, 2))
         atomic_write_json(
             self.out / RUN_RECORD,
@@ -98,10 +102,10 @@ class Pipeline(StageRunner):
         code = self.code(["edge_build.teacher"], [self.make_teacher])
         return self.stage("teacher", None, asdict(cfg), produce, code)
 
-    def _distill_config(self, steps: int, layers: Any) -> Any:
+    def _distill_config(self, steps: int, layers: Any, table: Any = None) -> Any:
         from edge_build import distill
 
-        d, data = self.recipe.distill, self.recipe.data
+        d, data = table or self.recipe.distill, self.recipe.data
         training = {f.name: getattr(d, f.name) for f in dataclasses.fields(KDTraining)}
         return distill.DistillConfig(
             **{
@@ -127,6 +131,32 @@ class Pipeline(StageRunner):
 
         code = self.code(["edge_build.distill"], [self.distill, self._distill_config])
         return self.stage("distill", teacher_dir, asdict(cfg), produce, code)
+
+    def draft_chain(self, served: Path) -> Path:
+        """The draft model through the served model's own stages: its served graph."""
+        r = self.recipe
+        cur = quant_dir = self.draft(served)
+        if r.quantize.enabled:
+            cur = quant_dir = self.quantize(cur, prefix="draft-")
+        cur = onnx_dir = self.export(cur, prefix="draft-")
+        if r.quantize.enabled:
+            cur = self.lower(onnx_dir, quant_dir, "matmulnbits", prefix="draft-")
+        if r.fuse.enabled:
+            cur = self.fuse(cur, prefix="draft-")
+        return cur
+
+    def draft(self, served: Path) -> Path:
+        from edge_build import draft as draft_stage
+
+        d = self.recipe.draft
+        cfg = draft_stage.resolve_layers(self._distill_config(d.steps, d.layers, d), served)
+
+        def produce(out: Path) -> None:
+            draft_stage.run(served, out, cfg, data=self.data_files, progress=self.progress)
+
+        code = self.code(["edge_build.draft", "edge_build.distill"],
+                         [self.draft, self._distill_config])
+        return self.stage("draft", served, asdict(cfg), produce, code)
 
     def prune(self, input_dir: Path) -> Path:
         from edge_build import prune
@@ -181,7 +211,7 @@ class Pipeline(StageRunner):
         code = self.code(["edge_build.distill"], [self.heal, self._distill_config])
         return self.stage("heal", input_dir, asdict(cfg), produce, code, fix)
 
-    def quantize(self, input_dir: Path) -> Path:
+    def quantize(self, input_dir: Path, prefix: str = "") -> Path:
         from edge_build import quantize
 
         q = self.recipe.quantize
@@ -199,9 +229,9 @@ class Pipeline(StageRunner):
             )
 
         code = self.code(["edge_build.quantize"], [self.quantize])
-        return self.stage("quantize", input_dir, asdict(q), produce, code)
+        return self.stage(f"{prefix}quantize", input_dir, asdict(q), produce, code)
 
-    def export(self, input_dir: Path) -> Path:
+    def export(self, input_dir: Path, prefix: str = "") -> Path:
         from edge_build import export
 
         e = self.recipe.export
@@ -216,9 +246,9 @@ class Pipeline(StageRunner):
             )
 
         code = self.code(["edge_build.export"], [self.export])
-        return self.stage("export", input_dir, asdict(e), produce, code)
+        return self.stage(f"{prefix}export", input_dir, asdict(e), produce, code)
 
-    def lower(self, onnx_dir: Path, quant_dir: Path | None, fmt: str) -> Path:
+    def lower(self, onnx_dir: Path, quant_dir: Path | None, fmt: str, prefix: str = "") -> Path:
         from edge_build import quantize
         from edge_build.export import CARRIED_FILES
 
@@ -240,9 +270,9 @@ class Pipeline(StageRunner):
 
         params = {"fmt": fmt, "accuracy_level": level, "quant": fingerprint(quant_dir)}
         code = self.code(["edge_build.quantize"], [self.lower])
-        return self.stage(f"lower-{fmt}", onnx_dir, params, produce, code)
+        return self.stage(f"{prefix}lower-{fmt}", onnx_dir, params, produce, code)
 
-    def fuse(self, input_dir: Path) -> Path:
+    def fuse(self, input_dir: Path, prefix: str = "") -> Path:
         from edge_build import fuse
 
         f = self.recipe.fuse
@@ -255,7 +285,7 @@ class Pipeline(StageRunner):
 
         # Exact by construction: gated on |Δlogit| against the input at fp32 activations,
         # whatever else the recipe's thresholds.fuse say.
-        g = self.recipe.gates("fuse")
+        g = self.recipe.gates(f"{prefix}fuse")
         limit = min(f.atol, g.vs_input.max_abs_logit_diff or f.atol)
         gates = dataclasses.replace(
             g, vs_input=dataclasses.replace(g.vs_input, max_abs_logit_diff=limit)
@@ -263,10 +293,12 @@ class Pipeline(StageRunner):
         params = {"max_positions": positions, "atol": f.atol, "check_prompt": prompt}
         code = self.code(["edge_build.fuse"], [self.fuse])
         return self.stage(
-            "fuse", input_dir, params, produce, code, gates=gates, exact_vs_input=True
+            f"{prefix}fuse", input_dir, params, produce, code, gates=gates, exact_vs_input=True
         )
 
-    def package(self, artifact: Path, trt: Path | None = None) -> tuple[Path, Path | None]:
+    def package(
+        self, artifact: Path, trt: Path | None = None, draft: Path | None = None
+    ) -> tuple[Path, Path | None]:
         from edge_build import package
         from edge_runtime import signing
         p = self.recipe.package
@@ -282,7 +314,8 @@ class Pipeline(StageRunner):
             raise StageError(f"signing key {key} does not exist (edge-build keygen makes one)")
         bundle = self.out / "bundle"
         params = {**asdict(p), "key": key_id(key),
-                  "trt_input": artifact_hash(trt) if trt is not None else None}
+                  "trt_input": artifact_hash(trt) if trt is not None else None,
+                  "draft_input": artifact_hash(draft) if draft is not None else None}
 
         def produce() -> None:
             package.run(
@@ -295,6 +328,7 @@ class Pipeline(StageRunner):
                 max_new_tokens=p.max_new_tokens,
                 overwrite=True,
                 trt_dir=trt,
+                draft_dir=draft,
             )
 
         code = self.code(["edge_build.package"], [self.package])

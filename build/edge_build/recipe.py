@@ -8,6 +8,7 @@
     [export]               fp32 ONNX with a KV cache
     [lower]                int4 ONNX: MatMulNBits and/or QDQ (DequantizeLinear → MatMul)
     [fuse]                 the served graph's attention → GroupQueryAttention, RMSNorm fused
+    [draft]                a draft model for speculative decoding, distilled from the served one
     [package]              the signed bundle
     [thresholds.STAGE.vs_teacher], [thresholds.STAGE.vs_input]   quality gates
 
@@ -41,6 +42,11 @@ STAGES = (
     "lower-matmulnbits",
     "lower-qdq",
     "fuse",
+    "draft",
+    "draft-quantize",
+    "draft-export",
+    "draft-lower-matmulnbits",
+    "draft-fuse",
 )
 """Stage names, in chain order; `thresholds.STAGE` must name one of them."""
 LOWER_FORMATS = ("matmulnbits", "qdq")
@@ -103,6 +109,20 @@ class DistillConfig(KDTraining):
     seed); the held-out measurement comes from [data]."""
 
     enabled: bool = True
+
+
+@dataclass(frozen=True)
+class DraftConfig(KDTraining):
+    """[draft]: a draft model for speculative decoding (edge_build/draft.py), distilled on the
+    *served* model's logits (after distill / prune / heal, before quantize), then quantized,
+    exported, lowered and fused like it (stages draft-quantize, draft-export, …) and packaged
+    as the bundle's `draft` graph. Training fields as [distill]."""
+
+    enabled: bool = False
+    layers: str | tuple[int, ...] = "auto"
+    """Served-model layers the draft starts from: "auto" (a quarter of them, at least one,
+    spread over the depth), "every_other", or indices."""
+    steps: int = 200
 
 
 @dataclass(frozen=True)
@@ -208,6 +228,7 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
     lower: LowerConfig = field(default_factory=LowerConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
     thresholds: Mapping[str, StageGates] = field(default_factory=dict)
     """Per stage name (see STAGES)."""
@@ -329,6 +350,13 @@ def _validate(r: Recipe, source: str) -> None:
             f"'distill.layers' must be \"every_other\" or a list of layer indices, "
             f"got {r.distill.layers!r}"
         )
+    if isinstance(r.draft.layers, str) and r.draft.layers not in ("auto", "every_other"):
+        raise bad(
+            f"'draft.layers' must be \"auto\", \"every_other\" or a list of layer indices, "
+            f"got {r.draft.layers!r}"
+        )
+    if r.draft.enabled and r.draft.steps < 1:
+        raise bad(f"'draft.steps' must be >= 1, got {r.draft.steps}")
     if r.quantize.method not in ("awq", "rtn"):
         raise bad(f'\'quantize.method\' must be "awq" or "rtn", got {r.quantize.method!r}')
     unknown = [f for f in r.lower.formats if f not in LOWER_FORMATS]

@@ -157,6 +157,17 @@ class Metrics:
             buckets=_TOKENS_PER_S_BUCKETS,
             registry=r,
         )
+        # Speculative decoding (model/speculative.py): acceptance rate = accepted / drafted.
+        self.draft_tokens = Counter(
+            "edge_runtime_speculative_draft_tokens",
+            "Tokens the draft model proposed (speculative decoding at batch 1).",
+            registry=r,
+        )
+        self.accepted_tokens = Counter(
+            "edge_runtime_speculative_accepted_tokens",
+            "Drafted tokens the served model accepted; / draft_tokens = the acceptance rate.",
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "edge_runtime_queue_depth",
             "Requests waiting or being generated.",
@@ -206,6 +217,9 @@ class Metrics:
             self.ttft.labels(served_by).observe(queue_wait_s + stats.ttft_s)
         if stats.decode_tokens_per_s > 0:
             self.decode_rate.labels(served_by).observe(stats.decode_tokens_per_s)
+        if stats.draft_tokens:
+            self.draft_tokens.inc(stats.draft_tokens)
+            self.accepted_tokens.inc(stats.accepted_tokens)
         if served_by == "local" and stats.completion_tokens > 0:
             self.recent.generation(queue_wait_s + stats.ttft_s, stats.completion_tokens - 1,
                                    stats.decode_s)

@@ -86,6 +86,11 @@ class GraphSpec:
     """The graph decodes a right-padded batch correctly: GroupQueryAttention reads each
     row's length from the mask (`seqlens_k`) and writes its new key/value right after it."""
     weights: dict[str, Any] = field(default_factory=dict)
+    logits_window: str | None = None
+    """Name of an optional int64 [1] input (an overridable initializer holding -1) of a
+    last-position graph: logits start that many positions from the end. Speculative
+    decoding sets it to -(k + 1) to verify k drafted tokens in one pass; None: the graph
+    returns the last position only."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,7 @@ class Manifest:
                     left_padded_batch=bool(g.get("left_padded_batch", True)),
                     right_padded_batch=bool(g.get("right_padded_batch", False)),
                     weights=dict(g.get("weights", {})),
+                    logits_window=g.get("logits_window"),
                 )
             return cls(
                 schema_version=version,

@@ -334,8 +334,12 @@ def same_interface(a: GraphSpec, b: GraphSpec) -> bool:
     """Whether two graphs of a bundle take and give the same tensors (one may stand in for
     the other in a Generator built for `a`)."""
 
+    # A decoder packaged with a draft also takes its logits window (speculative decoding's
+    # verify pass): optional for a stand-in, which then serves without speculating.
+    window = {a.logits_window, b.logits_window} - {None}
+
     def sig(specs: Sequence[TensorSpec]) -> set[tuple[str, str, int]]:
-        return {(s.name, s.dtype, len(s.shape)) for s in specs}
+        return {(s.name, s.dtype, len(s.shape)) for s in specs if s.name not in window}
 
     return (
         sig(a.inputs) == sig(b.inputs)

@@ -2,6 +2,8 @@
 
     generator.py   Generator: prefill + decode over the KV cache, one sequence
     batching.py    BatchDecoder: continuous batching, chunked prefill
+    speculative.py Speculator: a batch of one drafts k tokens with the bundle's draft graph,
+                   the target verifies them in one pass (greedy-exact, rejection sampling)
     stream.py      Chunk, Completion, GenerationStats, StopMatcher: what a generation yields
     sampling.py    greedy / temperature / top-k / top-p, seeded
     tokenizer.py   tokenizer.json + chat template, without transformers

@@ -43,6 +43,7 @@ from edge_runtime.model.tokenizer import IncrementalDecoder
 if TYPE_CHECKING:  # generator.py imports this module to build its batch
     from edge_runtime.engines.protocol import DeviceTensor
     from edge_runtime.model.generator import Generator
+    from edge_runtime.model.speculative import Speculator
 
 
 @dataclass(eq=False)
@@ -62,6 +63,8 @@ class _Seq:
     token: int = -1
     """The last sampled token: fed at the next step."""
     pending: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    """Prompt + sampled tokens: what a draft model catches up on (speculative.py)."""
 
 
 @dataclass(eq=False)
@@ -122,6 +125,9 @@ class BatchDecoder:
             if gen.last_token_logits
             else None
         )
+        # A batch of one drafts with the bundle's draft model and verifies k tokens per
+        # target pass; wider batches decode one token per step (speculative.py).
+        self.spec: Speculator | None = gen.speculator()
 
     @property
     def active(self) -> int:
@@ -158,6 +164,7 @@ class BatchDecoder:
             length=n,
             stats=GenerationStats(prompt_tokens=n),
             t0=time.perf_counter(),
+            tokens=list(prompt_ids),
         )
         job = _Prefill(seq, np.asarray([prompt_ids], dtype=np.int64), gen.empty_cache(1))
         if 0 < self.prefill_chunk < n:
@@ -207,6 +214,11 @@ class BatchDecoder:
         return result
 
     def _decode(self) -> dict[Hashable, list[Chunk]]:
+        if self.spec is not None and len(self._seqs) == 1 and not self._prefilling:
+            return self.spec.decode(self, self._seqs[0])
+        return self._decode_plain()
+
+    def _decode_plain(self) -> dict[Hashable, list[Chunk]]:
         seqs = self._seqs
         gen, b = self.gen, len(seqs)
         ids = self._ids[:b]
@@ -253,8 +265,11 @@ class BatchDecoder:
 
     def _advance(self, s: _Seq, logits: np.ndarray) -> list[Chunk]:
         """Sample the next token of `s` from its logits row; the chunks that produced."""
+        return self._emit(s, s.sampler(logits))
 
-        token = s.sampler(logits)
+    def _emit(self, s: _Seq, token: int) -> list[Chunk]:
+        """`token` is the next token of `s`; the chunks that produced."""
+        s.tokens.append(token)
         st = s.stats
         if st.completion_tokens == 0:
             s.t_first = time.perf_counter()

@@ -24,6 +24,7 @@ from edge_runtime.engines.protocol import DeviceTensor, Engine
 from edge_runtime.errors import BundleError, ContextLengthError
 from edge_runtime.model.batching import BatchDecoder
 from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.model.speculative import Speculator
 from edge_runtime.model.stream import (
     ChunkStream,
     Completion,
@@ -31,6 +32,9 @@ from edge_runtime.model.stream import (
 from edge_runtime.model.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
+
+DRAFT = "draft"
+"""The bundle graph of the draft model speculative decoding proposes tokens with."""
 
 
 def engine_defaults(engine: Engine, defaults: GenerationDefaults) -> GenerationDefaults:
@@ -89,10 +93,16 @@ class Generator:
         self.positions = np.arange(ctx, dtype=np.int64)[None, :]
         spec = next((o for o in graph.outputs if o.name == "logits"), None)
         self._logits_spec = spec if spec is not None and isinstance(spec.shape[-1], int) else None
+        self._window = graph.logits_window if graph.last_token_logits else None
+        self._starts = [np.array([-max(n, 1)], dtype=np.int64) for n in range(18)]
+        self.draft: Generator | None = None
+        """The bundle's draft model (speculative decoding), when it has one and it is on."""
+        self._speculator: Speculator | None = None
 
     @classmethod
     def from_bundle(
-        cls, bundle: Bundle, backend: str = "auto", threads: int | None = None
+        cls, bundle: Bundle, backend: str = "auto", threads: int | None = None,
+        speculative: bool = True,
     ) -> Generator:
         m = bundle.manifest
         # The spec of the graph that really runs: TensorRT may run the bundle's QDQ graph
@@ -102,7 +112,34 @@ class Generator:
         tokenizer = TextTokenizer.from_files(bundle.path(m.tokenizer.file), tok_cfg)
         if m.tokenizer.chat_template:
             tokenizer.chat_template = m.tokenizer.chat_template
-        return cls(engine, graph, tokenizer, engine_defaults(engine, m.generation))
+        gen = cls(engine, graph, tokenizer, engine_defaults(engine, m.generation))
+        if speculative and DRAFT in m.graphs and gen._window is not None:
+            # The draft has no TensorRT plan of its own: "tensorrt" means the decoder's. One
+            # CPU thread: its steps alternate with the decoder's, and a second ONNX Runtime
+            # pool spinning beside the decoder's took half the CPU from it (measured: 2x
+            # slower rounds on two cores); a small model gains nothing from two threads.
+            d_backend = "auto" if backend == "tensorrt" else backend
+            d_engine, d_graph = load_engine(bundle, DRAFT, backend=d_backend, threads=1)
+            gen.draft = cls(d_engine, d_graph, tokenizer, gen.defaults)
+            log.info("speculative decoding with the bundle's draft graph (%d of the "
+                     "decoder's %d layers)", d_graph.kv_cache.num_layers if d_graph.kv_cache
+                     else 0, gen._kv.num_layers)
+        return gen
+
+    @property
+    def speculative(self) -> bool:
+        """A draft model is loaded and this graph returns logits for k + 1 positions."""
+        return self.draft is not None and self._window is not None
+
+    def speculator(self) -> Speculator | None:
+        """The speculative decoder of this generator's batches of one (None without a
+        draft): one per generator, so what it learns (acceptance rate, step costs, k) carries
+        over from one batch and one request to the next."""
+        if self.draft is None or self._window is None:
+            return None
+        if self._speculator is None:
+            self._speculator = Speculator(self, self.draft)
+        return self._speculator
 
     @property
     def context_length(self) -> int:
@@ -160,12 +197,18 @@ class Generator:
         positions: np.ndarray,
         past: Mapping[str, DeviceTensor],
         out: np.ndarray | None = None,
+        window: int = 0,
     ) -> tuple[np.ndarray, dict[str, DeviceTensor]]:
         """One graph run: ids/positions [B, S], mask [B, P + S] → logits, new cache.
 
         `out`, when given, is a [B, 1, V] buffer the engine writes the logits into.
+        `window` > 0 asks a last-position graph for the last `window` positions' logits
+        (GraphSpec.logits_window: speculative verification).
         """
         feeds: dict[str, Any] = {"input_ids": ids, **past}
+        if self._window is not None:  # a required input of such a graph: -1 = last only
+            feeds[self._window] = (self._starts[window] if window < len(self._starts)
+                                   else np.array([-window], dtype=np.int64))
         if self._has_mask:
             feeds["attention_mask"] = mask
         if self._has_positions:

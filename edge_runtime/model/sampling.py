@@ -71,6 +71,29 @@ class Sampler:
         choice = int(self._rng.choice(probs.shape[0], p=probs))
         return int(ids[choice]) if ids is not None else choice
 
+    @property
+    def rng(self) -> np.random.Generator:
+        """This sequence's random stream (speculative decoding's accept/reject draws)."""
+        return self._rng
+
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        """The full-vocabulary distribution `__call__` samples from: [vocab] float64, one-hot
+        at the argmax when greedy, zero outside the top-k / top-p candidates."""
+        p = self.params
+        vocab = logits.shape[-1]
+        out = np.zeros(vocab, dtype=np.float64)
+        if p.greedy:
+            out[int(np.argmax(logits))] = 1.0
+            return out
+        k = min(p.top_k, vocab) if p.top_k else vocab
+        scaled = logits.astype(np.float64, copy=False) / p.temperature
+        if k < vocab or p.top_p < 1.0:
+            ids, probs = _nucleus(scaled, k, p.top_p)
+            out[ids] = probs
+            return out
+        out = np.exp(scaled - scaled.max())
+        return out / out.sum()
+
 
 def _nucleus(scaled: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
     """Candidate ids (most likely first) and their renormalised probabilities."""

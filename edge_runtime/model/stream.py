@@ -33,6 +33,14 @@ class GenerationStats:
     """Request start to first sampled token (prefill + first sampling)."""
     decode_s: float = 0.0
     """First token to last token."""
+    draft_tokens: int = 0
+    """Tokens the draft model proposed (speculative decoding; 0 when it never ran)."""
+    accepted_tokens: int = 0
+    """Of those, how many the target model accepted."""
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -50,6 +50,7 @@ SMALL = [
     "distill.seq_len=64",
     "distill.warmup_steps=2",
     "prune.heal_steps=2",
+    "draft.enabled=false",  # built by its own test, on a copy of this build
     "thresholds.distill.vs_teacher.min_top1=0",
     "thresholds.distill.vs_teacher.max_ppl_increase=inf",
     "thresholds.heal.vs_teacher.max_ppl_increase=inf",
@@ -222,6 +223,43 @@ def test_fuse_disabled_ships_todays_unfused_graph(built: Any, tmp_path: Path) ->
     ops = {n.op_type for n in onnx.load(str(plain.bundle / graph.file)).graph.node}
     assert "GroupQueryAttention" not in ops and "MatMulNBits" in ops
     assert [s["stage"] for s in bundle.manifest.build["stages"]][-1] == "lower"
+
+
+def test_draft_enabled_builds_the_draft_chain_and_ships_it(built: Any, tmp_path: Path) -> None:
+    """[draft] (on in the demo recipe): the served model's stages are reused, the draft's run
+    under draft- names, and the bundle's draft graph speculates with identical greedy tokens."""
+    from edge_runtime.model.generator import Generator
+    from edge_runtime.model.sampling import SamplingParams
+
+    out, sets, _ = built
+    copy = tmp_path / "build"
+    shutil.copytree(out, copy)
+    small = ["draft.enabled=true", "draft.steps=4", "draft.batch_size=4", "draft.seq_len=64",
+             "draft.warmup_steps=2"]
+    res = run_recipe(load_recipe(DEMO, [*sets, *small]), copy, progress=False)
+    assert res.executed == ["draft", "draft-quantize", "draft-export",
+                            "draft-lower-matmulnbits", "draft-fuse", "package"]
+    by = {s.name: s for s in res.stages}
+    # The draft starts from a quarter of the served model's layers; it is measured against
+    # the served model (its input), which is what speculation's acceptance follows.
+    served = json.loads((copy / "heal" / "config.json").read_text())["num_hidden_layers"]
+    drafted = json.loads((copy / "draft" / "config.json").read_text())["num_hidden_layers"]
+    assert drafted == max(1, served // 4) < served
+    assert read_stage(copy / "draft")["input"]["stage"] == "heal"
+    assert by["draft"].quality["vs_input"]["top1_agreement"] > 0
+    bundle = verify_bundle(res.bundle, [load_public_key(copy / "signing.pub")])
+    graphs = bundle.manifest.graphs
+    assert graphs["draft"].kv_cache is not None
+    assert graphs["draft"].kv_cache.num_layers == drafted
+    assert graphs["decoder"].logits_window == "logits_start"
+    assert graphs["decoder_trt"].logits_window is None  # TensorRT serves without a draft
+    assert [s["stage"] for s in bundle.manifest.build["draft"]["stages"]][-6:] == [
+        "heal", "draft", "quantize", "export", "lower", "fuse"]
+    gen, plain = Generator.from_bundle(bundle), Generator.from_bundle(bundle, speculative=False)
+    assert gen.speculative and not plain.speculative
+    ids = gen.text_prompt("def main(argv):\n    ")
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    assert gen.generate(ids, params).token_ids == plain.generate(ids, params).token_ids
 
 
 def test_a_changed_stage_module_reruns_that_stage_and_what_follows(
