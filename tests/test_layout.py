@@ -35,7 +35,7 @@ RULES: dict[str, set[str]] = {
               "api.schemas", "config", "errors"},
     "fleet": {"serving", "model", "engines", "bundle", "mqtt", "api.metrics", "config",
               "signing", "atomic", "errors"},
-    "rollout": {"fleet.messages", "fleet.slots", "bundle", "mqtt", "signing", "config",
+    "rollout": {"fleet.messages", "fleet.slots", "fleet.command_auth", "fleet.audit", "bundle", "mqtt", "signing", "config",
                 "atomic", "errors"},
     "cli": {"*"},
     "edge_runtime": {"bundle", "model", "errors"},  # the package's public API re-exports

@@ -141,9 +141,13 @@ class FleetServing:
             result = self.health_check(path)
             return result.to_dict() if result is not None else None
 
+        from edge_runtime.signing import load_public_keys
+
+        operators = load_public_keys(self.config.fleet.operator_keys)
         self.agent = DeviceAgent(config, self.trusted, health_check=check,
                                  runtime_metrics=self.runtime_metrics, on_switch=self.on_switch,
-                                 on_drain=self.on_drain, on_config=self.on_config)
+                                 on_drain=self.on_drain, on_config=self.on_config,
+                                 operators=operators)
         if self.agent.drained:  # before the first request: the agent itself starts later
             self.on_drain(True)
         return self.agent
