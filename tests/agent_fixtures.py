@@ -32,6 +32,17 @@ OPERATOR = CommandSigner(Ed25519PrivateKey.generate())
 """The operator key the agents of these tests trust; Controller.send signs with it."""
 
 
+def operator_pub(directory: Path) -> Path:
+    """OPERATOR's public key as a PEM file in `directory` (a daemon's [fleet] operator_keys)."""
+    from cryptography.hazmat.primitives import serialization
+
+    path = directory / "operator.pub"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(OPERATOR.key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
 @pytest.fixture(scope="module")
 def bundle_v2(tiny_bundle: BuiltBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same model re-released as version 2: re-signed with edge_runtime alone, so these

@@ -67,7 +67,7 @@ def test_a_trust_directory_is_its_pub_files_only(tmp_path):
     keys = signing.load_public_keys([trust])
     assert [signing.key_id(k) for k in keys] == [kid]
     (trust / "bad.pub").write_text("# a comment\n" + (tmp_path / "b.pub").read_text())
-    with pytest.raises(SignatureError, match="bad.pub is not a PEM public key file"):
+    with pytest.raises(SignatureError, match=r"bad\.pub is not a PEM public key file"):
         signing.load_public_keys([trust])
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_fixtures import DEVICE, Controller, deploy
+from agent_fixtures import DEVICE, Controller, deploy, operator_pub
 from live_server import serve_in_thread, wait_until
 from mqtt_fixtures import Broker
 from test_cli import _read_line
@@ -105,7 +105,11 @@ def fleet_daemon(broker: Broker, root: Path, initial: Path | None,
     bundle = verify_bundle(serving, trusted)
     worker = LocalWorker(lambda: Generator.from_bundle(bundle, threads=1))
     app = create_app(worker, ModelInfo.from_bundle(bundle))
-    hooks = FleetServing(worker, trusted, serving, LIMITS, app.state.metrics, threads=1)
+    from edge_runtime.config import Config, FleetConfig
+
+    ops = Config(fleet=FleetConfig(operator_keys=(operator_pub(root.parent / "trust"),)))
+    hooks = FleetServing(worker, trusted, serving, LIMITS, app.state.metrics, threads=1,
+                         config=ops)
     agent = hooks.make_agent(AgentConfig(DEVICE, broker.url, root, telemetry_interval_s=3600,
                                          reconnect_min_s=0.1, reconnect_max_s=1.0))
     app.state.fleet = hooks  # as the CLI does: the lifespan starts and stops the agent
