@@ -236,10 +236,10 @@ class DeviceAgent:
             self._work.put(cmd)
         elif entry.get("final") is not None:
             final = fm.Ack.from_dict(entry["final"])
-            self._audit(cmd.id, cmd.type, auth.key_id, "duplicate",
-                        "already handled: answered from the journal, not run again", digest)
-            self._ack(fm.Ack(final.id, self.device, final.state, final.reason, final.bundle,
-                             duplicate=True, detail=final.detail))
+            why = "already handled: a re-delivery or replay is answered, not run again"
+            self._audit(cmd.id, cmd.type, auth.key_id, "duplicate", why, digest)
+            self._ack(fm.Ack(final.id, self.device, final.state, final.reason or why,
+                             final.bundle, duplicate=True, detail=final.detail))
         # else: still pending in this process; it will be acked when it finishes.
 
     def _refused(self, reason: str, digest: str, claimed: str | None, topic: str) -> None:

@@ -63,7 +63,8 @@ def signer(a: argparse.Namespace) -> CommandSigner:
         return CommandSigner.from_file(path)
     except SignatureError as e:
         raise ConfigError(f"{a.cmd} signs with an operator key: {e} (pass --key FILE or set "
-                          "$EDGE_FLEET_KEY; make one with `edge-runtime keygen`)") from None
+                          "$EDGE_FLEET_KEY; make a pair with `edge-build keygen --name "
+                          "operator`)") from None
 
 
 def audit_log(a: argparse.Namespace) -> AuditLog:
