@@ -1,6 +1,12 @@
 """The device agent: one MQTT connection that reports status and telemetry and runs commands.
 
-    DeviceAgent(AgentConfig(device, broker_url, root), trusted).start()
+    DeviceAgent(AgentConfig(device, broker_url, root), trusted, operators=ops).start()
+
+Only commands signed by an operator key (`operators`, separate from the bundle signers
+`trusted`) run: command_auth.py checks signature, target, expiry; the journal the nonce. A
+refused payload is acked with `id: null`, its reason and digest, and audited (audit.py,
+`root/audit.jsonl`) by digest only, never journaled. Every accepted command and its final
+state are audited too, with the signer's key id.
 
 Client id = device id, `clean_start=False` with a session expiry: the broker keeps the
 subscriptions and queues QoS 1 commands while the device is away. The Will is a retained

@@ -144,6 +144,9 @@ class FleetServing:
         from edge_runtime.signing import load_public_keys
 
         operators = load_public_keys(self.config.fleet.operator_keys)
+        if not operators:
+            log.warning("no operator key configured ([fleet] operator_keys): the agent "
+                        "refuses every fleet command until provisioning adds one")
         self.agent = DeviceAgent(config, self.trusted, health_check=check,
                                  runtime_metrics=self.runtime_metrics, on_switch=self.on_switch,
                                  on_drain=self.on_drain, on_config=self.on_config,

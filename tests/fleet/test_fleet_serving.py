@@ -265,7 +265,8 @@ def test_serve_fleet_cli_first_boot_deploy_and_restart(
     active slot; a deploy switches it; a restart without --bundle serves the deployed one."""
     config = tmp_path / "edge.toml"
     config.write_text("[fleet]\ntelemetry_interval_s = 3600\nprobe_max_ttft_ms = 20000\n"
-                      "probe_min_tokens_per_s = 0.5\n")
+                      "probe_min_tokens_per_s = 0.5\n"
+                      f'operator_keys = ["{operator_pub(tmp_path / "trust")}"]\n')
     exe = Path(sys.executable).with_name("edge-runtime")
     cmd = [str(exe), "serve", "--config", str(config), "--fleet", "--fleet-broker", broker.url,
            "--fleet-root", str(tmp_path / "dev"), "--device-id", DEVICE,
