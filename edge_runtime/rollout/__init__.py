@@ -7,6 +7,7 @@
     driver.py       the I/O around the controller: MQTT, SQLite, the clock
     store.py        rollout state in SQLite (survives a killed controller)
     abort_rules.py  the `--abort-if` expression (a small parser, no eval)
+    acl.py          the broker ACL blocks of devices, operators, workers (deploy/mosquitto)
 
 May import: fleet.messages (the wire format it shares with devices), fleet.slots (a .tar is
 unpacked and verified the way a device does it), fleet.command_auth (commands are signed

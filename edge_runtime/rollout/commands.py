@@ -38,6 +38,7 @@ from edge_runtime.fleet.command_auth import (
     payload_digest,
 )
 from edge_runtime.mqtt import topics
+from edge_runtime.mqtt.auth import BrokerAuth
 from edge_runtime.mqtt.client import Message, MqttClient
 
 
@@ -110,13 +111,14 @@ def cmd_device(a: argparse.Namespace) -> int:
     payload = s.sign(cmd, target, ttl_s=a.ttl)
     got: queue.Queue[Message] = queue.Queue()
     ack_topic = topics.fleet_cmd_ack(a.device) if a.device else "fleet/+/cmd/ack"
-    client = MqttClient(a.broker, f"edge-fleet-{secrets.token_hex(4)}")
+    auth: BrokerAuth = getattr(a, "auth", None) or BrokerAuth()
+    client = MqttClient(a.broker, f"edge-fleet-{secrets.token_hex(4)}", **auth.mqtt_options())
     client.subscribe(ack_topic, got.put, qos=1)
-    if not client.start(wait_s=a.connect_timeout) or not client.wait_subscribed(
-            a.connect_timeout):
+    # A refusal (CONNACK or SUBACK "Not authorized") is said as such, not as unreachable.
+    if (not client.start(wait_s=a.connect_timeout)
+            or not client.wait_subscribed(a.connect_timeout) or client.refused_filters):
         client.stop()
-        raise EdgeError(f"cannot reach the MQTT broker at {a.broker} within "
-                        f"{a.connect_timeout:g}s")
+        raise client.failure(a.connect_timeout)
     try:
         audit_log(a).append({"event": "command-sent", "device": a.device, "group": a.group,
                              "id": cid, "type": a.cmd, "key_id": s.key_id,
