@@ -216,6 +216,10 @@ class FleetConfig:
     """Device groups whose fleet/group/{group}/cmd commands this device obeys."""
     pubkeys: tuple[Path, ...] = ()
     """Keys trusted to sign deployed bundles; empty: the [model] keys."""
+    operator_keys: tuple[Path, ...] = ()
+    """Operator public keys (PEM files, or directories of `*.pub`) whose signed commands the
+    agent runs; separate from the bundle signers. Empty: every command is refused.
+    Provisioned: /etc/edge-runtime/trust/operators. Never settable by a remote command."""
     telemetry_interval_s: float = 30.0
     session_expiry_s: int = 7 * 24 * 3600
     """How long the broker queues commands for this device while it is offline."""

@@ -25,6 +25,8 @@
         │   ├── DiskSpaceError     not enough free space to stage a bundle (checked first)
         │   └── DownloadError      a bundle URL could not be fetched whole (HTTP status,
         │                          size or SHA-256 mismatch, retries exhausted)
+        ├── CommandAuthError       a fleet command is unsigned, badly signed, expired,
+        │                          replayed, aimed elsewhere or not allowed remotely
         ├── HealthCheckError       a freshly activated bundle failed its health check
         └── RolloutError           a staged rollout cannot be created, found or driven
 
@@ -144,6 +146,11 @@ class DiskSpaceError(DeployError):
 
 class DownloadError(DeployError):
     """A bundle archive could not be downloaded whole; `active` is unchanged."""
+
+
+class CommandAuthError(FleetError):
+    """A fleet command the agent refuses before running it: no or a bad operator signature,
+    expired, replayed, aimed at another device or group (fleet/command_auth.py)."""
 
 
 class HealthCheckError(FleetError):

@@ -5,6 +5,15 @@ can read them. A key is named by its id: the first 16 hex digits of the SHA-256 
 32-byte public key. The signature file next to a manifest is a small JSON document:
 `{"algorithm": "ed25519", "key_id": "...", "signature": "<base64>"}` over the manifest's
 exact bytes.
+
+Key files are strict: a key file is one PEM block and nothing else (blank lines around it
+allowed), at most MAX_KEY_FILE_BYTES. A PEM block found inside some other file (a config
+file, a journal, a log) is refused, so writing text into a file the daemon reads never turns
+that text into a trusted key. A trust directory contributes its `*.pub` regular files only.
+
+Fleet commands (fleet/command_auth.py) are signed over `canonical_json(doc)`: sorted keys,
+no spaces, ASCII only, no NaN, so signer and verifier hash the same bytes whatever order a
+JSON library wrote the fields in.
 """
 
 from __future__ import annotations
@@ -23,6 +32,10 @@ from edge_runtime.atomic import atomic_write_bytes
 from edge_runtime.errors import SignatureError
 
 ALGORITHM = "ed25519"
+MAX_KEY_FILE_BYTES = 16 << 10
+"""An ed25519 PEM key is ~120 bytes; a bigger file is not a key file."""
+_PEM_PUBLIC = ("-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----")
+_PEM_PRIVATE = ("-----BEGIN PRIVATE KEY-----", "-----END PRIVATE KEY-----")
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -50,10 +63,34 @@ def generate_keypair(private_path: Path, public_path: Path, overwrite: bool = Fa
     return key_id(key.public_key())
 
 
-def load_private_key(path: Path) -> Ed25519PrivateKey:
+def _read_pem(path: Path, kind: str, armor: tuple[str, str]) -> bytes:
+    """The file's bytes if the whole file is one PEM block of `armor`, else SignatureError."""
+    p = Path(path)
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError) as e:
+        if not p.is_file():
+            raise SignatureError(f"cannot read {kind} key {p}: not a regular file")
+        if p.stat().st_size > MAX_KEY_FILE_BYTES:
+            raise SignatureError(f"{p} is {p.stat().st_size} bytes: not a {kind} key file "
+                                 f"(a key file holds one PEM block, at most "
+                                 f"{MAX_KEY_FILE_BYTES} bytes)")
+        data = p.read_bytes()
+    except OSError as e:
+        raise SignatureError(f"cannot read {kind} key {p}: {e}") from e
+    text = data.strip()
+    begin, end = (a.encode() for a in armor)
+    # Exactly one block, and nothing before or after it: a key embedded in another file
+    # (config.toml, a journal) is not a key file, whatever the PEM parser would accept.
+    if not (text.startswith(begin) and text.endswith(end) and text.count(b"-----BEGIN") == 1):
+        raise SignatureError(f"{p} is not a PEM {kind} key file: it must hold one "
+                             f"'{armor[0]}' block and nothing else")
+    return text + b"\n"
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    data = _read_pem(path, "private", _PEM_PRIVATE)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
         raise SignatureError(f"cannot read private key {path}: {e}") from e
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError(f"{path} is not an Ed25519 private key")
@@ -61,9 +98,10 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
+    data = _read_pem(path, "public", _PEM_PUBLIC)
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as e:
+        key = serialization.load_pem_public_key(data)
+    except ValueError as e:
         raise SignatureError(f"cannot read public key {path}: {e}") from e
     if not isinstance(key, Ed25519PublicKey):
         raise SignatureError(f"{path} is not an Ed25519 public key")
@@ -113,9 +151,49 @@ def default_trust_dir() -> Path:
     return base / "edge-runtime" / "trusted-keys"
 
 
+def load_public_keys(paths: list[Path] | tuple[Path, ...]) -> list[Ed25519PublicKey]:
+    """Keys from files and directories (a directory: its `*.pub` regular files, sorted).
+
+    Symlinks inside a directory are skipped: a trust store is what provisioning wrote there,
+    not whatever a link points to. A named path that does not exist is an error."""
+    out: list[Ed25519PublicKey] = []
+    for given in paths:
+        p = Path(given)
+        if p.is_dir():
+            out += [load_public_key(f) for f in sorted(p.glob("*.pub"))
+                    if f.is_file() and not f.is_symlink()]
+        else:
+            out.append(load_public_key(p))
+    return out
+
+
+def canonical_json(doc: object) -> bytes:
+    """The bytes a command signature covers (see the module docstring)."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def sign_raw(data: bytes, key: Ed25519PrivateKey) -> str:
+    """A bare base64 ed25519 signature of `data`."""
+    return base64.b64encode(key.sign(data)).decode("ascii")
+
+
+def verify_raw(data: bytes, signature_b64: str, kid: str,
+               trusted: dict[str, Ed25519PublicKey]) -> None:
+    """Check a bare signature by key `kid` among `trusted` (by key id); SignatureError."""
+    key = trusted.get(kid)
+    if key is None:
+        raise SignatureError(f"signed by key {kid!r}, which is not trusted here")
+    try:
+        sig = base64.b64decode(signature_b64, validate=True)
+        key.verify(sig, data)
+    except (ValueError, TypeError, InvalidSignature):
+        raise SignatureError(f"bad signature: the content does not match key {kid}") from None
+
+
 def trusted_keys(paths: list[Path] | None = None) -> list[Ed25519PublicKey]:
     """Explicit key files, or else every `*.pub` in the default trust directory."""
     if paths:
-        return [load_public_key(p) for p in paths]
+        return load_public_keys(paths)
     d = default_trust_dir()
-    return [load_public_key(p) for p in sorted(d.glob("*.pub"))] if d.is_dir() else []
+    return load_public_keys([d]) if d.is_dir() else []

@@ -48,6 +48,7 @@ from mosquitto_broker import Broker  # noqa: E402
 
 from edge_runtime import signing  # noqa: E402
 from edge_runtime.bundle.manifest import verify_bundle  # noqa: E402
+from edge_runtime.fleet.command_auth import CommandSigner, device_target  # noqa: E402
 from edge_runtime.fleet.messages import Ack, Command  # noqa: E402
 from edge_runtime.fleet.slots import Slots  # noqa: E402
 from edge_runtime.mqtt import topics  # noqa: E402
@@ -107,6 +108,10 @@ class Matrix:
         signing.generate_keypair(self.key, self.pub)
         self.trusted = [signing.load_public_key(self.pub)]
         self.signer = signing.key_id(self.trusted[0])
+        # The operator key that signs the deploys (separate from the bundle signer).
+        self.op_key, self.op_pub = work / "operator.key", work / "operator.pub"
+        signing.generate_keypair(self.op_key, self.op_pub)
+        self.operator = CommandSigner.from_file(self.op_key)
         v1 = make_bundle(work / "b1", self.key, "1", size)
         v2 = make_bundle(work / "b2", self.key, "2", size)
         self.tar = work / "b2.tar"
@@ -137,7 +142,7 @@ class Matrix:
         return subprocess.Popen(
             [sys.executable, "-m", "edge_runtime.fleet.agent_process", "--root", str(root),
              "--device", device, "--broker", self.broker.url, "--pubkey", str(self.pub),
-             "--health", "verify", "--telemetry-s", "3600"],
+             "--operator-key", str(self.op_pub), "--health", "verify", "--telemetry-s", "3600"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
     def run(self, point: str) -> tuple[list[str], bool]:
@@ -154,7 +159,8 @@ class Matrix:
             cmd = Command(cid, "deploy", {"bundle": self.http.url("/b2.tar"), "sha256": self.sha,
                                           "signer": self.signer, "size": len(self.tar_bytes)})
             before = len(self.http.requests)
-            self.acks.mqtt.publish(topics.fleet_cmd(device), cmd.to_json(), wait_s=5)
+            self.acks.mqtt.publish(topics.fleet_cmd(device),
+                                   self.operator.sign(cmd, device_target(device)), wait_s=5)
             if _read_until(proc, f"PAUSED {point}", 60) is None:
                 return [f"never reached {point}"], False
         finally:

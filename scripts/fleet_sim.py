@@ -65,6 +65,7 @@ def worker(a: argparse.Namespace) -> int:
     raise_fd_limit()
     threading.stack_size(512 << 10)  # ~3 threads per agent; 8 MiB stacks add up
     trusted = [signing.load_public_key(Path(a.pubkey))]
+    operators = [signing.load_public_key(Path(a.operator_key))]
     devices = [f"dev-{i:05d}" for i in range(a.first, a.first + a.count)]
     # Host telemetry is sampled once for the whole process: a thousand agents each reading
     # /proc every interval would measure the simulator's own cost, not the rollout's.
@@ -74,7 +75,8 @@ def worker(a: argparse.Namespace) -> int:
         root = Path(a.root) / d
         provision(root, Path(a.v1), trusted)
         agents[d] = sim_agent(d, a.broker, root, trusted, group=GROUP,
-                              telemetry_interval_s=a.telemetry_interval, host=host)
+                              telemetry_interval_s=a.telemetry_interval, host=host,
+                              operators=operators)
         agents[d].start()
     deadline = time.monotonic() + 300
     for agent in agents.values():
@@ -126,6 +128,9 @@ def run_rollout(a: argparse.Namespace, broker: str, db: Path, bundle: Path, pub:
            "--abort-if", RULE, "--soak", str(a.soak), "--ack-timeout", str(a.ack_timeout),
            "--max-failures", a.max_failures, "--pubkey", str(pub), "--id", rid,
            "--discover-wait", "3"]
+    # Commands are signed by the operator key the devices trust (made by `simulate`).
+    cmd[3:3] = ["--key", str(db.parent / "operator.key"), "--audit",
+                str(db.parent / "audit.jsonl")]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode")
     w = sub.add_parser("worker")  # internal: one process's share of the fleet
-    for name in ("--broker", "--root", "--pubkey", "--v1"):
+    for name in ("--broker", "--root", "--pubkey", "--operator-key", "--v1"):
         w.add_argument(name, required=True)
     w.add_argument("--first", type=int, required=True)
     w.add_argument("--count", type=int, required=True)
@@ -273,6 +278,7 @@ def simulate(a: argparse.Namespace, command: str) -> int:
     work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     signing.generate_keypair(work / "k.key", work / "k.pub", overwrite=True)
+    signing.generate_keypair(work / "operator.key", work / "operator.pub", overwrite=True)
     key = signing.load_private_key(work / "k.key")
     v1 = make_sim_bundle(work / "v1", key, "1")
     v2 = make_sim_bundle(work / "v2", key, "2", fail_share=a.probe_fail_share)
@@ -292,7 +298,8 @@ def simulate(a: argparse.Namespace, command: str) -> int:
                 break
             workers.append(subprocess.Popen(
                 [sys.executable, __file__, "worker", "--broker", broker, "--root",
-                 str(work / "devices"), "--pubkey", str(work / "k.pub"), "--v1", str(v1),
+                 str(work / "devices"), "--pubkey", str(work / "k.pub"), "--operator-key",
+                 str(work / "operator.pub"), "--v1", str(v1),
                  "--first", str(first), "--count", str(count), "--offline-share",
                  str(a.offline_share), "--telemetry-interval", str(a.telemetry_interval)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

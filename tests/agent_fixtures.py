@@ -15,17 +15,32 @@ from pathlib import Path
 
 import pytest
 from bundle_fixtures import BuiltBundle
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mqtt_fixtures import Broker
 
 from edge_runtime import signing
 from edge_runtime.bundle.manifest import MANIFEST
 from edge_runtime.fleet.agent import AgentConfig, DeviceAgent
+from edge_runtime.fleet.command_auth import CommandSigner, device_target
 from edge_runtime.fleet.messages import Ack, Command
 from edge_runtime.fleet.slots import Slots
 from edge_runtime.mqtt import topics
 from edge_runtime.mqtt.client import Message, MqttClient, TlsFiles
 
 DEVICE = "dev-1"
+OPERATOR = CommandSigner(Ed25519PrivateKey.generate())
+"""The operator key the agents of these tests trust; Controller.send signs with it."""
+
+
+def operator_pub(directory: Path) -> Path:
+    """OPERATOR's public key as a PEM file in `directory` (a daemon's [fleet] operator_keys)."""
+    from cryptography.hazmat.primitives import serialization
+
+    path = directory / "operator.pub"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(OPERATOR.key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +100,16 @@ class Controller:
             self.telemetry.append(json.loads(m.payload))
             self._cv.notify_all()
 
-    def send(self, cmd: Command | bytes) -> None:
-        payload = cmd if isinstance(cmd, bytes) else cmd.to_json()
+    def send(self, cmd: Command | bytes, signer: CommandSigner | None = OPERATOR) -> bytes:
+        """A Command is signed for DEVICE (by `signer`; None: sent unsigned); bytes go as is."""
+        if isinstance(cmd, bytes):
+            payload = cmd
+        elif signer is None:
+            payload = cmd.to_json()
+        else:
+            payload = signer.sign(cmd, device_target(DEVICE))
         self.mqtt.publish(topics.fleet_cmd(DEVICE), payload, wait_s=5)
+        return payload
 
     def wait(self, pred: Callable[[], bool], timeout_s: float = 60) -> None:
         with self._cv:
@@ -115,6 +137,7 @@ def make_agent(url: str, root: Path, bundle: BuiltBundle, tls: TlsFiles | None =
     cfg = AgentConfig(DEVICE, url, root, groups=("lab",), telemetry_interval_s=3600,
                       reconnect_min_s=0.1, reconnect_max_s=1.0, tls=tls,
                       config_path=config_path, tegrastats=None)
+    kw.setdefault("operators", [OPERATOR.key.public_key()])
     return DeviceAgent(cfg, [signing.load_public_key(bundle.pubkey)], **kw)  # type: ignore[arg-type]
 
 

@@ -30,29 +30,36 @@ class SimBundles:
     v2: Path
     bad: Path
     """Healthy on every device, but its telemetry reports error_rate 0.08."""
+    operator_key: Path
+    """The operator key the simulated devices trust (edge-fleet signs with it)."""
+    operator_pub: Path
 
 
 @pytest.fixture(scope="module")
 def sim_bundles(tmp_path_factory: pytest.TempPathFactory) -> SimBundles:
     d = tmp_path_factory.mktemp("simbundles")
     signing.generate_keypair(d / "k.key", d / "k.pub")
+    signing.generate_keypair(d / "operator.key", d / "operator.pub")
     key = signing.load_private_key(d / "k.key")
     return SimBundles(d / "k.pub", make_sim_bundle(d / "v1", key, "1"),
                       make_sim_bundle(d / "v2", key, "2"),
-                      make_sim_bundle(d / "bad", key, "3", error_rate=0.08))
+                      make_sim_bundle(d / "bad", key, "3", error_rate=0.08),
+                      d / "operator.key", d / "operator.pub")
 
 
 class SimFleet:
     def __init__(self, url: str, root: Path, bundles: SimBundles) -> None:
         self.url, self.root, self.bundles = url, root, bundles
         self.trusted = [signing.load_public_key(bundles.pub)]
+        self.operators = [signing.load_public_key(bundles.operator_pub)]
         self.agents: dict[str, DeviceAgent] = {}
 
     def start(self, device: str, health_check: Callable[[Path], None] | None = None) -> None:
         root = self.root / device
         provision(root, self.bundles.v1, self.trusted)
         agent = sim_agent(device, self.url, root, self.trusted, group="lab",
-                          telemetry_interval_s=0.2, health_check=health_check)
+                          telemetry_interval_s=0.2, health_check=health_check,
+                          operators=self.operators)
         agent.start(10)
         assert agent.mqtt.wait_subscribed(10)
         self.agents[device] = agent

@@ -37,7 +37,8 @@ RULES: dict[str, set[str]] = {
               "api.schemas", "config", "errors"},
     "fleet": {"serving", "model", "engines", "bundle", "mqtt", "api.metrics", "config",
               "signing", "atomic", "errors"},
-    "rollout": {"fleet.messages", "fleet.slots", "bundle", "mqtt", "signing", "config",
+    "rollout": {"fleet.messages", "fleet.slots", "fleet.command_auth", "fleet.audit",
+                "fleet.config_update", "bundle", "mqtt", "signing", "config",
                 "atomic", "errors"},
     "cli": {"*"},
     "edge_runtime": {"bundle", "model", "errors"},  # the package's public API re-exports

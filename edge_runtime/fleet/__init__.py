@@ -6,7 +6,9 @@
     deploy.py         download → verify → stage → swap → health-check → commit / roll back
     download.py       resumable, bounded download of a bundle archive
     slots.py          on-disk bundle slots, crash-safe switching
-    journal.py        the command journal (exactly-once handling)
+    journal.py        the command journal (exactly-once handling, replay nonces)
+    command_auth.py   operator-signed commands: signing, verification, targets, expiry
+    audit.py          the append-only audit log (device and operator side)
     config_update.py  set-config: validate, replace the file atomically, diff
     live_config.py    what a set-config changes in a running daemon
     telemetry.py      host telemetry: tegrastats, NVML, /proc

@@ -1,6 +1,12 @@
 """The device agent: one MQTT connection that reports status and telemetry and runs commands.
 
-    DeviceAgent(AgentConfig(device, broker_url, root), trusted).start()
+    DeviceAgent(AgentConfig(device, broker_url, root), trusted, operators=ops).start()
+
+Only commands signed by an operator key (`operators`, separate from the bundle signers
+`trusted`) run: command_auth.py checks signature, target, expiry; the journal the nonce. A
+refused payload is acked with `id: null`, its reason and digest, and audited (audit.py,
+`root/audit.jsonl`) by digest only, never journaled. Every accepted command and its final
+state are audited too, with the signer's key id.
 
 Client id = device id, `clean_start=False` with a session expiry: the broker keeps the
 subscriptions and queues QoS 1 commands while the device is away. The Will is a retained
@@ -44,9 +50,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_runtime import signing
 from edge_runtime.atomic import atomic_write_bytes, atomic_write_json
 from edge_runtime.config import Config
-from edge_runtime.errors import ConfigError, EdgeError, MessageError
+from edge_runtime.errors import CommandAuthError, ConfigError, EdgeError, MessageError
 from edge_runtime.fleet import messages as fm
-from edge_runtime.fleet.config_update import prepare_config, write_config
+from edge_runtime.fleet.audit import AUDIT, AuditLog
+from edge_runtime.fleet.command_auth import CommandVerifier, payload_digest
+from edge_runtime.fleet.config_update import (
+    check_remote,
+    named_keys,
+    prepare_config,
+    redact,
+    write_config,
+)
 from edge_runtime.fleet.deploy import Deployer, HealthCheck, default_health_check
 from edge_runtime.fleet.download import DownloadPolicy
 from edge_runtime.fleet.journal import JOURNAL, CommandJournal
@@ -96,9 +110,14 @@ class DeviceAgent:
         on_drain: Callable[[bool], None] | None = None,
         on_config: Callable[[Config], Mapping[str, Any] | None] | None = None,
         host_telemetry: HostTelemetry | None = None,
+        operators: list[Ed25519PublicKey] | None = None,
     ) -> None:
         self.config = config
         self.device = topics.check_device(config.device)
+        # Operator keys command this device; `trusted` (bundle signers) only vouch for
+        # bundles. With no operator key every command is refused, never run unsigned.
+        self.verifier = CommandVerifier(self.device, tuple(config.groups), list(operators or []))
+        self.audit = AuditLog(config.root / AUDIT)
         self.trusted = list(trusted)
         self.slots = Slots(config.root / "slots", trusted)
         self.health_check = health_check or default_health_check(trusted)
@@ -112,6 +131,8 @@ class DeviceAgent:
         self.journal = CommandJournal(config.root / JOURNAL)
         self._state_path = config.root / AGENT_STATE
         self._work: queue.Queue[fm.Command | None] = queue.Queue()
+        self._signers: dict[str, str] = {}
+        """Key id of each running command's signer, for its final audit record."""
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._host: HostTelemetry | None = None
@@ -185,25 +206,62 @@ class DeviceAgent:
                                        final.bundle, duplicate=True, detail=final.detail))
 
     def _on_command(self, msg: Message) -> None:
+        digest = payload_digest(msg.payload)
         try:
-            cmd = fm.parse_command(msg.payload)
-        except MessageError as e:
-            self._ack(fm.Ack(fm.command_id_of(msg.payload), self.device, "rejected", str(e)))
+            doc = fm.decode_command(msg.payload)
+            auth = self.verifier.check(doc, msg.topic)
+        except (MessageError, CommandAuthError) as e:
+            # Not verified: neither journaled nor echoed as if it were ours. The ack's id is
+            # null (a forged id must not fail a real command), the claimed id goes in detail.
+            claimed = fm.command_id_of(msg.payload)
+            self._refused(str(e), digest, claimed, msg.topic)
+            return
+        try:
+            cmd = fm.command_from_dict(doc)
+        except MessageError as e:  # signed, so its id is the operator's: answer by it
+            cid = doc.get("id") if isinstance(doc.get("id"), str) else None
+            cid = cid if cid and len(cid) <= fm.MAX_ID_CHARS else None
+            self._audit(cid, str(doc.get("type"))[:32], auth.key_id, "rejected", str(e), digest)
+            self._ack(fm.Ack(cid, self.device, "rejected", str(e)))
             return
         try:
             # Durable before we return and paho PUBACKs: a crash now still runs it later.
-            entry = self.journal.add(cmd.id, cmd.type, cmd.params)
+            entry = self.journal.add(cmd.id, cmd.type, cmd.params, auth.nonce, auth.expires)
+        except CommandAuthError as e:  # a replay of a command whose id was pruned
+            self._audit(cmd.id, cmd.type, auth.key_id, "rejected", str(e), digest)
+            self._ack(fm.Ack(cmd.id, self.device, "rejected", str(e)))
+            return
         except (OSError, EdgeError) as e:
             self._ack(fm.Ack(cmd.id, self.device, "rejected", f"cannot record it: {e}"))
             return
         if entry is None:
+            self._signers[cmd.id] = auth.key_id
+            self._audit(cmd.id, cmd.type, auth.key_id, "accepted", None, digest,
+                        target=auth.target)
             self._ack(fm.Ack(cmd.id, self.device, "received"))
             self._work.put(cmd)
         elif entry.get("final") is not None:
             final = fm.Ack.from_dict(entry["final"])
-            self._ack(fm.Ack(final.id, self.device, final.state, final.reason, final.bundle,
-                             duplicate=True, detail=final.detail))
+            why = "already handled: a re-delivery or replay is answered, not run again"
+            self._audit(cmd.id, cmd.type, auth.key_id, "duplicate", why, digest)
+            self._ack(fm.Ack(final.id, self.device, final.state, final.reason or why,
+                             final.bundle, duplicate=True, detail=final.detail))
         # else: still pending in this process; it will be acked when it finishes.
+
+    def _refused(self, reason: str, digest: str, claimed: str | None, topic: str) -> None:
+        self._audit(None, None, None, "refused", reason, digest, claimed_id=claimed,
+                    topic=topic)
+        self._ack(fm.Ack(None, self.device, "rejected", reason,
+                         detail={"claimed_id": claimed, "digest": digest}))
+
+    def _audit(self, cid: str | None, ctype: str | None, key_id: str | None, outcome: str,
+               reason: str | None, digest: str | None = None, **extra: Any) -> None:
+        try:
+            self.audit.append({"event": "command", "device": self.device, "id": cid,
+                               "type": ctype, "key_id": key_id, "outcome": outcome,
+                               "reason": reason, "digest": digest, **extra})
+        except OSError as e:  # a full disk must not stop the device from answering
+            log.error("cannot write the audit log %s: %s", self.audit.path, e)
 
     # -- worker thread ------------------------------------------------------------------
 
@@ -220,6 +278,8 @@ class DeviceAgent:
                 log.exception("command %s failed", cmd.id)
                 final = fm.Ack(cmd.id, self.device, "rejected", f"internal error: {e}")
             self.journal.finish(cmd.id, cmd.type, final.to_dict())
+            self._audit(cmd.id, cmd.type, self._signers.pop(cmd.id, None), final.state,
+                        final.reason, bundle=final.bundle)
             self._publish_final(final)
             if final.state in ("active", "rolled_back", "drained", "undrained"):
                 self._publish(topics.fleet_status(self.device), self._status(True),
@@ -247,12 +307,13 @@ class DeviceAgent:
             return self._reject(cmd, "this device's agent manages no config file")
         try:
             update = prepare_config(path, toml=cp.toml, keys=cp.set)
+            check_remote(update, named_keys(cp.set) if cp.set is not None else ())
         except ConfigError as e:
             return self._reject(cmd, f"invalid config, nothing changed: {e}")
         old = path.read_bytes() if path.exists() else None
         write_config(update)
         crash_point("config:written")
-        detail: dict[str, Any] = {"changed": update.changed}
+        detail: dict[str, Any] = {"changed": redact(update.changed)}
         if self.on_config is not None:
             try:
                 detail.update(self.on_config(update.config) or {})

@@ -1,6 +1,7 @@
 """The device agent as a process of its own, beside a daemon (or with none, for tests).
 
     python -m edge_runtime.fleet.agent_process --root DIR --device D --broker URL --pubkey PEM
+        --operator-key PEM|DIR [--operator-key ...]
         [--group G ...] [--config FILE.toml] [--health verify|generate]
         [--ca CA.pem --cert CLIENT.pem --key CLIENT.key] [--download-ca CA.pem]
         [--telemetry-s 30]
@@ -28,7 +29,7 @@ from edge_runtime.errors import EdgeError
 from edge_runtime.fleet.agent import AgentConfig, DeviceAgent, default_health_check
 from edge_runtime.fleet.download import DownloadPolicy
 from edge_runtime.mqtt.client import TlsFiles
-from edge_runtime.signing import load_public_key
+from edge_runtime.signing import load_public_key, load_public_keys
 
 
 def _verify_only(path: Path, trusted: list[Ed25519PublicKey]) -> None:
@@ -41,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", required=True)
     ap.add_argument("--broker", required=True)
     ap.add_argument("--pubkey", type=Path, action="append", required=True)
+    ap.add_argument("--operator-key", type=Path, action="append", default=[],
+                    help="operator public key (PEM) or directory of *.pub whose signed "
+                    "commands run here (none: every command is refused)")
     ap.add_argument("--group", action="append", default=[])
     ap.add_argument("--config", type=Path)
     ap.add_argument("--health", choices=("verify", "generate"), default="generate")
@@ -60,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           download=DownloadPolicy(ca_file=args.download_ca))
         check = (default_health_check(trusted) if args.health == "generate"
                  else lambda p: _verify_only(p, trusted))
-        agent = DeviceAgent(cfg, trusted, health_check=check)
+        agent = DeviceAgent(cfg, trusted, health_check=check,
+                            operators=load_public_keys(args.operator_key))
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

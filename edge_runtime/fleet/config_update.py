@@ -11,6 +11,13 @@ device accepts exactly what `edge-runtime serve --config` would accept, and a ba
 refused with the loader's message before anything is written. Relative paths resolve
 against the config file's directory, as when the daemon reads it.
 
+A remote command may change only REMOTE_KEYS (`check_remote`): runtime knobs. Trust roots
+(bundle signers, operator keys), brokers and their credentials, the bind address and port,
+API keys, and every path the daemon reads keys from, writes to or executes are set by
+provisioning on the device alone; a command naming or changing any of them is refused with
+the key in the reason. Values of keys that look secret are replaced by `redact` in what an
+ack or a log line carries.
+
 The `set` form rewrites the file from its parsed table: comments in it are not kept (an
 operator who cares about them sends the whole document).
 """
@@ -21,7 +28,7 @@ import dataclasses
 import json
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,22 @@ else:  # Jetson's system Python (JetPack 6) is 3.10
     import tomli as tomllib
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+REMOTE_KEYS: frozenset[str] = frozenset({
+    *(f"scheduler.{k}" for k in ("max_batch", "max_queue", "default_deadline_s", "safety",
+                                  "offload_enabled", "cloud_p99_prior_s",
+                                  "engine_error_limit", "prefill_chunk")),
+    "log.level",
+    *(f"offload.{k}" for k in ("keepalive_s", "failure_rate", "window_s", "min_requests",
+                                "open_s", "half_open_probes", "latency_window")),
+    "fleet.telemetry_interval_s", "fleet.download_timeout_s", "fleet.download_attempts",
+    *(f"fleet.probe_{k}" for k in ("min_greedy_match", "max_perplexity_increase",
+                                    "max_ttft_ms", "min_tokens_per_s", "require_reference")),
+})
+"""What a signed set-config may change: scheduler knobs, offload on/off and its breaker, the
+log level, telemetry interval, download patience and probe thresholds."""
+_SECRET_WORDS = ("api_key", "password", "secret", "token", "private")
+REDACTED = "<redacted>"
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,41 @@ def prepare_config(path: Path, toml: str | None = None,
             raise ConfigError("the new config cannot be written as TOML faithfully")
     new = config_from_dict(table, base, source="the new config")
     return ConfigUpdate(path, text, new, diff_configs(old, new))
+
+
+def named_keys(keys: Mapping[str, Any]) -> list[str]:
+    """The `section.key` names a `set` table touches (nested or dotted)."""
+    out: list[str] = []
+    for key, value in keys.items():
+        if isinstance(value, Mapping):
+            out += [f"{key}.{sub}" for sub in value]
+        else:
+            out.append(str(key))
+    return out
+
+
+def check_remote(update: ConfigUpdate, named: Sequence[str] = ()) -> None:
+    """ConfigError naming every key a remote command may not set or change."""
+    refused = sorted({k for k in named if k not in REMOTE_KEYS}
+                     | {k for k in update.changed if k not in REMOTE_KEYS})
+    if refused:
+        raise ConfigError(f"set-config may not change {', '.join(refused)}: only provisioning "
+                          "on the device sets trust roots, brokers, credentials, the bind "
+                          "address, API keys and paths (remote keys: scheduler.*, log.level, "
+                          "offload breaker keys, fleet.telemetry_interval_s, "
+                          "fleet.download_*, fleet.probe_*)")
+
+
+def is_secret(key: str) -> bool:
+    name = key.rpartition(".")[2].lower()
+    return any(w in name for w in _SECRET_WORDS)
+
+
+def redact(changed: Mapping[str, Any]) -> dict[str, Any]:
+    """`changed` (or any `key: value` mapping) with the values of secret keys hidden."""
+    return {k: ([REDACTED if x is not None else None for x in v] if isinstance(v, list)
+                else REDACTED) if is_secret(k) else v
+            for k, v in changed.items()}
 
 
 def write_config(update: ConfigUpdate) -> None:

@@ -141,9 +141,16 @@ class FleetServing:
             result = self.health_check(path)
             return result.to_dict() if result is not None else None
 
+        from edge_runtime.signing import load_public_keys
+
+        operators = load_public_keys(self.config.fleet.operator_keys)
+        if not operators:
+            log.warning("no operator key configured ([fleet] operator_keys): the agent "
+                        "refuses every fleet command until provisioning adds one")
         self.agent = DeviceAgent(config, self.trusted, health_check=check,
                                  runtime_metrics=self.runtime_metrics, on_switch=self.on_switch,
-                                 on_drain=self.on_drain, on_config=self.on_config)
+                                 on_drain=self.on_drain, on_config=self.on_config,
+                                 operators=operators)
         if self.agent.drained:  # before the first request: the agent itself starts later
             self.on_drain(True)
         return self.agent

@@ -8,11 +8,22 @@ Every step is idempotent, so a deploy interrupted by kill -9 is simply run again
 `Slots.recover()`: a download resumes from its part file, a staged bundle is found staged,
 an active and confirmed one is reported `already active`. `crash_point` names the places
 where the kill -9 tests stop the process (scripts/deploy_crash_matrix.py).
+
+Downgrades are refused: a deploy whose bundle's manifest `version` sorts below the active
+bundle's (`version_key`) is rejected after verification and before anything switches, so a
+replayed old deploy of a signed but older (vulnerable) bundle cannot go back in time. Going
+back is the `rollback` command's job, itself signed, and it only swaps to the previous slot.
+Version order (docs/FLEET.md): `N(.N)*` release numbers compared numerically (missing parts
+are 0: 1.2 == 1.2.0), then a pre-release (`-rc1`, `a1`, anything after the numbers but
+`+build`) before the release itself, pre-releases compared by their text; `+build` is
+ignored. A version that does not start with a number sorts below every numbered one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,6 +43,25 @@ HealthCheck = Callable[[Path], "Mapping[str, Any] | None"]
 probe's numbers, say) goes into the `active` ack as `detail.health`."""
 _PROGRESS_EVERY_S = 5.0
 """At most one `downloading` ack per this many seconds."""
+_VERSION = re.compile(r"v?(\d+(?:\.\d+)*)(.*)")
+
+
+def version_key(version: str) -> tuple[Any, ...]:
+    """Sort key of a bundle version (see the module docstring)."""
+    m = _VERSION.fullmatch(version.split("+", 1)[0].strip())
+    if m is None:
+        return (0,)
+    release = [int(x) for x in m.group(1).split(".")]
+    while len(release) > 1 and release[-1] == 0:
+        release.pop()
+    pre = m.group(2).lstrip("-._")
+    return (1, tuple(release), 0 if pre else 1, pre)
+
+
+def manifest_version(bundle_dir: Path) -> str:
+    from edge_runtime.bundle.manifest import MANIFEST
+
+    return str(json.loads((bundle_dir / MANIFEST).read_text()).get("version", ""))
 
 
 def default_health_check(trusted: list[Ed25519PublicKey]) -> HealthCheck:
@@ -105,6 +135,10 @@ class Deployer:
             if p.is_url and self.slots.downloads.is_dir():
                 self.slots.clean_downloads()  # extracted (or refused): the archive is done
         self._ack(fm.Ack(cmd.id, self.device, "staged", bundle=version))
+        refusal = self._downgrade(version)
+        if refusal is not None:
+            self.slots.gc()  # the staged older bundle goes; active and previous stay
+            return self._reject(cmd.id, refusal)
         if self.slots.active == version and self.slots.state()["confirmed"]:
             return fm.Ack(cmd.id, self.device, "active", "already active", bundle=version)
         try:
@@ -132,6 +166,21 @@ class Deployer:
         detail = {"health": dict(verdict)} if isinstance(verdict, Mapping) else None
         return fm.Ack(cmd.id, self.device, "active", bundle=version, detail=detail)
 
+    def _downgrade(self, version: str) -> str | None:
+        active = self.slots.active
+        if active is None or active == version:
+            return None
+        try:
+            new = manifest_version(self.slots.path(version))
+            cur = manifest_version(self.slots.path(active))
+        except (OSError, ValueError) as e:
+            return f"cannot compare bundle versions: {e}"
+        if version_key(new) < version_key(cur):
+            return (f"downgrade refused: bundle version {new!r} is older than the active "
+                    f"{cur!r} ({active}); use a signed rollback to return to the previous "
+                    "slot")
+        return None
+
     def _download(self, cmd: fm.Command, p: fm.DeployParams) -> Path:
         part = part_path(self.slots.downloads, p.sha256)
         have = part.stat().st_size if part.exists() else 0
@@ -146,7 +195,7 @@ class Deployer:
                                  detail={"bytes": done, "total": total}))
 
         path = download(
-            p.bundle, self.slots.downloads, p.sha256, size=p.size,
+            p.bundle, self.slots.downloads, p.sha256, size=p.size or 0,
             free_bytes=lambda d: self.slots.free_bytes(),
             # Extracting needs the archive's size again, plus the slots' margin.
             reserve_bytes=lambda total: total + self.slots.margin_bytes,

@@ -1,6 +1,6 @@
 """Resumable HTTP(S) download of a bundle archive, checked before anything uses it.
 
-    path = download(url, downloads_dir, sha256, size=None, free_bytes=..., reserve=...)
+    path = download(url, downloads_dir, sha256, size=N, free_bytes=..., reserve_bytes=...)
 
 The archive grows in `downloads_dir/<sha256>.part`. A dropped connection is retried with
 `Range: bytes=<have>-` from where it stopped, and so is a restart after `kill -9`: the part
@@ -11,10 +11,12 @@ Once the whole file is there its SHA-256 must be the command's; only then is it 
 `<sha256>.tar` (fsync, rename, fsync dir), so a `.tar` in the directory is always whole and
 checked, and a later call returns it at once.
 
-The expected size is the command's `size` or else the server's Content-Length; with it, the
-free space is checked before the first byte is written, and the download is refused when
-the rest of the archive plus `reserve_bytes` (what staging will need after it: the
-extracted bundle) would not fit. A server that sends more than the expected size is cut off.
+The expected size is the signed command's `size`, required: a server's Content-Length (or a
+chunked body without one) is not a bound a device may trust. The free space is checked
+before the first byte is written, and the download is refused when the rest of the archive
+plus `reserve_bytes` (what staging will need after it: the extracted bundle) would not fit;
+it is checked again every SPACE_CHECK_BYTES while writing (another writer may be filling
+the disk), and a server that sends more than the size is cut off at the size.
 
 Standard library only (urllib): the device's base install must not grow for this.
 """
@@ -43,6 +45,7 @@ URL_SCHEMES = ("http", "https")
 PART_SUFFIX = ".part"
 DONE_SUFFIX = ".tar"
 _CHUNK = 256 << 10
+SPACE_CHECK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def download(
     downloads: Path,
     sha256: str,
     *,
-    size: int | None = None,
+    size: int,
     free_bytes: FreeBytes | None = None,
     reserve_bytes: Callable[[int], int] = lambda total: 0,
     policy: DownloadPolicy = DownloadPolicy(),
@@ -101,6 +104,9 @@ def download(
     runs after each chunk is written (the kill -9 tests pause there).
     """
     check_url(url)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise DownloadError(f"{url}: a download needs its size in bytes (the signed deploy's "
+                            f"params.size), got {size!r}")
     sha256 = sha256.lower()
     downloads.mkdir(parents=True, exist_ok=True)
     done = done_path(downloads, sha256)
@@ -109,9 +115,8 @@ def download(
     part = part_path(downloads, sha256)
     free = free_bytes or _statvfs_free
     ctx = ssl.create_default_context(cafile=policy.ca_file) if url.startswith("https") else None
-    total = size
-    if total is not None:
-        _check_space(downloads, total, part, free, reserve_bytes(total))
+    total: int | None = size
+    _check_space(downloads, size, part, free, reserve_bytes(size))
     failures, delay = 0, policy.backoff_s
     while True:
         have = part.stat().st_size if part.exists() else 0
@@ -158,6 +163,7 @@ def _fetch(
     if have:
         req.add_header("Range", f"bytes={have}-")
     written = 0
+    checked = 0
     try:
         resp = urllib.request.urlopen(req, timeout=policy.timeout_s, context=ctx)
     except urllib.error.HTTPError as e:
@@ -206,6 +212,9 @@ def _fetch(
                     f.write(chunk)
                     f.flush()  # in the page cache: a kill -9 now loses nothing
                     written += len(chunk)
+                    if total is not None and written - checked >= SPACE_CHECK_BYTES:
+                        checked = written
+                        _check_space(part.parent, total, part, free, reserve_bytes(total))
                     if on_chunk is not None:
                         on_chunk(have + written)
                     if progress is not None:

@@ -19,8 +19,11 @@
 Ack states of a deploy: received → [downloading] → verifying → staged → checking → active |
 rolled_back; any step may end in `rejected` (the command was refused or failed; the active
 bundle is unchanged) with a reason. `bundle` is a directory or .tar on the device, or an
-http(s) URL of a .tar (downloaded resumably; `size`, optional, is its length in bytes, else
-the server's Content-Length; `downloading` acks carry `detail: {"bytes", "total"}`).
+http(s) URL of a .tar (downloaded resumably; `size`, required for a URL, is its length in
+bytes and the download stops there; `downloading` acks carry `detail: {"bytes", "total"}`).
+Every command also carries an operator signature (`auth`, see command_auth.py); a command
+refused for its signature, target, expiry or replay is acked with `id: null` (its id is not
+to be believed) and `detail: {"claimed_id", "digest"}`.
 `sha256` is the hash of the .tar, or of manifest.json when `bundle` is a directory.
 
 set-config: received → applied (`detail.changed` = {"section.key": [old, new]}) | rejected.
@@ -99,8 +102,8 @@ def command_id_of(payload: bytes) -> str | None:
     return cid if isinstance(cid, str) and 0 < len(cid) <= MAX_ID_CHARS else None
 
 
-def parse_command(payload: bytes) -> Command:
-    """A Command, or MessageError saying what is wrong with the payload."""
+def decode_command(payload: bytes) -> dict[str, Any]:
+    """The payload as a JSON object (size-checked), or MessageError; nothing else checked."""
     if len(payload) > MAX_COMMAND_BYTES:
         raise MessageError(f"command is {len(payload)} bytes, more than the "
                            f"{MAX_COMMAND_BYTES} accepted")
@@ -112,6 +115,16 @@ def parse_command(payload: bytes) -> Command:
         raise MessageError("command is not valid JSON: nested too deeply") from None
     if not isinstance(d, dict):
         raise MessageError("command must be a JSON object")
+    return d
+
+
+def parse_command(payload: bytes) -> Command:
+    """A Command, or MessageError saying what is wrong with the payload."""
+    return command_from_dict(decode_command(payload))
+
+
+def command_from_dict(d: Mapping[str, Any]) -> Command:
+    """The Command of a decoded payload (its `auth`, if any, is command_auth.py's)."""
     if d.get("v") != SCHEMA_VERSION:
         raise MessageError(f"command schema v={d.get('v')!r} is not supported "
                            f"(this agent reads v={SCHEMA_VERSION})")
@@ -146,6 +159,11 @@ def deploy_params(cmd: Command) -> DeployParams:
     size = p.get("size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
         raise MessageError(f"deploy params.size must be a positive integer, got {size!r}")
+    if "://" in bundle and size is None:
+        # The signed size is the only bound a device can trust: a server's Content-Length
+        # (or a chunked body with none) is the attacker's to choose.
+        raise MessageError("deploy of a URL needs params.size (the archive's length in "
+                           "bytes, signed with the command): the download stops there")
     return DeployParams(bundle, sha, check_id(p["signer"], "signer key id"), size)
 
 

@@ -1,6 +1,7 @@
 """The operator's side of the fleet: `edge-fleet` and staged rollouts.
 
-    cli.py          edge-fleet: devices, telemetry, rollouts, commands
+    cli.py          edge-fleet: devices, telemetry, rollouts
+    commands.py     edge-fleet drain / undrain / set-config / rollback --device, audit
     controller.py   the staged-rollout controller (pure state machine)
     plan.py         a rollout's records and which device goes in which phase
     driver.py       the I/O around the controller: MQTT, SQLite, the clock
@@ -9,6 +10,8 @@
     acl.py          the broker ACL blocks of devices, operators, workers (deploy/mosquitto)
 
 May import: fleet.messages (the wire format it shares with devices), fleet.slots (a .tar is
-unpacked and verified the way a device does it), bundle, mqtt, signing,
+unpacked and verified the way a device does it), fleet.command_auth (commands are signed
+the way devices check them), fleet.audit (one audit-log format on both sides),
+fleet.config_update (which keys are secret, for redaction), bundle, mqtt, signing,
 config, atomic, errors. Runs on an operator's machine, never on a device.
 """

@@ -9,6 +9,12 @@
     edge-fleet rollback ROLLOUT       send every device of the rollout back
     edge-fleet status ROLLOUT [--json]                      phase, per-device state, counts
     edge-fleet rollouts [--json]
+    edge-fleet drain|undrain|set-config|rollback --device D | --group G   (commands.py)
+    edge-fleet audit [--device D] [--since 2h]    who sent what, from the operator's audit log
+
+Every command a device receives is signed with the operator key (`--key`, else
+$EDGE_FLEET_KEY, else ~/.config/edge-fleet/operator.key) and recorded, with the key's id, in
+the audit log (`--audit`, else $EDGE_FLEET_AUDIT, else ~/.local/state/edge-fleet/audit.jsonl).
 
 Devices publish a retained status on `fleet/{device}/status` (online, bundle, groups,
 runtime, host) and their broker publishes their Last Will (offline) when they vanish, so a
@@ -157,10 +163,13 @@ def _drive(a: argparse.Namespace, rollout_id: str, rollback: bool = False) -> in
     if threading.current_thread() is threading.main_thread():  # else Python refuses
         old = {sig: signal.signal(sig, lambda *_: stop.set())
                for sig in (signal.SIGINT, signal.SIGTERM)}
+    from edge_runtime.rollout.commands import audit_log, signer
+
     store = _store(a)
     try:
         record = drive(store, rollout_id, a.broker, rollback=rollback, auth=a.auth,
-                       connect_timeout_s=a.connect_timeout, on_event=print_event, stop=stop)
+                       connect_timeout_s=a.connect_timeout, on_event=print_event, stop=stop,
+                       signer=signer(a), audit=audit_log(a))
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
@@ -201,10 +210,15 @@ def cmd_deploy(a: argparse.Namespace) -> int:
     statuses = read_statuses(broker, a.discover_wait, a.connect_timeout, a.auth)
     store = _store(a)
     try:
+        from edge_runtime.rollout.commands import audit_log, signer
         from edge_runtime.rollout.driver import summary
 
+        key_id = signer(a).key_id  # no key, no rollout: fail before anything is recorded
         record = create_rollout(store, spec, statuses, a.id)
         s = summary(store, record.id)
+        audit_log(a).append({"event": "rollout-created", "rollout": record.id,
+                             "group": spec.group, "version": spec.version,
+                             "sha256": spec.sha256, "size": spec.size, "key_id": key_id})
     finally:
         store.close()
     sizes: dict[int, int] = {}
@@ -223,6 +237,12 @@ def cmd_resume(a: argparse.Namespace) -> int:
 
 
 def cmd_rollback(a: argparse.Namespace) -> int:
+    if a.rollout is None:
+        from edge_runtime.rollout.commands import cmd_device
+
+        return cmd_device(a)  # one device or group back to its previous slot
+    if a.device or a.group or a.expect_active:
+        raise ConfigError("rollback takes a rollout id or --device/--group, not both")
     return _drive(a, a.rollout, rollback=True)
 
 
@@ -280,6 +300,10 @@ def parser() -> argparse.ArgumentParser:
                    help="mqtt://host:port or mqtts://host:port ($EDGE_FLEET_BROKER)")
     add_auth_options(p, "EDGE_FLEET")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds")
+    p.add_argument("--key", help="operator private key that signs commands (default "
+                   "$EDGE_FLEET_KEY or ~/.config/edge-fleet/operator.key)")
+    p.add_argument("--audit", help="operator audit log (default $EDGE_FLEET_AUDIT or "
+                   "~/.local/state/edge-fleet/audit.jsonl)")
     p.add_argument("--db", help="rollout database (default $EDGE_FLEET_DB or "
                    "~/.local/state/edge-fleet/rollouts.db)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -312,11 +336,12 @@ def parser() -> argparse.ArgumentParser:
                      help="seconds to collect the devices' retained statuses")
     dep.add_argument("--id", help="rollout id (default r<UTC date>-<time>-<hex>)")
     dep.set_defaults(fn=cmd_deploy)
-    for name, fn, helptext in (("resume", cmd_resume, "continue an interrupted rollout"),
-                               ("rollback", cmd_rollback, "roll back a rollout's devices")):
-        r = sub.add_parser(name, help=helptext)
-        r.add_argument("rollout")
-        r.set_defaults(fn=fn)
+    r = sub.add_parser("resume", help="continue an interrupted rollout")
+    r.add_argument("rollout")
+    r.set_defaults(fn=cmd_resume)
+    from edge_runtime.rollout.commands import add_parsers
+
+    add_parsers(sub, cmd_rollback)
     st = sub.add_parser("status", help="a rollout's phase, devices and timeline")
     st.add_argument("rollout")
     st.add_argument("--json", action="store_true")

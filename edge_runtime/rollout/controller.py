@@ -303,8 +303,10 @@ class Controller:
         s = self.r.spec
         base = self._old_quality.get(d.device, d.baseline_quality)
         self._dev(d, state="deploying", sent_at=now, baseline_quality=base)
-        cmd = fm.Command(command_id(self.r.id, "deploy", d.device), "deploy",
-                         {"bundle": s.bundle, "sha256": s.sha256, "signer": s.signer})
+        params: dict[str, Any] = {"bundle": s.bundle, "sha256": s.sha256, "signer": s.signer}
+        if s.size is not None:
+            params["size"] = s.size
+        cmd = fm.Command(command_id(self.r.id, "deploy", d.device), "deploy", params)
         return Send(d.device, cmd, max(1, math.ceil(s.ack_timeout_s)))
 
     def _send_rollback(self, d: DeviceRecord, now: float) -> Send:

@@ -2,13 +2,17 @@
 
     spec = rollout_spec(bundle_path, trusted, group=..., ...)   verify the bundle first
     rid = create_rollout(store, spec, statuses)                  plan + one transaction
-    record = drive(store, rid, broker_url)                       until completed / aborted
+    record = drive(store, rid, broker_url, signer=CommandSigner.from_file(key),
+                   audit=AuditLog(path))                         until completed / aborted
 
 `drive` owns one MQTT session per rollout (client id `edge-fleet-{rollout}`, clean start
 off), so acks that arrive while the controller is down are queued by the broker, and it
 re-sends the in-flight commands on start (same ids: the agents deduplicate). Each loop
 turn feeds the queued acks and telemetry to the controller, ticks it, writes its changes
-in one transaction and only then publishes the commands they imply.
+in one transaction and only then publishes the commands they imply, each signed by the
+operator's key for its device (a fresh nonce and expiry per send: a resumed controller's
+re-sends carry the same ids, which the agents deduplicate) and recorded in the operator's
+audit log with that key's id.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_runtime.bundle.manifest import MANIFEST, sha256_file, verify_bundle
 from edge_runtime.errors import BrokerError, MessageError, RolloutError
 from edge_runtime.fleet import messages as fm
+from edge_runtime.fleet.audit import AuditLog
+from edge_runtime.fleet.command_auth import MAX_TTL_S, CommandSigner, device_target
 from edge_runtime.mqtt import topics
 from edge_runtime.mqtt.auth import BrokerAuth
 from edge_runtime.mqtt.client import Message, MqttClient
@@ -40,6 +46,8 @@ from edge_runtime.rollout.store import RolloutStore
 
 SESSION_EXPIRY_S = 24 * 3600
 """How long the broker keeps a dead controller's acks for its resume."""
+ROLLBACK_TTL_S = MAX_TTL_S - 3600
+"""A rollback must reach a device that comes back days later: as long as a device accepts."""
 
 
 def rollout_spec(bundle: Path, trusted: list[Ed25519PublicKey], *, group: str,
@@ -61,7 +69,8 @@ def rollout_spec(bundle: Path, trusted: list[Ed25519PublicKey], *, group: str,
             b = verify_bundle(slots.path(version), trusted)
         digest = sha256_file(bundle)
     return RolloutSpec(group=group, bundle=source or str(bundle.resolve()), sha256=digest,
-                       signer=b.signer, version=version, **kw)
+                       signer=b.signer, version=version,
+                       size=None if bundle.is_dir() else bundle.stat().st_size, **kw)
 
 
 def new_rollout_id() -> str:
@@ -92,10 +101,12 @@ def create_rollout(store: RolloutStore, spec: RolloutSpec,
 def drive(store: RolloutStore, rollout_id: str, broker: str | None = None, *,
           rollback: bool = False, connect_timeout_s: float = 10.0, tick_s: float = 0.2,
           on_event: Callable[[Event], None] | None = None,
-          stop: threading.Event | None = None, auth: BrokerAuth | None = None
+          stop: threading.Event | None = None, auth: BrokerAuth | None = None,
+          signer: CommandSigner | None = None, audit: AuditLog | None = None
           ) -> RolloutRecord:
     """Run (or resume, or roll back) a rollout until it finishes or `stop` is set; `auth`:
-    the operator's broker credentials."""
+    the operator's broker credentials; `signer` signs every command (devices refuse
+    unsigned ones); `audit` records each."""
     with store.lock(rollout_id):
         record, devices = store.load(rollout_id)
         url = broker or record.spec.broker
@@ -103,6 +114,9 @@ def drive(store: RolloutStore, rollout_id: str, broker: str | None = None, *,
             raise RolloutError(f"rollout {rollout_id} has no broker recorded; pass --broker")
         if record.state in ("completed", "aborted", "rolled_back") and not rollback:
             return record
+        if signer is None:
+            raise RolloutError(f"rollout {rollout_id} needs an operator key to sign its "
+                               "commands (edge-fleet --key FILE or $EDGE_FLEET_KEY)")
         rule = AbortRule.parse(record.spec.abort_if) if record.spec.abort_if else None
         ctl = Controller(record, devices, rule)
         inbox: queue.Queue[Message] = queue.Queue()
@@ -116,7 +130,8 @@ def drive(store: RolloutStore, rollout_id: str, broker: str | None = None, *,
             client.stop()
             raise RolloutError(str(client.failure(connect_timeout_s)))
         try:
-            return _loop(store, ctl, client, inbox, rollback, tick_s, on_event, stop)
+            send = _Sender(client, signer, audit, rollout_id)
+            return _loop(store, ctl, send, inbox, rollback, tick_s, on_event, stop)
         finally:
             if ctl.finished:  # else the broker would queue every ack for a session never back
                 for topic_filter in ("fleet/+/cmd/ack", "fleet/+/telemetry"):
@@ -124,7 +139,7 @@ def drive(store: RolloutStore, rollout_id: str, broker: str | None = None, *,
             client.stop()
 
 
-def _loop(store: RolloutStore, ctl: Controller, client: MqttClient,
+def _loop(store: RolloutStore, ctl: Controller, send: _Sender,
           inbox: queue.Queue[Message], rollback: bool, tick_s: float,
           on_event: Callable[[Event], None] | None, stop: threading.Event | None
           ) -> RolloutRecord:
@@ -137,7 +152,7 @@ def _loop(store: RolloutStore, ctl: Controller, client: MqttClient,
         for e in changes.events:
             if on_event is not None:
                 on_event(e)
-        unsent = _publish(client, unsent)
+        unsent = send.publish(unsent)
         if (ctl.finished and not unsent) or (stop is not None and stop.is_set()):
             return ctl.r
         deadline = time.monotonic() + tick_s
@@ -161,18 +176,28 @@ def _feed(ctl: Controller, msg: Message) -> list[Send]:
     return []
 
 
-def _publish(client: MqttClient, sends: list[Send]) -> list[Send]:
-    """Publish what can be; the rest (broker away) is retried next turn, ids unchanged."""
-    left: list[Send] = []
-    for i, s in enumerate(sends):
-        try:
-            client.publish(topics.fleet_cmd(s.device), s.command.to_json(),
-                           props=PublishProps(message_expiry_s=s.expiry_s)
-                           if s.expiry_s else None)
-        except BrokerError:
-            left = sends[i:]
-            break
-    return left
+class _Sender:
+    def __init__(self, client: MqttClient, signer: CommandSigner, audit: AuditLog | None,
+                 rollout_id: str) -> None:
+        self.client, self.signer, self.audit, self.rollout = client, signer, audit, rollout_id
+
+    def publish(self, sends: list[Send]) -> list[Send]:
+        """Publish what can be; the rest (broker away) is retried next turn, ids unchanged."""
+        for i, s in enumerate(sends):
+            ttl = ROLLBACK_TTL_S if s.expiry_s is None else max(s.expiry_s, 60)
+            payload = self.signer.sign(s.command, device_target(s.device), ttl_s=ttl)
+            try:
+                self.client.publish(topics.fleet_cmd(s.device), payload,
+                                    props=PublishProps(message_expiry_s=s.expiry_s)
+                                    if s.expiry_s else None)
+            except BrokerError:
+                return sends[i:]
+            if self.audit is not None:
+                self.audit.append({"event": "command-sent", "rollout": self.rollout,
+                                   "device": s.device, "id": s.command.id,
+                                   "type": s.command.type, "key_id": self.signer.key_id,
+                                   "params": dict(s.command.params)})
+        return []
 
 
 def print_event(e: Event) -> None:

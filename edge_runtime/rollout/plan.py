@@ -65,6 +65,9 @@ class RolloutSpec:
     signer: str
     version: str
     """The version id devices will report once the bundle is active (slots.version_id)."""
+    size: int | None = None
+    """Length of the .tar in bytes, signed into every deploy: a device downloading it from a
+    URL stops there (None for a bundle directory, which is never downloaded)."""
     canary: str = "10%"
     batch: str = "25%"
     abort_if: str | None = None

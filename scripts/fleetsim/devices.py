@@ -128,12 +128,13 @@ class SharedHost(HostTelemetry):
 
 def sim_agent(device: str, broker_url: str, root: Path, trusted: list[Ed25519PublicKey], *,
               group: str = "sim", telemetry_interval_s: float = 1.0,
-              health_check: Any = None, host: HostTelemetry | None = None) -> DeviceAgent:
+              health_check: Any = None, host: HostTelemetry | None = None,
+              operators: list[Ed25519PublicKey] | None = None) -> DeviceAgent:
     cfg = AgentConfig(device, broker_url, root, groups=(group,),
                       telemetry_interval_s=telemetry_interval_s, reconnect_min_s=0.2,
                       reconnect_max_s=5.0)
     agent = DeviceAgent(cfg, trusted, health_check=health_check or sim_health_check(device),
-                        host_telemetry=host)
+                        host_telemetry=host, operators=operators)
     agent.runtime_metrics = sim_metrics(agent)
     return agent
 

@@ -65,8 +65,13 @@ def test_refusals_never_touch_active_nor_crash(
         assert "not trusted" in (controller.final("bad-sig").reason or "")
         controller.send(b"{not json")
         assert "not valid JSON" in (controller.final(None).reason or "")
-        controller.send(Command("u-1", "reboot").to_json())
+        controller.acks.clear()
+        controller.send(Command("u-1", "reboot"))
         assert "unknown command type" in (controller.final("u-1").reason or "")
+        controller.send(Command("u-2", "drain"), signer=None)
+        refused = controller.final(None)
+        assert "unsigned" in (refused.reason or "") and refused.id is None
+        assert not agent.drained
         controller.send(Command("r-1", "rollback"))
         assert "no previous" in (controller.final("r-1").reason or "")
         assert agent.slots.active == before
@@ -109,11 +114,11 @@ def test_offline_command_runs_once_across_a_broker_restart(
     controller = Controller(url)
     try:
         cmd = deploy("c-3", bundle_v2, tiny_bundle)
-        controller.send(cmd)  # PUBACKed while the device is offline
+        payload = controller.send(cmd)  # PUBACKed while the device is offline
         # kill -9, no goodbye: the command survives because the broker saved its store
         # when it queued it (autosave_on_changes, autosave_interval 1; docs/FLEET.md),
         # a few ms after its PUBACK (see Broker.wait_saved).
-        persistent_broker.wait_saved(cmd.to_json())
+        persistent_broker.wait_saved(payload)
         persistent_broker.restart()
         assert controller.mqtt.wait_subscribed(20)
         agent = make_agent(url, device_root, tiny_bundle, health_check=lambda p: None)

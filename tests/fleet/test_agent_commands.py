@@ -5,16 +5,16 @@ unauthorised commands that must each be rejected with a reason, never crash the 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
-from agent_fixtures import Controller, deploy, make_agent
+from agent_fixtures import DEVICE, OPERATOR, Controller, deploy, make_agent
 from bundle_fixtures import BuiltBundle
 from http_fixtures import RangeServer
 from mqtt_fixtures import Broker
 
 from edge_runtime.config import Config, load_config
+from edge_runtime.fleet.command_auth import device_target
 from edge_runtime.fleet.messages import Command
 from edge_runtime.serving.scheduler import SchedulerConfig
 
@@ -45,7 +45,8 @@ def test_deploy_from_url_resumes_over_dropped_connections(
                                size=1 << 50))
         assert "downloading needs" in (controller.final("u-2").reason or "")
         with RangeServer({"/v2.tar": data}) as srv:
-            controller.send(deploy("u-3", srv.url("/v2.tar"), tiny_bundle, "b" * 64))
+            controller.send(deploy("u-3", srv.url("/v2.tar"), tiny_bundle, "b" * 64,
+                                   size=len(data)))
             assert "does not match" in (controller.final("u-3").reason or "")
     finally:
         agent.stop()
@@ -71,24 +72,24 @@ def test_set_config_validates_applies_atomically_and_reports_the_diff(
     try:
         assert agent.mqtt.wait_subscribed(10)
         controller.send(Command("s-1", "set-config",
-                                {"set": {"scheduler": {"max_batch": 3}, "server.port": 8100}}))
+                                {"set": {"scheduler": {"max_batch": 3}, "log.level": "warning"}}))
         a = controller.final("s-1")
         assert a.state == "applied", a.reason
         default = SchedulerConfig().max_batch
-        assert a.detail == {"changed": {"scheduler.max_batch": [default, 3],
-                                        "server.port": [8000, 8100]}}
+        assert a.detail == {"changed": {"log.level": ["info", "warning"],
+                                        "scheduler.max_batch": [default, 3]}}
         assert load_config(path).scheduler.max_batch == 3
-        assert applied[-1].server.port == 8100
-        controller.send(Command("s-1", "set-config", {"set": {"server.port": 1}}))  # same id
+        assert applied[-1].log.level == "warning"
+        controller.send(Command("s-1", "set-config", {"set": {"log.level": "error"}}))  # same id
         controller.wait(lambda: any(x.duplicate for x in controller.acks if x.id == "s-1"))
         dup = next(x for x in controller.acks if x.id == "s-1" and x.duplicate)
         assert (dup.state, dup.detail) == ("applied", a.detail)  # the stored result, not rerun
-        assert len(applied) == 1 and load_config(path).server.port == 8100
+        assert len(applied) == 1 and load_config(path).log.level == "warning"
         doc = "[log]\nlevel = \"debug\"\n"
         controller.send(Command("s-2", "set-config", {"toml": doc}))
         a = controller.final("s-2")
         assert a.state == "applied" and path.read_text() == doc
-        assert a.detail is not None and a.detail["changed"]["log.level"] == ["info", "debug"]
+        assert a.detail is not None and a.detail["changed"]["log.level"] == ["warning", "debug"]
         for cid, params, reason in [
             ("s-3", {"set": {"scheduler.max_batch": 0}}, "max_batch"),
             ("s-4", {"set": {"server.typo": 1}}, "unknown key 'server.typo'"),
@@ -98,13 +99,15 @@ def test_set_config_validates_applies_atomically_and_reports_the_diff(
             ("s-8", {"toml": doc, "set": {"a.b": 1}}, "exactly one"),
             ("s-9", {}, "exactly one"),
             ("s-9b", {"toml": doc, "path": "/etc/x"}, "unknown params ['path']"),
+            ("s-9c", {"set": {"server.port": 8100}}, "may not change server.port"),
+            ("s-9d", {"toml": doc + "[server]\nport = 8100\n"}, "may not change server.port"),
         ]:
             controller.send(Command(cid, "set-config", params))
             r = controller.final(cid)
             assert r.state == "rejected" and reason in (r.reason or ""), (cid, r.reason)
             assert path.read_text() == doc  # untouched
         refuse["on"] = True
-        controller.send(Command("s-10", "set-config", {"set": {"server.port": 8200}}))
+        controller.send(Command("s-10", "set-config", {"set": {"scheduler.max_queue": 9}}))
         r = controller.final("s-10")
         assert r.state == "rejected" and "cannot change while serving" in (r.reason or "")
         assert path.read_text() == doc  # the previous file is back
@@ -147,7 +150,10 @@ def _malformed(signer_ok: str) -> list[tuple[bytes, str | None, str]]:
         d: dict[str, object] = {"v": v, "id": cid, "type": ctype}
         if params is not None:
             d["params"] = params
-        return json.dumps(d).encode()
+        return sign(d)
+
+    def sign(d: dict[str, object]) -> bytes:  # well signed: what is wrong is the command
+        return OPERATOR.sign_doc(d, device_target(DEVICE))
 
     ok = {"bundle": "/nonexistent", "sha256": "a" * 64, "signer": signer_ok}
     return [
@@ -160,8 +166,8 @@ def _malformed(signer_ok: str) -> list[tuple[bytes, str | None, str]]:
         (b"null", None, "JSON object"),
         (b"", None, "not valid JSON"),
         (cmd("m-1", "deploy", ok, v=2), "m-1", "schema v=2"),
-        (json.dumps({"v": 1, "type": "drain"}).encode(), None, "command id"),
-        (json.dumps({"v": 1, "id": 7, "type": "drain"}).encode(), None, "command id"),
+        (sign({"v": 1, "type": "drain"}), None, "command id"),
+        (sign({"v": 1, "id": 7, "type": "drain"}), None, "command id"),
         (cmd("x" * 200, "drain"), None, "at most 128"),
         (cmd("m-2", "reboot"), "m-2", "unknown command type 'reboot'"),
         (cmd("m-3", None), "m-3", "unknown command type"),
@@ -173,6 +179,8 @@ def _malformed(signer_ok: str) -> list[tuple[bytes, str | None, str]]:
         (cmd("m-9", "deploy", {**ok, "bundle": "ftp://h/b.tar"}), "m-9", "http:// and https"),
         (cmd("m-10", "deploy", {**ok, "bundle": "file:///etc/passwd"}), "m-10", "https"),
         (cmd("m-11", "deploy", {**ok, "size": -5}), "m-11", "positive integer"),
+        (cmd("m-11b", "deploy", {**ok, "bundle": "http://127.0.0.1:9/b.tar"}), "m-11b",
+         "needs params.size"),
         (cmd("m-12", "deploy", {**ok, "size": True}), "m-12", "positive integer"),
         (cmd("m-13", "deploy", {**ok, "sha256": 5}), "m-13", "params.sha256"),
         (cmd("m-14", "deploy", ok), "m-14", "does not exist"),

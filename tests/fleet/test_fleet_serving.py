@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_fixtures import DEVICE, Controller, deploy
+from agent_fixtures import DEVICE, Controller, deploy, operator_pub
 from live_server import serve_in_thread, wait_until
 from mqtt_fixtures import Broker
 from test_cli import _read_line
@@ -105,7 +105,11 @@ def fleet_daemon(broker: Broker, root: Path, initial: Path | None,
     bundle = verify_bundle(serving, trusted)
     worker = LocalWorker(lambda: Generator.from_bundle(bundle, threads=1))
     app = create_app(worker, ModelInfo.from_bundle(bundle))
-    hooks = FleetServing(worker, trusted, serving, LIMITS, app.state.metrics, threads=1)
+    from edge_runtime.config import Config, FleetConfig
+
+    ops = Config(fleet=FleetConfig(operator_keys=(operator_pub(root.parent / "trust"),)))
+    hooks = FleetServing(worker, trusted, serving, LIMITS, app.state.metrics, threads=1,
+                         config=ops)
     agent = hooks.make_agent(AgentConfig(DEVICE, broker.url, root, telemetry_interval_s=3600,
                                          reconnect_min_s=0.1, reconnect_max_s=1.0))
     app.state.fleet = hooks  # as the CLI does: the lifespan starts and stops the agent
@@ -261,7 +265,8 @@ def test_serve_fleet_cli_first_boot_deploy_and_restart(
     active slot; a deploy switches it; a restart without --bundle serves the deployed one."""
     config = tmp_path / "edge.toml"
     config.write_text("[fleet]\ntelemetry_interval_s = 3600\nprobe_max_ttft_ms = 20000\n"
-                      "probe_min_tokens_per_s = 0.5\n")
+                      "probe_min_tokens_per_s = 0.5\n"
+                      f'operator_keys = ["{operator_pub(tmp_path / "trust")}"]\n')
     exe = Path(sys.executable).with_name("edge-runtime")
     cmd = [str(exe), "serve", "--config", str(config), "--fleet", "--fleet-broker", broker.url,
            "--fleet-root", str(tmp_path / "dev"), "--device-id", DEVICE,

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_fixtures import DEVICE, Controller, deploy
+from agent_fixtures import DEVICE, Controller, deploy, operator_pub
 from http_fixtures import RangeServer
 from live_server import serve_in_thread, wait_until
 from mqtt_fixtures import Broker, Pki
@@ -83,7 +83,8 @@ def wired_daemon(broker: Broker, root: Path, initial: Path | None, pubkey: Path,
                  config_file: Path, flags: Mapping[str, Any] | None = None) -> Iterator[Daemon]:
     """What `edge-runtime serve --fleet --config FILE` assembles (cli._run_server)."""
     flags = {"fleet.enabled": True, "fleet.broker": broker.url, "fleet.root": root,
-             "fleet.device_id": DEVICE, **(flags or {})}
+             "fleet.device_id": DEVICE,
+             "fleet.operator_keys": (operator_pub(root.parent / "trust"),), **(flags or {})}
     cfg = load_config(config_file).override(flags)
     trusted = [signing.load_public_key(pubkey)]
     serving = install_initial(Slots(root / SLOTS, trusted), initial)
@@ -209,16 +210,15 @@ def test_set_config_applies_live_keys_atomically_and_names_the_restart_ones(
             controller.send(Command("cfg-1", "set-config", {"set": {
                 "scheduler": {"max_queue": 0, "default_deadline_s": 12.5, "max_batch": 3},
                 "fleet.telemetry_interval_s": 1800.0, "fleet.probe_max_ttft_ms": 9000.0,
-                "log.level": "debug", "server.port": 9999, "server.host": "127.0.0.2"}}))
+                "log.level": "debug"}}))
             final = controller.final("cfg-1")
             assert final.state == "applied", final.reason
             detail = final.detail or {}
             assert detail["applied_live"] == [
                 "fleet.probe_max_ttft_ms", "fleet.telemetry_interval_s", "log.level",
                 "scheduler.default_deadline_s", "scheduler.max_queue"]
-            # The port is pinned by this daemon's flag: the file's value never applies.
-            assert detail["needs_restart"] == ["scheduler.max_batch", "server.host"]
-            assert detail["overridden_by_flags"] == ["server.port"]
+            assert detail["needs_restart"] == ["scheduler.max_batch"]
+            assert detail["overridden_by_flags"] == []
             assert detail["changed"]["scheduler.max_queue"] == [64, 0]
             w = d.worker
             assert (w.config.max_queue, w.scheduler.config.max_queue) == (0, 0)
@@ -227,18 +227,20 @@ def test_set_config_applies_live_keys_atomically_and_names_the_restart_ones(
             assert d.hooks.limits.max_ttft_ms == 9000.0
             assert logging.getLogger().level == logging.DEBUG
             on_disk = load_config(config_file)
-            assert on_disk.scheduler.max_batch == 3 and on_disk.server.port == 9999
+            assert on_disk.scheduler.max_batch == 3
             # Live through the API: a queue bound of 0 admits nothing locally (no cloud: 429).
             refused = _chat(d.url)
             assert refused.status_code == 429 and "queue is full" in refused.text
 
             before = config_file.read_bytes()
-            cases = {  # refused by the loader, then by the daemon: nothing changes
+            cases = {  # refused by the loader, or as keys only provisioning sets
                 "bad-1": ({"scheduler": {"max_queue": -1}}, "invalid config, nothing changed"),
                 "bad-2": ({"server": {"api_key_file": "missing.key"}},
-                          "the daemon refused the config"),
+                          "may not change server.api_key_file"),
                 "bad-3": ({"fleet": {"password_file": "missing.txt"}},
-                          "cannot read fleet.password_file"),
+                          "may not change fleet.password_file"),
+                "bad-4": ({"server": {"port": 9999, "host": "127.0.0.2"}},
+                          "may not change server.host, server.port"),
             }
             for cid, (keys, why) in cases.items():
                 controller.send(Command(cid, "set-config", {"set": keys}))
@@ -270,7 +272,8 @@ def test_deploy_downloads_over_https_with_the_fleet_download_ca(
         with RangeServer({"/v2.tar": data}, tls=(pki.server_cert, pki.server_key)) as srv:
             url = srv.url("/v2.tar")
             assert url.startswith("https://")
-            controller.send(deploy("dl-2", url, tiny_bundle, hashlib.sha256(data).hexdigest()))
+            controller.send(deploy("dl-2", url, tiny_bundle, hashlib.sha256(data).hexdigest(),
+                                   size=len(data)))
             final = controller.final("dl-2", 120)
         assert final.state == "active", final.reason
         assert httpx.get(f"{d.url}/v1/models").json()["data"][0]["version"] == "2"
@@ -286,7 +289,8 @@ def test_serve_fleet_cli_config_under_the_root_drain_to_cloud_and_telemetry_name
     names a rollout's abort rule reads."""
     root = tmp_path / "dev"
     root.mkdir()
-    (root / CONFIG_FILE).write_text(FLEET_TOML.replace("3600", "0.5"))
+    (root / CONFIG_FILE).write_text(FLEET_TOML.replace("3600", "0.5") +
+                                    f'operator_keys = ["{operator_pub(tmp_path / "trust")}"]\n')
     exe = Path(sys.executable).with_name("edge-runtime")
     cmd = [str(exe), "serve", "--fleet", "--fleet-broker", broker.url, "--fleet-root",
            str(root), "--device-id", DEVICE, "--pubkey", str(tiny_bundle.pubkey), "--port",
@@ -325,8 +329,10 @@ def test_serve_fleet_cli_config_under_the_root_drain_to_cloud_and_telemetry_name
         controller.send(Command("cfg-1", "set-config", {"set": {
             "offload.broker": broker.url, "offload.device_id": DEVICE}}))
         ack = controller.final("cfg-1")
-        assert ack.state == "applied" and ack.detail["needs_restart"] == [
-            "offload.broker", "offload.device_id"], ack.detail
+        assert ack.state == "rejected" and "may not change offload.broker" in (ack.reason or "")
+        # Brokers are provisioning's: written on the device, read at the next start.
+        with open(root / CONFIG_FILE, "a") as f:
+            f.write(f'\n[offload]\nbroker = "{broker.url}"\ndevice_id = "{DEVICE}"\n')
         assert load_config(root / CONFIG_FILE).offload.broker == broker.url
         controller.send(Command("drain-1", "drain", {}))
         assert controller.final("drain-1").state == "drained"
