@@ -1,16 +1,20 @@
 """`OrtEngine`: ONNX Runtime behind the `Engine` protocol.
 
 Execution providers are taken in the order TensorRT → CUDA → CPU, keeping those this build of
-ONNX Runtime has (CPU always). Runs go through IOBinding so that outputs we feed back (the KV
+ONNX Runtime has (CPU always). onnxruntime-gpu lists TensorRT among its providers whether or
+not TensorRT's library is installed, and asking for it without the library leaves the reason
+to ONNX Runtime's own output, so TensorRT is only asked for when `libnvinfer` loads, and the
+log says why it was left out. Runs go through IOBinding so that outputs we feed back (the KV
 cache) stay `OrtValue`s owned by ONNX Runtime — on CUDA they stay on the GPU — instead of being
 copied into numpy and back on every decode step.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +42,36 @@ _DTYPES = {
 }
 
 
-def choose_providers(available: Sequence[str] | None = None) -> list[str]:
-    """The providers to ask for, best first, among those this ONNX Runtime build has."""
+# TensorRT 10's runtime library (JetPack 6 and 7, the onnxruntime-gpu wheels of 1.19+).
+TENSORRT_LIBRARY = "libnvinfer.so.10"
+
+
+def tensorrt_missing(load: Callable[[str], object] = ctypes.CDLL) -> str | None:
+    """Why ONNX Runtime's TensorRT provider cannot start here, or None when it can."""
+    try:
+        load(TENSORRT_LIBRARY)
+    except OSError as e:
+        return f"TensorRT is not installed ({TENSORRT_LIBRARY} does not load: {e})"
+    return None
+
+
+def choose_providers(
+    available: Sequence[str] | None = None,
+    trt_missing: Callable[[], str | None] = tensorrt_missing,
+) -> list[str]:
+    """The providers to ask for, best first, among those this ONNX Runtime build has and
+    can start (TensorRT only when its library loads; the log line says why not)."""
     have = set(ort.get_available_providers() if available is None else available)
     chosen = [p for p in _PREFERENCE if p in have]
+    if "TensorrtExecutionProvider" in chosen:
+        reason = trt_missing()
+        if reason is not None:
+            chosen.remove("TensorrtExecutionProvider")
+            log.warning(
+                "ONNX Runtime's TensorrtExecutionProvider left out: %s; using %s",
+                reason,
+                chosen[0] if chosen else "CPUExecutionProvider",
+            )
     return chosen or ["CPUExecutionProvider"]
 
 
@@ -72,8 +102,12 @@ class OrtEngine:
         threads: int | None = None,
         providers: Sequence[str] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        profile_prefix: str | None = None,
     ) -> None:
         opts = ort.SessionOptions()
+        if profile_prefix:  # ONNX Runtime's per-node trace (provider, op, time) of every run
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # One decode step is a chain of small ops: parallelism inside ops, not across them.
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -93,6 +127,10 @@ class OrtEngine:
         except Exception as e:  # ORT raises its own untyped exceptions (Fail, InvalidGraph…)
             raise EngineError(f"ONNX Runtime could not load {path}: {e}") from e
         active = self._sess.get_providers()
+        dropped = [p for p in chosen if p not in active]
+        if dropped:  # ONNX Runtime fell back (it says why on stdout, not through logging)
+            log.warning("ONNX Runtime did not start %s for %s; running on %s",
+                        ", ".join(dropped), path, active)
         self._device = "cuda" if active[0] in _PREFERENCE[:2] else "cpu"
         self._name = f"onnxruntime:{active[0]}"
         log.info("loaded %s with providers %s", path, active)
@@ -158,6 +196,10 @@ class OrtEngine:
         }
         device = {name: values[n + i] for i, name in enumerate(device_outputs)}
         return host, device
+
+    def end_profiling(self) -> str:
+        """Stop the trace started by `profile_prefix`; the path of its JSON file."""
+        return str(self._sess.end_profiling())
 
     def close(self) -> None:
         # InferenceSession frees its memory when the last reference goes.
