@@ -22,7 +22,7 @@ import json
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +314,20 @@ def _graph_entry(
     }
 
 
+def graph_kv_dtype(model: Any, kv: Any) -> Any:
+    """`kv` with the dtype the graph's first past-key input declares: an fp16 graph (the
+    activations a GPU's fused attention needs) carries an fp16 cache, and a manifest saying
+    float32 makes every first step feed float32 empty caches to float16 inputs."""
+    from onnx import helper
+
+    first = kv.past_key.format(layer=0)
+    for i in model.graph.input:
+        if i.name == first:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+            return replace(kv, dtype=dtype.name)
+    return kv
+
+
 def _signature(specs: Sequence[Any]) -> set[tuple[str, str, int]]:
     return {(s.name, s.dtype, len(s.shape)) for s in specs}
 
@@ -372,6 +386,7 @@ def run(
     ) as work:
         model = onnx.load(str(input_dir / "model.onnx"))
         weights = weight_format(model, lineage(input_dir))
+        kv = graph_kv_dtype(model, kv)
         # A fused GQA graph batches right-padded sequences, the decomposed one left-padded
         # ones (see bundle.GraphSpec): present = past ++ new appends at the same column for
         # every row, GQA appends at each row's own length.
