@@ -41,11 +41,22 @@ QWEN2_05B_SHAPES: dict[str, object] = {
     "hidden_act": "silu",
     "use_sliding_window": False,
 }
+# Qwen2-1.5B's shapes (https://huggingface.co/Qwen/Qwen2-1.5B/blob/main/config.json): the size
+# class the product targets (DeepSeek-R1-Distill-Qwen-1.5B has these shapes, untied head).
+QWEN2_15B_SHAPES: dict[str, object] = {
+    **QWEN2_05B_SHAPES,
+    "hidden_size": 1536,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "intermediate_size": 8960,
+}
 SEED = 0
 TOKENIZER_VOCAB = 8192
 HF_DIR = "hf-qwen2-0.5b-random"
 BUNDLE_DIR = "bundle-int4-b128-acc4"
 FUSED_BUNDLE_DIR = "bundle-int4-b128-acc4-fused"
+FUSED_FP16_BUNDLE_DIR = "bundle-int4-b128-acc4-fused-fp16"
 GGUF_DIR = "gguf"
 INT4_BLOCK_SIZE = 128
 INT4_ACCURACY_LEVEL = 4
@@ -118,8 +129,10 @@ def _save_tokenizer(out: Path) -> int:
     return int(eos_id)
 
 
-def build_hf_model(workdir: Path) -> Path:
-    """Qwen2-0.5B-shaped model with random weights (torch.manual_seed(0)), fp32 safetensors."""
+def build_hf_model(workdir: Path, shapes: dict[str, object] | None = None) -> Path:
+    """Qwen2-0.5B-shaped model (or `shapes`) with random weights (torch.manual_seed(0)), fp32
+    safetensors."""
+    shapes = shapes or QWEN2_05B_SHAPES
 
     def build(tmp: Path) -> None:
         import torch
@@ -127,16 +140,17 @@ def build_hf_model(workdir: Path) -> Path:
 
         _log("training tokenizer (byte-level BPE on stdlib sources)")
         eos_id = _save_tokenizer(tmp)
-        _log("building Qwen2-0.5B-shaped model with random weights (seed 0)")
+        _log(f"building Qwen2 model of {shapes['num_hidden_layers']} layers x "
+             f"{shapes['hidden_size']} with random weights (seed 0)")
         torch.manual_seed(SEED)
-        config = Qwen2Config(**QWEN2_05B_SHAPES, bos_token_id=eos_id, eos_token_id=eos_id)
+        config = Qwen2Config(**shapes, bos_token_id=eos_id, eos_token_id=eos_id)
         config.dtype = torch.float32
         model = Qwen2ForCausalLM(config).eval()
         model.generation_config.eos_token_id = eos_id
         model.generation_config.bos_token_id = eos_id
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "bench_model.json").write_text(
-            json.dumps({"seed": SEED, "shapes": QWEN2_05B_SHAPES, "eos_id": eos_id}, indent=2)
+            json.dumps({"seed": SEED, "shapes": shapes, "eos_id": eos_id}, indent=2)
         )
 
     return _build_into(workdir / HF_DIR, build)
@@ -145,7 +159,7 @@ def build_hf_model(workdir: Path) -> Path:
 # --- 2. the int4 bundle, made by our own pipeline -------------------------------------------
 
 
-def build_bundle(workdir: Path, hf_dir: Path) -> Path:
+def build_bundle(workdir: Path, hf_dir: Path, name: str = "qwen2-0.5b-shapes") -> Path:
     """export → quantize (RTN, block 128, accuracy level 4) → package, via `edge_build`.
 
     Both "ours" and "ort-bare" run the bundle's decoder graph, so the comparison isolates the
@@ -172,16 +186,16 @@ def build_bundle(workdir: Path, hf_dir: Path) -> Path:
         quantize.run(onnx_dir, int4_dir, eval_windows=windows, block_size=INT4_BLOCK_SIZE,
                      accuracy_level=INT4_ACCURACY_LEVEL, symmetric=True)
     _log("package: signed bundle")
-    return package.run(int4_dir, final, keys / "bench.key", name="qwen2-0.5b-shapes",
+    return package.run(int4_dir, final, keys / "bench.key", name=name,
                        version="bench", context_length=4096, overwrite=True)
 
 
-def build_fused_bundle(workdir: Path, hf_dir: Path) -> Path:
+def build_fused_bundle(workdir: Path, hf_dir: Path, name: str = "qwen2-0.5b-shapes") -> Path:
     """The same int4 graph after `edge_build.fuse` (GroupQueryAttention, fused norms)."""
     final = workdir / FUSED_BUNDLE_DIR
     if (final / "manifest.json").is_file():
         return final
-    build_bundle(workdir, hf_dir)
+    build_bundle(workdir, hf_dir, name)
     from edge_build import fuse, package
 
     fused_dir = workdir / "stage-int4-fused"
@@ -190,7 +204,39 @@ def build_fused_bundle(workdir: Path, hf_dir: Path) -> Path:
         fuse.run(workdir / "stage-int4", fused_dir, max_positions=4096)
     _log("package: signed fused bundle")
     return package.run(fused_dir, final, workdir / "keys" / "bench.key",
-                       name="qwen2-0.5b-shapes-fused", version="bench", context_length=4096,
+                       name=f"{name}-fused", version="bench", context_length=4096,
+                       overwrite=True)
+
+
+def build_fused_fp16_bundle(workdir: Path, hf_dir: Path, name: str = "qwen2-0.5b-shapes") -> Path:
+    """The fused int4 graph with fp16 activations, KV cache and logits (onnxruntime's
+    float16 converter; MatMulNBits scales become fp16): ONNX Runtime's CUDA
+    GroupQueryAttention takes fp16/bf16 only, so on a GPU the fp32 fused graph runs its
+    attention on the CPU."""
+    final = workdir / FUSED_FP16_BUNDLE_DIR
+    if (final / "manifest.json").is_file():
+        return final
+    build_fused_bundle(workdir, hf_dir, name)
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from edge_build import package
+
+    src, stage = workdir / "stage-int4-fused", workdir / "stage-int4-fused-fp16"
+    if not (stage / "stage.json").is_file():
+        _log("fp16: activations, cache and logits of the fused graph to float16")
+        tmp = Path(tempfile.mkdtemp(prefix=".stage-fp16.", dir=workdir))
+        for f in src.iterdir():
+            if f.is_file() and not f.name.startswith("model.onnx"):
+                shutil.copyfile(f, tmp / f.name)
+        model = convert_float_to_float16(onnx.load(str(src / "model.onnx")),
+                                         keep_io_types=False, disable_shape_infer=True)
+        onnx.save(model, str(tmp / "model.onnx"),
+                  save_as_external_data=model.ByteSize() > 2**31 - 1)
+        tmp.rename(stage)
+    _log("package: signed fused fp16 bundle")
+    return package.run(stage, final, workdir / "keys" / "bench.key",
+                       name=f"{name}-fused-fp16", version="bench", context_length=4096,
                        overwrite=True)
 
 
