@@ -195,7 +195,14 @@ def kernel_ceiling(graph_file: Path, threads: int, past: int, repeats: int) -> d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench import gpu
+
+    cuda_args = gpu.wants_cuda(argv)
+    if cuda_args is not None:  # batch 1 / 4 / 16 on a GPU, peers beside: scripts/bench/gpu.py
+        return gpu.main(cuda_args)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: the GPU table instead (scripts/bench/gpu.py; its own options)")
     ap.add_argument("--bundle", type=Path, help="bundle directory (default: the demo bundle)")
     ap.add_argument("--pubkey", type=Path, help="the bundle's public key (PEM)")
     ap.add_argument("--qwen05", action="store_true",

@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Batch-1 CPU decode benchmark (ours / ORT bare / torch fp32 / llama.cpp).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the GPU table instead (scripts/bench/gpu.py; its own options)")
     p.add_argument("--threads", type=int, default=2, help="threads for every contender")
     p.add_argument("--runs", type=int, default=3, help="measured runs per contender (median)")
     p.add_argument(
@@ -221,6 +223,11 @@ def merge_rounds(rounds: list[ContenderResult]) -> ContenderResult:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench import gpu
+
+    cuda_args = gpu.wants_cuda(argv)
+    if cuda_args is not None:  # the GPU table: scripts/bench/gpu.py
+        return gpu.main(cuda_args)
     args = parse_args(argv)
     workdir: Path = args.workdir.expanduser().resolve()
 
