@@ -436,13 +436,13 @@ def tensorrt_absent(rep: Report, graph: str) -> None:
             engine = OrtEngine(graph)
     finally:
         logging.getLogger("edge_runtime").removeHandler(handler)
-    said = [r.getMessage() for r in handler.records if r.levelno >= logging.WARNING]
+    logged = [r.getMessage() for r in handler.records if r.levelno >= logging.WARNING]
     chosen = choose_providers()
     ok = engine.name == "onnxruntime:CUDAExecutionProvider" and (
-        "TensorrtExecutionProvider" not in avail or any("Tensorrt" in s for s in said))
+        "TensorrtExecutionProvider" not in avail or any("Tensorrt" in s for s in logged))
     rep.check(ok, "OrtEngine without TensorRT",
               f"runs on {engine.name}; providers asked for {chosen}; log: "
-              f"{' | '.join(said) or '(nothing)'}; ONNX Runtime printed "
+              f"{' | '.join(logged) or '(nothing)'}; ONNX Runtime printed "
               f"{len(out.getvalue().strip())} characters")
     engine.close()
 

@@ -283,7 +283,7 @@ def measure_ours(bundle: Path, pubkey: Path, batches: Sequence[int], prompt_len:
     gen = Generator.from_bundle(b, backend="onnxruntime")
     gen._eos = frozenset()  # random weights: never stop early
     engine = gen.engine.name
-    rows = []
+    rows: list[dict[str, Any]] = []
     for batch in batches:
         ps = prompts(batch, prompt_len, gen.vocab_size)
         results = []
@@ -349,7 +349,7 @@ def measure_ort_fp16(onnx_dir: Path, batches: Sequence[int], prompt_len: int, ne
         outs = io.get_outputs()
         return outs[0].numpy(), outs[1:]
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for batch in batches:
         ids0 = np.asarray(prompts(batch, prompt_len, vocab), dtype=np.int64)
         results = []
@@ -395,9 +395,10 @@ def measure_torch(hf: Path, batches: Sequence[int], prompt_len: int, new_tokens:
         def end(self) -> None:
             self.stamps.append(time.perf_counter())
 
-    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float16).cuda().eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float16)
+    model = model.cuda().eval()
     vocab = int(model.config.vocab_size)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for batch in batches:
         ids = torch.tensor(prompts(batch, prompt_len, vocab), device="cuda")
         kw: dict[str, Any] = {
@@ -441,7 +442,7 @@ def measure_llama(gguf_path: Path, llama_dir: Path, batches: Sequence[int], prom
                   new_tokens: int, runs: int, logdir: Path) -> list[dict[str, Any]]:
     """llama-bench (batch 1: pp and tg) and llama-batched-bench (batch > 1: S_TG)."""
     bindir = llama_dir / "build" / "bin"
-    rows = []
+    rows: list[dict[str, Any]] = []
     out = subprocess.run([str(bindir / "llama-bench"), "-m", str(gguf_path), "-ngl", "99",
                           "-p", str(prompt_len), "-n", str(new_tokens), "-r", str(runs),
                           "-o", "json"], check=False, capture_output=True, text=True, timeout=600)
@@ -562,10 +563,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, check=False, timeout=args.child_timeout)
             wall = time.perf_counter() - t0
-            try:
+            rows: list[dict[str, Any]] = []
+            with contextlib.suppress(OSError, json.JSONDecodeError):
                 rows = json.loads(out.read_text()) if out.stat().st_size else []
-            except (OSError, json.JSONDecodeError):
-                rows = []
             out.unlink(missing_ok=True)
             if not rows:
                 rows = [{"batch": None, "decode_tps": None, "ttft_ms": None,
