@@ -561,7 +561,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             if args.llama_dir:
                 cmd += ["--llama-dir", str(args.llama_dir)]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, check=False, timeout=args.child_timeout)
+            try:
+                status = str(subprocess.run(cmd, check=False,
+                                            timeout=args.child_timeout).returncode)
+            except subprocess.TimeoutExpired:  # the child is killed; the others still run
+                status = f"timed out after {args.child_timeout} s"
             wall = time.perf_counter() - t0
             rows: list[dict[str, Any]] = []
             with contextlib.suppress(OSError, json.JSONDecodeError):
@@ -569,7 +573,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             out.unlink(missing_ok=True)
             if not rows:
                 rows = [{"batch": None, "decode_tps": None, "ttft_ms": None,
-                         "note": f"failed: child exited {proc.returncode}"}]
+                         "note": f"failed: child exited {status}"}]
             for r in rows:
                 r.update(model=model, contender=c, wall_s=wall)
             results.extend(rows)

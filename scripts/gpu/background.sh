@@ -18,12 +18,12 @@ HF="$W/qwen2-0.5b/hf-qwen2-0.5b-random $W/qwen2-1.5b/hf-qwen2-0.5b-random"
 ( for d in $HF; do while [ ! -d "$d" ]; do sleep 3; done; done
   $LOCK $BUILD --prepare fp16 > "$G/logs/prep-fp16.log" 2>&1 && touch "$G/fp16.done" ) &
 ( for d in $HF; do while [ ! -d "$d" ]; do sleep 3; done; done
-  $MEASURE --only torch-fp16 --json "$G/res/torch.json" > "$G/logs/torch.log" 2>&1
-  $MEASURE --only torch-compile --batches 1,16 --json "$G/res/torchc.json" > "$G/logs/torchc.log" 2>&1
+  $MEASURE --only torch-fp16 --child-timeout 240 --json "$G/res/torch.json" > "$G/logs/torch.log" 2>&1
+  $MEASURE --only torch-compile --batches 1,16 --child-timeout 240 --json "$G/res/torchc.json" > "$G/logs/torchc.log" 2>&1
   touch "$G/torch.done" ) &
 ( while [ ! -f "$G/llama.done" ]; do sleep 3; done
   $BUILD --prepare gguf > "$G/logs/prep-gguf.log" 2>&1 && touch "$G/gguf.done"
-  $MEASURE --only llama.cpp --json "$G/res/llama.json" > "$G/logs/llama.log" 2>&1
+  $MEASURE --only llama.cpp --child-timeout 240 --json "$G/res/llama.json" > "$G/logs/llama.log" 2>&1
   touch "$G/llamabench.done" ) &
 wait
 touch "$G/background.done"

@@ -5,7 +5,7 @@ for i in $(seq 1 60); do [ -f "$G/bundles-qwen2-1.5b.done" ] && [ -f "$G/fp16.do
 export PYTHONPATH=$(pythonpath)
 $LOCK timeout 470 $PIN_M "$PY" "$SRC/scripts/bench_decode.py" --device cuda \
     --workdir "$W" --llama-dir "$G/llama.cpp" --only ours,ours-fused,ours-fused-fp16,ort-fp16 \
-    --json "$G/res/ours.json" 2> "$G/logs/ours.log"
+    --json "$G/res/ours.json" --child-timeout 150 2> "$G/logs/ours.log"
 render() {
     R=""; for f in ours torch torchc llama; do [ -f "$G/res/$f.json" ] && R="$R $G/res/$f.json"; done
     "$PY" "$SRC/scripts/bench_decode.py" --device cuda --render $R --md "$OUT/BENCHMARKS.md" > /dev/null
