@@ -56,16 +56,16 @@ for _p in (REPO, REPO / "build"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-# edge_runtime imports, grouped (issue #10 moves these modules).
-from edge_runtime.batching import BatchDecoder  # noqa: E402
-from edge_runtime.bundle import Bundle, verify_bundle  # noqa: E402
+# edge_runtime imports, grouped (the layout of issue #10).
+from edge_runtime.bundle.manifest import Bundle, verify_bundle  # noqa: E402
 from edge_runtime.engines import cuda_mem  # noqa: E402
 from edge_runtime.engines.ort import OrtEngine, choose_providers  # noqa: E402
 from edge_runtime.errors import EngineError  # noqa: E402
-from edge_runtime.generator import Generator, engine_defaults  # noqa: E402
-from edge_runtime.sampling import SamplingParams  # noqa: E402
+from edge_runtime.model.batching import BatchDecoder  # noqa: E402
+from edge_runtime.model.generator import Generator, engine_defaults  # noqa: E402
+from edge_runtime.model.sampling import SamplingParams  # noqa: E402
+from edge_runtime.model.tokenizer import TextTokenizer  # noqa: E402
 from edge_runtime.signing import load_public_key  # noqa: E402
-from edge_runtime.tokenizer import TextTokenizer  # noqa: E402
 
 NO_GPU = 3
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -274,9 +274,9 @@ def measure_ours(bundle: Path, pubkey: Path, batches: Sequence[int], prompt_len:
     """Generator.generate at batch 1 (TTFT + decode), BatchDecoder steps at batch > 1."""
     preload_cuda()
     sys.path[:0] = [str(REPO), str(REPO / "build")]
-    from edge_runtime.bundle import verify_bundle
-    from edge_runtime.generator import Generator
-    from edge_runtime.sampling import SamplingParams
+    from edge_runtime.bundle.manifest import verify_bundle
+    from edge_runtime.model.generator import Generator
+    from edge_runtime.model.sampling import SamplingParams
     from edge_runtime.signing import load_public_key
 
     b = verify_bundle(bundle, [load_public_key(pubkey)])
