@@ -41,3 +41,41 @@ def test_a_graph_without_the_past_inputs_keeps_the_config_spec() -> None:
     kv = kv_spec(CONFIG)
     renamed = kv.__class__(**{**vars(kv), "past_key": "cache.{layer}.k"})
     assert graph_kv_dtype(model, renamed) == renamed
+
+
+def test_an_fp16_fused_graph_packages_and_decodes(tiny_bundle, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The GPU form of a fused graph (ONNX Runtime's CUDA GroupQueryAttention is fp16/bf16
+    only): fp16 activations, cache and logits, packaged, served, batched."""
+    pytest.importorskip("torch")
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from edge_build import fuse, package
+    from edge_runtime.bundle.manifest import verify_bundle
+    from edge_runtime.model.generator import Generator
+    from edge_runtime.model.sampling import SamplingParams
+    from edge_runtime.signing import load_public_key
+
+    fused = tmp_path / "fused"
+    fuse.run(tiny_bundle.work / "int4", fused)
+    model = convert_float_to_float16(onnx.load(str(fused / "model.onnx")), keep_io_types=False,
+                                     disable_shape_infer=True)
+    onnx.save(model, str(fused / "model.onnx"))
+    out = package.run(fused, tmp_path / "bundle", tiny_bundle.key, name="fp16", version="1")
+    bundle = verify_bundle(out, [load_public_key(tiny_bundle.pubkey)])
+    graph = bundle.graph("decoder")
+    assert graph.kv_cache is not None and graph.kv_cache.dtype == "float16"
+    gen = Generator.from_bundle(bundle, backend="onnxruntime", threads=1)
+    assert gen.logits_dtype == "float16"
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    single = [gen.generate(p, params).token_ids for p in ([5, 6, 7], [9, 10])]
+    assert all(len(s) == 6 for s in single)
+    dec = gen.batch(2)
+    got: dict[int, list[int]] = {0: [], 1: []}
+    for key, prompt in enumerate(([5, 6, 7], [9, 10])):
+        for c in dec.add(key, prompt, params):
+            got[key].extend(c.token_ids)
+    while dec.active:
+        for key, chunks in dec.step().items():
+            for c in chunks:
+                got[int(str(key))].extend(c.token_ids)
+    assert [got[0], got[1]] == single
