@@ -19,6 +19,7 @@ HF="$W/qwen2-0.5b/hf-qwen2-0.5b-random $W/qwen2-1.5b/hf-qwen2-0.5b-random"
   $LOCK $BUILD --prepare fp16 > "$G/logs/prep-fp16.log" 2>&1 && touch "$G/fp16.done" ) &
 ( for d in $HF; do while [ ! -d "$d" ]; do sleep 3; done; done
   $MEASURE --only torch-fp16 --child-timeout 240 --json "$G/res/torch.json" > "$G/logs/torch.log" 2>&1
+  touch "$G/torch-eager.done"
   # torch.compile takes minutes of CPU: after ours has been measured (or 15 min at most)
   for i in $(seq 1 300); do [ -f "$G/ours.done" ] && break; sleep 3; done
   $MEASURE --only torch-compile --batches 1 --child-timeout 200 --json "$G/res/torchc.json" > "$G/logs/torchc.log" 2>&1

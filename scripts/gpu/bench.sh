@@ -1,7 +1,7 @@
 #!/bin/bash
 # Ours (ORT CUDA int4: exported, fused, fused fp16) and ORT fp16 on both models.
 . "$(dirname "$0")/env.sh"
-for i in $(seq 1 120); do [ -f "$G/bundles-qwen2-1.5b.done" ] && [ -f "$G/fp16.done" ] && break; sleep 3; done
+for i in $(seq 1 60); do [ -f "$G/bundles-qwen2-1.5b.done" ] && [ -f "$G/fp16.done" ] && break; sleep 3; done
 MODELS=qwen2-0.5b,qwen2-1.5b  # a model whose artifacts are still being built is left out
 [ -f "$G/bundles-qwen2-1.5b.done" ] && [ -f "$G/fp16.done" ] || MODELS=qwen2-0.5b
 echo "bench: models $MODELS"

@@ -1,7 +1,10 @@
 #!/bin/bash
 # Once the peers are done: one table of every result JSON (the GPU section of BENCHMARKS.md).
+#   render.sh [MARKER] [SECONDS]: wait at most SECONDS (510) for MARKER (torch.done: after
+#   torch.compile; torch-eager.done: before it) and llama.cpp's measurement.
 . "$(dirname "$0")/env.sh"
-for i in $(seq 1 170); do [ -f "$G/torch.done" ] && [ -f "$G/llamabench.done" ] && break; sleep 3; done
+MARK=${1:-torch.done}
+for i in $(seq 1 $(( ${2:-510} / 3 ))); do [ -f "$G/$MARK" ] && [ -f "$G/llamabench.done" ] && break; sleep 3; done
 export PYTHONPATH=$(pythonpath)
 R=""; for f in ours torch torchc llama; do [ -f "$G/res/$f.json" ] && R="$R $G/res/$f.json"; done
 "$PY" "$SRC/scripts/bench_decode.py" --device cuda --render $R --md "$OUT/BENCHMARKS.md" > /dev/null
