@@ -587,6 +587,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="a model dir of scripts/bench/gpu.py's workdir (bundles + keys/)")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "gpu_check")
     ap.add_argument("--skip-cuda-mem", action="store_true")
+    ap.add_argument("--cuda-mem-only", action="store_true",
+                    help="only the cuda_mem checks (cuda-python; no ONNX Runtime GPU needed)")
     ap.add_argument("--self-test-on-cpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -594,6 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     preload = load_cuda_libraries()
+    if args.cuda_mem_only:
+        rep.add("INFO", "environment", f"preloaded: {preload}")
+        check_cuda_mem(rep)
+        print(f"\nSUMMARY: {rep.passed} passed, {rep.failed} failed")
+        return 1 if rep.failed else 0
     import onnxruntime as ort
 
     avail = ort.get_available_providers()

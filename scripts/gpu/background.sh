@@ -12,7 +12,7 @@ MEASURE="$LOCK $PIN_M $PY $SRC/scripts/bench_decode.py --device cuda --workdir $
     && touch "$G/llama.done" ) &
 for m in qwen2-0.5b qwen2-1.5b; do
     ( $BUILD --models $m --prepare hf,int4,int4-fused,int4-fused-fp16 > "$G/logs/prep-$m.log" 2>&1 \
-        && touch "$G/bundles-$m.done" ) &
+        && touch "$G/bundles-$m.done" || touch "$G/bundles-$m.failed" ) &
 done
 HF="$W/qwen2-0.5b/hf-qwen2-0.5b-random $W/qwen2-1.5b/hf-qwen2-0.5b-random"
 ( for d in $HF; do while [ ! -d "$d" ]; do sleep 3; done; done

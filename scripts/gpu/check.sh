@@ -1,7 +1,10 @@
 #!/bin/bash
 # gpu_check.py on the demo bundle and the Qwen2-0.5B-shape bundles, once they exist.
 . "$(dirname "$0")/env.sh"
-for i in $(seq 1 100); do [ -f "$G/bundles-qwen2-0.5b.done" ] && break; sleep 3; done
+# (done or failed: on 2026-12-05 a failed build, a missing wheel, cost 5 min of waiting here)
+for i in $(seq 1 100); do
+    [ -f "$G/bundles-qwen2-0.5b.done" ] || [ -f "$G/bundles-qwen2-0.5b.failed" ] && break; sleep 3
+done
 export PYTHONPATH=$(pythonpath)
 mkdir -p "$G/check"
 $LOCK timeout 420 "$PY" "$SRC/scripts/gpu_check.py" --demo .gpu/demo/bundle \
