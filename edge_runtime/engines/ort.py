@@ -2,7 +2,8 @@
 
 Execution providers are taken in the order TensorRT → CUDA → CPU, keeping those this build of
 ONNX Runtime has (CPU always). onnxruntime-gpu lists TensorRT among its providers whether or
-not TensorRT's library is installed, and asking for it without the library leaves the reason
+not TensorRT's library is installed (seen: 1.31.1 on an H100 machine without TensorRT listed
+TensorRT, CUDA, CPU), and asking for it without the library leaves the reason
 to ONNX Runtime's own output, so TensorRT is only asked for when `libnvinfer` loads, and the
 log says why it was left out. Runs go through IOBinding so that outputs we feed back (the KV
 cache) stay `OrtValue`s owned by ONNX Runtime — on CUDA they stay on the GPU — instead of being
