@@ -256,7 +256,10 @@ def test_rollout_driver_logs_in_and_reports_a_refusal(sb: ShippedBroker, tmp_pat
                                                      capsys: Any) -> None:
     import threading
 
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from edge_runtime.errors import RolloutError
+    from edge_runtime.fleet.command_auth import CommandSigner
     from edge_runtime.mqtt.auth import BrokerAuth
     from edge_runtime.rollout.driver import create_rollout, drive
     from edge_runtime.rollout.plan import RolloutSpec
@@ -265,17 +268,19 @@ def test_rollout_driver_logs_in_and_reports_a_refusal(sb: ShippedBroker, tmp_pat
     spec = RolloutSpec(group="lab", bundle="/b.tar", sha256="0" * 64, signer="k",
                        version="v2", broker=sb.password_url, ack_timeout_s=1)
     store = RolloutStore(tmp_path / "rollouts.db")
+    signer = CommandSigner(Ed25519PrivateKey.generate())  # devices refuse unsigned commands
     try:
         create_rollout(store, spec, {"dev-a": {"online": True, "groups": ["lab"],
                                                "bundle": "v1"}}, "r-1")
         wrong = BrokerAuth("operator-pw", "wrong", sb.tls())
         with pytest.raises(RolloutError, match="refused the connection of user "
                            "'operator-pw': Not authorized"):
-            drive(store, "r-1", auth=wrong, connect_timeout_s=2)
+            drive(store, "r-1", auth=wrong, connect_timeout_s=2, signer=signer)
         stop = threading.Event()
         stop.set()  # connect, subscribe, and stop at the first tick: resumable
         right = BrokerAuth("operator-pw", sb.passwords["operator-pw"], sb.tls())
-        record = drive(store, "r-1", auth=right, connect_timeout_s=10, stop=stop)
+        record = drive(store, "r-1", auth=right, connect_timeout_s=10, stop=stop,
+                       signer=signer)
         assert record.state == "running"
     finally:
         store.close()
