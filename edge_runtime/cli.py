@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_runtime import __version__
+from edge_runtime import __version__, sdnotify
 from edge_runtime.bundle.manifest import Bundle, verify_bundle
 from edge_runtime.cloud.coalesce import ChunkPolicy
 from edge_runtime.config import LOG_LEVELS, Config, load_config
@@ -50,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except EdgeError as e:
         print(f"edge-runtime: error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:  # an optional package this install lacks
+        from edge_build.extras import missing_module_hint
+
+        print(f"edge-runtime: error: {missing_module_hint(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -180,13 +186,24 @@ def _build_engine(args: argparse.Namespace) -> int:
 
 def _demo_bundle() -> tuple[Path, Path]:
     try:
-        from edge_build.demo import default_bundle
+        from edge_build.demo import cached_default_bundle, default_bundle
+        from edge_build.extras import INSTALL_HINT, missing_build_modules
     except ImportError as e:
         raise ConfigError(
             f"no --bundle given and the demo bundle cannot be built here ({e}): "
             "pip install 'edge-runtime[build]', or pass --bundle DIR --pubkey PEM"
         ) from e
-    log.info("no --bundle given: using the demo bundle (built once, then cached)")
+    cached = cached_default_bundle()
+    if cached is not None:
+        log.info("no --bundle given: serving the cached demo bundle %s", cached[0])
+        return cached
+    missing = missing_build_modules()
+    if missing:  # before minutes of work, not a traceback in the middle of it
+        raise ConfigError(
+            f"no --bundle given and the demo bundle is not built yet; building it needs "
+            f"{', '.join(missing)}: {INSTALL_HINT}, or pass --bundle DIR --pubkey PEM"
+        )
+    log.info("no --bundle given: building the demo bundle (once, up to 15 minutes)")
     return default_bundle()
 
 
@@ -205,6 +222,12 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from edge_runtime.startup import listen_socket, log_providers
+
+    # Bound before anything slow: a port in use is a one-line error, not a traceback after
+    # the model loaded; uvicorn serves on this very socket.
+    sock = listen_socket(cfg.server.host, cfg.server.port)
+    log_providers()
     root, pubkeys = cfg.model.bundle, cfg.model.pubkeys
     fleet = cfg.fleet.enabled
     if fleet:
@@ -231,8 +254,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
     if fleet:
         assert config_file is not None
-        return _run_server(cfg, bundle, (_trust(pubkeys), config_file, flags))
-    return _run_server(cfg, bundle)
+        return _run_server(cfg, bundle, sock, (_trust(pubkeys), config_file, flags))
+    return _run_server(cfg, bundle, sock)
 
 
 def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -303,7 +326,9 @@ FleetWiring = tuple[list[Ed25519PublicKey], Path, Mapping[str, Any]]
 the command-line flags (config keys) that stay on top of it."""
 
 
-def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -> int:
+def _run_server(
+    cfg: Config, bundle: Bundle, sock: socket.socket, fleet: FleetWiring | None = None
+) -> int:
     # Imported here so that `edge-runtime verify` does not pay for the web stack.
     import uvicorn
 
@@ -349,8 +374,9 @@ def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -
         )
     )
     try:
-        asyncio.run(_serve_until_exit(server, worker, bundle, offload))
+        asyncio.run(_serve_until_exit(server, sock, worker, bundle, offload))
     finally:
+        sdnotify.notify("STOPPING=1")
         if access_log is not None:
             access_log.close()
     if worker.error is not None:
@@ -359,7 +385,8 @@ def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -
 
 
 async def _serve_until_exit(
-    server: uvicorn.Server, worker: LocalWorker, bundle: Bundle, offload: OffloadClient | None
+    server: uvicorn.Server, sock: socket.socket, worker: LocalWorker, bundle: Bundle,
+    offload: OffloadClient | None,
 ) -> None:
     """Run uvicorn; print the URL once it listens and the model is warmed up."""
     if offload is not None:
@@ -367,21 +394,30 @@ async def _serve_until_exit(
         # it connects in the background and keeps retrying.
         offload.start(loop=asyncio.get_running_loop())
     try:
-        await _serve_and_announce(server, worker, bundle)
+        await _serve_and_announce(server, sock, worker, bundle)
     finally:
         if offload is not None:
             offload.stop()
 
 
 async def _serve_and_announce(
-    server: uvicorn.Server, worker: LocalWorker, bundle: Bundle
+    server: uvicorn.Server, sock: socket.socket, worker: LocalWorker, bundle: Bundle
 ) -> None:
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not (server.started and worker.ready) and not task.done():
         await asyncio.sleep(0.05)
-    if not task.done():
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        m = bundle.manifest
-        print(f"edge-runtime: serving {m.name} {m.version} at http://{shown}:{port}/v1", flush=True)
+    if task.done():
+        await task
+        return
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    m = bundle.manifest
+    url = f"http://{shown}:{port}/v1"
+    print(f"edge-runtime: serving {m.name} {m.version} at {url}", flush=True)
+    # systemd (Type=notify): started means warm and listening; the pings come from this loop.
+    sdnotify.notify(f"READY=1\nSTATUS=serving {m.name} {m.version} at {url}")
+    interval = sdnotify.watchdog_interval()
+    while interval is not None and not task.done():
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.wait({task}, timeout=interval)
     await task

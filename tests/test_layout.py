@@ -37,6 +37,9 @@ RULES: dict[str, set[str]] = {
               "signing", "atomic", "errors"},
     "rollout": {"fleet.messages", "fleet.slots", "bundle", "mqtt", "signing", "config",
                 "atomic", "errors"},
+    "sdnotify": set(),  # systemd's notify protocol, called by cli's serve
+    "startup": {"engines", "errors"},  # serve's checks before the model loads
+    "doctor": {"engines", "config", "errors"},  # `edge-runtime doctor`: reads, never writes
     "cli": {"*"},
     "edge_runtime": {"bundle", "model", "errors"},  # the package's public API re-exports
 }
