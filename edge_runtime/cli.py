@@ -8,6 +8,7 @@
     edge-runtime build-engine BUNDLE [--pubkey PEM ...] [--profile max_batch=N,max_context=N]
                         [--precision auto|fp16|fp32|strongly-typed] [--config FILE]
                         [--cache-dir DIR] [--opt-level 0-5] [--workspace-mb N] [--force]
+    edge-runtime doctor [--config FILE]   (exit 1 if a check failed)
     edge-runtime cloud-worker --bundle DIR [--pubkey PEM ...] --broker mqtt://HOST:PORT
                         [--group G] [--concurrency N] [--threads N] [--echo]
                         [--chunk-tokens 8] [--chunk-ms 25] [--prefill-chunk 128]
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from edge_runtime.serving.engine_loop import LocalWorker
 
 log = logging.getLogger("edge_runtime")
+DEVICE_CONFIG = Path("/etc/edge-runtime/config.toml")  # where provisioning puts it
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(func=_build_engine)
 
+    doctor = sub.add_parser("doctor", help="check JetPack, CUDA, TensorRT, ONNX Runtime, power, "
+                            "memory, disk, the broker and the device certificate")
+    doctor.add_argument("--config", type=Path,
+                        help=f"TOML config (default: {DEVICE_CONFIG} if it exists)")
+    doctor.set_defaults(func=_doctor)
+
     worker = sub.add_parser("cloud-worker", help="serve offloaded requests from an MQTT broker")
     worker.add_argument("--bundle", type=Path, help="bundle directory (required unless --echo)")
     worker.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
@@ -184,27 +192,11 @@ def _build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_bundle() -> tuple[Path, Path]:
-    try:
-        from edge_build.demo import cached_default_bundle, default_bundle
-        from edge_build.extras import INSTALL_HINT, missing_build_modules
-    except ImportError as e:
-        raise ConfigError(
-            f"no --bundle given and the demo bundle cannot be built here ({e}): "
-            "pip install 'edge-runtime[build]', or pass --bundle DIR --pubkey PEM"
-        ) from e
-    cached = cached_default_bundle()
-    if cached is not None:
-        log.info("no --bundle given: serving the cached demo bundle %s", cached[0])
-        return cached
-    missing = missing_build_modules()
-    if missing:  # before minutes of work, not a traceback in the middle of it
-        raise ConfigError(
-            f"no --bundle given and the demo bundle is not built yet; building it needs "
-            f"{', '.join(missing)}: {INSTALL_HINT}, or pass --bundle DIR --pubkey PEM"
-        )
-    log.info("no --bundle given: building the demo bundle (once, up to 15 minutes)")
-    return default_bundle()
+def _doctor(args: argparse.Namespace) -> int:
+    from edge_runtime.doctor import report
+
+    path = args.config or (DEVICE_CONFIG if DEVICE_CONFIG.is_file() else None)
+    return report(load_config(path) if path else Config(), path)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -222,7 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from edge_runtime.startup import listen_socket, log_providers
+    from edge_runtime.startup import demo_bundle, listen_socket, log_providers
 
     # Bound before anything slow: a port in use is a one-line error, not a traceback after
     # the model loaded; uvicorn serves on this very socket.
@@ -237,12 +229,12 @@ def _serve(args: argparse.Namespace) -> int:
         assert cfg.fleet.root is not None  # FleetConfig checks it
         slots_dir = cfg.fleet.root / SLOTS
         if root is None and not (slots_dir / "state.json").is_file():
-            root, demo_key = _demo_bundle()  # first boot without --bundle: the demo
+            root, demo_key = demo_bundle()  # first boot without --bundle: the demo
             pubkeys = (*pubkeys, demo_key)
         pubkeys = cfg.fleet.pubkeys or pubkeys
         root = install_initial(Slots(slots_dir, _trust(pubkeys)), root)
     elif root is None:
-        root, demo_key = _demo_bundle()
+        root, demo_key = demo_bundle()
         pubkeys = (*pubkeys, demo_key)
     bundle = _trusted_bundle(root, pubkeys)  # always verify before anything is loaded
     token = cfg.server.resolved_api_key()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from pathlib import Path
 
 from edge_runtime.engines.providers import provider_report
 from edge_runtime.errors import ConfigError
@@ -51,3 +52,27 @@ def log_providers() -> None:
     """The start-up line that says which execution providers ONNX Runtime offers here and
     why a GPU one is missing (engines/providers.py)."""
     log.info("%s", provider_report().line())
+
+
+def demo_bundle() -> tuple[Path, Path]:
+    """serve without --bundle: the demo bundle and its public key, built on first use."""
+    try:
+        from edge_build.demo import cached_default_bundle, default_bundle
+        from edge_build.extras import INSTALL_HINT, missing_build_modules
+    except ImportError as e:
+        raise ConfigError(
+            f"no --bundle given and the demo bundle cannot be built here ({e}): "
+            "pip install 'edge-runtime[build]', or pass --bundle DIR --pubkey PEM"
+        ) from e
+    cached = cached_default_bundle()
+    if cached is not None:
+        log.info("no --bundle given: serving the cached demo bundle %s", cached[0])
+        return cached
+    missing = missing_build_modules()
+    if missing:  # before minutes of work, not a traceback in the middle of it
+        raise ConfigError(
+            f"no --bundle given and the demo bundle is not built yet; building it needs "
+            f"{', '.join(missing)}: {INSTALL_HINT}, or pass --bundle DIR --pubkey PEM"
+        )
+    log.info("no --bundle given: building the demo bundle (once, up to 15 minutes)")
+    return default_bundle()

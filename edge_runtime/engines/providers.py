@@ -19,6 +19,7 @@ _NEEDS = {
     "TensorrtExecutionProvider": ("libnvinfer.so.10", "libnvinfer.so"),
     "CUDAExecutionProvider": ("libcudart.so.12", "libcudart.so.13", "libcudart.so"),
 }
+NOT_BUILT = "not in this build"
 GPU_FIX = ("install onnxruntime-gpu from NVIDIA's Jetson index instead of the CPU wheel "
            "(README § Jetson)")
 
@@ -35,6 +36,8 @@ class ProviderReport:
                     "onnxruntime-gpu from NVIDIA's Jetson index (README § Jetson)")
         parts = [f"ONNX Runtime {self.version} offers {', '.join(self.offered) or 'nothing'}"]
         parts += [f"{p}: {why}" for p, why in self.missing.items()]
+        if any(why == NOT_BUILT for why in self.missing.values()):
+            parts.append(f"for the GPU: {GPU_FIX}")
         return "; ".join(parts)
 
 
@@ -64,5 +67,14 @@ def provider_report() -> ProviderReport:
             report.offered.append(p)
     for p in GPU_PROVIDERS:
         if p not in built:
-            report.missing[p] = f"not in this build ({GPU_FIX})"
+            report.missing[p] = NOT_BUILT
     return report
+
+
+def tensorrt_version() -> str | None:
+    """TensorRT's Python module version (JetPack: python3-libnvinfer), None if absent."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return str(tensorrt.__version__)
