@@ -6,8 +6,10 @@
     driver.py       the I/O around the controller: MQTT, SQLite, the clock
     store.py        rollout state in SQLite (survives a killed controller)
     abort_rules.py  the `--abort-if` expression (a small parser, no eval)
+    provision.py    edge-fleet provision: device keys, certificates (pki), config.toml
 
 May import: fleet.messages (the wire format it shares with devices), fleet.slots (a .tar is
 unpacked and verified the way a device does it), bundle, mqtt, signing,
-config, atomic, errors. Runs on an operator's machine, never on a device.
+config, pki (the fleet CA and device certificates), atomic, errors. Runs on an operator's
+machine, never on a device.
 """

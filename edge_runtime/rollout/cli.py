@@ -41,6 +41,7 @@ from typing import Any
 from edge_runtime.errors import ConfigError, EdgeError, MessageError
 from edge_runtime.mqtt import topics
 from edge_runtime.mqtt.client import Message, MqttClient
+from edge_runtime.rollout import provision
 
 
 def _decode(msg: Message) -> dict[str, Any]:
@@ -318,6 +319,7 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("rollouts", help="every recorded rollout")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_rollouts)
+    provision.register(sub)  # edge-fleet provision (#12)
     return p
 
 
