@@ -7,6 +7,7 @@
     store.py        rollout state in SQLite (survives a killed controller)
     abort_rules.py  the `--abort-if` expression (a small parser, no eval)
     provision.py    edge-fleet provision: device keys, certificates (pki), config.toml
+    image.py        edge-fleet image: a device's rootfs overlay for L4T flashing, checked
 
 May import: fleet.messages (the wire format it shares with devices), fleet.slots (a .tar is
 unpacked and verified the way a device does it), bundle, mqtt, signing,

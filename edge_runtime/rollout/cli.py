@@ -41,7 +41,7 @@ from typing import Any
 from edge_runtime.errors import ConfigError, EdgeError, MessageError
 from edge_runtime.mqtt import topics
 from edge_runtime.mqtt.client import Message, MqttClient
-from edge_runtime.rollout import provision
+from edge_runtime.rollout import image, provision
 
 
 def _decode(msg: Message) -> dict[str, Any]:
@@ -320,6 +320,7 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_rollouts)
     provision.register(sub)  # edge-fleet provision (#12)
+    image.register(sub)  # edge-fleet image (#12)
     return p
 
 
