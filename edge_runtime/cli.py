@@ -1,7 +1,8 @@
 """`edge-runtime`: serve a bundle over the OpenAI-compatible API, or verify one.
 
     edge-runtime serve  [--bundle DIR] [--pubkey PEM ...] [--host H] [--port P]
-                        [--config FILE] [--threads N] [--api-key KEY] [--backend B]
+                        [--config FILE] [--threads N] [--api-key-file FILE] [--backend B]
+                        [--tls-cert PEM --tls-key PEM] [--docs]
                         [--fleet --fleet-broker URL --fleet-root DIR [--device-id ID]
                          [--group G ...]]   (no --config: FLEET_ROOT/config.toml if any)
     edge-runtime verify BUNDLE [--pubkey PEM ...]
@@ -12,6 +13,8 @@
     edge-runtime cloud-worker --bundle DIR [--pubkey PEM ...] --broker mqtt://HOST:PORT
                         [--group G] [--concurrency N] [--threads N] [--echo]
                         [--chunk-tokens 8] [--chunk-ms 25] [--prefill-chunk 128]
+                        [--username U --password-file F] [--ca-file F --cert-file F
+                         --key-file F]   (or $EDGE_CLOUD_USERNAME, $EDGE_CLOUD_PASSWORD, …)
 
 User errors (a bad bundle, a bad config, a missing key) print one line and exit 1; only
 bugs print tracebacks. Exit code 2 is argparse's, for a malformed command line.
@@ -33,8 +36,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_runtime import __version__, sdnotify
 from edge_runtime.bundle.manifest import Bundle, verify_bundle
 from edge_runtime.cloud.coalesce import ChunkPolicy
-from edge_runtime.config import LOG_LEVELS, Config, load_config
+from edge_runtime.config import API_KEY_ENV, LOG_LEVELS, Config, load_config
 from edge_runtime.errors import ConfigError, EdgeError, SignatureError
+from edge_runtime.mqtt.auth import add_auth_options, auth_from_args
 from edge_runtime.signing import default_trust_dir, trusted_keys
 
 if TYPE_CHECKING:
@@ -85,7 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="TCP port (default 8000; 0 = any free port)")
     serve.add_argument("--threads", type=int, help="CPU engine threads (default: automatic)")
     serve.add_argument("--backend", help="engine backend (default: auto)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    serve.add_argument("--api-key", help="deprecated (visible in ps): --api-key-file or "
+                       f"${API_KEY_ENV}")
+    serve.add_argument("--api-key-file", type=Path,
+                       help="require 'Authorization: Bearer KEY' on /v1 and /metrics, KEY "
+                       f"being this file's first line (or set ${API_KEY_ENV})")
+    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this PEM certificate")
+    serve.add_argument("--tls-key", type=Path, help="the PEM private key of --tls-cert")
+    serve.add_argument("--docs", action="store_true", default=None,
+                       help="serve /docs and /openapi.json (off by default)")
     serve.add_argument("--access-log", help="JSON-lines access log: path, '-' = stdout, '' = off")
     serve.add_argument("--log-level", choices=LOG_LEVELS)
     fleet = serve.add_argument_group(
@@ -133,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
     worker.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://host:port")
     worker.add_argument("--group", default="cloud", help="shared-subscription group (cloud)")
+    worker.add_argument("--model", help="answer only requests for this model name ('bundle': "
+                        "the bundle's name), others get model_not_found; default: any name "
+                        "(devices whose model is named differently still offload)")
+    add_auth_options(worker, "EDGE_CLOUD")
     worker.add_argument("--concurrency", type=int, default=1,
                         help="requests decoded together in one continuous batch (1)")
     worker.add_argument("--chunk-tokens", type=int, default=ChunkPolicy.tokens,
@@ -237,17 +253,23 @@ def _serve(args: argparse.Namespace) -> int:
         root, demo_key = demo_bundle()
         pubkeys = (*pubkeys, demo_key)
     bundle = _trusted_bundle(root, pubkeys)  # always verify before anything is loaded
-    token = cfg.server.resolved_api_key()
-    if not cfg.server.is_loopback and token is None:
-        log.warning(
-            "binding %s without an API key: anyone who can reach this address can use the "
-            "model (set --api-key or server.api_key)",
-            cfg.server.host,
-        )
+    _check_server(cfg, args)
     if fleet:
         assert config_file is not None
         return _run_server(cfg, bundle, sock, (_trust(pubkeys), config_file, flags))
     return _run_server(cfg, bundle, sock)
+
+
+def _check_server(cfg: Config, args: argparse.Namespace) -> None:
+    """Refuse now, in one line, what would fail once serving; warn about what is open."""
+    from edge_runtime.api.guard import check_tls, exposure_warnings
+
+    if args.api_key is not None:
+        print("edge-runtime: warning: --api-key is visible to every user of this machine in "
+              f"`ps`; use --api-key-file FILE or ${API_KEY_ENV}", file=sys.stderr)
+    check_tls(cfg.server)
+    for warning in exposure_warnings(cfg.server):
+        log.warning("%s", warning)
 
 
 def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,6 +278,10 @@ def _serve_flags(args: argparse.Namespace) -> dict[str, Any]:
         "server.host": args.host,
         "server.port": args.port,
         "server.api_key": args.api_key,
+        "server.api_key_file": args.api_key_file,
+        "server.tls_cert_file": args.tls_cert,
+        "server.tls_key_file": args.tls_key,
+        "server.docs": args.docs,
         "model.bundle": args.bundle,
         "model.pubkeys": tuple(args.pubkey) if args.pubkey else None,
         "model.threads": args.threads,
@@ -285,17 +311,23 @@ def _cloud_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")
     BrokerURL.parse(args.broker)  # a bad URL is a one-line error, before loading anything
     load = None
+    model = None if args.model in (None, "bundle") else args.model
     if not args.echo:
         if args.bundle is None:
             raise ConfigError("cloud-worker needs --bundle DIR (or --echo)")
         bundle = _trusted_bundle(args.bundle, args.pubkey or [])
+        if args.model == "bundle":  # another model name gets the API's 404 error
+            model = bundle.manifest.name
 
         def load() -> Generator:
             return Generator.from_bundle(bundle, backend=args.backend, threads=args.threads)
 
     chunk = ChunkPolicy(args.chunk_tokens, args.chunk_ms)  # ConfigError names a bad value
+    auth = auth_from_args(args, "EDGE_CLOUD")
     worker = CloudWorker(args.broker, load, group=args.group, concurrency=args.concurrency,
-                         chunk=chunk, prefill_chunk=args.prefill_chunk)
+                         chunk=chunk, prefill_chunk=args.prefill_chunk,
+                         model=model,
+                         **auth.mqtt_options())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -303,6 +335,9 @@ def _cloud_worker(args: argparse.Namespace) -> int:
     subscribed = worker.start()
     if worker.errors:
         raise EdgeError(f"cannot load the model: {worker.errors[0]}")
+    if worker.mqtt.refusal is not None or worker.mqtt.refused_filters:
+        worker.stop(drain_s=0)  # a broker that says "Not authorized" will not change its mind
+        raise worker.mqtt.failure(10.0)
     state = "subscribed" if subscribed else "waiting for the broker"
     print(f"edge-runtime: cloud worker {state} on {args.broker} "
           f"(group {args.group}, concurrency {args.concurrency}, chunks of "
@@ -363,6 +398,8 @@ def _run_server(
             log_level=cfg.log.level,
             access_log=False,  # ours is structured (accesslog.py)
             lifespan="on",
+            ssl_certfile=cfg.server.tls_cert_file,
+            ssl_keyfile=cfg.server.tls_key_file,
         )
     )
     try:
@@ -404,7 +441,8 @@ async def _serve_and_announce(
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     m = bundle.manifest
-    url = f"http://{shown}:{port}/v1"
+    scheme = "https" if server.config.ssl_certfile else "http"
+    url = f"{scheme}://{shown}:{port}/v1"
     print(f"edge-runtime: serving {m.name} {m.version} at {url}", flush=True)
     # systemd (Type=notify): started means warm and listening; the pings come from this loop.
     sdnotify.notify(f"READY=1\nSTATUS=serving {m.name} {m.version} at {url}")

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import sys
-import types
-import typing
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.serving.scheduler import SchedulerConfig
+from edge_runtime.tomlconfig import TableLoader, read_toml
 
 if TYPE_CHECKING:
     from edge_runtime.model.probe import ProbeThresholds
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Jetson's system Python (JetPack 6) is 3.10
-    import tomli as tomllib
+
+API_KEY_ENV = "EDGE_RUNTIME_API_KEY"
+"""The environment variable read for the API key when neither api_key nor api_key_file is
+set (a systemd `Environment=`/`LoadCredential=` or a container secret, never argv)."""
 
 
 @dataclass(frozen=True)
@@ -44,11 +43,34 @@ class ServerConfig:
     port: int = 8000
     """TCP port; 0 picks a free one (the URL printed at start-up says which)."""
     api_key: str | None = None
-    """When set, /v1/* and /metrics require `Authorization: Bearer <api_key>`."""
+    """When set, /v1/* and /metrics require `Authorization: Bearer <api_key>`. Prefer
+    api_key_file or $EDGE_RUNTIME_API_KEY: this file is often world-readable."""
     api_key_file: Path | None = None
     """A file holding the key (first line), so it stays out of `ps` and of this file."""
     max_body_bytes: int = 1 << 20
     """Largest request body accepted; a bigger one gets 413 before it is parsed."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names (or addresses) requests may name in their Host header, besides the loopback
+    names when bound to loopback. A foreign Host gets 400: it is how DNS rebinding lets a web
+    page reach a loopback service. Empty while bound to a wildcard address (0.0.0.0, ::):
+    no check, and a warning at start-up. `*` turns the check off."""
+    cors_origins: tuple[str, ...] = ()
+    """Web origins (`https://app.example`) whose pages may call the API from a browser. A
+    request carrying any other Origin header is refused with 403; none are allowed by
+    default."""
+    docs: bool = False
+    """Serve /docs, /redoc and /openapi.json (behind the API key when one is set)."""
+    tls_cert_file: Path | None = None
+    """PEM certificate (chain) to serve HTTPS with; needs tls_key_file."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file."""
+    jwt_public_key_file: Path | None = None
+    """PEM public key (Ed25519, EC P-256 or RSA ≥ 2048) that signs accepted JWT bearer
+    tokens (EdDSA, ES256, RS256: the key's type decides); tokens must carry `exp`."""
+    jwt_audience: str | None = None
+    """When set, a token's `aud` must name it."""
+    jwt_issuer: str | None = None
+    """When set, a token's `iss` must equal it."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -57,13 +79,27 @@ class ServerConfig:
             raise ConfigError(f"server.max_body_bytes must be >= 1, got {self.max_body_bytes}")
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("server.api_key must not be empty")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("server.tls_cert_file and server.tls_key_file go together")
+        for origin in self.cors_origins:
+            scheme, _, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not rest or "/" in rest:
+                raise ConfigError(
+                    f"server.cors_origins entry {origin!r} is not an origin "
+                    "(scheme://host[:port], no path, e.g. https://app.example)"
+                )
+        for host in self.allowed_hosts:
+            if not host or any(c in host for c in "/ "):
+                raise ConfigError(f"server.allowed_hosts entry {host!r} is not a host name")
 
     def resolved_api_key(self) -> str | None:
-        """`api_key`, else the first line of `api_key_file`, else None (no auth)."""
+        """`api_key`, else the first line of `api_key_file`, else $EDGE_RUNTIME_API_KEY, else
+        None (no API key)."""
         if self.api_key is not None:
             return self.api_key
         if self.api_key_file is None:
-            return None
+            env = os.environ.get(API_KEY_ENV, "").strip()
+            return env or None
         try:
             lines = self.api_key_file.read_text().strip().splitlines()
         except OSError as e:
@@ -80,6 +116,10 @@ class ServerConfig:
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:  # a host name: assume it may be reachable from outside
             return False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -272,63 +312,21 @@ _SECTIONS: dict[str, type[Any]] = {
 def load_config(path: str | Path) -> Config:
     """Read and validate a TOML config file; every problem is a ConfigError naming the key."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    data = read_toml(path, "config file")
     return config_from_dict(data, base_dir=path.resolve().parent, source=str(path))
 
 
 def config_from_dict(data: Mapping[str, Any], base_dir: Path, source: str = "config") -> Config:
+    """A Config from a parsed TOML table: its sections checked here, their keys by the shared
+    loader (edge_runtime/tomlconfig.py), relative paths resolved against base_dir."""
     unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"{source}: unknown section {unknown[0]!r} (known: {sorted(_SECTIONS)})")
+    loader = TableLoader(source, base_dir, ConfigError)
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         table = data.get(name, {})
         if not isinstance(table, Mapping):
             raise ConfigError(f"{source}: [{name}] must be a table")
-        hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for key in table:
-            if key not in fields:
-                raise ConfigError(
-                    f"{source}: unknown key '{name}.{key}' (known: {', '.join(sorted(fields))})"
-                )
-        values = {
-            key: _coerce(value, hints[key], f"{name}.{key}", base_dir, source)
-            for key, value in table.items()
-        }
-        try:
-            sections[name] = cls(**values)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from e
+        sections[name] = loader.build(cls, table, name)
     return Config(**sections)
-
-
-def _coerce(value: Any, tp: Any, key: str, base_dir: Path, source: str) -> Any:
-    """Check a TOML value against a field's annotation; resolve paths against base_dir."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):  # `X | None`: TOML has no null
-        (tp,) = [a for a in args if a is not type(None)]
-        return _coerce(value, tp, key, base_dir, source)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
-        return tuple(_coerce(v, args[0], key, base_dir, source) for v in value)
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        Path: lambda v: isinstance(v, str) and v != "",
-    }[tp](value)
-    if not ok:
-        raise ConfigError(f"{source}: '{key}' must be {tp.__name__}, got {value!r}")
-    if tp is Path:
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else base_dir / p
-    return float(value) if tp is float else value

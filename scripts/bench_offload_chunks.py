@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 from bench.report import cpu_model, update_section
-from bench_offload_rtt import DOC, cpu_s, pct, start_mosquitto
+from bench_offload_rtt import DOC, cpu_s, pct
+from mosquitto_broker import Broker
 
 from edge_runtime.offload.client import OffloadClient
 
@@ -130,7 +131,8 @@ def main() -> int:
              "| gap p50 / max ms |", "|---|--:|--:|--:|--:|--:|--:|--:|"]
     print("\n".join(lines))
     with tempfile.TemporaryDirectory() as tmp:
-        broker, url = start_mosquitto(Path(tmp))
+        broker = Broker(Path(tmp), log_types=("error",)).start()
+        url = broker.url
         try:
             for tokens, ms in settings:
                 w = start_worker(url, bundle, pubkey, tokens, ms, args.concurrency,
@@ -148,8 +150,7 @@ def main() -> int:
                              f"{r['gap_max_ms']:.1f} |")
                 print(lines[-1], flush=True)
         finally:
-            broker.terminate()
-            broker.wait(10)
+            broker.stop(grace_s=10)
     if not args.no_write:
         argv = " ".join(sys.argv[1:])
         update_section(DOC, "bench_offload_chunks", "\n".join([

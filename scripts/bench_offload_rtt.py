@@ -3,13 +3,16 @@
 
     python scripts/bench_offload_rtt.py [--n 1000] [--broker mqtt://127.0.0.1:1883]
 
-Without --broker it starts its own `mosquitto` (loopback, TCP_NODELAY, no persistence) on a
-free port. It starts one `edge-runtime cloud-worker --echo` process (no model: the worker
-validates the body and answers at once), then sends N requests one after another through
-`OffloadClient` and times submit → last chunk (here the only one) on the caller's event
-loop, with the client's MQTT I/O on that loop as in the daemon (`--network-thread`: on
-paho's thread, for comparison). The issue's bar is a p50 of at most 1 ms. The result goes to
-docs/BENCHMARKS.md between the `bench_offload_rtt` markers (`--no-write` to skip).
+Without --broker it starts its own `mosquitto` (scripts/mosquitto_broker.py: loopback,
+TCP_NODELAY, no persistence) on a free port. It starts one `edge-runtime cloud-worker
+--echo` process (no model: the worker validates the body and answers at once), then sends N
+requests one after another through `OffloadClient` and times submit → last chunk (here the
+only one) on the caller's event loop, with the client's MQTT I/O on that loop as in the
+daemon (`--network-thread`: on paho's thread, for comparison; `--paho-decoder`: received
+PUBLISH packets decoded by paho instead of edge_runtime/mqtt/client.py's override, the
+measured reason for it in docs/BENCHMARKS.md). The issue's bar is a p50 of at most 1 ms. The
+result goes to docs/BENCHMARKS.md between the `bench_offload_rtt` markers (`--no-write` to
+skip).
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ import argparse
 import asyncio
 import datetime as dt
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench.report import cpu_model, update_section
+from mosquitto_broker import Broker
 
 from edge_runtime.offload.client import LatencyStats, OffloadClient
 
@@ -35,30 +37,15 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 BODY = {"model": "echo", "prompt": "hi", "max_tokens": 1, "temperature": 0}
 
 
-def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-        "persistence false\nuser root\nlog_type error\n"
-    )
-    proc = subprocess.Popen([binary, "-c", str(conf)])
-    for _ in range(500):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.01)
-    proc.kill()
-    raise SystemExit("mosquitto did not start")
+PAHO_DECODER = "from edge_runtime.mqtt import client; del client._Client._handle_publish; "
+"""Removes the client's fast PUBLISH decoder: paho's own `_handle_publish` (and its
+Properties codec) takes every received message again (`--paho-decoder`)."""
 
 
-def start_worker(url: str) -> subprocess.Popen[str]:
+def start_worker(url: str, paho_decoder: bool = False) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-c", "import sys; from edge_runtime.cli import main; "
-           "sys.exit(main(sys.argv[1:]))", "cloud-worker", "--echo",
+           + (PAHO_DECODER if paho_decoder else "")
+           + "sys.exit(main(sys.argv[1:]))", "cloud-worker", "--echo",
            "--broker", url, "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -129,15 +116,25 @@ def main() -> int:
     ap.add_argument("--broker", help="use this broker instead of starting one")
     ap.add_argument("--network-thread", action="store_true",
                     help="run the client's MQTT I/O on paho's thread, not on the event loop")
+    ap.add_argument("--paho-decoder", action="store_true",
+                    help="receive with paho's own PUBLISH decoder in caller and worker, not "
+                         "the client's fast one (the override's before/after); implies "
+                         "--no-write")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = ap.parse_args()
+    if args.paho_decoder:
+        from edge_runtime.mqtt import client
+
+        del client._Client._handle_publish  # as PAHO_DECODER does in the worker
+        args.no_write = True
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         broker = None
         url = args.broker
         if url is None:
-            broker, url = start_mosquitto(Path(tmp))
-        worker = start_worker(url)
+            broker = Broker(Path(tmp), log_types=("error",)).start()
+            url = broker.url
+        worker = start_worker(url, args.paho_decoder)
         PIDS["worker"] = worker.pid
         if broker is not None:
             PIDS["broker"] = broker.pid
@@ -147,12 +144,12 @@ def main() -> int:
             worker.terminate()
             worker.wait(10)
             if broker is not None:
-                broker.terminate()
-                broker.wait(10)
+                broker.stop(grace_s=10)
     ms = [r * 1000 for r in rtts]
     where = "paho's network thread" if args.network_thread else "the event loop"
+    decoder = "paho's PUBLISH decoder" if args.paho_decoder else "the fast PUBLISH decoder"
     print(f"offload round trip, loopback, empty generation, {len(ms)} sequential requests, "
-          f"client I/O on {where}")
+          f"client I/O on {where}, {decoder}")
     print(f"  caller (submit → last chunk on the event loop): "
           f"p50 {pct(ms, 0.5):.3f} ms  p99 {pct(ms, 0.99):.3f} ms  max {max(ms):.3f} ms")
     assert lat.last_p50_s is not None and lat.last_p99_s is not None

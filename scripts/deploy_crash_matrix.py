@@ -16,7 +16,8 @@ One run = one crash point × one fresh device:
      is `active` with v2 verified; the download was resumed with Range when it was cut.
 A run that fails any check counts as inconsistent; the table has stage × runs × that count.
 
-Uses the test suite's broker and HTTP helpers (tests/mqtt_fixtures.py, tests/http_fixtures.py);
+Uses the shared broker launcher (scripts/mosquitto_broker.py) and the test suite's HTTP
+helpers (tests/http_fixtures.py);
 needs `mosquitto` on PATH. The smoke run: `--runs 1` (about 3 s per run on 2 cores).
 """
 
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from bundle_fixtures import make_bundle  # noqa: E402
 from http_fixtures import RangeServer  # noqa: E402
-from mqtt_fixtures import Broker  # noqa: E402
+from mosquitto_broker import Broker  # noqa: E402
 
 from edge_runtime import signing  # noqa: E402
 from edge_runtime.bundle.manifest import verify_bundle  # noqa: E402

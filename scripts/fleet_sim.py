@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ import contextlib
 
 from bench.report import cpu_model, update_section
 from fleetsim.devices import SharedHost, make_sim_bundle, provision, raise_fd_limit, sim_agent, unit
+from mosquitto_broker import Broker
 
 from edge_runtime import signing
 
@@ -99,36 +99,12 @@ def worker(a: argparse.Namespace) -> int:
 # -- the parent: broker, workers, two rollouts ----------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_broker(work: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = _free_port()
-    conf = work / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true",
-             "max_connections -1", "max_queued_messages 10000", "persistence false",
-             "log_type error", "log_type warning", "log_dest stderr"]
-    if os.geteuid() == 0:
-        lines.append("user root")
-    conf.write_text("\n".join(lines) + "\n")
-    log = open(work / "mosquitto.log", "ab")  # noqa: SIM115 - lives as long as the broker
-    # It inherits our RLIMIT_NOFILE, raised to the hard limit in simulate(): one fd per
-    # device connection.
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log,
-                            start_new_session=True)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mosquitto did not start") from None
-            time.sleep(0.02)
+def start_broker(work: Path) -> Broker:
+    """The shared launcher's broker (scripts/mosquitto_broker.py), sized for a fleet: no
+    connection cap, deep queues. It inherits our RLIMIT_NOFILE, raised to the hard limit in
+    simulate(): one fd per device connection."""
+    return Broker(work, extra=["max_connections -1", "max_queued_messages 10000"],
+                  own_group=True).start()
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
@@ -301,7 +277,8 @@ def simulate(a: argparse.Namespace, command: str) -> int:
     v1 = make_sim_bundle(work / "v1", key, "1")
     v2 = make_sim_bundle(work / "v2", key, "2", fail_share=a.probe_fail_share)
     v3 = make_sim_bundle(work / "v3", key, "3", error_rate=0.08)
-    broker_proc, broker = start_broker(work)
+    broker_proc = start_broker(work)
+    broker = broker_proc.url
     workers: list[subprocess.Popen[str]] = []
     try:
         # paho's network loop uses select(), which cannot watch fd numbers >= 1024 (FD_SETSIZE);
@@ -351,7 +328,7 @@ def simulate(a: argparse.Namespace, command: str) -> int:
                 wp.wait(60)
             except subprocess.TimeoutExpired:
                 _stop(wp)
-        _stop(broker_proc)
+        broker_proc.stop(grace_s=20)
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 

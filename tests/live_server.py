@@ -139,7 +139,7 @@ class FakeGenerator:
         return chunks()
 
     def batch(self, max_batch: int, prefill_chunk: int = 0) -> StreamBatch:
-        return StreamBatch(self, max_batch)
+        return StreamBatch(self, max_batch, prefill_chunk)
 
     def warmup(self) -> None:
         if self.warmup_gate is not None:
@@ -150,9 +150,11 @@ class StreamBatch:
     """The engine loop's batch interface over `FakeGenerator.stream` iterators: each step
     advances every sequence by one chunk (one character)."""
 
-    def __init__(self, gen: FakeGenerator, max_batch: int) -> None:
+    def __init__(self, gen: FakeGenerator, max_batch: int, prefill_chunk: int = 0) -> None:
         self._gen = gen
-        self._max = max_batch
+        self._max = self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        """What the engine loop and the scheduler plan with (BatchDecoder's own value)."""
         self._its: dict[Hashable, ChunkStream] = {}
         self.prefill_work: tuple[int, float] = (0, 0.0)
         self.prefilling = 0  # prompts are "prefilled" whole, in add()

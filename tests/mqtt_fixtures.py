@@ -1,211 +1,27 @@
-"""A real Mosquitto broker per test: generated config, free loopback port, kill and restart.
+"""Pytest fixtures of a real Mosquitto broker per test, on scripts/mosquitto_broker.py (the
+one launcher the tests and the scripts share; `scripts` is on pytest's pythonpath).
 
     def test_x(broker: Broker):          # persistence off
         client = MqttClient(broker.url, ...)
         broker.kill(); ...; broker.start()   # same port, so clients reconnect by themselves
 
 `persistent_broker` keeps its state on disk across a restart (retained messages, persistent
-sessions, queued QoS 1 messages), for the fleet tests that need it. Mosquitto writes its
-store only at exit and at autosave, so a `kill -9` loses what arrived since the last save:
-the config saves after every change (`autosave_on_changes true`, `autosave_interval 1`),
-the setting docs/FLEET.md asks of a production broker. `tls_broker` listens with TLS only
-and requires a client certificate signed by a CA made in the test (`make_pki`). Nothing
-here is mocked: tests that need the broker are skipped only when `mosquitto` is missing.
+sessions, queued QoS 1 messages), for the fleet tests that need it; `tls_broker` listens with
+TLS only and requires a client certificate signed by a CA made in the test (`make_pki`).
+Nothing here is mocked: tests that need the broker are skipped only when `mosquitto` is
+missing.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mosquitto_broker import MOSQUITTO, Broker, Pki, free_port, issue_client, make_pki
 
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class Pki:
-    """PEM files of a test CA, a server certificate (127.0.0.1, localhost) and a client one."""
-
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path
-    """A CA that signed nothing the broker trusts, with a client pair of its own."""
-    other_cert: Path
-    other_key: Path
-
-
-def make_pki(out: Path, client_cn: str = "dev-1") -> Pki:
-    """Generate the PKI with `cryptography` (ECDSA P-256, valid for a day)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-              ) -> tuple[Path, Path]:
-        c, k = out / f"{stem}.pem", out / f"{stem}.key"
-        c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        k.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                        serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
-        return c, k
-
-    def issue(cn: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-              ca: bool = False, server: bool = False) -> tuple[x509.Certificate,
-                                                                ec.EllipticCurvePrivateKey]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        iname, ikey = issuer if issuer is not None else (name(cn), key)
-        b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(iname)
-             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(minutes=5))
-             .not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if server:
-            b = b.add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-                critical=False).add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        elif not ca:
-            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
-                                critical=False)
-        return b.sign(ikey, hashes.SHA256()), key
-
-    ca_cert, ca_key = issue("edge test CA", None, ca=True)
-    server = issue("127.0.0.1", (ca_cert.subject, ca_key), server=True)
-    client = issue(client_cn, (ca_cert.subject, ca_key))
-    other_ca_cert, other_ca_key = issue("rogue CA", None, ca=True)
-    other = issue(client_cn, (other_ca_cert.subject, other_ca_key))
-    ca_path, _ = write("ca", ca_cert, ca_key)
-    other_ca_path, _ = write("other-ca", other_ca_cert, other_ca_key)
-    return Pki(ca_path, *write("server", *server), *write("client", *client),
-               other_ca_path, *write("other-client", *other))
-
-
-class Broker:
-    def __init__(self, workdir: Path, persistence: bool = False, pki: Pki | None = None
-                 ) -> None:
-        assert MOSQUITTO is not None
-        self.port = free_port()
-        self.workdir = workdir
-        self.log = workdir / "mosquitto.log"
-        self.config = workdir / "mosquitto.conf"
-        self.tls = pki is not None
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            "set_tcp_nodelay true",
-            f"persistence {'true' if persistence else 'false'}",
-            f"persistence_location {workdir}/",
-            # Save the store after every change (message queued, session changed), not
-            # every 30 minutes: a broker killed right after it PUBACKed a command for an
-            # offline device still has the command when it comes back.
-            "autosave_on_changes true",
-            "autosave_interval 1",
-            "log_type error",
-            "log_type warning",
-            "log_dest stderr",
-        ]
-        if pki is not None:
-            lines[1:1] = [f"cafile {pki.ca}", f"certfile {pki.server_cert}",
-                          f"keyfile {pki.server_key}", "require_certificate true",
-                          "tls_version tlsv1.2"]
-        if os.geteuid() == 0:
-            lines.append("user root")  # else mosquitto drops to its own user, losing workdir
-        self.config.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Start on this broker's port and wait until it accepts connections."""
-        assert not self.running
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(MOSQUITTO), "-c", str(self.config)], stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(
-                        f"mosquitto did not start on port {self.port}: "
-                        f"{self.log.read_text(errors='replace')[-2000:]}"
-                    ) from None
-                time.sleep(0.01)
-
-    def kill(self) -> None:
-        """SIGKILL: no DISCONNECT, no Will delay courtesy; clients see the socket close."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    @property
-    def store(self) -> Path:
-        return self.workdir / "mosquitto.db"
-
-    def wait_saved(self, needle: bytes, timeout_s: float = 5.0) -> None:
-        """Until the broker's store on disk holds `needle` (a message's payload).
-
-        Mosquitto PUBACKs a message and saves its store (autosave) in the same event-loop
-        turn, the PUBACK first (a few ms apart here). A kill -9 inside that window
-        loses the message; the controller covers it by re-sending commands the device has
-        not acknowledged (command ids make that safe)."""
-        deadline = time.monotonic() + timeout_s
-        while not (self.store.exists() and needle in self.store.read_bytes()):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not save {needle!r} in {timeout_s} s")
-            time.sleep(0.001)
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
+__all__ = ["MOSQUITTO", "Broker", "Pki", "broker", "free_port", "issue_client", "make_pki",
+           "persistent_broker", "pki", "tls_broker"]
 
 
 def _broker(tmp_path: Path, persistence: bool, pki: Pki | None = None) -> Iterator[Broker]:

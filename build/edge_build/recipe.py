@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +29,7 @@ from typing import Any
 
 from edge_build.distill_config import KDTraining
 from edge_build.stage import StageError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from edge_runtime.tomlconfig import CliValue, TableLoader, read_toml, tomllib
 
 STAGES = (
     "teacher",
@@ -228,13 +221,7 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override (`a.b=v` strings) and validate a recipe file."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise RecipeError(f"cannot read recipe {path}: {e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"{path} is not valid TOML: {e}") from e
+    data = read_toml(path, "recipe", RecipeError)
     cli_keys = {apply_override(data, item) for item in overrides}
     # A teacher named on the command line replaces the file's: a path replaces a
     # [source.teacher] table and the other way round, instead of clashing with it.
@@ -261,7 +248,7 @@ def apply_override(data: dict[str, Any], item: str) -> str:
     if not sep or not key:
         raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. source.path=/models/x")
     try:
-        value: Any = _Cli(tomllib.loads(f"v = {raw}")["v"], raw)
+        value: Any = CliValue(tomllib.loads(f"v = {raw}")["v"], raw)
     except tomllib.TOMLDecodeError:
         value = raw
     parts = key.split(".")
@@ -275,22 +262,26 @@ def apply_override(data: dict[str, Any], item: str) -> str:
     return key
 
 
-@dataclass(frozen=True)
-class _Cli:
-    """A --set value read as TOML, with its text: `package.version=1.0` is a string field's
-    "1.0", not the float TOML reads."""
+class _RecipeLoader(TableLoader):
+    """The shared TOML loader (edge_runtime/tomlconfig.py), with the recipe's paths: "$VAR" is
+    read from the environment, and a path given with --set is relative to the working
+    directory rather than to the recipe file."""
 
-    parsed: Any
-    raw: str
+    def __init__(self, source: str, base_dir: Path, cli_keys: frozenset[str]) -> None:
+        super().__init__(source, base_dir, RecipeError)
+        self.cli_keys = cli_keys
 
-
-@dataclass(frozen=True)
-class _Ctx:
-    base_dir: Path
-    """Relative paths in the file are relative to it..."""
-    source: str
-    cli_keys: frozenset[str]
-    """...but those given with --set are relative to the working directory."""
+    def path(self, value: str, key: str) -> Path:
+        # "$VAR" / "${VAR}" name a path the user keeps out of the file (a checkpoint's place).
+        expanded = os.path.expandvars(value)
+        if "$" in expanded:
+            var = expanded[expanded.index("$") :].split("/")[0]
+            raise self.fail(
+                f"'{key}' = {value!r} needs the environment variable "
+                f"{var.strip('${}')} (or --set {key}=PATH)"
+            )
+        p = Path(expanded).expanduser()
+        return p if p.is_absolute() else (Path.cwd() if key in self.cli_keys else self.base_dir) / p
 
 
 def recipe_from_dict(
@@ -300,7 +291,7 @@ def recipe_from_dict(
     path: Path | None = None,
     cli_keys: frozenset[str] = frozenset(),
 ) -> Recipe:
-    ctx = _Ctx(base_dir, source, cli_keys)
+    loader = _RecipeLoader(source, base_dir, cli_keys)
     table = dict(data)
     thresholds = table.pop("thresholds", {})
     if not isinstance(thresholds, Mapping):
@@ -310,80 +301,11 @@ def recipe_from_dict(
             raise RecipeError(
                 f"{source}: unknown key 'thresholds.{name}' (stages: {', '.join(STAGES)})"
             )
-    recipe: Recipe = _build(Recipe, table, "", ctx, skip={"thresholds", "path"})
-    gates = {n: _build(StageGates, t, f"thresholds.{n}", ctx) for n, t in thresholds.items()}
+    recipe: Recipe = loader.build(Recipe, table, "", skip=frozenset({"thresholds", "path"}))
+    gates = {n: loader.build(StageGates, t, f"thresholds.{n}") for n, t in thresholds.items()}
     recipe = dataclasses.replace(recipe, thresholds=gates, path=path)
     _validate(recipe, source)
     return recipe
-
-
-def _build(
-    cls: type[Any], table: Any, where: str, ctx: _Ctx, skip: frozenset[str] | set[str] = frozenset()
-) -> Any:
-    source = ctx.source
-    if not isinstance(table, Mapping):
-        raise RecipeError(f"{source}: '{where}' must be a table, got {table!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
-    for key in table:
-        if key not in names:
-            at = f"{where}.{key}" if where else key
-            raise RecipeError(f"{source}: unknown key '{at}' (known here: {', '.join(names)})")
-    values = {}
-    for key, value in table.items():
-        at = f"{where}.{key}" if where else key
-        values[key] = _coerce(value, hints[key], at, ctx)
-    return cls(**values)
-
-
-def _coerce(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
-    """Check a TOML value against a field's annotation; resolve relative paths."""
-    source = ctx.source
-    if isinstance(value, _Cli):
-        try:
-            return _coerce(value.parsed, tp, key, ctx)
-        except RecipeError:
-            if not isinstance(value.parsed, str):
-                return _coerce(value.raw, tp, key, ctx)  # a string field given 1.0
-            raise
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in (a for a in args if a is not type(None)):  # TOML has no null
-            try:
-                return _coerce(value, arm, key, ctx)
-            except RecipeError as e:
-                errors.append(str(e))
-        raise RecipeError(
-            errors[-1] if len(errors) == 1 else f"{source}: '{key}' has the wrong type: {value!r}"
-        )
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, ctx)
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise RecipeError(f"{source}: '{key}' must be a list, got {value!r}")
-        return tuple(_coerce(v, args[0], key, ctx) for v in value)
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        Path: lambda v: isinstance(v, str) and v != "",
-    }[tp](value)
-    if not ok:
-        raise RecipeError(f"{source}: '{key}' must be {tp.__name__}, got {value!r}")
-    if tp is Path:
-        # "$VAR" / "${VAR}" name a path the user keeps out of the file (a checkpoint's place).
-        expanded = os.path.expandvars(value)
-        if "$" in expanded:
-            var = expanded[expanded.index("$") :].split("/")[0]
-            raise RecipeError(
-                f"{source}: '{key}' = {value!r} needs the environment variable "
-                f"{var.strip('${}')} (or --set {key}=PATH)"
-            )
-        p = Path(expanded).expanduser()
-        return p if p.is_absolute() else (Path.cwd() if key in ctx.cli_keys else ctx.base_dir) / p
-    return float(value) if tp is float else value
 
 
 def _validate(r: Recipe, source: str) -> None:

@@ -5,6 +5,9 @@
     schemas.py      request and response bodies (pydantic), all in one place
     errors.py       one error shape for every 4xx/5xx
     middleware.py   request context, auth, body limits, access log (pure ASGI)
+    guard.py        Host and Origin allowlists, CORS preflight (DNS rebinding, cross-site)
+    body.py         application/json only; JSON Python can carry (400, never 500)
+    auth.py         API key or JWT bearer token (PyJWT), who the caller is
     metrics.py      Prometheus metrics of the daemon
     accesslog.py    the JSON-lines access and audit log
 

@@ -2,7 +2,10 @@
 
     GET  /healthz               200 while the process is alive
     GET  /readyz                200 once the model is loaded and warmed up, else 503
-                                (also 503, status "drained", while the fleet has drained it)
+                                (also 503, status "drained", while the fleet has drained it);
+                                model, version and load error only to an authenticated caller
+                                (or to all when no credentials are configured)
+    GET  /docs /redoc /openapi.json   only with server.docs = true (behind the API key)
     GET  /metrics               Prometheus text
     GET  /v1/models             the one served model (`bundle.manifest.name`, its version)
     GET  /v1/models/{model}
@@ -26,13 +29,16 @@ from fastapi.responses import JSONResponse, Response
 
 from edge_runtime.api import schemas as s
 from edge_runtime.api.accesslog import AccessLog
+from edge_runtime.api.auth import Authenticator
 from edge_runtime.api.completions import ServingState, create_completion
 from edge_runtime.api.errors import APIError, install_handlers
+from edge_runtime.api.guard import GuardMiddleware, allowed_hosts
 from edge_runtime.api.metrics import Metrics
 from edge_runtime.api.middleware import (
     AuthMiddleware,
     BodyLimitMiddleware,
     RequestContextMiddleware,
+    authenticated,
 )
 from edge_runtime.config import Config
 from edge_runtime.offload.client import OffloadClient
@@ -78,22 +84,37 @@ def create_app(
                 await asyncio.to_thread(fleet.stop)  # a clean MQTT goodbye takes a moment
             worker.stop()
 
-    app = FastAPI(title="edge-runtime", lifespan=lifespan)
+    docs = config.server.docs  # off by default: the schema is a map for an attacker
+    app = FastAPI(
+        title="edge-runtime",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.serving = state
     app.state.metrics = metrics
     install_handlers(app)
-    app.include_router(_health_router(state))
+    auth = Authenticator.from_config(config.server)  # ConfigError names a bad key file
+    app.include_router(_health_router(state, open_api=auth is None))
     app.include_router(_v1_router(state))
     # add_middleware wraps: the last one added is the outermost.
     app.add_middleware(BodyLimitMiddleware, limit=config.server.max_body_bytes)
-    token = config.server.resolved_api_key()
-    if token is not None:
-        app.add_middleware(AuthMiddleware, token=token)
+    if auth is not None:
+        docs_paths = ("/docs", "/redoc", "/openapi.json") if docs else ()
+        app.add_middleware(AuthMiddleware, auth=auth, protected=("/v1", "/metrics", *docs_paths))
+    app.add_middleware(
+        GuardMiddleware,
+        hosts=allowed_hosts(config.server),
+        origins=frozenset(config.server.cors_origins),
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log=access_log)
     return app
 
 
-def _health_router(state: ServingState) -> APIRouter:
+def _health_router(state: ServingState, open_api: bool) -> APIRouter:
+    """`open_api`: no credentials are configured, so every caller may see what /v1/models
+    shows anyway; else /readyz details (model, version, load error) need credentials."""
     router = APIRouter()
 
     @router.get("/healthz")
@@ -101,16 +122,21 @@ def _health_router(state: ServingState) -> APIRouter:
         return {"status": "ok"}
 
     @router.get("/readyz")
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
         worker = state.worker
+        details = open_api or authenticated(request.scope) is not None
         if worker.ready:
             m = state.current_model()
             # Drained: up, but a load balancer must send new work elsewhere.
             status = "drained" if worker.drained else "ready"
-            body: dict[str, Any] = {"status": status, "model": m.name, "version": m.version}
+            body: dict[str, Any] = {"status": status}
+            if details:
+                body.update(model=m.name, version=m.version)
             return JSONResponse(body, status_code=503 if worker.drained else 200)
         if worker.error is not None:
-            body = {"status": "failed", "error": str(worker.error)}
+            body = {"status": "failed"}
+            if details:
+                body["error"] = str(worker.error)
         else:
             body = {"status": "loading"}
         return JSONResponse(body, status_code=503)

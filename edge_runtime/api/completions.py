@@ -1,7 +1,8 @@
 """OpenAI completion requests → engine requests → OpenAI responses (JSON or SSE).
 
     body ─▶ model check ─▶ prompt ids (tokenized off the event loop) ─▶ SamplingParams
-         ─▶ LocalWorker.submit ─▶ first event ─▶ one JSON body, or an SSE stream:
+         ─▶ serving.dispatch.Dispatcher (local / cloud / refuse) ─▶ first event
+         ─▶ one JSON body, or an SSE stream:
 
     data: {"object": "chat.completion.chunk", ... "delta": {"role": "assistant", "content": ""}}
     data: {... "delta": {"content": "Hel"}}                 one per text delta
@@ -12,17 +13,18 @@
 The response starts only once the first event is back, so a request refused in the queue
 (deadline passed) still gets a real 429 rather than an error inside a 200 stream.
 
-A device the fleet has drained (LocalWorker.drained) admits no new request: it goes to the
-cloud when the offload path is on and up, else it gets 503 `drained` with Retry-After.
+This module only translates: where a request is served is the dispatcher's decision, made
+once (a drained device's requests go to the cloud when it is up, else 503 `drained`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -37,16 +39,11 @@ from edge_runtime.api.middleware import RequestContext, request_context
 from edge_runtime.errors import ContextLengthError, EdgeError, GenerationError
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.model.stream import Chunk, GenerationStats
-from edge_runtime.offload.client import OffloadClient, OffloadStream
+from edge_runtime.offload.client import OffloadClient
+from edge_runtime.serving.dispatch import CloudCall, Dispatcher, Drained, Route
 from edge_runtime.serving.engine_loop import LocalWorker
-from edge_runtime.serving.request import (
-    ModelChanged,
-    ModelInfo,
-    OffloadRequested,
-    TextGenerator,
-)
+from edge_runtime.serving.request import ModelChanged, ModelInfo, TextGenerator
 from edge_runtime.serving.request import Request as EngineRequest
-from edge_runtime.serving.scheduler import Action
 
 T = TypeVar("T")
 # 499: the client closed the connection before the response began (nginx's convention).
@@ -68,37 +65,18 @@ class ServingState:
     def current_model(self) -> ModelInfo:
         return self.worker.model or self.model
 
-
-class Cancellable(Protocol):
-    """What a response needs of the work behind it: local request or cloud stream."""
-
-    @property
-    def queue_wait_s(self) -> float: ...
-
-    def cancel(self) -> None: ...
+    @functools.cached_property
+    def dispatcher(self) -> Dispatcher:
+        """Local / cloud / refuse (serving/dispatch.py), over this app's worker and cloud."""
+        return Dispatcher(self.worker, self.offload)
 
 
-@dataclass
-class _CloudWork:
-    req: EngineRequest
-    stream: OffloadStream
-
-    @property
-    def queue_wait_s(self) -> float:
-        return self.req.queue_wait_s
-
-    def cancel(self) -> None:
-        self.stream.cancel()
-        self.req.cancel()
-
-
-DRAINED_RETRY_AFTER_S = 30
-"""Retry-After of a drained device's refusal: a drain is maintenance (a deploy, a reboot)."""
 DEADLINE_HEADER = "x-request-deadline-ms"
 """The client's latency budget for the whole response, in milliseconds from arrival."""
 
 
-def _deadline(request: Request) -> float | None:
+def _budget_s(request: Request) -> float | None:
+    """The client's latency budget in seconds (None: the dispatcher's default)."""
     raw = request.headers.get(DEADLINE_HEADER)
     if raw is None:
         return None
@@ -112,7 +90,7 @@ def _deadline(request: Request) -> float | None:
             f"{DEADLINE_HEADER} must be a number of milliseconds in (0, 86400000], got {raw!r}",
             param=DEADLINE_HEADER,
         )
-    return time.monotonic() + budget_ms / 1000
+    return budget_ms / 1000
 
 
 async def create_completion(
@@ -141,7 +119,6 @@ async def _create_completion(
             code="model_not_found",
         )
     ctx.model = body.model
-    drained_to_cloud = state.worker.drained and _drained_to_cloud(state, ctx)
     if gen is None:
         raise APIError(
             503,
@@ -150,7 +127,8 @@ async def _create_completion(
             code="model_not_ready",
             headers={"Retry-After": str(max(1, state.retry_after_s))},
         )
-    deadline = _deadline(request)
+    # The deadline counts from arrival, on the engine loop's clock.
+    deadline = state.dispatcher.deadline(_budget_s(request))
     chat = isinstance(body, s.ChatCompletionRequest)
     if isinstance(body, s.ChatCompletionRequest):
         messages = [m.for_template() for m in body.messages]
@@ -168,77 +146,24 @@ async def _create_completion(
         deadline=deadline,
         generator=gen,
     )
-    if drained_to_cloud:
-        ctx.bundle_version = model.version
-        fmt = _Format(chat, f"{'chatcmpl' if chat else 'cmpl'}-{ctx.id}", model)
-        req.deadline = deadline or time.monotonic() + state.worker.config.default_deadline_s
-        return await _respond(request, body, state, ctx, fmt, *_to_cloud(body, state, ctx, req))
-    # REJECT raises OverloadedError → 429/503 with Retry-After (errors.from_edge_error).
-    decision = state.worker.submit(req)
-    ctx.bundle_version = model.version
-    fmt = _Format(chat, f"{'chatcmpl' if chat else 'cmpl'}-{ctx.id}", model)
-    if decision.action is Action.OFFLOAD:
-        return await _respond(request, body, state, ctx, fmt, *_to_cloud(body, state, ctx, req))
+    call = CloudCall(functools.partial(body.model_dump, mode="json", exclude_none=True),
+                     "chat" if chat else "completions", body.stream)
+
+    def on_cloud() -> None:
+        ctx.served_by = "cloud"
+        ctx.bundle_version = None  # the cloud worker's model answers, not this device's bundle
+
     try:
-        return await _respond(request, body, state, ctx, fmt, req, req.chunks())
-    except OffloadRequested:  # queued, then sent away by the scheduler's review
-        return await _respond(request, body, state, ctx, fmt, *_to_cloud(body, state, ctx, req))
-
-
-def _drained_to_cloud(state: ServingState, ctx: RequestContext) -> bool:
-    """A drained device: True to send the request to the cloud, else a 503 to retry later
-    (not counted as an error in the fleet's telemetry: nobody tried to serve it)."""
-    cloud = state.offload
-    if cloud is not None and state.worker.config.offload_enabled and cloud.available():
-        return True
-    ctx.served_by = REFUSED
-    raise APIError(
-        503,
-        "this device is drained by its fleet (maintenance) and no cloud path is available; "
-        "retry later or on another device",
-        SERVER_ERROR,
-        code="drained",
-        headers={"Retry-After": str(DRAINED_RETRY_AFTER_S)},
-    )
-
-
-def _to_cloud(
-    body: s.ChatCompletionRequest | s.CompletionRequest,
-    state: ServingState,
-    ctx: RequestContext,
-    req: EngineRequest,
-) -> tuple[Cancellable, AsyncIterator[Chunk]]:
-    """Publish the request to the cloud; its answer as our chunks."""
-    if state.offload is None:  # the scheduler offloads only when a cloud path is wired
-        raise APIError(503, "no cloud path is configured", SERVER_ERROR, code="overloaded")
-    ctx.served_by = "cloud"
-    ctx.bundle_version = None  # the cloud worker's model answers, not this device's bundle
-    req.started = time.monotonic()
-    endpoint = "chat" if isinstance(body, s.ChatCompletionRequest) else "completions"
-    assert req.deadline is not None  # set by LocalWorker.submit
-    stream = state.offload.submit(
-        body.model_dump(mode="json", exclude_none=True),
-        endpoint,
-        req.deadline,
-        stream=body.stream,
-        request_id=ctx.id,
-        max_tokens=req.params.max_tokens,  # the cloud's p99 is looked up by length
-    )
-    return _CloudWork(req, stream), _cloud_chunks(stream, len(req.prompt_ids))
-
-
-async def _cloud_chunks(stream: OffloadStream, prompt_tokens: int) -> AsyncIterator[Chunk]:
-    async for c in stream:
-        if c.finish_reason is None:
-            yield Chunk(c.text, [])
-            continue
-        u = c.usage
-        stats = GenerationStats(
-            prompt_tokens=u.prompt_tokens if u else prompt_tokens,
-            completion_tokens=u.completion_tokens if u else 0,
-        )
-        yield Chunk(c.text, [], c.finish_reason, stats)
-        return
+        # REJECT raises OverloadedError → 429/503 with Retry-After (errors.from_edge_error).
+        route = state.dispatcher.dispatch(req, call, on_cloud)
+    except Drained as e:  # not counted as an error in the fleet's telemetry
+        ctx.served_by = REFUSED
+        raise APIError(503, str(e), SERVER_ERROR, code="drained",
+                       headers={"Retry-After": str(round(e.retry_after_s))}) from e
+    if route.served_by == "local":  # a queue review may still send it away: on_cloud
+        ctx.bundle_version = model.version
+    fmt = _Format(chat, f"{'chatcmpl' if chat else 'cmpl'}-{ctx.id}", model)
+    return await _respond(request, body, state, ctx, fmt, route)
 
 
 async def _respond(
@@ -247,10 +172,10 @@ async def _respond(
     state: ServingState,
     ctx: RequestContext,
     fmt: _Format,
-    work: Cancellable,
-    chunks: AsyncIterator[Chunk],
+    work: Route,
 ) -> Response:
     """One JSON body, or an SSE stream, from chunks produced here or in the cloud."""
+    chunks = work.chunks
     if not body.stream:
         collected = await _unless_disconnected(request.receive, work, _collect(chunks))
         if collected is None:
@@ -302,7 +227,7 @@ async def _collect(chunks: AsyncIterator[Chunk]) -> tuple[str, Chunk]:
 
 
 async def _unless_disconnected(
-    receive: Receive, req: Cancellable, work: Awaitable[T]
+    receive: Receive, req: Route, work: Awaitable[T]
 ) -> T | None:
     """`work`'s result, or None (and the generation cancelled) if the client goes away first."""
 
@@ -325,7 +250,7 @@ async def _unless_disconnected(
 
 
 def _finished(
-    last: Chunk, req: Cancellable, metrics: Metrics, ctx: RequestContext
+    last: Chunk, req: Route, metrics: Metrics, ctx: RequestContext
 ) -> GenerationStats:
     assert last.stats is not None
     ctx.completion_tokens = last.stats.completion_tokens
@@ -337,7 +262,7 @@ async def _sse(
     fmt: _Format,
     first: Chunk,
     chunks: AsyncIterator[Chunk],
-    req: Cancellable,
+    req: Route,
     metrics: Metrics,
     ctx: RequestContext,
     include_usage: bool,

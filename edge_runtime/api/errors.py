@@ -45,6 +45,9 @@ class APIError(Exception):
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        # A message may quote what the client sent; text that cannot be encoded (a lone
+        # surrogate) must not turn the error response itself into a 500.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message

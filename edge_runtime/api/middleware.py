@@ -1,8 +1,11 @@
 """Pure ASGI middleware, outermost first:
 
     RequestContextMiddleware   request id, `x-served-by`, metrics, access log, catch-all 500
-    AuthMiddleware             bearer token on /v1/* and /metrics (when a token is set)
-    BodyLimitMiddleware        413 for bodies over the limit, before anything parses them
+    GuardMiddleware            Host and Origin allowlists, CORS preflight (guard.py)
+    AuthMiddleware             API key or JWT on /v1/*, /metrics and the docs (when set)
+    BodyLimitMiddleware        413 for bodies over the limit, then body.py's checks (415 for
+                               anything but application/json, 400 for JSON Python cannot
+                               carry), before anything parses them
 
 Pure ASGI rather than Starlette's BaseHTTPMiddleware: these wrap streamed (SSE) responses,
 which BaseHTTPMiddleware buffers through an extra task and memory stream.
@@ -10,7 +13,6 @@ which BaseHTTPMiddleware buffers through an extra task and memory stream.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import time
@@ -21,12 +23,15 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge_runtime.api.accesslog import AccessLog
+from edge_runtime.api.auth import Authenticator, AuthError, Principal
+from edge_runtime.api.body import check_body
 from edge_runtime.api.errors import SERVER_ERROR, APIError
 from edge_runtime.api.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 CONTEXT_KEY = "edge_runtime.context"
+AUTH_KEY = "edge_runtime.auth"
 # A client may bring its own request id (for tracing across services) if it is short and tame.
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -62,7 +67,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        given = _header(scope, b"x-request-id")
+        given = header(scope, b"x-request-id")
         ctx = RequestContext(id=given if given and _CLIENT_ID.match(given) else uuid.uuid4().hex)
         scope[CONTEXT_KEY] = ctx
         status = 0
@@ -119,32 +124,51 @@ def _record(scope: Scope, ctx: RequestContext, status: int, seconds: float) -> d
 
 
 class AuthMiddleware:
-    """`Authorization: Bearer <token>` on protected paths; health checks stay open."""
+    """`Authorization: Bearer <API key or JWT>` on protected paths (auth.py says which
+    credentials count). Health checks stay open; /readyz reads `scope[AUTH_KEY]` to decide
+    whether to show details, so a credential is checked, never required, there."""
 
     def __init__(
-        self, app: ASGIApp, token: str, protected: tuple[str, ...] = ("/v1", "/metrics")
+        self,
+        app: ASGIApp,
+        auth: Authenticator,
+        protected: tuple[str, ...] = ("/v1", "/metrics"),
     ) -> None:
         self.app = app
-        self.token = token.encode("utf-8")
+        self.auth = auth
         self.protected = protected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.protected):
-            scheme, _, given = (_header(scope, b"authorization") or "").partition(" ")
-            # Constant-time comparison: the token must not leak through response timing.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode("utf-8", "replace"), self.token
-            ):
-                scope[CONTEXT_KEY].error = "invalid_api_key"
-                err = APIError(
-                    401,
-                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                await err.response()(scope, receive, send)
-                return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = header(scope, b"authorization")
+        must = scope["path"].startswith(self.protected)
+        if must or given is not None:
+            try:
+                scope[AUTH_KEY] = self.auth.authenticate(given)
+            except AuthError as e:
+                if must:
+                    err = APIError(
+                        401, str(e), code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+                    )
+                    note_error(scope, err)
+                    await err.response()(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
+
+
+def authenticated(scope: Scope) -> Principal | None:
+    """The caller AuthMiddleware accepted, if any."""
+    principal = scope.get(AUTH_KEY)
+    return principal if isinstance(principal, Principal) else None
+
+
+def note_error(scope: Scope, err: APIError) -> None:
+    """Record a refusal's code for the access log."""
+    ctx = scope.get(CONTEXT_KEY)
+    if isinstance(ctx, RequestContext):
+        ctx.error = err.code or err.type
 
 
 class BodyLimitMiddleware:
@@ -165,7 +189,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         too_large = declared is not None and declared.isdigit() and int(declared) > self.limit
         chunks: list[bytes] = []
         size = 0
@@ -181,17 +205,21 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
         if too_large:
             await self._drain(receive, size, more_body=more)
-            scope[CONTEXT_KEY].error = "request_too_large"
             err = APIError(
                 413,
                 f"request body exceeds the limit of {self.limit} bytes",
                 param=None,
                 code="request_too_large",
             )
+            note_error(scope, err)
             await err.response()(scope, receive, send)
             return
         body = b"".join(chunks)
-        _treat_json_body_as_json(scope, body)
+        refusal = check_body(scope["method"], header(scope, b"content-type"), body)
+        if refusal is not None:
+            note_error(scope, refusal)
+            await refusal.response()(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -212,20 +240,7 @@ class BodyLimitMiddleware:
             more_body = message.get("more_body", False)
 
 
-def _treat_json_body_as_json(scope: Scope, body: bytes) -> None:
-    """`curl URL -d '{...}'` sends JSON labelled application/x-www-form-urlencoded (curl's
-    default for -d); the API only ever takes JSON, so a body that is a JSON object is read as
-    one whatever its label. Anything else keeps its label and fails validation as before."""
-    ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
-    if ctype == "application/json" or not body.lstrip().startswith(b"{"):
-        return
-    if ctype not in ("", "application/x-www-form-urlencoded", "text/plain"):
-        return
-    headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
-    scope["headers"] = [*headers, (b"content-type", b"application/json")]
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope.get("headers", []):
         if key == name:
             return str(value.decode("latin-1"))

@@ -47,7 +47,7 @@ class StreamOptions(_Request):
 
 
 class _Sampling(_Request):
-    model: str
+    model: str = Field(max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)

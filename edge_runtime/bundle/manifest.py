@@ -216,9 +216,35 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _listed_files(root: Path) -> list[str]:
-    rels = (p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
-    return sorted(r for r in rels if r not in (MANIFEST, SIGNATURE))
+def _bundle_files(root: Path) -> list[str]:
+    """Every file under `root` (bundle-relative, sorted), refusing anything but plain files and
+    directories. A symlink is refused wherever it is (the manifest, the signature, a graph, a
+    directory): it would let the bytes that were verified differ from the bytes that are
+    loaded, or point the loader outside the bundle. The root itself may be a link the operator
+    made (`current -> v2`); what it holds may not."""
+    found: list[str] = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as entries:
+            for e in entries:
+                path = Path(e.path)
+                rel = path.relative_to(root).as_posix()
+                if e.is_symlink():
+                    raise BundleIntegrityError(
+                        f"{rel}: is a symbolic link (to {os.readlink(path)}); a bundle holds "
+                        "only plain files and directories",
+                        rel,
+                    )
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(path)
+                elif e.is_file(follow_symlinks=False):
+                    found.append(rel)
+                else:
+                    raise BundleIntegrityError(
+                        f"{rel}: is not a plain file (a socket, FIFO or device)", rel
+                    )
+    return sorted(found)
 
 
 def verify_bundle(root: str | os.PathLike[str], trusted: list[Ed25519PublicKey]) -> Bundle:
@@ -227,8 +253,9 @@ def verify_bundle(root: str | os.PathLike[str], trusted: list[Ed25519PublicKey])
     manifest_path, sig_path = root / MANIFEST, root / SIGNATURE
     if not root.is_dir():
         raise BundleError(f"bundle {root} is not a directory")
+    on_disk = _bundle_files(root)  # first: no symlink is followed, not even to the manifest
     for p in (manifest_path, sig_path):
-        if not p.is_file():
+        if p.name not in on_disk:
             raise BundleIntegrityError(f"bundle {root} has no {p.name}", p.name)
     raw = manifest_path.read_bytes()
     signer = signing.verify(raw, sig_path.read_bytes(), trusted)
@@ -241,7 +268,7 @@ def verify_bundle(root: str | os.PathLike[str], trusted: list[Ed25519PublicKey])
         # A listed path must stay inside the bundle and be a plain file.
         if ".." in Path(rel).parts or Path(rel).is_absolute():
             raise BundleIntegrityError(f"manifest lists a path outside the bundle: {rel}", rel)
-        if p.is_symlink() or not p.is_file():
+        if Path(rel).as_posix() not in on_disk:
             raise BundleIntegrityError(f"{rel}: missing from the bundle", rel)
         size = p.stat().st_size
         if size != entry.size:
@@ -252,8 +279,9 @@ def verify_bundle(root: str | os.PathLike[str], trusted: list[Ed25519PublicKey])
                 f"{rel}: SHA-256 {digest[:16]}… does not match the manifest's {entry.sha256[:16]}…",
                 rel,
             )
-    for rel in _listed_files(root):
-        if rel not in manifest.files:
+    listed = {Path(r).as_posix() for r in manifest.files}
+    for rel in on_disk:
+        if rel not in listed and rel not in (MANIFEST, SIGNATURE):
             raise BundleIntegrityError(f"{rel}: file is not listed in the manifest", rel)
     for gname, g in manifest.graphs.items():
         if g.file not in manifest.files:

@@ -4,15 +4,15 @@
                            ─▶ `tokens` pending, or the oldest one
                               has waited `ms`?                    ─▶ publish them as one chunk
                            ─▶ else hold
-    after each decode step: Coalescer.due(now) ─▶ publish what waited `ms`
+    held text waited `ms`:  Coalescer.due(now) ─▶ publish it (due_in(now) says when)
     at the finish:          Coalescer.take()   ─▶ the rest rides on the final chunk
 
 Why: the daemon that offloads is the overloaded side. Every MQTT message costs it a read, a
 property decode, a JSON decode and an SSE write (~0.25 ms of CPU on a 2-core machine), and
 one message per token made a cloud answer cost the device almost as much CPU as part of a
 local one. Holding tokens for at most `ms` changes no text and no TTFT: only how often the
-streamed text arrives. Pure, with the clock passed in: the engine loop (cloud_worker.py)
-drives one per streamed request.
+streamed text arrives. Pure, with the clock passed in: the cloud worker (worker.py) drives
+one per streamed request.
 """
 
 from __future__ import annotations
@@ -88,6 +88,13 @@ class Coalescer:
         if p is None or self._since is None or (now - self._since) * 1000 < p.ms:
             return None
         return self._flush()
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until held text is due (0: now); None when nothing is held for a time."""
+        p = self._policy
+        if p is None or self._since is None:
+            return None
+        return max(0.0, p.ms / 1000 - (now - self._since))
 
     def _flush(self) -> str | None:
         """The pending text, unless it is still empty (tokens of a character not yet whole:

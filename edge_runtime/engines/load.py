@@ -25,6 +25,7 @@ from edge_runtime.engines.trt_cache import (
     default_cache_dir,
     find_plan,
     graph_sha256,
+    ort_trt_cache_dir,
     plan_paths,
     select_graph,
 )
@@ -58,7 +59,9 @@ def load_engine(
             return trt, trt.graph_spec
     from edge_runtime.engines.ort import OrtEngine
 
-    return OrtEngine(str(bundle.path(spec.file)), threads=threads), spec
+    # The TensorRT execution provider's engine cache: outside the bundle, one per bundle.
+    cache = ort_trt_cache_dir(bundle, spec)
+    return OrtEngine(str(bundle.path(spec.file)), threads=threads, cache_dir=cache), spec
 
 
 def open_trt(bundle: Bundle, requested: GraphSpec, required: bool) -> TrtEngine | None:

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from edge_runtime.bundle.manifest import TensorSpec
 from edge_runtime.engines.protocol import DeviceTensor
+from edge_runtime.engines.trt_cache import ort_trt_cache_for_path
 from edge_runtime.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,19 @@ def choose_providers(available: Sequence[str] | None = None) -> list[str]:
     have = set(ort.get_available_providers() if available is None else available)
     chosen = [p for p in _PREFERENCE if p in have]
     return chosen or ["CPUExecutionProvider"]
+
+
+def trt_provider_options(cache_dir: Path) -> dict[str, Any]:
+    """The TensorRT execution provider's options; its engine cache goes to `cache_dir`
+    (created here, owner-only), which load.py puts under the runtime cache, never in a
+    bundle (trt_cache.ort_trt_cache_dir)."""
+    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return {
+        "trt_fp16_enable": True,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+    }
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -70,18 +84,8 @@ class OrtEngine:
         provider_args: list[Any] = []
         for p in chosen:
             if p == "TensorrtExecutionProvider":
-                trt_cache = Path(cache_dir or Path(path).parent / ".trt-cache")
-                provider_args.append(
-                    (
-                        p,
-                        {
-                            "trt_fp16_enable": True,
-                            "trt_engine_cache_enable": True,
-                            "trt_engine_cache_path": str(trt_cache),
-                            "trt_timing_cache_enable": True,
-                        },
-                    )
-                )
+                trt_dir = Path(cache_dir) if cache_dir else ort_trt_cache_for_path(Path(path))
+                provider_args.append((p, trt_provider_options(trt_dir)))
             else:
                 provider_args.append(p)
         try:

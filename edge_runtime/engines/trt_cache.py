@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.atomic import atomic_write_json
-from edge_runtime.bundle.manifest import GraphSpec, Manifest
+from edge_runtime.bundle.manifest import Bundle, GraphSpec, Manifest
 from edge_runtime.engines.trt_plan import ProfileLimits
 from edge_runtime.errors import BundleError, ConfigError, EngineError
 
@@ -49,6 +49,9 @@ TRT_WEIGHT_FORMAT = "qdq"
 """`GraphSpec.weights["format"]` of a graph written for TensorRT."""
 _ORT_ONLY_FORMATS = {"MatMulNBits": "MatMulNBits / GatherBlockQuantized (ONNX Runtime contrib ops)"}
 CACHE_ENV = "EDGE_RUNTIME_TRT_CACHE"
+RUNTIME_CACHE_ENV = "EDGE_RUNTIME_CACHE"
+ORT_TRT_DIR = "ort-trt"
+"""Under the runtime cache: ONNX Runtime's TensorRT execution provider's engine caches."""
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,54 @@ class PlanRecord:
             raise EngineError(f"TensorRT plan record {source} is malformed: {e}") from e
 
 
-def default_cache_dir() -> Path:
-    """$EDGE_RUNTIME_TRT_CACHE, else $XDG_CACHE_HOME/edge-runtime/trt (~/.cache/...)."""
-    env = os.environ.get(CACHE_ENV)
+def runtime_cache_dir() -> Path:
+    """$EDGE_RUNTIME_CACHE, else $XDG_CACHE_HOME/edge-runtime (~/.cache/edge-runtime).
+
+    Everything the runtime builds on a device for itself lives here, never inside a bundle:
+    a bundle is verified file by file at every start, and a file it does not list makes it
+    refused (the device could not restart)."""
+    env = os.environ.get(RUNTIME_CACHE_ENV)
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edge-runtime" / "trt"
+    return Path(base) / "edge-runtime"
+
+
+def default_cache_dir() -> Path:
+    """The plan cache: $EDGE_RUNTIME_TRT_CACHE, else runtime_cache_dir()/trt."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    return runtime_cache_dir() / "trt"
+
+
+def ort_trt_cache_dir(bundle: Bundle, graph: GraphSpec) -> Path:
+    """Where ONNX Runtime's TensorRT execution provider caches the engines it builds for
+    `bundle`'s `graph`: runtime_cache_dir()/ort-trt/<key>.
+
+    The provider names its cache files after the model's path, not its content, so the key
+    hashes the verified manifest (every file's SHA-256, name, version) and the graph: a new
+    bundle at the same path never picks up the engines of the old one, and two bundles never
+    share a directory. Refuses a cache directory inside the bundle (EDGE_RUNTIME_CACHE
+    pointing there), which would make the next verification fail."""
+    material = bundle.manifest.to_json() + graph.file.encode("utf-8")
+    key = hashlib.sha256(material).hexdigest()[:32]
+    cache = runtime_cache_dir() / ORT_TRT_DIR / key
+    root = bundle.root.resolve()
+    resolved = cache.resolve()
+    if resolved == root or root in resolved.parents:
+        raise ConfigError(
+            f"the engine cache {cache} is inside the bundle {bundle.root}: set "
+            f"{RUNTIME_CACHE_ENV} to a directory outside it"
+        )
+    return cache
+
+
+def ort_trt_cache_for_path(graph_file: Path) -> Path:
+    """The engine cache of a graph opened by path, outside any bundle (OrtEngine without a
+    cache_dir): keyed by the file's resolved path."""
+    key = hashlib.sha256(str(graph_file.resolve()).encode("utf-8")).hexdigest()[:32]
+    return runtime_cache_dir() / ORT_TRT_DIR / f"path-{key}"
 
 
 def check_precision(precision: str, graph: GraphSpec) -> str:

@@ -255,7 +255,7 @@ def health_check(
 ) -> Callable[[Path], ProbeResult]:
     """A DeviceAgent health check for an agent beside (not inside) the daemon: verify, load,
     probe. The daemon's own agent probes the generator it is about to serve instead
-    (fleet_serving.py), so nothing is loaded twice."""
+    (fleet/daemon.py), so nothing is loaded twice."""
     from edge_runtime.bundle.manifest import verify_bundle
 
     def run(path: Path) -> ProbeResult:

@@ -18,9 +18,10 @@ without it, Nagle's algorithm holds small publishes back until the previous one 
 
 PUBLISH properties go through `mqtt_props` instead of paho's `Properties` codec both ways
 (a packed block on the way out, a `_Client._handle_publish` that parses the packet itself on
-the way in, paho's own decoder for anything that fast path does not handle): paho's codec
-cost ~0.45 ms of every offload round trip. What a connection is made of (broker URL, TLS
-files, Will, a received Message) is in mqtt_types.py, free of paho; it is re-exported here.
+the way in, paho's own decoder for anything that fast path does not handle): paho's decoder
+alone costs ~0.19 ms of the offload round trip's p50 (docs/BENCHMARKS.md, "paho-mqtt pin").
+What a connection is made of (broker URL, TLS files, Will, a received Message) is in
+types.py, free of paho; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from edge_runtime.mqtt.types import (
     TlsFiles,
     Will,
     broker_credentials,
+    identity_of,
 )
 
 __all__ = [
@@ -112,6 +114,16 @@ class MqttClient:
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         self._client = c
+        self.identity = identity_of(username, tls)
+        """Who this client logs in as, for error messages: a username, a certificate's CN,
+        or `anonymous`; never the password."""
+        self.refusal: str | None = None
+        """The broker's reason for refusing the last CONNECT (CONNACK `Not authorized`,
+        `Bad user name or password`, …); None once a connection is accepted."""
+        self.refused_filters: dict[str, str] = {}
+        """Subscriptions the broker refused (SUBACK reason code >= 0x80), with the reason."""
+        self._sub_mids: dict[int, str] = {}
+        self._refused_pubs: dict[int, str] = {}
         self._driver: LoopDriver | None = None
         self._set_reconnect_delay()
 
@@ -160,6 +172,21 @@ class MqttClient:
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
+
+    def failure(self, timeout_s: float) -> BrokerError:
+        """Why `start`/`wait_subscribed` did not succeed within `timeout_s`: the broker's own
+        refusal (CONNACK, SUBACK) with the identity used, else `cannot reach`."""
+        where = f"mqtt{'s' if self.url.tls else ''}://{self.url.host}:{self.url.port}"
+        if self.refusal is not None:
+            return BrokerError(f"the MQTT broker at {where} refused the connection of "
+                               f"{self.identity}: {self.refusal} (check the credentials and "
+                               "the broker's ACL)")
+        if self.refused_filters:
+            refused = ", ".join(f"{f!r} ({r})" for f, r in sorted(self.refused_filters.items()))
+            return BrokerError(f"the MQTT broker at {where} refused {self.identity} the "
+                               f"subscription to {refused} (check the broker's ACL)")
+        return BrokerError(f"cannot reach the MQTT broker at {where} within {timeout_s:g}s "
+                           f"(as {self.identity})")
 
     def wait_subscribed(self, timeout_s: float) -> bool:
         """Connected and every subscription acknowledged (SUBACK) by the broker."""
@@ -217,6 +244,11 @@ class MqttClient:
                 raise BrokerError(f"publish to {topic!r} failed: {e}") from None
             if not info.is_published():
                 raise BrokerError(f"no PUBACK for {topic!r} within {wait_s:.1f} s")
+            with self._lock:
+                refused = self._refused_pubs.pop(info.mid, None)
+            if refused is not None:
+                raise BrokerError(f"the broker refused {self.identity} the publish to "
+                                  f"{topic!r}: {refused}")
         return info.mid
 
     # -- paho callbacks (network thread) ----------------------------------------------------
@@ -231,13 +263,19 @@ class MqttClient:
         self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
     ) -> None:
         if rc.is_failure:
-            log.error("broker %s refused the connection: %s", self.url.host, rc)
+            # paho retries on its own: say it once, not on every retry
+            level = logging.ERROR if self.refusal != str(rc) else logging.DEBUG
+            self.refusal = str(rc)
+            log.log(level, "broker %s refused the connection of %s: %s", self.url.host,
+                    self.identity, rc)
             return
+        self.refusal = None
         log.info("connected to mqtt://%s:%d as %s", self.url.host, self.url.port,
                  self.client_id)
         with self._lock:
             subs = list(self._handlers.items())
             self._pending_subs.clear()
+            self._sub_mids.clear()  # SUBACKs of a dead connection never come
             if not subs:
                 self._subscribed.set()
         # With clean_start the broker forgot our subscriptions; without it, it may still have
@@ -287,6 +325,10 @@ class MqttClient:
         self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any
     ) -> None:
         with self._lock:
+            if rc.is_failure:  # Not authorized (ACL), quota exceeded, …
+                self._refused_pubs[mid] = str(rc)
+                if len(self._refused_pubs) > 1024:
+                    self._refused_pubs.pop(next(iter(self._refused_pubs)))
             cb = self._acks.pop(mid, None)
             if cb is None:
                 self._early_acks[mid] = rc.value
@@ -301,10 +343,15 @@ class MqttClient:
     def _on_subscribe(
         self, client: paho.Client, userdata: Any, mid: int, rcs: list[ReasonCode], props: Any
     ) -> None:
-        for rc in rcs:
-            if rc.is_failure:
-                log.error("the broker refused a subscription: %s", rc)
         with self._lock:
+            topic_filter = self._sub_mids.pop(mid, "?")
+            for rc in rcs:
+                if rc.is_failure:
+                    self.refused_filters[topic_filter] = str(rc)
+                    log.error("the broker refused %s the subscription to %s: %s",
+                              self.identity, topic_filter, rc)
+                else:
+                    self.refused_filters.pop(topic_filter, None)
             self._pending_subs.discard(mid)
             if not self._pending_subs:
                 self._subscribed.set()
@@ -328,6 +375,7 @@ class MqttClient:
             rc, mid = self._client.subscribe(topic_filter, options=SubscribeOptions(qos=qos))
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 self._pending_subs.add(mid)
+                self._sub_mids[mid] = topic_filter
         self._kick()
 
     def _set_reconnect_delay(self) -> None:
@@ -396,9 +444,10 @@ class _Decoded(Properties):
 class _Client(paho.Client):
     """paho's client with a fast decoder for received MQTT 5 PUBLISH packets at QoS 0/1.
 
-    It overrides one private method, `_handle_publish` (the same in paho 2.0–2.2), and hands
-    every packet the fast path does not take (QoS 2, topic aliases, anything malformed) to
-    paho's own. tests/test_mqtt_props.py checks that the fast path is the one in use.
+    It overrides one private method, `_handle_publish` (the same in paho 2.0–2.2, hence the
+    pin `paho-mqtt>=2.0,<2.3` in pyproject.toml), and hands every packet the fast path does
+    not take (QoS 2, topic aliases, anything malformed) to paho's own.
+    tests/mqtt/test_mqtt_props.py checks that the fast path is the one in use.
     """
 
     fast_publishes = 0

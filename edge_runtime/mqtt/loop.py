@@ -13,7 +13,7 @@ round trip on this 2-core machine. Here the loop does it all, as paho's external
 intends (`on_socket_open/close/register_write/unregister_write`). Only the TCP connect runs
 in an executor thread (a blocking `socket.create_connection` must not stall the API).
 
-This module holds no paho import: it drives the client object that mqtt.py made.
+This module holds no paho import: it drives the client object that client.py made.
 """
 
 from __future__ import annotations

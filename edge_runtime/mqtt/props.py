@@ -11,7 +11,7 @@ whole round trip. This module does the same work with `struct` in a few µs:
                                       or None when the packet holds anything this fast path
                                       does not handle; the caller then uses paho's decoder
 
-`mqtt.py` plugs both into paho (the one module that imports it). The wire format is MQTT 5.0
+`client.py` plugs both into paho (the one module that imports it). The wire format is MQTT 5.0
 §2.2.2 and §3.3; tests check both directions against paho's own codec.
 """
 

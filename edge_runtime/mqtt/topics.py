@@ -59,6 +59,30 @@ def offload_response(device: str, session: str) -> str:
     return f"edge/{check_device(device)}/offload/res/{check_id(session, 'session')}"
 
 
+def check_response_topic(request_topic: str, response_topic: str) -> str:
+    """`response_topic` if it is `edge/{device}/offload/res/{session}` for the device named
+    in `request_topic` (`edge/{device}/offload/req`), else MessageError saying why.
+
+    A request's ResponseTopic is chosen by whoever published it: unchecked, a cloud worker
+    would publish its answer wherever a request says (`fleet/victim/cmd`, another device's
+    responses) with the worker's broader broker rights. The request topic's device level is
+    what the broker's ACL checked against the publisher's identity; the answer may go only
+    back to that device."""
+    req = request_topic.split("/")
+    if len(req) != 4 or req[0] != "edge" or req[2:] != ["offload", "req"]:
+        raise MessageError(f"request topic {request_topic!r} is not edge/{{device}}/offload/req")
+    device = check_device(req[1])
+    res = response_topic.split("/")
+    if len(res) != 5 or res[0] != "edge" or res[2:4] != ["offload", "res"]:
+        raise MessageError(f"response topic {response_topic!r} is not "
+                           f"edge/{device}/offload/res/{{session}}")
+    if res[1] != device:
+        raise MessageError(f"response topic {response_topic!r} belongs to device {res[1]!r}, "
+                           f"not to {device!r} who sent the request")
+    check_id(res[4], "session")
+    return response_topic
+
+
 def device_of(topic: str) -> str:
     """The device id of an `edge/{device}/...` or `fleet/{device}/...` topic."""
     parts = topic.split("/")

@@ -9,6 +9,7 @@ above (offload, fleet, rollouts) only fill it in.
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,18 +67,43 @@ def broker_credentials(
     section: str, password_file: Path | None, ca_file: Path | None, cert_file: Path | None,
     key_file: Path | None,
 ) -> tuple[str | None, TlsFiles | None]:
-    """A config section's broker password (the first line of its file) and TLS files;
-    ConfigError naming `{section}.password_file` when that file cannot be read."""
+    """A config section's broker password (the first line of its file, else the environment
+    variable EDGE_RUNTIME_{SECTION}_PASSWORD, for containers that inject secrets that way)
+    and TLS files; ConfigError naming `{section}.password_file` when that file cannot be
+    read."""
     password = None
     if password_file is not None:
         try:
             password = password_file.read_text().splitlines()[0].strip()
         except (OSError, IndexError) as e:
             raise ConfigError(f"cannot read {section}.password_file: {e}") from e
+    elif section.isidentifier():
+        password = os.environ.get(f"EDGE_RUNTIME_{section.upper()}_PASSWORD") or None
     tls = None
     if ca_file or cert_file:
         tls = TlsFiles(*(str(p) if p else None for p in (ca_file, cert_file, key_file)))
     return password, tls
+
+
+def identity_of(username: str | None, tls: TlsFiles | None) -> str:
+    """`user NAME`, `certificate CN=NAME` (what `use_identity_as_username` makes the username)
+    or `anonymous`."""
+    if username:
+        return f"user {username!r}"
+    if tls is not None and tls.cert_file:
+        try:
+            from cryptography import x509
+            from cryptography.x509.oid import NameOID
+
+            with open(tls.cert_file, "rb") as f:
+                cert = x509.load_pem_x509_certificate(f.read())
+            cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if cn:
+                return f"certificate CN={cn[0].value!s}"
+        except (OSError, ValueError, ImportError):
+            pass  # paho reports an unreadable certificate itself when it connects
+        return f"certificate {tls.cert_file}"
+    return "anonymous"
 
 
 @dataclass(frozen=True)

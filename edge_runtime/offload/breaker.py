@@ -9,7 +9,7 @@ request. Half-open lets `probes` requests through at once and no more, so a clou
 still down is tested by a few requests, not flooded. `trip()` opens at once for failures that
 need no statistics (the broker connection dropped), and `probe_now()` lets probes through
 as soon as that connection is back. No I/O, no threads: the caller serializes
-calls (offload.py holds a lock) and tests drive it with a fake clock.
+calls (offload/client.py holds a lock) and tests drive it with a fake clock.
 """
 
 from __future__ import annotations

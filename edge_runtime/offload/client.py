@@ -11,7 +11,7 @@ chunk, the deadline (OffloadTimeoutError), a lost broker (OffloadUnavailableErro
 breaker trips at once), a worker with no room for it (`worker_busy`: no verdict) or the
 caller's `cancel()` (no verdict). While the breaker is open, `submit` raises
 OffloadUnavailableError without touching the network: a dead cloud costs one fast decision,
-not a timeout per request. Round trips are kept and read in cloud_latency.py.
+not a timeout per request. Round trips are kept and read in latency.py.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ class OffloadClient:
 
         Pass the event loop that calls `submit` (the daemon's) as `loop`: the MQTT I/O then
         runs on it and answers reach their streams without crossing threads (see
-        mqtt_loop.py). Without it, paho's own thread does the I/O (any loop may submit).
+        mqtt/loop.py). Without it, paho's own thread does the I/O (any loop may submit).
         """
         self.mqtt.start(loop=loop)
         return self.mqtt.wait_subscribed(wait_s) if wait_s is not None else self.mqtt.connected

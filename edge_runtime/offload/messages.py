@@ -18,9 +18,9 @@ The answer is a sequence of chunks on the response topic, each with the same Cor
 or, on failure, a last chunk with `"error": {"message", "type", "code"}`. A non-streamed
 request gets exactly one chunk, which is what `mosquitto_rr` prints. The user properties are
 optional on the way in (a hand-made `mosquitto_rr` call has none): the endpoint is then read
-off the body, the deadline off the message expiry. Nothing here imports paho: `mqtt_props.py`
+off the body, the deadline off the message expiry. Nothing here imports paho: `mqtt/props.py`
 encodes `PublishProps` on the wire and decodes them (paho's own codec costs more than the
-broker's whole round trip), `mqtt.py` hands them to paho.
+broker's whole round trip), `mqtt/client.py` hands them to paho.
 """
 
 from __future__ import annotations
@@ -157,6 +157,61 @@ def decode_request(
         response_topic=props.response_topic,
         correlation_data=props.correlation_data,
     )
+
+
+MAX_REQUEST_BYTES = 1 << 20
+"""The largest request body a worker reads (1 MiB: ~250k tokens of prompt, far beyond any
+context an edge model has); larger ones get a `request_too_large` error."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a worker does not serve a request: the counter it bumps, the error, and whether
+    an error reply can (and may) be sent to the request's ResponseTopic."""
+
+    counter: str
+    error: ErrorInfo
+    reply: bool
+
+
+def screen_request(topic: str, payload_size: int, props: PublishProps,
+                   max_bytes: int = MAX_REQUEST_BYTES) -> Refusal | None:
+    """What must happen to a received request before it is decoded: None (go on), or a
+    Refusal. A request whose ResponseTopic is missing (an MQTT 3.1.1 publisher has no
+    properties) or is not this device's own response topic is never answered: there is
+    nowhere, or nowhere allowed, to answer to (topics.check_response_topic). Every other
+    refusal is answered with an error chunk."""
+    if props.response_topic is None:
+        return Refusal("no_response_topic", ErrorInfo(
+            "request has no ResponseTopic (an MQTT 3.1.1 client, or a v5 client that did not "
+            "set one): nowhere to answer; publish with MQTT 5 and a ResponseTopic of "
+            "edge/{device}/offload/res/{session}", "invalid_request_error",
+            "no_response_topic"), reply=False)
+    try:
+        topics.check_response_topic(topic, props.response_topic)
+    except MessageError as e:
+        return Refusal("foreign_topic", ErrorInfo(str(e), "invalid_request_error",
+                                                  "foreign_response_topic"), reply=False)
+    v = props.user_value("v")
+    if v is not None and v != str(SCHEMA_VERSION):
+        return Refusal("bad_version", ErrorInfo(
+            f"unsupported schema version {v!r}; this worker speaks {SCHEMA_VERSION}",
+            "invalid_request_error", "unsupported_version"), reply=True)
+    if payload_size > max_bytes:
+        return Refusal("too_large", ErrorInfo(
+            f"request body of {payload_size} bytes is over this worker's limit of "
+            f"{max_bytes}", "invalid_request_error", "request_too_large"), reply=True)
+    return None
+
+
+def model_refusal(body: Mapping[str, Any], served: str | None) -> Refusal | None:
+    """A request for a model this worker does not serve (the API's 404), or None; `served`
+    None serves any name (a worker started without a bundle name, the echo worker)."""
+    if served is None or body.get("model") == served:
+        return None
+    return Refusal("unknown_model", ErrorInfo(
+        f"model {body.get('model')!r} does not exist; this worker serves {served!r}",
+        "invalid_request_error", "model_not_found"), reply=True)
 
 
 # -- responses --------------------------------------------------------------------------------

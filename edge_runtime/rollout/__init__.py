@@ -6,6 +6,7 @@
     driver.py       the I/O around the controller: MQTT, SQLite, the clock
     store.py        rollout state in SQLite (survives a killed controller)
     abort_rules.py  the `--abort-if` expression (a small parser, no eval)
+    acl.py          the broker ACL blocks of devices, operators, workers (deploy/mosquitto)
     provision.py    edge-fleet provision: device keys, certificates (pki), config.toml
     image.py        edge-fleet image: a device's rootfs overlay for L4T flashing, checked
 

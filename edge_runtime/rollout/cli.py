@@ -40,6 +40,7 @@ from typing import Any
 
 from edge_runtime.errors import ConfigError, EdgeError, MessageError
 from edge_runtime.mqtt import topics
+from edge_runtime.mqtt.auth import BrokerAuth, add_auth_options, auth_from_args
 from edge_runtime.mqtt.client import Message, MqttClient
 from edge_runtime.rollout import image, provision
 
@@ -55,20 +56,23 @@ def _decode(msg: Message) -> dict[str, Any]:
 
 
 def _connect(broker: str, topic_filter: str, got: queue.Queue[Message], qos: int,
-             timeout_s: float) -> MqttClient:
-    client = MqttClient(broker, f"edge-fleet-{secrets.token_hex(4)}")
+             timeout_s: float, auth: BrokerAuth | None = None) -> MqttClient:
+    client = MqttClient(broker, f"edge-fleet-{secrets.token_hex(4)}",
+                        **(auth or BrokerAuth()).mqtt_options())
     client.subscribe(topic_filter, got.put, qos=qos)
-    if not client.start(wait_s=timeout_s) or not client.wait_subscribed(timeout_s):
+    # A refusal (CONNACK or SUBACK "Not authorized") is said as such, not as unreachable.
+    if (not client.start(wait_s=timeout_s) or not client.wait_subscribed(timeout_s)
+            or client.refused_filters):
         client.stop()
-        raise EdgeError(f"cannot reach the MQTT broker at {broker} within {timeout_s:g}s")
+        raise client.failure(timeout_s)
     return client
 
 
-def read_statuses(broker: str, wait_s: float = 1.0, connect_s: float = 10.0
-                  ) -> dict[str, dict[str, Any]]:
+def read_statuses(broker: str, wait_s: float = 1.0, connect_s: float = 10.0,
+                  auth: BrokerAuth | None = None) -> dict[str, dict[str, Any]]:
     """Each device's retained status (malformed ones are reported, not fatal)."""
     got: queue.Queue[Message] = queue.Queue()
-    client = _connect(broker, topics.FLEET_STATUS_ALL, got, 1, connect_s)
+    client = _connect(broker, topics.FLEET_STATUS_ALL, got, 1, connect_s, auth)
     # Retained messages arrive right after SUBACK; we listen `wait_s`, and longer while they
     # keep coming (a thousand devices' statuses take a while on a busy machine), at most 5x.
     start = time.monotonic()
@@ -105,7 +109,7 @@ def _row(device: str, st: dict[str, Any]) -> str:
 
 
 def cmd_devices(a: argparse.Namespace) -> int:
-    statuses = read_statuses(a.broker, a.wait, a.connect_timeout)
+    statuses = read_statuses(a.broker, a.wait, a.connect_timeout, a.auth)
     if a.json:
         print(json.dumps(statuses, indent=2, sort_keys=True))
         return 0
@@ -119,7 +123,8 @@ def cmd_devices(a: argparse.Namespace) -> int:
 
 def cmd_telemetry(a: argparse.Namespace) -> int:
     got: queue.Queue[Message] = queue.Queue()
-    client = _connect(a.broker, topics.fleet_telemetry(a.device), got, 0, a.connect_timeout)
+    client = _connect(a.broker, topics.fleet_telemetry(a.device), got, 0, a.connect_timeout,
+                      a.auth)
     try:
         for _ in range(a.count):
             try:
@@ -155,7 +160,7 @@ def _drive(a: argparse.Namespace, rollout_id: str, rollback: bool = False) -> in
                for sig in (signal.SIGINT, signal.SIGTERM)}
     store = _store(a)
     try:
-        record = drive(store, rollout_id, a.broker, rollback=rollback,
+        record = drive(store, rollout_id, a.broker, rollback=rollback, auth=a.auth,
                        connect_timeout_s=a.connect_timeout, on_event=print_event, stop=stop)
     finally:
         for sig, handler in old.items():
@@ -194,7 +199,7 @@ def cmd_deploy(a: argparse.Namespace) -> int:
                         batch=parse_share(a.batch, "--batch"), abort_if=a.abort_if or None,
                         soak_s=a.soak, ack_timeout_s=a.ack_timeout,
                         max_failures=float(max_failures[:-1]) / 100, broker=broker)
-    statuses = read_statuses(broker, a.discover_wait, a.connect_timeout)
+    statuses = read_statuses(broker, a.discover_wait, a.connect_timeout, a.auth)
     store = _store(a)
     try:
         from edge_runtime.rollout.driver import summary
@@ -274,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--broker", default=os.environ.get("EDGE_FLEET_BROKER"),
                    help="mqtt://host:port or mqtts://host:port ($EDGE_FLEET_BROKER)")
+    add_auth_options(p, "EDGE_FLEET")
     p.add_argument("--connect-timeout", type=float, default=10.0, help="seconds")
     p.add_argument("--db", help="rollout database (default $EDGE_FLEET_DB or "
                    "~/.local/state/edge-fleet/rollouts.db)")
@@ -327,6 +333,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        args.auth = auth_from_args(args, "EDGE_FLEET")
         if args.cmd in ("devices", "telemetry"):
             _broker(args)
         return int(args.fn(args))

@@ -30,6 +30,7 @@ from edge_runtime.bundle.manifest import MANIFEST, sha256_file, verify_bundle
 from edge_runtime.errors import BrokerError, MessageError, RolloutError
 from edge_runtime.fleet import messages as fm
 from edge_runtime.mqtt import topics
+from edge_runtime.mqtt.auth import BrokerAuth
 from edge_runtime.mqtt.client import Message, MqttClient
 from edge_runtime.mqtt.types import PublishProps
 from edge_runtime.rollout.abort_rules import AbortRule
@@ -91,8 +92,10 @@ def create_rollout(store: RolloutStore, spec: RolloutSpec,
 def drive(store: RolloutStore, rollout_id: str, broker: str | None = None, *,
           rollback: bool = False, connect_timeout_s: float = 10.0, tick_s: float = 0.2,
           on_event: Callable[[Event], None] | None = None,
-          stop: threading.Event | None = None) -> RolloutRecord:
-    """Run (or resume, or roll back) a rollout until it finishes or `stop` is set."""
+          stop: threading.Event | None = None, auth: BrokerAuth | None = None
+          ) -> RolloutRecord:
+    """Run (or resume, or roll back) a rollout until it finishes or `stop` is set; `auth`:
+    the operator's broker credentials."""
     with store.lock(rollout_id):
         record, devices = store.load(rollout_id)
         url = broker or record.spec.broker
@@ -105,14 +108,13 @@ def drive(store: RolloutStore, rollout_id: str, broker: str | None = None, *,
         inbox: queue.Queue[Message] = queue.Queue()
         client = MqttClient(url, f"edge-fleet-{rollout_id}", clean_start=False,
                             session_expiry_s=SESSION_EXPIRY_S, reconnect_min_s=0.2,
-                            reconnect_max_s=5.0)
+                            reconnect_max_s=5.0, **(auth or BrokerAuth()).mqtt_options())
         client.subscribe("fleet/+/cmd/ack", inbox.put, qos=1)
         client.subscribe("fleet/+/telemetry", inbox.put, qos=0)
-        if not client.start(wait_s=connect_timeout_s) or not client.wait_subscribed(
-                connect_timeout_s):
+        if (not client.start(wait_s=connect_timeout_s)
+                or not client.wait_subscribed(connect_timeout_s) or client.refused_filters):
             client.stop()
-            raise RolloutError(f"cannot reach the MQTT broker at {url} within "
-                               f"{connect_timeout_s:g}s")
+            raise RolloutError(str(client.failure(connect_timeout_s)))
         try:
             return _loop(store, ctl, client, inbox, rollback, tick_s, on_event, stop)
         finally:

@@ -1,7 +1,7 @@
 """Local serving: the engine loop. One thread decodes a continuous batch; the scheduler says
 what joins it, what goes to the cloud and what is refused.
 
-    event loop (API)                               engine-loop thread
+    event loop (a front door)                      engine-loop thread
     ────────────────                               ──────────────────
     LocalWorker.submit(Request) ─▶ scheduler.admit ─▶ LOCAL: queued (deadline order)
                                                     ─▶ review(): late ones → offload/refuse
@@ -46,6 +46,7 @@ from edge_runtime.serving.request import (
     ModelChanged,
     ModelInfo,
     OffloadRequested,
+    QueueFull,
     Request,
     TextGenerator,
 )
@@ -83,12 +84,18 @@ class LocalWorker:
         clock: Callable[[], float] = time.monotonic,
         measure_rates: bool = True,
         model: ModelInfo | None = None,
+        reprobe_idle: bool = True,
     ) -> None:
         """`measure_rates`: time the engine at start-up and when idle (see _seed_rates); off
         only for scripted test generators whose timing is the test's own. `model`: what the
-        API reports about the loaded model (a swap replaces it with the generator)."""
+        API reports about the loaded model (a swap replaces it with the generator).
+        `reprobe_idle`: measure again when idle after sending work away (off for the cloud
+        worker, whose refusals are final: it has no other path whose choice the measured
+        rates decide). `clock`: the deadlines' clock (the cloud worker's is the wall clock
+        its requests' deadlines are written in)."""
         self._load = load
         self._measure_rates = measure_rates
+        self._reprobe = measure_rates and reprobe_idle
         self.config = config or SchedulerConfig()
         self.scheduler = Scheduler(self.config)
         self._cloud = cloud or (lambda: NO_CLOUD)
@@ -110,12 +117,14 @@ class LocalWorker:
         """A request was offloaded or refused since the last rate probe."""
         self._probed_at = 0.0
         self._reviewed_at = -1.0
+        self.peak_batch = 0
+        """The most sequences one decode step has served so far."""
         self.prefilling = 0
         """Long prompts being prefilled a chunk per step (set by the engine loop after each
         step; read by /metrics)."""
         self.drained = False
-        """Set by the fleet's drain: the API admits no new request (fleet_serving.py); what is
-        queued or running finishes. The engine loop itself does not look at it."""
+        """Set by the fleet's drain: the dispatcher (dispatch.py) admits no new request here;
+        what is queued or running finishes. The engine loop itself does not look at it."""
 
     # -- control (event loop / main thread) ----------------------------------------------
 
@@ -207,12 +216,18 @@ class LocalWorker:
             engine_errors=base.engine_errors + len(recent), memory=base.memory, thermal=base.thermal
         )
 
+    def deadline(self, budget_s: float | None = None) -> float:
+        """The deadline of a request arriving now, on this loop's clock: `budget_s` from
+        now, else scheduler.default_deadline_s (the one place that default is applied)."""
+        return self._clock() + (self.config.default_deadline_s if budget_s is None else budget_s)
+
     def submit(self, request: Request) -> Decision:
-        """Admit `request`: LOCAL queues it; OFFLOAD is returned for the caller to carry out;
-        REJECT raises OverloadedError (429, or 503 when no path can serve it)."""
+        """Admit `request`: LOCAL queues it; OFFLOAD is returned for the caller to carry out
+        (dispatch.Dispatcher does); REJECT raises OverloadedError (429, or 503 when no path
+        can serve it)."""
         now = self._clock()
         if request.deadline is None:
-            request.deadline = now + self.config.default_deadline_s
+            request.deadline = self.deadline()
         job = Job(
             key=request.id,
             arrival=now,
@@ -230,10 +245,11 @@ class LocalWorker:
             if decision.action is Action.LOCAL:
                 self._requests[job.key] = request
                 self._wake.notify()
-        if decision.action is not Action.LOCAL and self._measure_rates:
+        if decision.action is not Action.LOCAL and self._reprobe:
             self._sent_away = True  # the engine loop re-measures the rates when it is idle
         if decision.action is Action.REJECT:
-            raise OverloadedError(decision.reason, decision.retry_after_s, decision.status)
+            refusal = QueueFull if decision.queue_full else OverloadedError
+            raise refusal(decision.reason, decision.retry_after_s, decision.status)
         return decision
 
     # -- engine-loop thread --------------------------------------------------------------
@@ -243,6 +259,7 @@ class LocalWorker:
             gen = self._load()
             # refuses a max_batch the engine lacks
             batch = gen.batch(self.config.max_batch, self.config.prefill_chunk)
+            self._limit_to(batch)
             gen.warmup()
             if self._measure_rates:
                 try:
@@ -263,6 +280,7 @@ class LocalWorker:
             with self._lock:
                 if self._models.pending is not None:
                     gen, batch = self._models.adopt(batch)
+                    self.scheduler.limit_to(batch.max_batch, batch.prefill_chunk)  # locked
                 if self._draining:
                     self._models.release(
                         lambda g: any(r.generator is g for r in self._requests.values()))
@@ -290,6 +308,12 @@ class LocalWorker:
                 self._step(batch)
             for old in draining:  # swapped-out models finish what they started
                 self._step(old)
+
+    def _limit_to(self, batch: DecodeBatch) -> None:
+        """The scheduler plans with what the batch runs, not with what the config asked
+        (one source of truth for max_batch and prefill_chunk)."""
+        with self._lock:
+            self.scheduler.limit_to(batch.max_batch, batch.prefill_chunk)
 
     def _seed_rates(self, gen: TextGenerator) -> None:
         """Measure the engine's step and prefill times (rate_probe.py; engine thread) and
@@ -335,7 +359,7 @@ class LocalWorker:
                 self.scheduler.cancel(job.key)
                 self._requests.pop(job.key, None)
         running = batch.active + sum(b.active for _, b in self._draining)
-        return self.scheduler.next_batch(self.config.max_batch - running)
+        return self.scheduler.next_batch(self.scheduler.max_batch - running)
 
     def _start(self, batch: DecodeBatch, key: Hashable) -> None:
         req = self._requests[key]
@@ -377,6 +401,7 @@ class LocalWorker:
         size = batch.active - batch.prefilling  # rows of the decode step
         if not batch.active:
             return
+        self.peak_batch = max(self.peak_batch, batch.active)
         t = time.perf_counter()
         try:
             results = batch.step()
@@ -403,7 +428,7 @@ class LocalWorker:
             rates = self.scheduler.rates
             step = rates.step_time(max(1, batch.active - batch.prefilling))
             if batch.prefilling:  # the next step carries a prefill chunk too
-                step += rates.prefill_time(self.config.prefill_chunk)
+                step += rates.prefill_time(batch.prefill_chunk)
         what = "a decode step" + (" with a prefill chunk" if batch.prefilling else "")
         for key in batch.keys:
             req = self._requests[key]

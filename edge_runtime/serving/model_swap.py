@@ -8,7 +8,7 @@ the swapped-out ones that still finish what they started.
                          refers to it (each request runs on the generator whose tokenizer
                          made its prompt ids: `Request.generator`)
 
-Not locked itself: LocalWorker (serving.py) calls every method under its own lock.
+Not locked itself: LocalWorker (engine_loop.py) calls every method under its own lock.
 """
 
 from __future__ import annotations

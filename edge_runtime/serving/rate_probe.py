@@ -4,7 +4,7 @@ batch size, for the scheduler's estimates.
 The scheduler serves locally only when its estimate meets a deadline, and it learns rates
 only from local work: with a pessimistic rate (the generic prior of 50 ms a step, or one
 measured while the CPU was busy) a tight deadline is never served locally, so the rate is
-never measured again. The engine loop (serving.py) therefore runs this probe at start-up,
+never measured again. The engine loop (engine_loop.py) therefore runs this probe at start-up,
 before a hot swap (the new model's own speed) and again when the engine is idle while
 requests are being sent away.
 """

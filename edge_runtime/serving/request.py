@@ -6,8 +6,8 @@
 
 `TextGenerator` and `DecodeBatch` are what the engine loop needs of a model
 (generator.Generator, batching.BatchDecoder; tests pass fakes); `ModelInfo` is what the API
-says of the served model; `OffloadRequested` and `ModelChanged` are the two ways a submitted
-request comes back unserved on purpose. serving.py, which drives them, re-exports them all.
+says of the served model; `OffloadRequested`, `QueueFull` and `ModelChanged` are the ways a
+submitted request comes back unserved on purpose.
 """
 
 from __future__ import annotations
@@ -41,6 +41,17 @@ class DecodeBatch(Protocol):
 
     @property
     def keys(self) -> list[Hashable]: ...
+
+    @property
+    def max_batch(self) -> int:
+        """Sequences it decodes together at most."""
+        ...
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens prefilled per step (0: whole prompts in add()): the batch's own
+        value, which an engine with fixed shape ranges forces to 0 whatever was asked."""
+        ...
 
     @property
     def prefill_work(self) -> tuple[int, float]:
@@ -100,6 +111,11 @@ class OffloadRequested(OverloadedError):
     def __init__(self, decision: Decision) -> None:
         super().__init__(decision.reason, decision.retry_after_s or 1.0, status=503)
         self.decision = decision
+
+
+class QueueFull(OverloadedError):
+    """A refusal because the queue had no room (scheduler.Decision.queue_full): the server
+    is busy, whatever this request asked. An OverloadedError like any refusal."""
 
 
 class ModelChanged(OverloadedError):

@@ -23,7 +23,7 @@ Two rules keep the promise of a LOCAL decision:
   a prompt prefilled in chunks also holds its row through one decode step per chunk.
   Checking only the newcomer's own finish let a long request admitted into an idle batch be
   overtaken by the newcomers that filled the batch after it (tests: the "1x" case).
-- The engine loop ends a running request at its deadline (serving.py), so a running job
+- The engine loop ends a running request at its deadline (engine_loop.py), so a running job
   occupies its slot until its last token or its deadline, whichever comes first.
 
 The cloud's p99 round trip comes per generation length (`CloudState.p99_for`): a request for
@@ -32,6 +32,7 @@ The cloud's p99 round trip comes per generation length (`CloudState.p99_for`): a
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Hashable, Iterable
@@ -55,6 +56,9 @@ class Decision:
     """For REJECT: 429 (overloaded, retry later) or 503 (no path can serve it)."""
     retry_after_s: float = 0.0
     estimated_finish: float | None = None
+    queue_full: bool = False
+    """For REJECT: the queue had no room (max_queue), whatever this request asked; a front
+    door that tells "busy" from "too late" (the cloud worker) reads it."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ class CloudState:
     the request's generation length is known: the prior, or all samples together."""
     configured: bool = True
     p99_by_tokens: tuple[tuple[int, float], ...] = ()
-    """(max_tokens up to, p99 s) per generation-length bucket, ascending; from offload.py."""
+    """(max_tokens up to, p99 s) per generation-length bucket, ascending (the offload client)."""
 
     def p99_for(self, max_tokens: int) -> float:
         """The p99 round trip for a request of `max_tokens`: its bucket's, else the next
@@ -194,14 +198,36 @@ class Scheduler:
         self.queue: list[Job] = []
         self.running: dict[Hashable, Running] = {}
         """Running jobs → tokens they may still generate, and their deadlines."""
+        self.limits: tuple[int, int] | None = None
+        """(max_batch, prefill_chunk) the engine's decode batch actually runs with, set by
+        the engine loop from the batch (`limit_to`); None: the config's, until it is built."""
+
+    def limit_to(self, max_batch: int, prefill_chunk: int) -> None:
+        """Plan with the batch's own limits: an engine compiled for fixed shape ranges (a
+        TensorRT plan) prefills whole prompts whatever `prefill_chunk` the config asks for,
+        and a chunk the batch will not take must not enter the estimates."""
+        self.limits = (max_batch, prefill_chunk)
+
+    @property
+    def max_batch(self) -> int:
+        """Sequences decoded together: the batch's, else the config's."""
+        return self.config.max_batch if self.limits is None else self.limits[0]
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens prefilled per step (0: whole prompts): the batch's, else the
+        config's."""
+        return self.config.prefill_chunk if self.limits is None else self.limits[1]
 
     # -- decisions ----------------------------------------------------------------------
 
     def admit(self, job: Job, now: float, cloud: CloudState, pressure: Pressure) -> Decision:
         """Decide for a new request. LOCAL also enqueues it."""
         trouble = self._local_trouble(pressure)
+        full = False
         if trouble is None:
             if len(self.queue) >= self.config.max_queue:
+                full = True
                 trouble = f"the local queue is full ({self.config.max_queue} waiting)"
             else:
                 finish = self._estimate_finish(job, now)
@@ -217,7 +243,10 @@ class Scheduler:
                     return Decision(
                         Action.LOCAL, "local estimate meets the deadline", estimated_finish=finish
                     )
-        return self._elsewhere(job, now, cloud, trouble)
+        decision = self._elsewhere(job, now, cloud, trouble)
+        if full and decision.action is Action.REJECT:
+            return dataclasses.replace(decision, queue_full=True)
+        return decision
 
     def review(
         self, now: float, cloud: CloudState, pressure: Pressure
@@ -366,7 +395,7 @@ class Scheduler:
         # [key, tokens left, deadline at which the engine ends it (inf: not cut)]
         active: list[tuple[Hashable, int, float]] = [r for r in running if r[1] > 0]
         pending = list(queue)
-        cap, chunk = self.config.max_batch, self.config.prefill_chunk
+        cap, chunk = self.max_batch, self.prefill_chunk
         while pending or active:
             while pending and len(active) < cap:
                 j = pending.pop(0)

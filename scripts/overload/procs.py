@@ -1,4 +1,5 @@
-"""Processes of the overload benchmark: Mosquitto, the daemon, cloud workers; all on loopback.
+"""Processes of the overload benchmark: Mosquitto (scripts/mosquitto_broker.py), the daemon,
+cloud workers; all on loopback.
 
 Every process runs in its own process group (`start_new_session`), logs to a file in the
 run's work directory and is stopped by `Procs.close()` (SIGTERM to the group, SIGKILL after a
@@ -9,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from mosquitto_broker import Broker, free_port
+
+__all__ = ["BIN", "Proc", "Procs", "daemon_config", "free_port", "tail"]
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tail(path: Path, chars: int = 2000) -> str:
@@ -100,32 +96,16 @@ class Procs:
             self.procs.remove(proc)
 
     def mosquitto(self, port: int | None = None) -> tuple[Proc, str]:
-        """Start Mosquitto (on `port` to restart one that was killed: clients come back)."""
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        port = port or free_port()
-        conf = self.workdir / "mosquitto.conf"
-        lines = [
-            f"listener {port} 127.0.0.1",
-            "allow_anonymous true",
-            "set_tcp_nodelay true",
-            "persistence false",
-            "log_type error",
-            "log_type warning",
-            "log_dest stderr",
-        ]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        conf.write_text("\n".join(lines) + "\n")
-        proc = self.spawn("mosquitto", [binary, "-c", str(conf)])
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                return proc, f"mqtt://127.0.0.1:{port}"
-            except OSError:
-                if not proc.alive() or time.monotonic() > deadline:
-                    raise RuntimeError(f"mosquitto did not start: {tail(proc.log)}") from None
-                time.sleep(0.02)
+        """Start Mosquitto (on `port` to restart one that was killed: clients come back).
+
+        The shared launcher (scripts/mosquitto_broker.py) writes the config and waits for
+        the port; the broker runs in its own process group, like every process here, and is
+        tracked as a Proc so that `kill` and `close` treat it as the others."""
+        broker = Broker(self.workdir, port=port, own_group=True).start()
+        assert broker.proc is not None
+        proc = Proc("mosquitto", broker.proc, broker.log)
+        self.procs.append(proc)
+        return proc, broker.url
 
     def cloud_worker(
         self, i: int, bundle: Path, pubkey: Path, broker: str, concurrency: int, threads: int,

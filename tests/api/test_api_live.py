@@ -190,16 +190,17 @@ def test_metrics_after_requests(live: tuple[str, str], client: Any) -> None:
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl binary")
 def test_curl_exactly_as_the_readme_shows(live: tuple[str, str]) -> None:
-    """`curl URL -d '{...}'` (no Content-Type: curl labels it form-urlencoded) must work."""
+    """The README's curl line works; without its Content-Type (curl's -d labels the body
+    form-urlencoded, as a web page's form POST would) the answer is 415 saying what to add."""
     url, model = live
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}],
                        "max_tokens": 4})
-    out = subprocess.run(["curl", "-s", "-i", f"{url}/v1/chat/completions", "-d", body],
+    out = subprocess.run(["curl", "-s", "-i", f"{url}/v1/chat/completions",
+                          "-H", "Content-Type: application/json", "-d", body],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     head, _, payload = out.replace("\r\n", "\n").partition("\n\n")
     assert head.startswith("HTTP/1.1 200"), out
     assert json.loads(payload)["object"] == "chat.completion"
-    # A form body is still refused, with a clear JSON error rather than a 500.
-    out = subprocess.run(["curl", "-s", "-i", f"{url}/v1/chat/completions", "-d", "a=1"],
+    out = subprocess.run(["curl", "-s", "-i", f"{url}/v1/chat/completions", "-d", body],
                          capture_output=True, text=True, timeout=60, check=True).stdout
-    assert out.startswith("HTTP/1.1 400") and "JSON object" in out
+    assert out.startswith("HTTP/1.1 415") and "-H 'Content-Type: application/json'" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,35 @@ def test_manifest_rejects_unknown_schema_and_missing_keys():
     with pytest.raises(BundleError, match="missing required key 'graphs'"):
         Manifest.from_dict({"schema_version": 1, "task": "text-generation", "name": "x",
                             "version": "1", "tokenizer": {}, "generation": {}})
+
+
+def _relink(p: Path, target: Path) -> None:
+    """Replace `p` by a symlink to `target` (a copy of what `p` held, so only the link differs)."""
+    p.rename(target)
+    p.symlink_to(target)
+
+
+@pytest.mark.parametrize("rel", [MANIFEST, SIGNATURE, "tokenizer/tokenizer.json", "tokenizer"])
+def test_a_symlink_anywhere_is_refused_naming_it(bundle_copy, tiny_bundle, tmp_path, rel):
+    """A link to identical bytes is refused too: what was verified must be what is loaded."""
+    key = [load_public_key(tiny_bundle.pubkey)]
+    _relink(bundle_copy / rel, tmp_path / "elsewhere")
+    with pytest.raises(BundleIntegrityError, match="symbolic link") as e:
+        verify_bundle(bundle_copy, key)
+    assert e.value.path == rel and rel in str(e.value) and "missing" not in str(e.value)
+
+
+def test_an_unlisted_symlink_and_a_fifo_are_refused(bundle_copy, tiny_bundle, tmp_path):
+    key = [load_public_key(tiny_bundle.pubkey)]
+    (bundle_copy / "model" / "extra").symlink_to("/etc/passwd")
+    with pytest.raises(BundleIntegrityError, match=r"model/extra: is a symbolic link \(to /etc"):
+        verify_bundle(bundle_copy, key)
+    (bundle_copy / "model" / "extra").unlink()
+    os.mkfifo(bundle_copy / "model" / "pipe")
+    with pytest.raises(BundleIntegrityError, match="model/pipe: is not a plain file"):
+        verify_bundle(bundle_copy, key)
+
+
+def test_the_root_may_be_an_operators_link(bundle_copy, tiny_bundle, tmp_path):
+    (tmp_path / "current").symlink_to(bundle_copy)
+    verify_bundle(tmp_path / "current", [load_public_key(tiny_bundle.pubkey)])

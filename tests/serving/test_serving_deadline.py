@@ -61,7 +61,7 @@ class PrefillingGenerator(FakeGenerator):
     """Its batches report one long prompt prefilling beside the running sequences."""
 
     def batch(self, max_batch: int, prefill_chunk: int = 0) -> StreamBatch:
-        b = StreamBatch(self, max_batch + 1)
+        b = StreamBatch(self, max_batch + 1, prefill_chunk)
         b.prefilling = 1
         return b
 
