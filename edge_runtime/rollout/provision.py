@@ -11,6 +11,7 @@ copies into the root-file-system overlay:
     OUT/devices/ID/etc/edge-runtime/tls/{ca.pem,device.pem,device.key}   key 0600
     OUT/devices/ID/etc/edge-runtime/trust/bundle-signers/*.pub
     OUT/devices/ID/etc/edge-runtime/trust/operators/*.pub
+    OUT/devices/ID/broker.acl                      its block for the broker's ACL (acl.py)
 
 Private keys go through atomic.py (0600 from creation, fsync, rename) and are never printed.
 """
@@ -36,6 +37,7 @@ from edge_runtime.atomic import atomic_write_bytes, atomic_write_text
 from edge_runtime.config import FleetConfig, config_from_dict
 from edge_runtime.errors import ConfigError, EdgeError
 from edge_runtime.mqtt import topics
+from edge_runtime.rollout.acl import device_acl
 from edge_runtime.signing import load_public_key
 
 if sys.version_info >= (3, 11):
@@ -71,7 +73,7 @@ def check_device_id(value: str, where: str = "device id") -> str:
         raise ConfigError(f"{where}: {value!r} is not a device id (letters, digits, '.', '_', "
                           "'-', at most 63, starting with a letter or digit)")
     try:
-        topics.check_device(value)
+        device_acl(value)  # a topic-safe id that no broker role (operator-, worker-) claims
     except EdgeError as e:
         raise ConfigError(f"{where}: {e}") from e
     return value
@@ -203,6 +205,9 @@ def provision_device(out: Path, ca: CA, device: Device, opts: Options) -> Path:
     pki.write_cert(etc / "tls" / "ca.pem", ca_cert)
     atomic_write_text(etc / "config.toml", config_toml(device, opts, signers, operators))
     os.chmod(etc / "config.toml", 0o640)
+    # Appended to the broker's acl (deploy/mosquitto/): only its own topics and its groups'.
+    atomic_write_text(root / "broker.acl", device_acl(device.device_id, opts.groups))
+    os.chmod(root / "broker.acl", 0o644)
     return etc
 
 

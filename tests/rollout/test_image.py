@@ -152,7 +152,7 @@ def test_first_boot_connects_with_its_certificate_and_publishes_its_status(
     overlay = _provision_and_image(tmp_path, tiny_bundle, wheel, ["orin-001"]) / "orin-001"
     prov = tmp_path / "prov"
     assert cli.main(["provision", "--out", str(prov), "--device-broker", BROKER,
-                     "--bundle-signer", str(tiny_bundle.pubkey), "--device", "operator"]) == 0
+                     "--bundle-signer", str(tiny_bundle.pubkey), "--device", "watcher"]) == 0
     (tmp_path / "broker").mkdir()
     server = _server_pki(prov, tmp_path / "broker")
     broker = Broker(tmp_path / "broker", pki=server)
@@ -206,7 +206,7 @@ def _server_pki(prov: Path, work: Path) -> Pki:
     )  # fmt: skip
     pki.write_cert(work / "server.pem", cert)
     pki.write_private_key(work / "server.key", key)
-    client = prov / "devices" / "operator" / "etc/edge-runtime/tls"
+    client = prov / "devices" / "watcher" / "etc/edge-runtime/tls"
     return Pki(prov / "ca" / "ca.pem", work / "server.pem", work / "server.key",
                client / "device.pem", client / "device.key", prov / "ca" / "ca.pem",
                client / "device.pem", client / "device.key")

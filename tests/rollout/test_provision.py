@@ -70,6 +70,10 @@ def test_provision_three_devices_from_a_csv(
         assert f.key_file == Path("/etc/edge-runtime/tls/device.key")
         assert f.pubkeys == (Path("/etc/edge-runtime/trust/bundle-signers/signer.pub"),)
         assert cfg.model.pubkeys == f.pubkeys
+        acl = (out / "devices" / device / "broker.acl").read_text()
+        assert f"user {device}\n" in acl and f"topic write fleet/{device}/status" in acl
+        assert "topic read fleet/group/lab/cmd" in acl
+        assert not [o for o in ("orin-001", "orin-002", "orin-003") if o != device and o in acl]
     assert len(serials) == 3
 
 
@@ -94,6 +98,7 @@ def test_an_existing_ca_is_reused_and_a_provisioned_device_is_not_overwritten(
         ("S1,orin-1\nS2,orin/2\n", 2, "is not a device id"),
         ("S1,orin-1\nS2,orin-1\n", 2, "already on line 1"),
         ("S1,group\n", 1, "reserved"),
+        ("S1,operator-1\n", 1, "role prefix"),
     ],
 )
 def test_a_bad_csv_line_is_one_line_naming_it(
