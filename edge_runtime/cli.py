@@ -9,6 +9,7 @@
     edge-runtime build-engine BUNDLE [--pubkey PEM ...] [--profile max_batch=N,max_context=N]
                         [--precision auto|fp16|fp32|strongly-typed] [--config FILE]
                         [--cache-dir DIR] [--opt-level 0-5] [--workspace-mb N] [--force]
+    edge-runtime doctor [--config FILE]   (exit 1 if a check failed)
     edge-runtime cloud-worker --bundle DIR [--pubkey PEM ...] --broker mqtt://HOST:PORT
                         [--group G] [--concurrency N] [--threads N] [--echo]
                         [--chunk-tokens 8] [--chunk-ms 25] [--prefill-chunk 128]
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_runtime import __version__
+from edge_runtime import __version__, sdnotify
 from edge_runtime.bundle.manifest import Bundle, verify_bundle
 from edge_runtime.cloud.coalesce import ChunkPolicy
 from edge_runtime.config import API_KEY_ENV, LOG_LEVELS, Config, load_config
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from edge_runtime.serving.engine_loop import LocalWorker
 
 log = logging.getLogger("edge_runtime")
+DEVICE_CONFIG = Path("/etc/edge-runtime/config.toml")  # where provisioning puts it
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except EdgeError as e:
         print(f"edge-runtime: error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:  # an optional package this install lacks
+        from edge_build.extras import missing_module_hint
+
+        print(f"edge-runtime: error: {missing_module_hint(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -126,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(func=_build_engine)
 
+    doctor = sub.add_parser("doctor", help="check JetPack, CUDA, TensorRT, ONNX Runtime, power, "
+                            "memory, disk, the broker and the device certificate")
+    doctor.add_argument("--config", type=Path,
+                        help=f"TOML config (default: {DEVICE_CONFIG} if it exists)")
+    doctor.set_defaults(func=_doctor)
+
     worker = sub.add_parser("cloud-worker", help="serve offloaded requests from an MQTT broker")
     worker.add_argument("--bundle", type=Path, help="bundle directory (required unless --echo)")
     worker.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
@@ -194,16 +208,11 @@ def _build_engine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_bundle() -> tuple[Path, Path]:
-    try:
-        from edge_build.demo import default_bundle
-    except ImportError as e:
-        raise ConfigError(
-            f"no --bundle given and the demo bundle cannot be built here ({e}): "
-            "pip install 'edge-runtime[build]', or pass --bundle DIR --pubkey PEM"
-        ) from e
-    log.info("no --bundle given: using the demo bundle (built once, then cached)")
-    return default_bundle()
+def _doctor(args: argparse.Namespace) -> int:
+    from edge_runtime.doctor import report
+
+    path = args.config or (DEVICE_CONFIG if DEVICE_CONFIG.is_file() else None)
+    return report(load_config(path) if path else Config(), path)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -221,6 +230,12 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from edge_runtime.startup import demo_bundle, listen_socket, log_providers
+
+    # Bound before anything slow: a port in use is a one-line error, not a traceback after
+    # the model loaded; uvicorn serves on this very socket.
+    sock = listen_socket(cfg.server.host, cfg.server.port)
+    log_providers()
     root, pubkeys = cfg.model.bundle, cfg.model.pubkeys
     fleet = cfg.fleet.enabled
     if fleet:
@@ -230,19 +245,19 @@ def _serve(args: argparse.Namespace) -> int:
         assert cfg.fleet.root is not None  # FleetConfig checks it
         slots_dir = cfg.fleet.root / SLOTS
         if root is None and not (slots_dir / "state.json").is_file():
-            root, demo_key = _demo_bundle()  # first boot without --bundle: the demo
+            root, demo_key = demo_bundle()  # first boot without --bundle: the demo
             pubkeys = (*pubkeys, demo_key)
         pubkeys = cfg.fleet.pubkeys or pubkeys
         root = install_initial(Slots(slots_dir, _trust(pubkeys)), root)
     elif root is None:
-        root, demo_key = _demo_bundle()
+        root, demo_key = demo_bundle()
         pubkeys = (*pubkeys, demo_key)
     bundle = _trusted_bundle(root, pubkeys)  # always verify before anything is loaded
     _check_server(cfg, args)
     if fleet:
         assert config_file is not None
-        return _run_server(cfg, bundle, (_trust(pubkeys), config_file, flags))
-    return _run_server(cfg, bundle)
+        return _run_server(cfg, bundle, sock, (_trust(pubkeys), config_file, flags))
+    return _run_server(cfg, bundle, sock)
 
 
 def _check_server(cfg: Config, args: argparse.Namespace) -> None:
@@ -338,7 +353,9 @@ FleetWiring = tuple[list[Ed25519PublicKey], Path, Mapping[str, Any]]
 the command-line flags (config keys) that stay on top of it."""
 
 
-def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -> int:
+def _run_server(
+    cfg: Config, bundle: Bundle, sock: socket.socket, fleet: FleetWiring | None = None
+) -> int:
     # Imported here so that `edge-runtime verify` does not pay for the web stack.
     import uvicorn
 
@@ -386,8 +403,9 @@ def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -
         )
     )
     try:
-        asyncio.run(_serve_until_exit(server, worker, bundle, offload))
+        asyncio.run(_serve_until_exit(server, sock, worker, bundle, offload))
     finally:
+        sdnotify.notify("STOPPING=1")
         if access_log is not None:
             access_log.close()
     if worker.error is not None:
@@ -396,7 +414,8 @@ def _run_server(cfg: Config, bundle: Bundle, fleet: FleetWiring | None = None) -
 
 
 async def _serve_until_exit(
-    server: uvicorn.Server, worker: LocalWorker, bundle: Bundle, offload: OffloadClient | None
+    server: uvicorn.Server, sock: socket.socket, worker: LocalWorker, bundle: Bundle,
+    offload: OffloadClient | None,
 ) -> None:
     """Run uvicorn; print the URL once it listens and the model is warmed up."""
     if offload is not None:
@@ -404,23 +423,31 @@ async def _serve_until_exit(
         # it connects in the background and keeps retrying.
         offload.start(loop=asyncio.get_running_loop())
     try:
-        await _serve_and_announce(server, worker, bundle)
+        await _serve_and_announce(server, sock, worker, bundle)
     finally:
         if offload is not None:
             offload.stop()
 
 
 async def _serve_and_announce(
-    server: uvicorn.Server, worker: LocalWorker, bundle: Bundle
+    server: uvicorn.Server, sock: socket.socket, worker: LocalWorker, bundle: Bundle
 ) -> None:
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not (server.started and worker.ready) and not task.done():
         await asyncio.sleep(0.05)
-    if not task.done():
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        m = bundle.manifest
-        scheme = "https" if server.config.ssl_certfile else "http"
-        print(f"edge-runtime: serving {m.name} {m.version} at {scheme}://{shown}:{port}/v1",
-              flush=True)
+    if task.done():
+        await task
+        return
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    m = bundle.manifest
+    scheme = "https" if server.config.ssl_certfile else "http"
+    url = f"{scheme}://{shown}:{port}/v1"
+    print(f"edge-runtime: serving {m.name} {m.version} at {url}", flush=True)
+    # systemd (Type=notify): started means warm and listening; the pings come from this loop.
+    sdnotify.notify(f"READY=1\nSTATUS=serving {m.name} {m.version} at {url}")
+    interval = sdnotify.watchdog_interval()
+    while interval is not None and not task.done():
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.wait({task}, timeout=interval)
     await task

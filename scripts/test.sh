@@ -37,7 +37,7 @@ if [ ! -f "$prebuilt/fused/manifest.json" ]; then
 fi
 [ -x .venv310/bin/python ] || "$PY310" -m venv .venv310
 .venv310/bin/python -m pip install -q --upgrade pip
-.venv310/bin/python -m pip install -q -e ".[dev]"
+.venv310/bin/python -m pip install -q -e ".[dev,cpu]"  # [cpu]: ONNX Runtime on x86
 if .venv310/bin/python -c "import torch" 2>/dev/null; then
     echo "device leg: torch is importable on the 3.10 venv; it must not be" >&2
     exit 1

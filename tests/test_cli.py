@@ -120,7 +120,12 @@ def test_serve_warns_when_exposed_without_a_key(
     warned: bool,
 ) -> None:
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(cli, "_run_server", lambda cfg, bundle: seen.update(cfg=cfg) or 0)
+    def fake_run_server(cfg: Any, bundle: Any, sock: Any, *fleet: Any) -> int:
+        sock.close()  # serve bound it before loading anything
+        seen.update(cfg=cfg)
+        return 0
+
+    monkeypatch.setattr(cli, "_run_server", fake_run_server)
     argv = [
         "serve",
         "--bundle",

@@ -38,8 +38,12 @@ RULES: dict[str, set[str]] = {
     "fleet": {"serving", "model", "engines", "bundle", "mqtt", "api.metrics", "config",
               "signing", "atomic", "errors"},
     "rollout": {"fleet.messages", "fleet.slots", "fleet.command_auth", "fleet.audit",
-                "fleet.config_update", "bundle", "mqtt", "signing", "config",
+                "fleet.config_update", "bundle", "mqtt", "signing", "config", "pki",
                 "atomic", "errors"},
+    "sdnotify": set(),  # systemd's notify protocol, called by cli's serve
+    "startup": {"engines", "errors"},  # serve's checks before the model loads
+    "pki": {"atomic", "errors"},  # the fleet CA and device certificates (ECDSA P-256)
+    "doctor": {"engines", "config", "pki", "errors"},  # `edge-runtime doctor`: only reads
     "cli": {"*"},
     "edge_runtime": {"bundle", "model", "errors"},  # the package's public API re-exports
 }

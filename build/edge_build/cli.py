@@ -208,6 +208,9 @@ def cmd_fuse(a: argparse.Namespace) -> None:
 
 
 def cmd_demo(a: argparse.Namespace) -> None:
+    from edge_build.extras import require_build_extra
+
+    require_build_extra("edge-build demo")  # before anything is imported or written
     from edge_build.demo import build_demo
 
     key = Path(a.key) if a.key else None
@@ -380,10 +383,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not sys.stderr.isatty():  # no progress bar there: long stages log their progress
+        logging.getLogger("edge_build.progress").setLevel(logging.INFO)
     try:
         args.fn(args)
     except (EdgeError, FileExistsError) as e:
         print(f"edge-build {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:  # an optional package the base install lacks
+        from edge_build.extras import missing_module_hint
+
+        print(f"edge-build {args.cmd}: error: {missing_module_hint(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -119,19 +119,37 @@ def demo_recipe() -> Path:
     raise StageError("the demo recipe models/demo.toml is missing from this install")
 
 
-def default_bundle(progress: bool = True) -> tuple[Path, Path]:
-    """The embedded default bundle — the demo recipe's — and its public key: built on first
-    use (≤ 15 minutes on two cores), then cached. A marker records which recipe text built
-    it, so a start-up needs neither torch nor the pipeline once the bundle exists."""
+def _default_paths() -> tuple[Path, Path, Path, Path, dict[str, str]]:
     recipe_file = demo_recipe()
     root = cache_dir() / "demo-recipe"
-    bundle, pub, marker = root / "bundle", root / "signing.pub", root / "bundle.json"
     want = {"recipe": hashlib.sha256(recipe_file.read_bytes()).hexdigest()[:16]}
+    return recipe_file, root, root / "bundle", root / "signing.pub", want
+
+
+def cached_default_bundle() -> tuple[Path, Path] | None:
+    """The default bundle and its public key if built from the current recipe, else None
+    (no torch or pipeline needed to answer)."""
+    _, root, bundle, pub, want = _default_paths()
+    marker = root / "bundle.json"
     current = json.loads(marker.read_text()) if marker.is_file() else None
     if current != want or not (bundle / "manifest.json").is_file() or not pub.is_file():
-        from edge_build.pipeline import run_recipe
-        from edge_build.recipe import load_recipe
+        return None
+    return bundle, pub
 
-        run_recipe(load_recipe(recipe_file), root, progress=progress)
-        marker.write_text(json.dumps(want) + "\n")
+
+def default_bundle(progress: bool = True) -> tuple[Path, Path]:
+    """The embedded default bundle — the demo recipe's — and its public key: built on first
+    use (≤ 15 minutes on two cores) into $EDGE_RUNTIME_CACHE/demo-recipe (default
+    ${XDG_CACHE_HOME:-~/.cache}/edge-runtime/demo-recipe), then cached. A marker records
+    which recipe text built it, so a start-up needs neither torch nor the pipeline once the
+    bundle exists."""
+    cached = cached_default_bundle()
+    if cached is not None:
+        return cached
+    recipe_file, root, bundle, pub, want = _default_paths()
+    from edge_build.pipeline import run_recipe
+    from edge_build.recipe import load_recipe
+
+    run_recipe(load_recipe(recipe_file), root, progress=progress)
+    (root / "bundle.json").write_text(json.dumps(want) + "\n")
     return bundle, pub

@@ -151,6 +151,8 @@ def train(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from edge_build.extras import LogProgress
+
     n = cfg.seq_len
     if len(data) <= n + 1:
         raise StageError(f"training data has {len(data)} tokens, fewer than one window of {n}")
@@ -206,6 +208,7 @@ def train(
         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress,
     ) as bar:  # fmt: skip
         task = bar.add_task("distill", total=cfg.steps, completed=step, info="")
+        logged = LogProgress("distill", cfg.steps)
         while step < end:
             total = 0.0
             for _ in range(cfg.grad_accum):
@@ -233,7 +236,9 @@ def train(
             tps = (
                 (step - start_step) * cfg.batch_size * cfg.grad_accum * n / (time.time() - started)
             )
-            bar.update(task, completed=step, info=f"loss {loss_val:.4f}  {tps:,.0f} tok/s")
+            info = f"loss {loss_val:.4f}  {tps:,.0f} tok/s"
+            bar.update(task, completed=step, info=info)
+            logged.update(step, info)
             if step % cfg.checkpoint_every == 0 or step == end:
                 save()
     student.eval()

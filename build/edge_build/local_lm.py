@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_build.corpus import Corpus
+from edge_build.extras import LogProgress
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen2's pre-tokenizer split (GPT-4 style): contractions, letters, single digits, punctuation
@@ -137,6 +138,7 @@ def train_model(cfg: DemoConfig, corpus: Corpus, out: Path, progress: bool = Tru
         disable=not progress,
     ) as bar:
         task = bar.add_task("train", total=cfg.train_steps, info="")
+        logged = LogProgress("demo train", cfg.train_steps)
         for step in range(cfg.train_steps):
             starts = torch.randint(0, len(data) - n, (cfg.batch_size,), generator=gen)
             batch = torch.stack([data[s : s + n] for s in starts.tolist()])  # [B, S+1]
@@ -148,7 +150,9 @@ def train_model(cfg: DemoConfig, corpus: Corpus, out: Path, progress: bool = Tru
             sched.step()
             loss_val = loss.item()
             tps = (step + 1) * cfg.batch_size * cfg.seq_len / (time.time() - started)
-            bar.update(task, advance=1, info=f"loss {loss_val:.3f}  {tps:,.0f} tok/s")
+            info = f"loss {loss_val:.3f}  {tps:,.0f} tok/s"
+            bar.update(task, advance=1, info=info)
+            logged.update(step + 1, info)
     model.eval()
     with torch.inference_mode():
         k = min(len(held) // n, 16)

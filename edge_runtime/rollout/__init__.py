@@ -8,10 +8,13 @@
     store.py        rollout state in SQLite (survives a killed controller)
     abort_rules.py  the `--abort-if` expression (a small parser, no eval)
     acl.py          the broker ACL blocks of devices, operators, workers (deploy/mosquitto)
+    provision.py    edge-fleet provision: device keys, certificates (pki), config.toml
+    image.py        edge-fleet image: a device's rootfs overlay for L4T flashing, checked
 
 May import: fleet.messages (the wire format it shares with devices), fleet.slots (a .tar is
 unpacked and verified the way a device does it), fleet.command_auth (commands are signed
 the way devices check them), fleet.audit (one audit-log format on both sides),
-fleet.config_update (which keys are secret, for redaction), bundle, mqtt, signing,
-config, atomic, errors. Runs on an operator's machine, never on a device.
+fleet.config_update (which keys are secret, for redaction), bundle, mqtt, signing, config,
+pki (the fleet CA and device certificates), atomic, errors. Runs on an operator's machine,
+never on a device.
 """

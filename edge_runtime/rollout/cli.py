@@ -48,6 +48,7 @@ from edge_runtime.errors import ConfigError, EdgeError, MessageError
 from edge_runtime.mqtt import topics
 from edge_runtime.mqtt.auth import BrokerAuth, add_auth_options, auth_from_args
 from edge_runtime.mqtt.client import Message, MqttClient
+from edge_runtime.rollout import image, provision
 
 
 def _decode(msg: Message) -> dict[str, Any]:
@@ -349,6 +350,8 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("rollouts", help="every recorded rollout")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_rollouts)
+    provision.register(sub)  # edge-fleet provision (#12)
+    image.register(sub)  # edge-fleet image (#12)
     return p
 
 

@@ -1,0 +1,169 @@
+"""The fleet's X.509 identities: a CA, per-device ECDSA P-256 certificates, and their checks.
+
+A device's identity on the broker is its client certificate, whose CN is the device id (the
+broker takes it as the username, and the ACL grants that username only its own topics).
+The same checks serve `edge-fleet provision`, the overlay's dry run and `edge-runtime doctor`:
+the certificate chains to the fleet CA, is inside its validity, and matches its key.
+Private keys are written 0600 through atomic.py (mkstemp's mode, fsync, rename) and never
+appear in a message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from edge_runtime.atomic import atomic_write_bytes
+from edge_runtime.errors import ConfigError
+
+CA_DAYS = 10 * 365
+DEVICE_DAYS = 2 * 365  # renewed by re-provisioning; the doctor warns 30 days ahead
+EXPIRY_WARNING = dt.timedelta(days=30)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _serial() -> int:
+    # RFC 5280: positive, at most 20 octets; random so that two CAs' serials never collide.
+    return secrets.randbits(159) | 1
+
+
+def new_ca(name: str, days: int = CA_DAYS) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(_serial())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return key, cert
+
+
+def device_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, device_id: str,
+    days: int = DEVICE_DAYS,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh P-256 key and a client certificate for it: CN = device id, client auth only."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(_serial())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    return key, cert
+
+
+def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """PKCS#8 PEM, unencrypted (the daemon starts unattended), mode 0600 from creation."""
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    atomic_write_bytes(path, pem)  # mkstemp creates it 0600; the rename keeps the mode
+    os.chmod(path, 0o600)
+
+
+def write_cert(path: Path, cert: x509.Certificate) -> None:
+    atomic_write_bytes(path, cert.public_bytes(serialization.Encoding.PEM))
+    os.chmod(path, 0o644)
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read certificate {path}: {e}") from e
+
+
+def load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        # The exception text never includes key material; the path is enough.
+        raise ConfigError(f"cannot read private key {path}: {type(e).__name__}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{path} is not an EC private key")
+    return key
+
+
+def common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+@dataclass
+class CertCheck:
+    problems: list[str]  # each with its fix; empty: good
+    warnings: list[str]
+    cn: str
+    not_after: dt.datetime
+
+
+def check_device_cert(
+    cert_path: Path, key_path: Path, ca_path: Path, now: dt.datetime | None = None
+) -> CertCheck:
+    """Chains to the CA, inside its validity, matches its key, the key is 0600."""
+    now = now or _now()
+    cert, ca = load_cert(cert_path), load_cert(ca_path)
+    problems: list[str] = []
+    warnings: list[str] = []
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        problems.append(f"{cert_path} is not signed by the CA {ca_path}: re-provision the "
+                        "device with this fleet's CA (edge-fleet provision)")
+    renew = "re-provision the device (edge-fleet provision) and install the new certificate"
+    if now < cert.not_valid_before_utc:
+        problems.append(f"{cert_path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d}: "
+                        "set the device clock (NTP) or " + renew)
+    elif now > cert.not_valid_after_utc:
+        problems.append(f"{cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}: {renew}")
+    elif cert.not_valid_after_utc - now < EXPIRY_WARNING:
+        warnings.append(f"{cert_path} expires on {cert.not_valid_after_utc:%Y-%m-%d}: {renew}")
+    if now > ca.not_valid_after_utc:
+        problems.append(f"the CA {ca_path} expired on {ca.not_valid_after_utc:%Y-%m-%d}: "
+                        "make a new fleet CA and re-provision")
+    key = load_ec_key(key_path)
+    pub = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    if pub != cert.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo):
+        problems.append(f"{key_path} is not the key of {cert_path}: install the key that was "
+                        "provisioned with this certificate")
+    mode = os.stat(key_path).st_mode & 0o777
+    if mode & 0o077:
+        problems.append(f"{key_path} has mode {mode:04o}, readable by others: chmod 0600 "
+                        f"{key_path}")
+    return CertCheck(problems, warnings, common_name(cert), cert.not_valid_after_utc)
