@@ -33,6 +33,8 @@ class GenerationStats:
     """Request start to first sampled token (prefill + first sampling)."""
     decode_s: float = 0.0
     """First token to last token."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (not prefilled)."""
 
     @property
     def decode_tokens_per_s(self) -> float:
