@@ -2,6 +2,7 @@
 
     generator.py   Generator: prefill + decode over the KV cache, one sequence
     batching.py    BatchDecoder: continuous batching, chunked prefill
+    prefix_cache.py  PrefixCache: KV of prompt prefixes reused by later prompts (LRU, bytes)
     stream.py      Chunk, Completion, GenerationStats, StopMatcher: what a generation yields
     sampling.py    greedy / temperature / top-k / top-p, seeded
     tokenizer.py   tokenizer.json + chat template, without transformers
