@@ -128,7 +128,7 @@ class PrefixCache:
         self.hits += 1
         self.hit_tokens += k
         if k == len(best.tokens):
-            return k, best.kv  # as it is: read-only for the engine
+            return k, dict(best.kv)  # the tensors as they are: engines never write inputs
         engine = self.engine
         # [1, H, L, D] → [1, H, k, D]: one copy of the part reused.
         return k, {name: engine.from_host(np.ascontiguousarray(engine.to_host(t)[:, :, :k]))
