@@ -77,6 +77,8 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("[model]\nbackend = 'tensorrtt'\n", "model.backend must be one of"),
         ("[scheduler]\nmax_batch = 0\n", "scheduler.max_batch must be >= 1"),
         ("[scheduler]\nprefill_chunk = -1\n", "scheduler.prefill_chunk must be >= 0 (0: off)"),
+        ("[scheduler]\nprefix_cache_bytes = -1\n",
+         "scheduler.prefix_cache_bytes must be >= 0 (0: off)"),
         ("[log]\nlevel = 'loud'\n", "log.level must be one of"),
         ("server = 3\n", "[server] must be a table"),
         ("[server\n", "not valid TOML"),

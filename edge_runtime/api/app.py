@@ -59,6 +59,7 @@ def create_app(
     if worker.model is None:
         worker.model = model
     metrics.track_queue(lambda: worker.depth, lambda: worker.ready, lambda: worker.prefilling)
+    metrics.track_prefix_cache(lambda: worker.prefix_cache)
     if offload is not None:
         metrics.track_offload(offload.available)
     state = ServingState(

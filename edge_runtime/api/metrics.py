@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -27,7 +27,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from edge_runtime.model.prefix_cache import PrefixCacheStats
 from edge_runtime.model.stream import GenerationStats
 
 # Latency buckets for an edge device: from a cached short answer (tens of ms) to a long
@@ -101,6 +104,38 @@ def _p95(values: list[float]) -> float | None:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(1000 * seconds, 2)
+
+
+class _PrefixCacheCollector(Collector):
+    """edge_runtime_prefix_cache_*, read from the served model's cache at scrape time (its
+    counters restart with a model swap: the new model's cache starts empty; Prometheus
+    takes a counter that goes down as a reset). Absent while no model has a cache."""
+
+    def __init__(self, read: Callable[[], PrefixCacheStats | None]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._read()
+        if s is None:
+            return
+        p = "edge_runtime_prefix_cache"
+        for name, doc, value in (
+            ("hits", "Prompts that reused the KV cache of a cached prefix.", s.hits),
+            ("misses", "Prompts long enough to reuse a cached prefix that found none.",
+             s.misses),
+            ("hit_tokens", "Prompt tokens not prefilled thanks to the prefix cache.",
+             s.hit_tokens),
+            ("evictions", "Cached prefixes evicted (least recently used) to stay within "
+             "scheduler.prefix_cache_bytes.", s.evictions),
+        ):
+            yield CounterMetricFamily(f"{p}_{name}", doc, value=value)
+        for name, doc, value in (
+            ("bytes", "KV cache bytes held by cached prefixes.", s.bytes),
+            ("budget_bytes", "The prefix cache's budget (scheduler.prefix_cache_bytes).",
+             s.budget_bytes),
+            ("entries", "Cached prefixes.", s.entries),
+        ):
+            yield GaugeMetricFamily(f"{p}_{name}", doc, value=value)
 
 
 class Metrics:
@@ -195,6 +230,11 @@ class Metrics:
         self.queue_depth.set_function(depth)
         self.prefilling.set_function(prefilling)
         self.ready.set_function(lambda: float(ready()))
+
+    def track_prefix_cache(self, read: Callable[[], PrefixCacheStats | None]) -> None:
+        """Export the prefix cache's counters, read at scrape time (engine_loop.LocalWorker
+        .prefix_cache)."""
+        self.registry.register(_PrefixCacheCollector(read))
 
     def track_offload(self, available: Callable[[], bool]) -> None:
         """Read the cloud path's availability at scrape time (offload.OffloadClient)."""

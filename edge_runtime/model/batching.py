@@ -11,6 +11,10 @@ stop every running stream for its whole prefill (seconds on a CPU); with it, the
 streams' steps are delayed by one chunk at most, and the long prompt's first token comes
 about as soon as it would have.
 
+Prefix cache (prefix_cache.py, the generator's, when it has one): add() starts a prompt's
+prefill after the longest cached prefix of it (its KV taken as the sequence's own cache),
+and a prompt's KV is stored once fully prefilled, before the sequence joins the batch.
+
 Which side the padding goes depends on the graph's attention (bundle.GraphSpec):
 
 - decomposed attention (Optimum's export): present = past ++ new appends every row's new
@@ -83,7 +87,7 @@ class BatchDecoder:
     """Decodes up to `max_batch` sequences together on one generator's engine."""
 
     def __init__(self, gen: Generator, max_batch: int = 8,
-                 prefill_chunk: int = 0) -> None:
+                 prefill_chunk: int = 0, reuse_prefixes: bool = True) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 0:
@@ -115,6 +119,8 @@ class BatchDecoder:
         """Prompt tokens prefilled per step; 0: whole prompts in add()."""
         self.prefill_work: tuple[int, float] = (0, 0.0)
         """(prompt tokens, seconds) of prefill done by the last add() or step() call."""
+        self.reuse_prefixes = reuse_prefixes
+        """Use the generator's prefix cache (off: a measurement of real prefills)."""
         self._prefilling: list[_Prefill] = []
         self._seqs: list[_Seq] = []
         self._cache: dict[str, DeviceTensor] = {}
@@ -166,8 +172,12 @@ class BatchDecoder:
             t0=time.perf_counter(),
             tokens=list(prompt_ids),
         )
-        job = _Prefill(seq, np.asarray([prompt_ids], dtype=np.int64), gen.empty_cache(1))
-        if 0 < self.prefill_chunk < n:
+        prompt = np.asarray([prompt_ids], dtype=np.int64)
+        prefixes = gen.prefix_cache if self.reuse_prefixes else None
+        done, kv = prefixes.take(prompt[0]) if prefixes is not None else (0, None)
+        seq.stats.cached_tokens = done
+        job = _Prefill(seq, prompt, kv if kv is not None else gen.empty_cache(1), done)
+        if 0 < self.prefill_chunk < n - done:
             # Not even a first chunk here: the running streams' next step comes first, so
             # that they never wait for more than one chunk (plus their own step).
             self._prefilling.append(job)
@@ -193,6 +203,9 @@ class BatchDecoder:
         self.prefill_work = (end - start, time.perf_counter() - t)
         if end < job.prompt.shape[1]:
             return None
+        prefixes = gen.prefix_cache if self.reuse_prefixes else None
+        if prefixes is not None:
+            prefixes.store(job.prompt[0], job.cache)
         if job in self._prefilling:
             self._prefilling.remove(job)
         chunks = self._advance(seq, logits[0, -1])

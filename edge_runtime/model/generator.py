@@ -23,6 +23,7 @@ from edge_runtime.engines.load import load_engine
 from edge_runtime.engines.protocol import DeviceTensor, Engine
 from edge_runtime.errors import BundleError, ContextLengthError
 from edge_runtime.model.batching import BatchDecoder
+from edge_runtime.model.prefix_cache import MIN_TOKENS, PrefixCache
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.model.speculative import Speculator
 from edge_runtime.model.stream import (
@@ -98,6 +99,8 @@ class Generator:
         self.draft: Generator | None = None
         """The bundle's draft model (speculative decoding), when it has one and it is on."""
         self._speculator: Speculator | None = None
+        self.prefix_cache: PrefixCache | None = None
+        """KV of prompt prefixes reused by later prompts (use_prefix_cache); None: off."""
 
     @classmethod
     def from_bundle(
@@ -226,11 +229,28 @@ class Generator:
             for name in self._past
         }
 
-    def batch(self, max_batch: int, prefill_chunk: int = 0) -> BatchDecoder:
-        """A continuous batch of up to `max_batch` sequences on this generator's engine;
-        prompts longer than `prefill_chunk` tokens (0: off) are prefilled a chunk per step."""
+    def use_prefix_cache(self, budget_bytes: int, min_tokens: int = MIN_TOKENS) -> None:
+        """Keep prompt prefixes' KV caches within `budget_bytes` for later prompts (0: off;
+        a new budget starts empty). Off for an engine compiled for fixed shape ranges (a
+        TensorRT plan): it prefills only over an empty cache, as with chunked prefill."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        self.prefix_cache = None
+        if budget_bytes <= 0:
+            return
+        if getattr(self.engine, "max_batch", None) is not None:
+            log.info("prefix cache off: the engine %s prefills only over an empty cache",
+                     self.engine.name)
+            return
+        self.prefix_cache = PrefixCache(self.engine, self._kv, budget_bytes, min_tokens)
 
-        return BatchDecoder(self, max_batch, prefill_chunk)
+    def batch(self, max_batch: int, prefill_chunk: int = 0,
+              reuse_prefixes: bool = True) -> BatchDecoder:
+        """A continuous batch of up to `max_batch` sequences on this generator's engine;
+        prompts longer than `prefill_chunk` tokens (0: off) are prefilled a chunk per step;
+        `reuse_prefixes`: use the prefix cache, if there is one."""
+
+        return BatchDecoder(self, max_batch, prefill_chunk, reuse_prefixes)
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> ChunkStream:
         """Yield text deltas as tokens are decoded; the last chunk carries finish and stats.

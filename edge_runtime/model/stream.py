@@ -41,6 +41,8 @@ class GenerationStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (not prefilled)."""
 
     @property
     def decode_tokens_per_s(self) -> float:

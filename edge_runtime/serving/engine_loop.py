@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Hashable
 
 from edge_runtime.errors import DeadlineExceededError, EngineError, OverloadedError
+from edge_runtime.model.prefix_cache import PrefixCacheStats
 from edge_runtime.model.stream import Chunk
 from edge_runtime.serving.cloud_view import NO_CLOUD
 from edge_runtime.serving.model_swap import ServedModels
@@ -172,6 +173,7 @@ class LocalWorker:
         once the engine loop has adopted it. Requests already queued or running finish on
         the generator they were tokenized with. A generator whose engine cannot decode
         `max_batch` sequences together is refused here (EngineError), before any change."""
+        _use_prefix_cache(generator, self.config.prefix_cache_bytes)
         batch = generator.batch(self.config.max_batch, self.config.prefill_chunk)
         if self._measure_rates:
             try:  # the new model's own speed, measured before it takes traffic
@@ -201,6 +203,12 @@ class LocalWorker:
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
+
+    @property
+    def prefix_cache(self) -> PrefixCacheStats | None:
+        """The served model's prefix cache counters (read by /metrics); None without one."""
+        cache = getattr(self.generator, "prefix_cache", None)
+        return cache.stats() if cache is not None else None
 
     @property
     def depth(self) -> int:
@@ -257,6 +265,7 @@ class LocalWorker:
     def _run(self) -> None:
         try:
             gen = self._load()
+            _use_prefix_cache(gen, self.config.prefix_cache_bytes)
             # refuses a max_batch the engine lacks
             batch = gen.batch(self.config.max_batch, self.config.prefill_chunk)
             self._limit_to(batch)
@@ -452,3 +461,10 @@ class LocalWorker:
         with self._lock:
             self.scheduler.finished(key)
             self._requests.pop(key, None)
+
+
+def _use_prefix_cache(gen: TextGenerator, budget_bytes: int) -> None:
+    """Give a loaded model its prefix cache (model/prefix_cache.py)."""
+    use = getattr(gen, "use_prefix_cache", None)  # a scripted test generator has no KV cache
+    if use is not None:
+        use(budget_bytes)

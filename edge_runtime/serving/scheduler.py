@@ -39,6 +39,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.model.prefix_cache import DEFAULT_BUDGET_BYTES
 
 
 class Action(enum.Enum):
@@ -83,6 +84,11 @@ class SchedulerConfig:
     """Prompts longer than this are prefilled this many tokens per decode step, so a long
     prompt delays the running streams by one chunk at a time, not by its whole prefill
     (0: whole prompts at once; TensorRT plans always prefill whole prompts)."""
+    prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES
+    """Memory for the KV caches of prompt prefixes (system prompt, chat history) that later
+    prompts starting with the same tokens reuse instead of prefilling them again; least
+    recently used evicted first (model/prefix_cache.py; 0: off). Applied when a model is
+    loaded or swapped in."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -96,6 +102,11 @@ class SchedulerConfig:
             (
                 self.prefill_chunk >= 0,
                 f"scheduler.prefill_chunk must be >= 0 (0: off), got {self.prefill_chunk}",
+            ),
+            (
+                self.prefix_cache_bytes >= 0,
+                f"scheduler.prefix_cache_bytes must be >= 0 (0: off), got "
+                f"{self.prefix_cache_bytes}",
             ),
         ]
         for ok, message in checks:
