@@ -227,3 +227,13 @@ def test_the_cloud_path_does_not_load_fastapi(module):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()  # fmt: skip
     assert out == "False"
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by their basename (tests/ folders have no __init__.py):
+    two files of one name in two folders stop the whole collection."""
+    tests = Path(__file__).resolve().parent
+    names: dict[str, list[str]] = {}
+    for p in tests.rglob("test_*.py"):
+        names.setdefault(p.name, []).append(str(p.relative_to(tests)))
+    assert {n: ps for n, ps in names.items() if len(ps) > 1} == {}
