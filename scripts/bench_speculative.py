@@ -3,6 +3,7 @@
 
     python scripts/bench_speculative.py [--recipe R.toml ...] [--bundle DIR --pubkey PEM]
         [--tokens 128] [--prompts 6] [--rounds 2] [--threads 2] [--ks 2,4] [--no-write]
+        [--device cuda]
 
 Needs: the repository's Python environment (`pip install -e '.[build]'`: torch,
 transformers and optimum build the pairs when no --bundle is given). Each --recipe (default:
@@ -21,8 +22,13 @@ must equal the plain one token for token, or the script fails. Decode tokens/s =
 prompts × rounds, the acceptance rate (accepted / drafted tokens over all runs) and the
 cost model's terms: a target decode step, a draft step and a verify pass of k + 1 tokens.
 
-Results go to docs/BENCHMARKS.md between the `bench_speculative` markers (`--no-write` to
-skip).
+`--device cuda` runs the same on ONNX Runtime's CUDA provider (onnxruntime-gpu; CUDA's
+libraries loaded through torch first) and fails unless both graphs' sessions really run on
+it; on a machine without one it exits 3. Where a GPU decode step costs about the same for 1
+and k + 1 tokens (launch-bound small models), speculation's premise holds, unlike on 2 CPU cores.
+
+Results go to docs/BENCHMARKS.md between the `bench_speculative` markers, or
+`bench_speculative_gpu` with `--device cuda` (`--no-write` to skip).
 """
 
 from __future__ import annotations
@@ -54,6 +60,18 @@ from edge_runtime.signing import load_public_key  # noqa: E402
 
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 MARK = "bench_speculative"
+
+
+def cuda_device() -> str:
+    """The GPU's name where ONNX Runtime has a CUDA provider and torch sees a GPU, else ""."""
+    try:
+        import onnxruntime as ort
+        import torch  # loads the CUDA libraries (cuBLAS, cuDNN) the CUDA provider links
+    except ImportError:
+        return ""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ""
+    return str(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else ""
 
 
 def build_pair(recipe: Path, work: Path) -> tuple[Path, Path]:
@@ -156,6 +174,11 @@ def measure(bundle_dir: Path, pub: Path, args: argparse.Namespace, ks: Sequence[
     gen = Generator.from_bundle(bundle, backend="onnxruntime", threads=args.threads)
     if not gen.speculative or gen.draft is None:
         raise SystemExit(f"{bundle_dir} has no draft graph (build it with a [draft] table)")
+    want = "CUDAExecutionProvider" if args.device == "cuda" else "CPUExecutionProvider"
+    for name, g in (("decoder", gen), ("draft", gen.draft)):
+        got = g.engine.name.split(":", 1)[-1]  # "onnxruntime:<first active provider>"
+        if got != want:
+            raise SystemExit(f"FAIL: the {name} graph runs on {got}, not {want}")
     gen.defaults = dataclasses.replace(gen.defaults, eos_token_ids=[])
     gen._eos = frozenset()  # fixed-length outputs: the same work for every contender
     m = bundle.manifest
@@ -273,8 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--recipe", type=Path, action="append",
                     help="a recipe with a [draft] table, built into --workdir/<its name> once "
                     "(repeatable; default: models/demo.toml and models/speculative-pair.toml)")
-    ap.add_argument("--bundle", type=Path, help="measure this bundle instead of recipes")
-    ap.add_argument("--pubkey", type=Path)
+    ap.add_argument("--bundle", type=Path, action="append",
+                    help="measure this bundle instead of recipes (repeatable)")
+    ap.add_argument("--pubkey", type=Path, action="append",
+                    help="the key each --bundle is signed with, in the same order")
     ap.add_argument("--workdir", type=Path, default=Path("~/.cache/edge-bench/speculative"))
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=6)
@@ -283,13 +308,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ks", default="2,4")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: ONNX Runtime's CUDA provider (exit 3 where there is none)")
     args = ap.parse_args(argv)
+    gpu = ""
+    if args.device == "cuda":
+        gpu = cuda_device()
+        if not gpu:
+            print("no CUDA provider here (onnxruntime-gpu and a GPU are needed)",
+                  file=sys.stderr)
+            return 3
     ks = [int(k) for k in args.ks.split(",") if k]
     PROMPT_TOKENS[0] = args.prompt_tokens
     if args.bundle is not None:
-        if args.pubkey is None:
-            ap.error("--bundle needs --pubkey (the key its manifest is signed with)")
-        targets = [(args.bundle, args.pubkey)]
+        if args.pubkey is None or len(args.pubkey) != len(args.bundle):
+            ap.error("each --bundle needs its --pubkey (the key its manifest is signed with)")
+        targets = list(zip(args.bundle, args.pubkey, strict=True))
     else:
         recipes = args.recipe or [ROOT / "models" / "demo.toml",
                                   ROOT / "models" / "speculative-pair.toml"]
@@ -308,21 +342,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     defaults = {a.dest: a.default for a in ap._actions}
     cmd = "python scripts/bench_speculative.py" + "".join(
-        f" --recipe {r}" for r in args.recipe or []) + (
-        f" --bundle {args.bundle} --pubkey {args.pubkey}" if args.bundle else "") + "".join(
+        f" --recipe {r}" for r in args.recipe or []) + "".join(
+        f" --bundle {b} --pubkey {p}"
+        for b, p in zip(args.bundle or [], args.pubkey or [], strict=True)) + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k in ("tokens", "prompts", "prompt_tokens", "rounds", "threads", "ks")
+        if k in ("tokens", "prompts", "prompt_tokens", "rounds", "threads", "ks", "device")
         and v != defaults[k])
+    engine = (f"ONNX Runtime CUDA on {gpu}" if gpu else
+              f"ONNX Runtime CPU, {args.threads} threads")
     head = [
-        "## Speculative decoding: batch-1 decode with the bundle's draft model, CPU",
+        "## Speculative decoding: batch-1 decode with the bundle's draft model, "
+        + ("GPU" if gpu else "CPU"),
         "",
         "_Generated by `scripts/bench_speculative.py`; do not edit between the markers._",
         "",
         f"- **Command:** `{cmd}`",
         f"- **Date:** {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC (measuring "
         f"{wall:.0f} s)",
-        f"- **Machine:** {cpu_model()}, {os.cpu_count()} logical cores, ONNX Runtime CPU, "
-        f"{args.threads} threads; load average before {load_before[0]:.2f}, after "
+        f"- **Machine:** {cpu_model()}, {os.cpu_count()} logical cores, {engine}; "
+        f"load average before {load_before[0]:.2f}, after "
         f"{load_after[0]:.2f}. A shared machine (other engineers' builds and tests ran "
         "meanwhile): single runs vary by up to 2x, hence medians",
         "- **Pairs:** trained here by their recipes; the target is the bundle's served "
@@ -336,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tokens over all runs",
         "",
     ]
-    update_section(DOC, MARK, "\n".join(head + body + NOTES))
+    update_section(DOC, MARK + ("_gpu" if gpu else ""), "\n".join(
+        head + body + ([] if gpu else NOTES)))
     print(f"wrote {DOC}")
     return 0
 

@@ -221,7 +221,9 @@ def _rotary_tables(graph: onnx.GraphProto, cos: str, sin: str, positions: int) -
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in (cos, sin)],
         [t for t in graph.initializer if t.name in used],
     )
-    model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", 18)])
+    # IR 9 pinned: make_model writes the installed onnx's newest IR (14 with onnx 1.23), which
+    # ONNX Runtime 1.30 refuses ("max supported IR version: 13", seen on the GPU machine).
+    model = helper.make_model(sub, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     pos = np.arange(positions, dtype=np.int64)[None, :]
     c, s = sess.run(None, {"position_ids": pos})

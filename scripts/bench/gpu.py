@@ -166,7 +166,7 @@ def build_fp16_onnx(wd: Path, hf: Path) -> Path:
 # top; it is only used for Mistral-format checkpoints. Where the wheel or its own needs
 # (pydantic, jsonschema…) are missing, stand-ins let the Qwen2 conversion run.
 _MISTRAL_STUB = r"""
-import sys, types
+import importlib.machinery, sys, types
 try:
     import mistral_common.tokens.tokenizers.base
     import mistral_common.tokens.tokenizers.multimodal
@@ -174,12 +174,16 @@ try:
     import mistral_common.tokens.tokenizers.tekken
 except Exception as e:
     print(f"mistral_common unusable ({e!r}): stand-ins (Qwen2 does not use it)", file=sys.stderr)
+    # Each with a spec: transformers asks importlib.util.find_spec("mistral_common"), which
+    # raises ValueError on a module whose __spec__ is None (seen on the GPU machine).
     for mod in ("mistral_common", "mistral_common.tokens", "mistral_common.tokens.tokenizers"):
         sys.modules[mod] = types.ModuleType(mod)
+        sys.modules[mod].__spec__ = importlib.machinery.ModuleSpec(mod, None)
     for sub, names in {"base": ["TokenizerVersion"], "multimodal": ["DATASET_MEAN",
                        "DATASET_STD"], "tekken": ["Tekkenizer"],
                        "sentencepiece": ["SentencePieceTokenizer"]}.items():
         m = types.ModuleType("mistral_common.tokens.tokenizers." + sub)
+        m.__spec__ = importlib.machinery.ModuleSpec(m.__name__, None)
         for n in names:
             setattr(m, n, object)
         sys.modules[m.__name__] = m

@@ -10,4 +10,5 @@ R=""; for f in ours torch torchc llama; do [ -f "$G/res/$f.json" ] && R="$R $G/r
 "$PY" "$SRC/scripts/bench_decode.py" --device cuda --render $R --md "$OUT/BENCHMARKS.md" > /dev/null
 tar czf "$OUT/res.tar.gz" -C "$G" res 2>/dev/null
 tar czf "$OUT/logs.tar.gz" -C "$G" logs 2>/dev/null
+cp "$G/src/docs/BENCHMARKS.md" "$OUT/spec.md" 2>/dev/null
 cat "$OUT/BENCHMARKS.md"

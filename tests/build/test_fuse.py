@@ -95,3 +95,26 @@ def test_fused_bundle_declares_right_padded_batches(tiny_bundle, tiny_fused_bund
     plain = verify_bundle(tiny_bundle.path, keys).graph()
     assert (fused.left_padded_batch, fused.right_padded_batch) == (False, True)
     assert (plain.left_padded_batch, plain.right_padded_batch) == (True, False)
+
+
+def test_fusion_runs_on_an_onnx_runtime_that_reads_ir_13(tiny_export: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """The fuse stage evaluates a helper graph of its own (the rotary tables) in ONNX Runtime.
+    onnx 1.23 stamps a new model with IR 14, which ONNX Runtime 1.30 (the GPU machine's, and
+    JetPack wheels of that age) refuses: 'Unsupported model IR version: 14, max supported IR
+    version: 13' stopped the fused build there. The session here refuses the same way."""
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession
+
+    def ort_1_30(model, *args, **kwargs):  # type: ignore[no-untyped-def]
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(
+            str(model), load_external_data=False)
+        if proto.ir_version > 13:
+            raise RuntimeError(f"Unsupported model IR version: {proto.ir_version}, max "
+                               "supported IR version: 13")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", ort_1_30)
+    rec = fuse.run(tiny_export, tmp_path / "fused")
+    assert rec["metrics"]["GroupQueryAttention"] == 2
