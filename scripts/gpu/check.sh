@@ -7,8 +7,8 @@ for i in $(seq 1 100); do
 done
 export PYTHONPATH=$(pythonpath)
 mkdir -p "$G/check"
-$LOCK timeout 420 "$PY" "$SRC/scripts/gpu_check.py" --demo .gpu/demo/bundle \
-    --demo-pubkey .gpu/demo/signing.pub --qwen-workdir "$W/qwen2-0.5b" --out "$G/check"
+$LOCK timeout 420 "$PY" "$SRC/scripts/gpu_check.py" --demo "$G/demo/bundle" \
+    --demo-pubkey "$G/demo/signing.pub" --qwen-workdir "$W/qwen2-0.5b" --out "$G/check"
 echo "gpu_check exit status $?"
 cp "$G/check/gpu_check.txt" "$OUT/" 2>/dev/null
 tar czf "$OUT/check-profiles.tar.gz" -C "$G/check" . 2>/dev/null

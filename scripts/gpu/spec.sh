@@ -1,9 +1,9 @@
 #!/bin/bash
 # Speculative decoding on ONNX Runtime CUDA: the demo pair and the 8-layer pair, trained on a
-# CPU machine and carried signed (.gpu/spec/{demo,pair}/{bundle,signing.pub}). The section
+# CPU machine and carried signed (.gpu/spec/{demo,pair}/{bundle,signing.pub}, which stage.sh
+# copies to $G/spec). The section
 # lands in $G/src/docs/BENCHMARKS.md (render.sh brings it back as spec.md).
 . "$(dirname "$0")/env.sh"
-mkdir -p "$G/spec" && cp -rn .gpu/spec/. "$G/spec/"
 export PYTHONPATH=$(pythonpath)
 cd "$G/src" || exit 1
 $LOCK timeout 400 $PIN_M "$PY" scripts/bench_speculative.py --device cuda --rounds 3 \
