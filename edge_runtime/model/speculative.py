@@ -17,12 +17,9 @@ the keys and values a verify pass wrote differ by can still go the other way (se
 8-layer int4 model: margin 9e-4; docs/BENCHMARKS.md). Both caches are then cut back to the
 accepted tokens (the rejected drafts' keys and values must not be attended to).
 
-k adapts: the acceptance rate α (per drafted token, an exponential average over rounds),
-the draft's step time and the verify pass's time are measured, and each round takes the k
-that maximises the expected tokens per second, (1 − α^(k+1)) / (1 − α) / (k·t_draft +
-t_verify(k) + the round's own overhead), against the plain decode rate; when no k is expected
-to beat it by MIN_GAIN, speculation steps aside for a while (longer each time it still does
-not pay) and then tries again with k = 1.
+k adapts (spec_control.KController): the acceptance rate, the draft's step and each k's
+verify pass are measured as the engine runs, and each round drafts the k with the most
+expected tokens per second, or none when no k beats a plain step.
 It runs only for a batch of one (BatchDecoder asks):
 a wider batch already amortises the weights over its rows, and its rows would accept
 different numbers of drafts. The draft catches up on whatever tokens its cache lacks (a
@@ -38,6 +35,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edge_runtime.model.spec_control import K_MAX, KController
+
 if TYPE_CHECKING:  # batching.py imports this module; generator.py imports batching.py
     from edge_runtime.engines.protocol import DeviceTensor
     from edge_runtime.model.batching import BatchDecoder, _Seq
@@ -50,18 +49,6 @@ runner-up by this many logits. A pass over k + 1 tokens and a one-token step dif
 last bits (int8 activation blocks and GroupQueryAttention take other kernel paths: up to
 3e-3 logits on an 8-layer int4 model), so a nearer tie is decided by a one-token step, as
 plain decoding decides it."""
-K_MAX = 8
-"""Most tokens drafted per round: beyond it α^k is small for any draft worth shipping."""
-_DECAY = 0.8
-"""Weight of the past in the running averages (about the last five rounds count)."""
-_PAUSE_STEPS = 32
-_MAX_PAUSE = 2048
-_ALPHA_PRIOR = 0.8
-"""A new request's acceptance rate starts halfway between the last one's and this."""
-MIN_GAIN = 1.1
-"""Expected speed-up below which speculation pauses: the estimates come from a few noisy
-rounds, and a round that loses costs more than a plain step that could have won."""
-"""Plain steps before speculation is tried again after it stopped paying."""
 
 
 class Speculator:
@@ -69,29 +56,9 @@ class Speculator:
 
     def __init__(self, target: Generator, draft: Generator, k_max: int = K_MAX,
                  fixed_k: int | None = None) -> None:
-        if fixed_k is not None and not 1 <= fixed_k <= k_max:
-            raise ValueError(f"fixed_k must be in [1, {k_max}], got {fixed_k}")
         self.target, self.draft = target, draft
-        self.k_max = k_max
-        self.fixed_k = fixed_k
-        """Draft exactly this many tokens per round, never pausing (tests, benchmarks)."""
-        self.k = fixed_k or min(4, k_max)
-        """Tokens the next round drafts."""
-        # Running estimates (seconds, and accepted / examined drafts).
-        self.alpha = 0.6
-        self.t_draft = 0.0
-        """One draft step (per drafted token)."""
-        self.t_verify_base = 0.0
-        """A verify pass, less its per-drafted-token part."""
-        self.t_verify_per_token = 0.0
-        self.t_overhead = 0.0
-        """The rest of a round: accepting, emitting, trimming the caches (Python's share,
-        which at small models is most of it)."""
-        self.t_plain = 0.0
-        """One plain decode step of the batch of one."""
-        self.paused = 1
-        """Plain steps left before speculation is tried again (the first one measures what
-        a plain step costs)."""
+        self.control = KController(k_max, fixed_k)
+        """Chooses each round's k from what the rounds cost (raises on a bad fixed_k)."""
         # The draft's cache: whose sequence, and how many of its tokens it holds.
         self._owner: _Seq | None = None
         self._cache: dict[str, DeviceTensor] = {}
@@ -100,9 +67,7 @@ class Speculator:
             np.empty((1, 1, draft.vocab_size), dtype=draft.logits_dtype)
             if draft.last_token_logits else None
         )
-        self.rounds = 0
         self._last_seq: _Seq | None = None
-        self._pause = _PAUSE_STEPS
         self._plain_next = False
         """A greedy round stopped at a near tie: the next step is a one-token step."""
         self._timing: tuple[int, int, float, float, float] = (0, 0, 0.0, 0.0, 0.0)
@@ -113,31 +78,34 @@ class Speculator:
 
     def decode(self, dec: BatchDecoder, s: _Seq) -> dict[Hashable, list[Chunk]]:
         """One step for the batch's only sequence: a speculative round or a plain step."""
+        ctl = self.control
         if s is not self._last_seq and s.stats.completion_tokens <= 1:
-            # A new request: how well the draft follows depends on the text (repetitive code
-            # is accepted almost whole, prose much less), so it gets its own early probe —
-            # where the measured costs let speculation pay well (1.3x at an acceptance of 0.95).
             self._last_seq = s
-            if self.rounds == 0 or self.best_k(0.95)[1] >= 1.3:
-                self.paused, self._pause = min(self.paused, 1), _PAUSE_STEPS
-                self.alpha = 0.5 * self.alpha + 0.5 * _ALPHA_PRIOR
+            ctl.new_request()
         room = min(s.max_tokens - s.stats.completion_tokens - 1,
-                   self.target.context_length - s.length - 1, self.k)
-        if (self.paused > 0 and self.fixed_k is None) or room < 1 or self._plain_next:
-            self.paused = max(0, self.paused - 1)
+                   self.target.context_length - s.length - 1, ctl.k)
+        if ctl.paused > 0 or room < 1 or self._plain_next:
             self._plain_next = False
             t = time.perf_counter()
             out = dec._decode_plain()
-            self.t_plain = _avg(self.t_plain, time.perf_counter() - t)
+            ctl.plain_step(time.perf_counter() - t)
             return out
         t = time.perf_counter()
         chunks = self._round(dec, s, room)
-        self._learn(time.perf_counter() - t)
+        k, accepted, t_step, _, t_drafting = self._timing
+        # What is not drafting is this k's cost: the verify pass, accepting, emitting and
+        # trimming the caches (Python's share, which at small models is much of it).
+        ctl.round_done(k, accepted, t_step, time.perf_counter() - t - t_drafting)
         return {s.key: chunks}
+
+    @property
+    def rounds(self) -> int:
+        """Speculative rounds run so far."""
+        return self.control.rounds
 
     def _round(self, dec: BatchDecoder, s: _Seq, k: int) -> list[Chunk]:
         """Draft k tokens, verify them, emit what is kept; the round's timings go to
-        self._timing for _learn."""
+        self._timing for decode."""
         target, draft, sampler = self.target, self.draft, s.sampler
         greedy = sampler.params.greedy
         rng = sampler.rng
@@ -247,55 +215,6 @@ class Speculator:
         p = sampler.distribution(rows[len(drafts)])
         out.append(int(rng.choice(p.shape[0], p=p)))
         return len(drafts), out
-
-    # -- adapting k ----------------------------------------------------------------------
-
-    def _learn(self, t_round: float) -> None:
-        k, accepted, t_step, t_verify, t_drafting = self._timing
-        self.rounds += 1
-        examined = accepted + (1 if accepted < k else 0)
-        self.alpha = _avg(self.alpha, accepted / examined, first=self.rounds == 1)
-        if t_step >= 0:
-            self.t_draft = _avg(self.t_draft, t_step)
-        self.t_overhead = _avg(self.t_overhead, max(0.0, t_round - t_drafting - t_verify))
-        # Verify cost ≈ base + per_token·k: the base is what one plain step costs; the rest
-        # is what the k extra positions add.
-        base = self.t_plain if self.t_plain > 0 else t_verify / (1 + 0.1 * k)
-        self.t_verify_base = _avg(self.t_verify_base, base)
-        self.t_verify_per_token = _avg(self.t_verify_per_token, max(0.0, t_verify - base) / k)
-        if self.fixed_k is not None:
-            return
-        self.k, gain = self.best_k()
-        if gain < MIN_GAIN:
-            # Each probe that finds no gain doubles the pause: on a pair where speculation
-            # never pays, probing costs a few percent at most.
-            self.k, self.paused = 1, self._pause
-            self._pause = min(2 * self._pause, _MAX_PAUSE)
-        else:
-            self._pause = _PAUSE_STEPS
-
-    def best_k(self, alpha: float | None = None) -> tuple[int, float]:
-        """(k with the most expected tokens per second, its speed-up over plain decoding), at
-        the measured acceptance rate or at `alpha`."""
-        a = min(self.alpha if alpha is None else alpha, 0.999)
-        plain = self.t_plain if self.t_plain > 0 else self.t_verify_base
-        best, gain = 1, 0.0
-        for k in range(1, self.k_max + 1):
-            tokens = (1 - a ** (k + 1)) / (1 - a)
-            cost = (k * self.t_draft + self.t_verify_base + k * self.t_verify_per_token
-                    + self.t_overhead)
-            g = tokens * plain / cost if cost > 0 else 0.0
-            if g > gain:
-                best, gain = k, g
-        return best, gain
-
-
-def _avg(old: float, new: float, first: bool = False) -> float:
-    """Exponential average; a sample over 3x the average (a preempted step on a shared
-    CPU) counts as 3x, so one outlier cannot switch speculation off for long."""
-    if first or old == 0.0:
-        return new
-    return _DECAY * old + (1 - _DECAY) * min(new, 3 * old)
 
 
 def _trim(gen: Generator, cache: dict[str, DeviceTensor], keep: int,

@@ -135,16 +135,20 @@ def test_sampled_generation_runs_and_is_reproducible(pair):
 
 def test_adaptive_k_follows_acceptance_and_cost(pair):
     spec, _ = pair
-    s = Speculator(spec, spec.draft)
-    s.t_plain = s.t_verify_base = 1.0
-    s.t_draft, s.t_verify_per_token = 0.05, 0.02
-    s.alpha = 0.9
-    k_high, gain_high = s.best_k()
-    s.alpha = 0.3
-    k_low, gain_low = s.best_k()
+    ctl = Speculator(spec, spec.draft).control
+    for _ in range(3):
+        ctl.plain_step(1.0)
+    for k in range(1, ctl.k_max + 1):  # verify ≈ (1 + k/50) steps, a draft step 0.05
+        for _ in range(3):
+            ctl.round_done(k, k, 0.05, 1.0 + 0.02 * k)
+    ctl.alpha = 0.9
+    k_high, gain_high = ctl.best_k()
+    ctl.alpha = 0.3
+    k_low, gain_low = ctl.best_k()
     assert k_high > k_low >= 1 and gain_high > gain_low
-    s.t_draft = 0.9  # a draft as slow as the target never pays
-    assert s.best_k()[1] < 1.0
+    for _ in range(9):  # a draft as slow as the target never pays
+        ctl.round_done(1, 1, 0.9, 1.02)
+    assert ctl.best_k()[1] < 1.0
 
 
 # -- the rejection rule, statistically --------------------------------------------------
