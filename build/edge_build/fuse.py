@@ -395,17 +395,22 @@ def fuse_decoder(model: onnx.ModelProto, config: Mapping[str, Any],
 
 
 def greedy(model: Path | bytes, prompt: Sequence[int], new_tokens: int, layers: int,
-           threads: int = 2) -> tuple[list[int], list[np.ndarray]]:
+           threads: int = 2, force: Sequence[int] | None = None
+           ) -> tuple[list[int], list[np.ndarray]]:
     """Greedy decode with ONNX Runtime (prefill, then one token per step); tokens and the
-    last-position logits of every step."""
+    last-position logits of every step. `force`: feed these tokens instead of the graph's
+    own choices (teacher forcing: two graphs compared step by step on one path). The cache
+    is fed in the graph's own float type (float16 for a GPU's graph)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
                                 providers=["CPUExecutionProvider"])
-    shape = next(i.shape for i in sess.get_inputs() if i.name == "past_key_values.0.key")
-    past = {f"past_key_values.{i}.{kv}": np.zeros((1, shape[1], 0, shape[3]), np.float32)
+    first = next(i for i in sess.get_inputs() if i.name == "past_key_values.0.key")
+    shape = first.shape
+    dtype = np.float16 if first.type == "tensor(float16)" else np.float32
+    past = {f"past_key_values.{i}.{kv}": np.zeros((1, shape[1], 0, shape[3]), dtype)
             for i in range(layers) for kv in ("key", "value")}
     ids, pos = list(prompt), 0
     tokens: list[int] = []
@@ -420,7 +425,8 @@ def greedy(model: Path | bytes, prompt: Sequence[int], new_tokens: int, layers: 
         logits.append(res[0][0, -1])
         tokens.append(int(res[0][0, -1].argmax()))
         past = dict(zip(past, res[1:], strict=True))
-        ids, pos = [tokens[-1]], end
+        nxt = force[len(tokens) - 1] if force is not None else tokens[-1]
+        ids, pos = [nxt], end
     return tokens, logits
 
 

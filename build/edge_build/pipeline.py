@@ -1,15 +1,16 @@
 """`edge-build run --recipe`: a recipe's whole chain, each stage cached, measured and gated.
 
     teacher → distill → prune → [heal] → quantize → export → lower(matmulnbits, qdq)
-        → [fuse] → package
+        → [fuse] → [fp16] → package
                       └─ [draft] → draft-quantize → draft-export → draft-lower-matmulnbits
-                                 → [draft-fuse] ─▶ package (the bundle's `draft` graph)
+                                 → [draft-fuse] → [draft-fp16] ─▶ package (the bundle's
+                                                                  `draft` graph)
 
 One method per stage: it reads the recipe's table for the stage, calls the stage's module
 (teacher.py, distill.py, prune.py, quantize.py, export.py, fuse.py, package.py) and hands
 it to the runner (stage_runner.py), which caches, measures, records and gates it. The bundle
 serves the MatMulNBits graph (the fp32 export without [quantize]), fused unless
-`fuse.enabled = false`.
+`fuse.enabled = false`, in float16 for a GPU with `fuse.activations = "float16"` (fp16.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from edge_build.stage_runner import (
     fingerprint,
 )
 from edge_runtime.atomic import atomic_write_json
+
+FP16_MIN_TOP1 = 0.9
+"""Top-1 agreement of the float16 graph with its float32 input, on its greedy check and on
+the held-out windows, below which stage fp16 fails (thresholds.fp16.vs_input.min_top1
+overrides): float16 rounding flips near ties, not clear choices."""
 
 
 class Pipeline(StageRunner):
@@ -63,6 +69,8 @@ class Pipeline(StageRunner):
         served = lowered.get("matmulnbits", cur)
         if r.fuse.enabled:
             served = self.fuse(served)
+            if r.fuse.activations == "float16":
+                served = self.fp16(served)
         trt = lowered.get("qdq") if r.package.tensorrt_graph else None
         draft = self.draft_chain(served_model) if r.draft.enabled else None
         bundle, pub = self.package(served, trt, draft)
@@ -143,6 +151,8 @@ class Pipeline(StageRunner):
             cur = self.lower(onnx_dir, quant_dir, "matmulnbits", prefix="draft-")
         if r.fuse.enabled:
             cur = self.fuse(cur, prefix="draft-")
+            if r.fuse.activations == "float16":
+                cur = self.fp16(cur, prefix="draft-")
         return cur
 
     def draft(self, served: Path) -> Path:
@@ -295,6 +305,26 @@ class Pipeline(StageRunner):
         return self.stage(
             f"{prefix}fuse", input_dir, params, produce, code, gates=gates, exact_vs_input=True
         )
+
+    def fp16(self, input_dir: Path, prefix: str = "") -> Path:
+        """The fused graph in float16 for a GPU (fp16.py); its top-1 agreement with the
+        float32 graph gated at FP16_MIN_TOP1 unless the recipe's thresholds.fp16 say
+        otherwise."""
+        from edge_build import fp16
+
+        prompt = self.windows("heldout")[0][:32]
+        g = self.recipe.gates(f"{prefix}fp16")
+        floor = g.vs_input.min_top1 if g.vs_input.min_top1 is not None else FP16_MIN_TOP1
+        gates = dataclasses.replace(
+            g, vs_input=dataclasses.replace(g.vs_input, min_top1=floor)
+        )
+
+        def produce(out: Path) -> None:
+            fp16.run(input_dir, out, check_prompt=prompt, min_top1=floor)
+
+        params = {"check_prompt": prompt, "min_top1": floor}
+        code = self.code(["edge_build.fp16"], [self.fp16])
+        return self.stage(f"{prefix}fp16", input_dir, params, produce, code, gates=gates)
 
     def package(
         self, artifact: Path, trt: Path | None = None, draft: Path | None = None

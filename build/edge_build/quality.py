@@ -49,11 +49,16 @@ def logit_source(artifact: Path, fp32_activations_in: Path | None = None) -> Log
     from a copy written there."""
     artifact = Path(artifact)
     if is_onnx(artifact):
+        import onnx
+
         from edge_build.evaluate import onnx_logits, save_fp32_activations
         from edge_build.export import kv_spec, read_config
+        from edge_build.package import graph_kv_dtype
 
-        kv = kv_spec(read_config(artifact))
         graph = artifact / "model.onnx"
+        # The cache in the graph's own type: a GPU's float16 graph (stage fp16) takes float16.
+        kv = graph_kv_dtype(onnx.load(str(graph), load_external_data=False),
+                            kv_spec(read_config(artifact)))
         if fp32_activations_in is not None:
             scratch = Path(tempfile.mkdtemp(dir=fp32_activations_in))
             graph = save_fp32_activations(graph, scratch / "model.onnx")

@@ -7,7 +7,8 @@
     [quantize]             4-bit weight-only, AWQ or RTN, in the model space
     [export]               fp32 ONNX with a KV cache
     [lower]                int4 ONNX: MatMulNBits and/or QDQ (DequantizeLinear → MatMul)
-    [fuse]                 the served graph's attention → GroupQueryAttention, RMSNorm fused
+    [fuse]                 the served graph's attention → GroupQueryAttention, RMSNorm fused;
+                           activations = "float16" for a GPU (stage fp16)
     [draft]                a draft model for speculative decoding, distilled from the served one
     [package]              the signed bundle
     [thresholds.STAGE.vs_teacher], [thresholds.STAGE.vs_input]   quality gates
@@ -42,14 +43,17 @@ STAGES = (
     "lower-matmulnbits",
     "lower-qdq",
     "fuse",
+    "fp16",
     "draft",
     "draft-quantize",
     "draft-export",
     "draft-lower-matmulnbits",
     "draft-fuse",
+    "draft-fp16",
 )
 """Stage names, in chain order; `thresholds.STAGE` must name one of them."""
 LOWER_FORMATS = ("matmulnbits", "qdq")
+ACTIVATIONS = ("float32", "float16")
 
 
 class RecipeError(StageError):
@@ -181,6 +185,16 @@ class FuseConfig:
     atol: float = 1e-4
     """Largest |Δlogit| against the input graph, both with fp32 activations, on the held-out
     windows and over a greedy decode: the rewrite is exact, so anything above is a bug."""
+    activations: str = "float32"
+    """"float16" for a bundle served on a GPU (ONNX Runtime's CUDA provider): the fused
+    graph's activations, KV cache and logits become float16 (stage `fp16`, the draft's too),
+    because ONNX Runtime's CUDA GroupQueryAttention takes float16/bfloat16 only; a float32
+    fused graph runs its attention on the CPU there, copying the KV cache over PCIe every
+    step (an H100: 74 tok/s at batch 1 instead of the unfused graph's 77, 300 instead of 903
+    at batch 16). "float32" for CPUs (and Orin's CPU fallback): their int4 kernels take
+    float32 activations, and ONNX Runtime's CPU float16 kernels are slow. Gated by its own
+    greedy check (top-1 agreement with the float32 graph >= 0.9 over 16 teacher-forced
+    tokens) and by `thresholds.fp16` (default vs_input.min_top1 = 0.9)."""
 
 
 @dataclass(frozen=True)
@@ -372,6 +386,15 @@ def _validate(r: Recipe, source: str) -> None:
         raise bad(f"'fuse.max_positions' must be >= 1, got {r.fuse.max_positions}")
     if not r.fuse.atol > 0:
         raise bad(f"'fuse.atol' must be > 0, got {r.fuse.atol}")
+    if r.fuse.activations not in ACTIVATIONS:
+        raise bad(f"'fuse.activations' must be one of {ACTIVATIONS}, got {r.fuse.activations!r}")
+    if r.fuse.activations != "float32" and r.package.tensorrt_graph:
+        raise bad("'fuse.activations' = \"float16\" and 'package.tensorrt_graph' = true: the "
+                  "TensorRT graph's float32 tensors must match the decoder's (TensorRT picks "
+                  "its own precision from the QDQ graph); set one of them")
+    if r.fuse.activations != "float32" and not r.fuse.enabled:
+        raise bad("'fuse.activations' = \"float16\" needs fuse.enabled = true (the unfused "
+                  "graph runs on a GPU's CUDA provider as it is)")
     if r.prune.heal_steps < 0:
         raise bad(f"'prune.heal_steps' must be >= 0, got {r.prune.heal_steps}")
     for stage, g in r.thresholds.items():

@@ -128,6 +128,7 @@ class OrtEngine:
         except Exception as e:  # ORT raises its own untyped exceptions (Fail, InvalidGraph…)
             raise EngineError(f"ONNX Runtime could not load {path}: {e}") from e
         active = self._sess.get_providers()
+        self._providers = list(active)
         dropped = [p for p in chosen if p not in active]
         if dropped:  # ONNX Runtime fell back (it says why on stdout, not through logging)
             log.warning("ONNX Runtime did not start %s for %s; running on %s",
@@ -141,6 +142,11 @@ class OrtEngine:
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def providers(self) -> list[str]:
+        """The session's active execution providers, best first."""
+        return self._providers
 
     @property
     def inputs(self) -> Sequence[TensorSpec]:

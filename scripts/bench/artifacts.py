@@ -209,31 +209,21 @@ def build_fused_bundle(workdir: Path, hf_dir: Path, name: str = "qwen2-0.5b-shap
 
 
 def build_fused_fp16_bundle(workdir: Path, hf_dir: Path, name: str = "qwen2-0.5b-shapes") -> Path:
-    """The fused int4 graph with fp16 activations, KV cache and logits (onnxruntime's
-    float16 converter; MatMulNBits scales become fp16): ONNX Runtime's CUDA
+    """The fused int4 graph with fp16 activations, KV cache and logits (edge_build.fp16, the
+    pipeline's stage; MatMulNBits scales become fp16): ONNX Runtime's CUDA
     GroupQueryAttention takes fp16/bf16 only, so on a GPU the fp32 fused graph runs its
     attention on the CPU."""
     final = workdir / FUSED_FP16_BUNDLE_DIR
     if (final / "manifest.json").is_file():
         return final
     build_fused_bundle(workdir, hf_dir, name)
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    from edge_build import package
+    from edge_build import fp16, package
 
     src, stage = workdir / "stage-int4-fused", workdir / "stage-int4-fused-fp16"
     if not (stage / "stage.json").is_file():
+        # The pipeline's stage (fuse.activations = "float16"), its greedy check included.
         _log("fp16: activations, cache and logits of the fused graph to float16")
-        tmp = Path(tempfile.mkdtemp(prefix=".stage-fp16.", dir=workdir))
-        for f in src.iterdir():
-            if f.is_file() and not f.name.startswith("model.onnx"):
-                shutil.copyfile(f, tmp / f.name)
-        model = convert_float_to_float16(onnx.load(str(src / "model.onnx")),
-                                         keep_io_types=False, disable_shape_infer=True)
-        onnx.save(model, str(tmp / "model.onnx"),
-                  save_as_external_data=model.ByteSize() > 2**31 - 1)
-        tmp.rename(stage)
+        fp16.run(src, stage, check_tokens=8)
     _log("package: signed fused fp16 bundle")
     return package.run(stage, final, workdir / "keys" / "bench.key",
                        name=f"{name}-fused-fp16", version="bench", context_length=4096,

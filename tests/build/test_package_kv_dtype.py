@@ -49,9 +49,7 @@ def test_an_fp16_fused_graph_packages_and_decodes(tiny_bundle, tmp_path) -> None
     """The GPU form of a fused graph (ONNX Runtime's CUDA GroupQueryAttention is fp16/bf16
     only): fp16 activations, cache and logits, packaged, served, batched."""
     pytest.importorskip("torch")
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    from edge_build import fuse, package
+    from edge_build import fp16, fuse, package
     from edge_runtime.bundle.manifest import verify_bundle
     from edge_runtime.model.generator import Generator
     from edge_runtime.model.sampling import SamplingParams
@@ -59,10 +57,10 @@ def test_an_fp16_fused_graph_packages_and_decodes(tiny_bundle, tmp_path) -> None
 
     fused = tmp_path / "fused"
     fuse.run(tiny_bundle.work / "int4", fused)
-    model = convert_float_to_float16(onnx.load(str(fused / "model.onnx")), keep_io_types=False,
-                                     disable_shape_infer=True)
-    onnx.save(model, str(fused / "model.onnx"))
-    out = package.run(fused, tmp_path / "bundle", tiny_bundle.key, name="fp16", version="1")
+    half = tmp_path / "fp16"
+    record = fp16.run(fused, half)  # the pipeline's stage (fuse.activations = "float16")
+    assert record["metrics"]["kv_dtype"] == record["metrics"]["logits_dtype"] == "float16"
+    out = package.run(half, tmp_path / "bundle", tiny_bundle.key, name="fp16", version="1")
     bundle = verify_bundle(out, [load_public_key(tiny_bundle.pubkey)])
     graph = bundle.graph("decoder")
     assert graph.kv_cache is not None and graph.kv_cache.dtype == "float16"

@@ -87,6 +87,11 @@ def test_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
          r"'package\.tensorrt_graph' needs \"qdq\""),
         ("", ["fuse.enabled=yes"], r"'fuse\.enabled' must be bool, got 'yes'"),
         ("[thresholds.fuse.vs_input]\nmax_abs_logit_diff = 'tiny'\n", [], r"max_abs_logit"),
+        ("[fuse]\nactivations = 'fp16'\n", [], r"'fuse\.activations' must be one of \('float32"),
+        ("", ["fuse.enabled=false", "fuse.activations=float16"],
+         r"'fuse\.activations' = \"float16\" needs fuse\.enabled = true"),
+        ("", ["fuse.activations=float16", "package.tensorrt_graph=true"],
+         r"'fuse\.activations' = \"float16\" and 'package\.tensorrt_graph' = true"),
     ],
 )
 def test_mistakes_are_named_errors(tmp_path: Path, text: str, sets: list, message: str) -> None:

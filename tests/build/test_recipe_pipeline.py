@@ -225,6 +225,40 @@ def test_fuse_disabled_ships_todays_unfused_graph(built: Any, tmp_path: Path) ->
     assert [s["stage"] for s in bundle.manifest.build["stages"]][-1] == "lower"
 
 
+def test_fp16_activations_ship_a_float16_fused_graph(built: Any, tmp_path: Path) -> None:
+    """fuse.activations = "float16" (a GPU's bundle): only stage fp16 and package run; the
+    bundle's graph takes and returns float16 (cache, logits), the manifest says so, the
+    stage is measured against its float32 input and gated, and the bundle decodes."""
+    from edge_runtime.model.generator import Generator
+    from edge_runtime.model.sampling import SamplingParams
+
+    out, sets, _ = built
+    copy = tmp_path / "build"
+    shutil.copytree(out, copy)
+    # The QDQ graph TensorRT builds from keeps float32 tensors: not shipped beside it.
+    half = ["fuse.activations=float16", "package.tensorrt_graph=false"]
+    res = run_recipe(load_recipe(DEMO, [*sets, *half]), copy, progress=False)
+    assert res.executed == ["fp16", "package"]
+    by = {s.name: s for s in res.stages}
+    assert by["fp16"].quality["vs_input"]["top1_agreement"] >= 0.9
+    rec = read_stage(copy / "fp16")
+    assert rec["input"]["stage"] == "fuse"
+    assert rec["metrics"]["kv_dtype"] == rec["metrics"]["logits_dtype"] == "float16"
+    assert rec["metrics"]["check_top1"] >= 0.9
+    bundle = verify_bundle(res.bundle, [load_public_key(copy / "signing.pub")])
+    graph = bundle.manifest.graphs["decoder"]
+    assert graph.kv_cache is not None and graph.kv_cache.dtype == "float16"
+    assert graph.right_padded_batch  # still the fused graph
+    assert [s["stage"] for s in bundle.manifest.build["stages"]][-2:] == ["fuse", "fp16"]
+    fp32 = verify_bundle(out / "bundle", [load_public_key(out / "signing.pub")])
+    gen, ref = Generator.from_bundle(bundle), Generator.from_bundle(fp32)
+    assert gen.logits_dtype == "float16"
+    ids = gen.text_prompt("def main(argv):\n    ")
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    got, want = gen.generate(ids, params).token_ids, ref.generate(ids, params).token_ids
+    assert len(got) == 12 and got[:4] == want[:4]  # float16 may flip a later near tie
+
+
 def test_draft_enabled_builds_the_draft_chain_and_ships_it(built: Any, tmp_path: Path) -> None:
     """[draft] (on in the demo recipe): the served model's stages are reused, the draft's run
     under draft- names, and the bundle's draft graph speculates with identical greedy tokens."""
