@@ -90,7 +90,8 @@ def test_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("[fuse]\nactivations = 'fp16'\n", [], r"'fuse\.activations' must be one of \('float32"),
         ("", ["fuse.enabled=false", "fuse.activations=float16"],
          r"'fuse\.activations' = \"float16\" needs fuse\.enabled = true"),
-        ("", ["fuse.activations=float16", "package.tensorrt_graph=true"],
+        ("", ["fuse.activations=float16", "package.tensorrt_graph=true",
+              'lower.formats=["matmulnbits", "qdq"]'],
          r"'fuse\.activations' = \"float16\" and 'package\.tensorrt_graph' = true"),
     ],
 )
