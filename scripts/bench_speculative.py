@@ -393,10 +393,12 @@ NOTES = [
     "The best median is ~1.1x (fixed k = 2 on the 8-layer pair), short of the target by "
     "about 0.4x. Single prompts of predictable code reach 1.4-1.6x at k = 4 (nearly every "
     "draft accepted); others lose 30-40% where acceptance falls below ~0.5. The adaptive k "
-    "(what the daemon runs) took such a request at 1.0-1.35x across our runs and stands "
-    "aside on the others, "
-    "paying 5-10% for its probing rounds (a probe after a pause also lets the draft catch up "
-    "on every token it missed): its median is 0.9-1.0x. Why, from the step costs:",
+    "(what the daemon runs: each k's verify pass timed separately in the loop, "
+    "edge_runtime/model/spec_control.py) stands aside where those timings say no k pays, "
+    "paying for its probing rounds (a probe after a pause also lets the draft catch up on "
+    "every token it missed): its median is 0.86-0.97x across our runs. Under load (load "
+    "average 2.6-3.8 on the 2 cores) a 3-token verify pass timed ~4x a one-token step in the "
+    "loop, and speculation stood aside. Why, from the step costs:",
     "",
     "- **The verify pass is not free on a CPU.** k + 1 = 3 tokens cost ~1.5x a one-token "
     "step, 5 tokens ~2x: the int4 MatMulNBits kernels (int8 activations) are compute-bound "
