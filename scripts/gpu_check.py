@@ -59,6 +59,7 @@ for _p in (REPO, REPO / "build"):
 # edge_runtime imports, grouped (the layout of issue #10).
 from edge_runtime.bundle.manifest import Bundle, verify_bundle  # noqa: E402
 from edge_runtime.engines import cuda_mem  # noqa: E402
+from edge_runtime.engines.load import GPU_EPS, cpu_attention_warning  # noqa: E402
 from edge_runtime.engines.ort import OrtEngine, choose_providers  # noqa: E402
 from edge_runtime.errors import EngineError  # noqa: E402
 from edge_runtime.model.batching import BatchDecoder  # noqa: E402
@@ -393,6 +394,7 @@ def kv_on_device(rep: Report, name: str, bundle: Bundle, prompts: list[list[int]
     else:
         greedy(gen, prompts[0], 8)
     assert isinstance(gen.engine, OrtEngine)
+    providers = gen.engine.providers
     prof = ort_profile(gen.engine.end_profiling())
     gen.engine.close()
     runs = max(prof["runs"], 1)
@@ -407,6 +409,16 @@ def kv_on_device(rep: Report, name: str, bundle: Bundle, prompts: list[list[int]
               f"{prof['runs']} runs; nodes per run by provider: {nodes}; Memcpy nodes per run:"
               f" {memcpy}; on CPU per run: {cpu_ops or 'none'}"
               + (f" — compute ops on the CPU: {on_cpu}" if on_cpu else ""))
+    # The runtime's load-time warning (engines.load) must say so exactly when it happens.
+    warning = cpu_attention_warning(providers, bundle.graph("decoder"))
+    gqa_on_cpu = "GroupQueryAttention" in prof["cpu_ops"]
+    check = f"{name} runtime warns of CPU attention"
+    if not any(p in GPU_EPS for p in providers):
+        rep.add("INFO", check, f"not checked: the session runs on {providers}")
+    else:
+        rep.check((warning is not None) == gqa_on_cpu, check,
+                  f"GroupQueryAttention on the CPU: {gqa_on_cpu}; load-time warning: "
+                  f"{warning or 'none'}")
 
 
 # --- TensorRT absent -----------------------------------------------------------------------
