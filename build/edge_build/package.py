@@ -254,8 +254,8 @@ def _draft_graph(
     if (draft_dir / "tokenizer.json").read_bytes() != tokenizer_file.read_bytes():
         raise StageError(f"draft {draft_dir}: its tokenizer.json differs from the decoder's "
                          "(a draft must use the served model's tokenizer)")
-    kv = kv_spec(read_config(draft_dir))
     model = onnx.load(str(draft_dir / "model.onnx"))
+    kv = graph_kv_dtype(model, kv_spec(read_config(draft_dir)))  # float16 for a GPU's draft
     weights = weight_format(model, lineage(draft_dir))
     fused = any(n.op_type == "GroupQueryAttention" for n in model.graph.node)
     d_files, d_in, d_out = _stage_graph(model, draft_dir / "model.onnx", DRAFT, kv, work)

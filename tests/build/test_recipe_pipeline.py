@@ -259,6 +259,32 @@ def test_fp16_activations_ship_a_float16_fused_graph(built: Any, tmp_path: Path)
     assert len(got) == 12 and got[:4] == want[:4]  # float16 may flip a later near tie
 
 
+def test_fp16_activations_apply_to_the_draft_graph_too(built: Any, tmp_path: Path) -> None:
+    """The draft runs beside the decoder on the same GPU: it gets its own draft-fp16 stage,
+    a float16 cache in the manifest, and speculation keeps greedy tokens identical."""
+    from edge_runtime.model.generator import Generator
+    from edge_runtime.model.sampling import SamplingParams
+
+    out, sets, _ = built
+    copy = tmp_path / "build"
+    shutil.copytree(out, copy)
+    small = ["draft.enabled=true", "draft.steps=4", "draft.batch_size=4", "draft.seq_len=64",
+             "draft.warmup_steps=2", "fuse.activations=float16", "package.tensorrt_graph=false"]
+    res = run_recipe(load_recipe(DEMO, [*sets, *small]), copy, progress=False)
+    assert res.executed[-3:] == ["draft-fuse", "draft-fp16", "package"]
+    assert "fp16" in res.executed
+    bundle = verify_bundle(res.bundle, [load_public_key(copy / "signing.pub")])
+    graphs = bundle.manifest.graphs
+    for name in ("decoder", "draft"):
+        kv = graphs[name].kv_cache
+        assert kv is not None and kv.dtype == "float16"
+    gen, plain = Generator.from_bundle(bundle), Generator.from_bundle(bundle, speculative=False)
+    assert gen.speculative
+    ids = gen.text_prompt("def main(argv):\n    ")
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    assert gen.generate(ids, params).token_ids == plain.generate(ids, params).token_ids
+
+
 def test_draft_enabled_builds_the_draft_chain_and_ships_it(built: Any, tmp_path: Path) -> None:
     """[draft] (on in the demo recipe): the served model's stages are reused, the draft's run
     under draft- names, and the bundle's draft graph speculates with identical greedy tokens."""
