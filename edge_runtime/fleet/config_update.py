@@ -39,6 +39,7 @@ from edge_runtime.atomic import atomic_write_bytes
 from edge_runtime.config import Config, config_from_dict
 from edge_runtime.errors import ConfigError, RemoteConfigError
 from edge_runtime.fleet.remote_config import (
+    MAX_OVERLAY_BYTES,
     merge_tables,
     merged_config,
     refused_keys,
@@ -91,6 +92,9 @@ def prepare_config(overlay: Path, base: Path | None = None, toml: str | None = N
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"the new config is not valid TOML: {e}") from None
         text = toml if toml.endswith("\n") else toml + "\n"
+        if len(text.encode("utf-8")) > MAX_OVERLAY_BYTES:  # the loader would refuse it
+            raise ConfigError(f"the new config is {len(text.encode('utf-8'))} bytes, more "
+                              f"than {MAX_OVERLAY_BYTES}")
     else:
         assert keys is not None
         table = _merge(current, keys)

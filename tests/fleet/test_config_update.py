@@ -57,6 +57,7 @@ def test_keys_merge_into_the_overlay_never_the_base(tmp_path: Path) -> None:
     ({"toml": "[scheduler]\nmax_queue = 'x'"}, "'scheduler.max_queue' must be int"),
     ({"toml": "port = 1"}, "may not change port"),
     ({"toml": "[fleet]\nremote_config = 'x.toml'"}, "may not change fleet.remote_config"),
+    ({"toml": "#" * MAX_OVERLAY_BYTES}, "bytes, more than"),
     ({}, "exactly one"),
 ])
 def test_refusals_write_nothing(tmp_path: Path, kw: dict[str, object], match: str) -> None:
