@@ -106,11 +106,6 @@ def prepare_config(overlay: Path, base: Path | None = None, toml: str | None = N
     return ConfigUpdate(overlay, text, new, diff_configs(old, new))
 
 
-def named_keys(keys: Mapping[str, Any]) -> list[str]:
-    """The `section.key` names a `set` table touches (nested or dotted)."""
-    return table_keys(keys)
-
-
 def check_remote(named: Sequence[str]) -> None:
     """ConfigError naming every key a remote command may not set."""
     refused = refused_keys(named)
