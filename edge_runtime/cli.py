@@ -195,7 +195,7 @@ def _build_engine(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bundle = _trusted_bundle(args.bundle, args.pubkey or [])  # never build from unverified ONNX
-    cfg = load_config(args.config) if args.config else Config()
+    cfg = _device_config(args.config)
     limits = ProfileLimits.parse(
         args.profile, cfg.scheduler.max_batch, bundle.manifest.generation.context_length
     )
@@ -206,6 +206,19 @@ def _build_engine(args: argparse.Namespace) -> int:
           f"{r.target.gpu_name} (sm {r.target.compute_capability}, TensorRT "
           f"{r.target.trt_version}), {r.precision}, profile {r.profile}")
     return 0
+
+
+def _device_config(path: Path | None) -> Config:
+    """The config file with the fleet's remote overlay merged (its scheduler.max_batch sizes
+    the TensorRT profile, so the plan matches what serve will run)."""
+    if path is None:
+        return Config()
+    from edge_runtime.fleet.remote_config import load_device_config
+
+    loaded = load_device_config(path, {})
+    if loaded.ignored is not None:
+        logging.getLogger("edge_runtime.fleet.remote_config").error("%s", loaded.ignored)
+    return loaded.config
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -219,17 +232,23 @@ def _serve(args: argparse.Namespace) -> int:
     flags = _serve_flags(args)
     cfg = (load_config(args.config) if args.config else Config()).override(flags)
     config_file: Path | None = args.config
+    ignored: str | None = None
     if cfg.fleet.enabled and cfg.fleet.root is not None:
         from edge_runtime.fleet.daemon import config_path
+        from edge_runtime.fleet.remote_config import load_device_config
 
-        # The file fleet set-config writes; without --config, one under the fleet root,
-        # read here (with the flags on top) once a set-config has written it.
+        # The provisioned file (--config's, else one under the fleet root if it exists),
+        # never written by the agent; what signed set-configs changed is its overlay,
+        # merged over it here with the flags on top.
         config_file = config_path(cfg.fleet.root, args.config)
-        if args.config is None and config_file.is_file():
-            cfg = load_config(config_file).override(flags)
+        base = config_file if args.config is not None or config_file.is_file() else None
+        loaded = load_device_config(base, flags)
+        cfg, ignored = loaded.config, loaded.ignored
     logging.basicConfig(
         level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if ignored is not None:  # the device still serves and stays reachable: say why loudly
+        logging.getLogger("edge_runtime.fleet.remote_config").error("%s", ignored)
     from edge_runtime.startup import demo_bundle, listen_socket, log_providers
 
     # Bound before anything slow: a port in use is a one-line error, not a traceback after

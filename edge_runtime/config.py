@@ -212,6 +212,11 @@ class FleetConfig:
     the host name."""
     root: Path | None = None
     """Device directory: bundle slots (`slots/`) and the command journal (required)."""
+    remote_config: Path | None = None
+    """The overlay a signed set-config writes (only REMOTE_KEYS, fleet/remote_config.py),
+    merged over this file at every start; unset: `{root}/remote.toml`. It lives in the
+    daemon's writable state, so this file can stay read-only and root's. Never settable by a
+    remote command."""
     groups: tuple[str, ...] = ()
     """Device groups whose fleet/group/{group}/cmd commands this device obeys."""
     pubkeys: tuple[Path, ...] = ()

@@ -2,7 +2,9 @@
 
     EdgeError                      anything this project raises on purpose
     ├── ConfigError                a bad configuration key or CLI value
-    │   └── AbortRuleError         a malformed `--abort-if` expression (names the bad token)
+    │   ├── AbortRuleError         a malformed `--abort-if` expression (names the bad token)
+    │   └── RemoteConfigError      the fleet's config overlay sets a key only provisioning
+    │                              may set, or is unreadable: ignored whole, never merged
     ├── BundleError                a model bundle that cannot be used
     │   ├── BundleIntegrityError   a file is missing, has the wrong size or the wrong SHA-256
     │   └── SignatureError         the manifest's signature is absent, malformed or wrong
@@ -43,6 +45,11 @@ class EdgeError(Exception):
 
 class ConfigError(EdgeError):
     """A configuration value is missing, of the wrong type or out of range."""
+
+
+class RemoteConfigError(ConfigError):
+    """The remote-config overlay (fleet/remote_config.py) names a key outside REMOTE_KEYS or
+    cannot be read: the daemon runs on its provisioned config alone and says why."""
 
 
 class AbortRuleError(ConfigError):

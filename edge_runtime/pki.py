@@ -1,4 +1,5 @@
-"""The fleet's X.509 identities: a CA, per-device ECDSA P-256 certificates, and their checks.
+"""The fleet's X.509 identities: a CA, per-device ECDSA P-256 certificates, and their checks
+(and a broker's server certificate, for the compose file's broker: scripts/compose_pki.py).
 
 A device's identity on the broker is its client certificate, whose CN is the device id (the
 broker takes it as the username, and the ACL grants that username only its own topics).
@@ -11,6 +12,7 @@ appear in a message.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import secrets
 from dataclasses import dataclass
@@ -80,6 +82,39 @@ def device_cert(
                                      key_agreement=False, key_cert_sign=False, crl_sign=False,
                                      encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    return key, cert
+
+
+def server_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, hosts: list[str],
+    days: int = DEVICE_DAYS,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh P-256 key and a broker's certificate: its host names (and IP addresses) in the
+    SAN, which is what TLS clients check; server auth only."""
+    if not hosts:
+        raise ConfigError("a server certificate needs at least one host name")
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(_serial())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                        critical=False)
         .sign(ca_key, hashes.SHA256())

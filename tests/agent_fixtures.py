@@ -134,9 +134,11 @@ def device_root(tiny_bundle: BuiltBundle, tmp_path: Path) -> Path:
 
 def make_agent(url: str, root: Path, bundle: BuiltBundle, tls: TlsFiles | None = None,
                config_path: Path | None = None, **kw: object) -> DeviceAgent:
+    """With `config_path` (the provisioned file), set-config writes `remote.toml` beside it."""
     cfg = AgentConfig(DEVICE, url, root, groups=("lab",), telemetry_interval_s=3600,
                       reconnect_min_s=0.1, reconnect_max_s=1.0, tls=tls,
-                      config_path=config_path, tegrastats=None)
+                      config_path=config_path, tegrastats=None,
+                      remote_config=config_path.with_name("remote.toml") if config_path else None)
     kw.setdefault("operators", [OPERATOR.key.public_key()])
     return DeviceAgent(cfg, [signing.load_public_key(bundle.pubkey)], **kw)  # type: ignore[arg-type]
 

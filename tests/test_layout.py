@@ -36,9 +36,10 @@ RULES: dict[str, set[str]] = {
     "cloud": {"serving", "model", "engines", "bundle", "mqtt", "offload.messages",
               "api.schemas", "config", "errors"},
     "fleet": {"serving", "model", "engines", "bundle", "mqtt", "api.metrics", "config",
-              "signing", "atomic", "errors"},
+              "tomlconfig", "signing", "atomic", "errors"},
     "rollout": {"fleet.messages", "fleet.slots", "fleet.command_auth", "fleet.audit",
-                "fleet.config_update", "bundle", "mqtt", "signing", "config", "pki",
+                "fleet.config_update", "fleet.remote_config", "bundle", "mqtt", "signing",
+                "config", "pki",
                 "atomic", "errors"},
     "sdnotify": set(),  # systemd's notify protocol, called by cli's serve
     "startup": {"engines", "errors"},  # serve's checks before the model loads

@@ -9,11 +9,13 @@
     journal.py        the command journal (exactly-once handling, replay nonces)
     command_auth.py   operator-signed commands: signing, verification, targets, expiry
     audit.py          the append-only audit log (device and operator side)
-    config_update.py  set-config: validate, replace the file atomically, diff
+    config_update.py  set-config: validate, write the remote-config overlay atomically, diff
+    remote_config.py  the overlay of remotely set keys, merged over the provisioned config
     live_config.py    what a set-config changes in a running daemon
     telemetry.py      host telemetry: tegrastats, NVML, /proc
     messages.py       the fleet wire format: commands, acks, status, telemetry
 
 May import: serving, model, engines, bundle, mqtt, api (metrics only, from daemon.py),
-config, signing, atomic, errors.
+config, tomlconfig (remote_config.py reads its overlay as config.py reads the file), signing,
+atomic, errors.
 """

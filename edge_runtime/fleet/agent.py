@@ -21,8 +21,9 @@ and is not run. A command still pending at start-up (the agent died during it) i
 resumes from its part file, and staging is idempotent.
 
 Commands (fleet_messages.py): deploy and rollback (deploy.py; a deploy's bundle may be an
-http(s) URL, download.py), set-config (config_update.py; `on_config` tells the daemon),
-drain / undrain (`on_drain`).
+http(s) URL, download.py), set-config (config_update.py: it writes the remote-config
+overlay only, never the provisioned file; `on_config` tells the daemon), drain / undrain
+(`on_drain`).
 The daemon's hooks are all optional: `health_check(path)` raises when a freshly switched
 bundle must not serve, `runtime_metrics()` feeds telemetry, `on_switch(path)` is told every
 new active bundle, `on_config(config)` every applied config (raise to refuse it: the
@@ -54,13 +55,7 @@ from edge_runtime.errors import CommandAuthError, ConfigError, EdgeError, Messag
 from edge_runtime.fleet import messages as fm
 from edge_runtime.fleet.audit import AUDIT, AuditLog
 from edge_runtime.fleet.command_auth import CommandVerifier, payload_digest
-from edge_runtime.fleet.config_update import (
-    check_remote,
-    named_keys,
-    prepare_config,
-    redact,
-    write_config,
-)
+from edge_runtime.fleet.config_update import prepare_config, redact, write_config
 from edge_runtime.fleet.deploy import Deployer, HealthCheck, default_health_check
 from edge_runtime.fleet.download import DownloadPolicy
 from edge_runtime.fleet.journal import JOURNAL, CommandJournal
@@ -93,7 +88,11 @@ class AgentConfig:
     username: str | None = None
     password: str | None = None
     config_path: Path | None = None
-    """The daemon's TOML config that set-config replaces; None refuses set-config."""
+    """The daemon's provisioned TOML config: read to validate a set-config, never written
+    (None: the defaults)."""
+    remote_config: Path | None = None
+    """The overlay set-config writes (fleet/remote_config.py: only REMOTE_KEYS, merged over
+    config_path at each load); None refuses set-config."""
     download: DownloadPolicy = field(default_factory=DownloadPolicy)
     tegrastats: str | None = "auto"
     """Jetson telemetry: "auto" (if on PATH), a path to the binary, or None."""
@@ -302,12 +301,11 @@ class DeviceAgent:
 
     def _set_config(self, cmd: fm.Command) -> fm.Ack:
         cp = fm.config_params(cmd)
-        path = self.config.config_path
+        path = self.config.remote_config
         if path is None:
             return self._reject(cmd, "this device's agent manages no config file")
         try:
-            update = prepare_config(path, toml=cp.toml, keys=cp.set)
-            check_remote(update, named_keys(cp.set) if cp.set is not None else ())
+            update = prepare_config(path, self.config.config_path, toml=cp.toml, keys=cp.set)
         except ConfigError as e:
             return self._reject(cmd, f"invalid config, nothing changed: {e}")
         old = path.read_bytes() if path.exists() else None

@@ -2,7 +2,8 @@
 
     python -m edge_runtime.fleet.agent_process --root DIR --device D --broker URL --pubkey PEM
         --operator-key PEM|DIR [--operator-key ...]
-        [--group G ...] [--config FILE.toml] [--health verify|generate]
+        [--group G ...] [--config FILE.toml [--remote-config OVERLAY.toml]]
+        [--health verify|generate]
         [--ca CA.pem --cert CLIENT.pem --key CLIENT.key] [--download-ca CA.pem]
         [--telemetry-s 30]
 
@@ -10,6 +11,8 @@ Runs until SIGTERM / SIGINT. `--health verify` vouches for a bundle by its signa
 hashes alone (a device without the model's runtime, or the kill -9 matrix of
 scripts/deploy_crash_matrix.py, whose bundles hold no real model); `generate` (default)
 also loads it and generates a few tokens. Prints `READY` once connected and subscribed.
+With `--config` (read, never written), set-config writes its overlay: `--remote-config`,
+else `ROOT/remote.toml`; without it, set-config is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from edge_runtime.bundle.manifest import verify_bundle
 from edge_runtime.errors import EdgeError
 from edge_runtime.fleet.agent import AgentConfig, DeviceAgent, default_health_check
 from edge_runtime.fleet.download import DownloadPolicy
+from edge_runtime.fleet.remote_config import REMOTE_FILE
 from edge_runtime.mqtt.client import TlsFiles
 from edge_runtime.signing import load_public_key, load_public_keys
 
@@ -46,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="operator public key (PEM) or directory of *.pub whose signed "
                     "commands run here (none: every command is refused)")
     ap.add_argument("--group", action="append", default=[])
-    ap.add_argument("--config", type=Path)
+    ap.add_argument("--config", type=Path, help="the provisioned config (read only)")
+    ap.add_argument("--remote-config", type=Path,
+                    help="the overlay set-config writes (default: ROOT/remote.toml)")
     ap.add_argument("--health", choices=("verify", "generate"), default="generate")
     ap.add_argument("--ca")
     ap.add_argument("--cert")
@@ -61,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = AgentConfig(args.device, args.broker, args.root, groups=tuple(args.group),
                           telemetry_interval_s=args.telemetry_s, tls=tls,
                           reconnect_min_s=0.2, reconnect_max_s=2.0, config_path=args.config,
+                          remote_config=((args.remote_config or args.root / REMOTE_FILE)
+                                         if args.config else None),
                           download=DownloadPolicy(ca_file=args.download_ca))
         check = (default_health_check(trusted) if args.health == "generate"
                  else lambda p: _verify_only(p, trusted))

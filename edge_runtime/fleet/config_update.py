@@ -1,25 +1,27 @@
-"""set-config on a device: validate a new daemon config, replace the file atomically, diff it.
+"""set-config on a device: validate a change of the remote-config overlay, write it
+atomically, diff what the daemon would run.
 
-    update = prepare_config(path, keys={"scheduler": {"max_batch": 4}})
-    write_config(update)          # fsync + rename: the old file or the new one, never half
+    update = prepare_config(overlay, base=etc_config, keys={"scheduler": {"max_batch": 4}})
+    write_config(update)          # fsync + rename of the overlay: old or new, never half
     update.changed                # {"scheduler.max_batch": [8, 4]}
 
-A command carries either a whole TOML document (`toml`) or a table of keys (`set`, nested
-`{"section": {"key": v}}` or dotted `{"section.key": v}`) merged into the current file.
-Either way the result goes through config.py's own loader (`config_from_dict`), so the
-device accepts exactly what `edge-runtime serve --config` would accept, and a bad key is
-refused with the loader's message before anything is written. Relative paths resolve
-against the config file's directory, as when the daemon reads it.
+The agent never writes the provisioned config (`base`, read-only on a device): a change goes
+to the overlay (remote_config.py), which holds only REMOTE_KEYS and is merged over the base
+at every load. A command carries either a whole overlay document (`toml`: the allowed keys
+it sets; every key it leaves out goes back to the base's value) or a table of keys (`set`,
+nested `{"section": {"key": v}}` or dotted `{"section.key": v}`) merged into the current
+overlay. Either way base + new overlay goes through config.py's own loader
+(`config_from_dict`), so the device accepts exactly what `edge-runtime serve` would load,
+and a bad key is refused with the loader's message before anything is written.
 
-A remote command may change only REMOTE_KEYS (`check_remote`): runtime knobs. Trust roots
-(bundle signers, operator keys), brokers and their credentials, the bind address and port,
-API keys, and every path the daemon reads keys from, writes to or executes are set by
-provisioning on the device alone; a command naming or changing any of them is refused with
-the key in the reason. Values of keys that look secret are replaced by `redact` in what an
-ack or a log line carries.
+A remote command may set only REMOTE_KEYS: runtime knobs. Trust roots (bundle signers,
+operator keys), brokers and their credentials, the bind address and port, API keys, and
+every path the daemon reads keys from, writes to or executes are set by provisioning on the
+device alone; a command naming any of them is refused with the key in the reason. Values of
+keys that look secret are replaced by `redact` in what an ack or a log line carries.
 
-The `set` form rewrites the file from its parsed table: comments in it are not kept (an
-operator who cares about them sends the whole document).
+The `set` form rewrites the overlay from its parsed table: comments in it are not kept (an
+operator who cares about them sends the whole document, which is written as sent).
 """
 
 from __future__ import annotations
@@ -35,7 +37,14 @@ from typing import Any
 
 from edge_runtime.atomic import atomic_write_bytes
 from edge_runtime.config import Config, config_from_dict
-from edge_runtime.errors import ConfigError
+from edge_runtime.errors import ConfigError, RemoteConfigError
+from edge_runtime.fleet.remote_config import (
+    MAX_OVERLAY_BYTES,
+    merge_tables,
+    merged_config,
+    refused_keys,
+    table_keys,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,19 +53,6 @@ else:  # Jetson's system Python (JetPack 6) is 3.10
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
-REMOTE_KEYS: frozenset[str] = frozenset({
-    *(f"scheduler.{k}" for k in ("max_batch", "max_queue", "default_deadline_s", "safety",
-                                  "offload_enabled", "cloud_p99_prior_s",
-                                  "engine_error_limit", "prefill_chunk")),
-    "log.level",
-    *(f"offload.{k}" for k in ("keepalive_s", "failure_rate", "window_s", "min_requests",
-                                "open_s", "half_open_probes", "latency_window")),
-    "fleet.telemetry_interval_s", "fleet.download_timeout_s", "fleet.download_attempts",
-    *(f"fleet.probe_{k}" for k in ("min_greedy_match", "max_perplexity_increase",
-                                    "max_ttft_ms", "min_tokens_per_s", "require_reference")),
-})
-"""What a signed set-config may change: scheduler knobs, offload on/off and its breaker, the
-log level, telemetry interval, download patience and probe thresholds."""
 _SECRET_WORDS = ("api_key", "password", "secret", "token", "private")
 REDACTED = "<redacted>"
 
@@ -64,52 +60,55 @@ REDACTED = "<redacted>"
 @dataclass(frozen=True)
 class ConfigUpdate:
     path: Path
+    """The overlay to write."""
     text: str
-    """The document to write (validated)."""
+    """The overlay document (validated: only REMOTE_KEYS, and base + it loads)."""
     config: Config
+    """Base + the new overlay: what the daemon runs after a restart (before its flags)."""
     changed: dict[str, list[Any]]
     """`section.key` → [old, new], JSON-friendly (paths as strings, tuples as lists)."""
 
 
-def prepare_config(path: Path, toml: str | None = None,
+def prepare_config(overlay: Path, base: Path | None = None, toml: str | None = None,
                    keys: Mapping[str, Any] | None = None) -> ConfigUpdate:
-    """Validate the change against the file at `path`; ConfigError says what is wrong."""
+    """Validate the change of the overlay at `overlay` merged over the base config file
+    `base` (read, never written; None or missing: the defaults); ConfigError says what is
+    wrong, and nothing is written."""
     if (toml is None) == (keys is None):
         raise ConfigError("set-config needs exactly one of a TOML document or a table of keys")
-    base = path.resolve().parent
-    current = _read_table(path)
-    old = config_from_dict(current, base, source=str(path))
+    base_table = _read_table(base) if base is not None else {}
+    base_dir = (base if base is not None else overlay).resolve().parent
+    source = str(base) if base is not None else "the defaults"
+    base_config = config_from_dict(base_table, base_dir, source=source)
+    try:
+        current, old = merged_config(base_table, base_dir, source, overlay)
+    except RemoteConfigError as e:
+        if keys is not None:  # nothing trustworthy to merge the keys into
+            raise ConfigError(f"{e}: send a whole document (toml) to replace it") from None
+        current, old = {}, base_config  # what the daemon runs: it ignores such an overlay
     if toml is not None:
         try:
             table = tomllib.loads(toml)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"the new config is not valid TOML: {e}") from None
         text = toml if toml.endswith("\n") else toml + "\n"
+        if len(text.encode("utf-8")) > MAX_OVERLAY_BYTES:  # the loader would refuse it
+            raise ConfigError(f"the new config is {len(text.encode('utf-8'))} bytes, more "
+                              f"than {MAX_OVERLAY_BYTES}")
     else:
         assert keys is not None
         table = _merge(current, keys)
         text = render_toml(table)
         if tomllib.loads(text) != table:  # what we write must read back as what we checked
             raise ConfigError("the new config cannot be written as TOML faithfully")
-    new = config_from_dict(table, base, source="the new config")
-    return ConfigUpdate(path, text, new, diff_configs(old, new))
+    check_remote(table_keys(table))
+    new = config_from_dict(merge_tables(base_table, table), base_dir, source="the new config")
+    return ConfigUpdate(overlay, text, new, diff_configs(old, new))
 
 
-def named_keys(keys: Mapping[str, Any]) -> list[str]:
-    """The `section.key` names a `set` table touches (nested or dotted)."""
-    out: list[str] = []
-    for key, value in keys.items():
-        if isinstance(value, Mapping):
-            out += [f"{key}.{sub}" for sub in value]
-        else:
-            out.append(str(key))
-    return out
-
-
-def check_remote(update: ConfigUpdate, named: Sequence[str] = ()) -> None:
-    """ConfigError naming every key a remote command may not set or change."""
-    refused = sorted({k for k in named if k not in REMOTE_KEYS}
-                     | {k for k in update.changed if k not in REMOTE_KEYS})
+def check_remote(named: Sequence[str]) -> None:
+    """ConfigError naming every key a remote command may not set."""
+    refused = refused_keys(named)
     if refused:
         raise ConfigError(f"set-config may not change {', '.join(refused)}: only provisioning "
                           "on the device sets trust roots, brokers, credentials, the bind "
@@ -171,7 +170,7 @@ def _read_table(path: Path) -> dict[str, Any]:
 
 
 def _merge(current: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in current.items()}
+    out = merge_tables(current, {})
     for key, value in changes.items():
         if not isinstance(key, str) or not key:
             raise ConfigError(f"config key {key!r} must be a non-empty string")

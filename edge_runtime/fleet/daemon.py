@@ -26,13 +26,15 @@ The other commands (docs/FLEET.md):
                                                ones finish (the ack waits for them, up to
                                                DRAIN_WAIT_S); /readyz says 503 "drained".
                                                A persisted drain holds from start-up on.
-    set-config ── writes the TOML ── on_config▶ live_config.py: the keys that can change
+    set-config ── writes the overlay ─ on_config▶ live_config.py: the keys that can change
                                                live are applied at once, under one lock;
                                                the ack's detail lists them and the keys
                                                that wait for a restart.
 
-The config file is the one `serve --config` loaded, else `{fleet.root}/config.toml`
-(CONFIG_FILE), which `serve --fleet` loads at start-up when it exists.
+The provisioned config is the file `serve --config` loaded, else `{fleet.root}/config.toml`
+(CONFIG_FILE) when it exists; the agent reads it and never writes it (read-only under the
+unit's ProtectSystem=strict). set-config writes the overlay (remote_config.py, default
+`{fleet.root}/remote.toml`), which `serve` merges over that file at every start.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from edge_runtime.errors import ConfigError, EdgeError, HealthCheckError
 from edge_runtime.fleet.agent import AgentConfig, DeviceAgent
 from edge_runtime.fleet.download import DownloadPolicy
 from edge_runtime.fleet.live_config import plan_config
+from edge_runtime.fleet.remote_config import overlay_path
 from edge_runtime.fleet.slots import Slots
 from edge_runtime.fleet.telemetry import RUNTIME_FIELDS
 from edge_runtime.model import probe
@@ -340,19 +343,21 @@ def attach(app: FastAPI, worker: LocalWorker, cfg: Config, trusted: list[Ed25519
     """The fleet agent of `serve --fleet`, wired into `app` (whose lifespan starts it)."""
     hooks = FleetServing(worker, trusted, serving, cfg.fleet.thresholds(), app.state.metrics,
                          cfg.model.backend, cfg.model.threads, cfg, flags, cloud_path)
-    hooks.make_agent(agent_config(cfg, config_path))
+    hooks.make_agent(agent_config(cfg, config_path, overlay_path(cfg.fleet)))
     app.state.fleet = hooks
     return hooks
 
 
 def config_path(fleet_root: Path, given: Path | None) -> Path:
-    """The file set-config replaces: `serve --config`'s, else CONFIG_FILE under the root."""
+    """The provisioned config: `serve --config`'s, else CONFIG_FILE under the root."""
     return given if given is not None else fleet_root / CONFIG_FILE
 
 
-def agent_config(cfg: Config, config_path: Path | None = None) -> AgentConfig:
+def agent_config(cfg: Config, config_path: Path | None = None,
+                 remote_config: Path | None = None) -> AgentConfig:
     """The DeviceAgent's settings from [fleet] (and [offload]'s device id); `config_path`
-    is the file set-config replaces (None: set-config is refused)."""
+    is the provisioned file set-config validates against, `remote_config` the overlay it
+    writes (None: set-config is refused)."""
     f: FleetConfig = cfg.fleet
     if f.broker is None or f.root is None:
         raise ConfigError("the fleet agent needs fleet.broker and fleet.root")
@@ -366,5 +371,6 @@ def agent_config(cfg: Config, config_path: Path | None = None) -> AgentConfig:
     return AgentConfig(device, f.broker, f.root, groups=f.groups,
                        telemetry_interval_s=f.telemetry_interval_s,
                        session_expiry_s=f.session_expiry_s, tls=tls, username=f.username,
-                       password=password, config_path=config_path, download=download,
+                       password=password, config_path=config_path,
+                       remote_config=remote_config, download=download,
                        tegrastats=None if f.tegrastats == "off" else f.tegrastats)

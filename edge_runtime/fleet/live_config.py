@@ -6,9 +6,10 @@
     plan.restart        # keys written to the file that take effect at the next start
     plan.overridden     # keys the file sets but a command-line flag of this daemon pins
 
-The file the agent writes is what the daemon will load at its next start; on top of it the
-daemon's own command-line flags still win (`Config.override`), so the config a restart would
-run is `file_config.override(flags)`, and that is what is compared with the running one.
+The provisioned file with the overlay the agent writes merged over it (remote_config.py) is
+what the daemon will load at its next start; on top of both the daemon's own command-line
+flags still win (`Config.override`), so the config a restart would run is
+`file_config.override(flags)`, and that is what is compared with the running one.
 
 Applied live (LIVE_KEYS), because the code reads them at each use:
 

@@ -14,7 +14,9 @@
 May import: fleet.messages (the wire format it shares with devices), fleet.slots (a .tar is
 unpacked and verified the way a device does it), fleet.command_auth (commands are signed
 the way devices check them), fleet.audit (one audit-log format on both sides),
-fleet.config_update (which keys are secret, for redaction), bundle, mqtt, signing, config,
+fleet.config_update (which keys are secret, for redaction), fleet.remote_config (where a
+device keeps remotely set keys: provisioning names it, the image checks the unit lets the
+daemon write there), bundle, mqtt, signing, config,
 pki (the fleet CA and device certificates), atomic, errors. Runs on an operator's machine,
 never on a device.
 """

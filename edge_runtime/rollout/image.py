@@ -12,13 +12,16 @@
 scripts/flash_orin.sh copies it into Linux_for_Tegra/rootfs and flashes. Every file is owned
 by root here (the daemon's user exists only on the device); check_overlay is the dry run's
 verdict: units that pass `systemd-analyze verify`, a bundle that verifies against the
-shipped trust store, a certificate that chains to the CA and matches its key, modes, owners.
+shipped trust store, a certificate that chains to the CA and matches its key, modes, owners,
+and a unit that lets the daemon write its fleet root and remote-config overlay
+(/var/lib/edge-runtime/remote.toml) but not /etc/edge-runtime/config.toml.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +32,7 @@ from edge_runtime import pki
 from edge_runtime.bundle.manifest import verify_bundle
 from edge_runtime.config import load_config
 from edge_runtime.errors import ConfigError, EdgeError
+from edge_runtime.fleet.remote_config import overlay_path
 from edge_runtime.signing import load_public_key
 
 UNITS = ("edge-runtime.service", "edge-runtime-install.service")
@@ -118,6 +122,29 @@ def _systemd_verify(overlay: Path) -> list[str]:
     return []
 
 
+def _writable_paths(overlay: Path, root: Path | None, remote: Path | None) -> list[str]:
+    """Under the unit's ProtectSystem=strict the daemon writes only its ReadWritePaths and
+    StateDirectory: the fleet root (slots, journal) and the remote-config overlay must lie
+    there, and the provisioned config must not (set-config would then rewrite it)."""
+    text = (overlay / "etc/systemd/system/edge-runtime.service").read_text()
+    writable = [Path(p.lstrip("-")) for line in
+                re.findall(r"^ReadWritePaths=(.+)$", text, re.M) for p in line.split()]
+    writable += [Path("/var/lib") / d for line in
+                 re.findall(r"^StateDirectory=(.+)$", text, re.M) for d in line.split()]
+
+    def inside(p: Path) -> bool:
+        return any(p == w or w in p.parents for w in writable)
+
+    problems = [f"unit: {name} {p} is not writable under ProtectSystem=strict (ReadWritePaths "
+                f"or StateDirectory of edge-runtime.service: {', '.join(map(str, writable))})"
+                for name, p in (("fleet.root", root), ("fleet.remote_config", remote))
+                if p is not None and not inside(p)]
+    if inside(Path("/") / ETC / "config.toml"):
+        problems.append(f"unit: /{ETC}/config.toml is writable by the daemon; it must be "
+                        "read-only (remote changes go to fleet.remote_config)")
+    return problems
+
+
 def check_overlay(overlay: Path) -> list[str]:
     """Everything wrong with an overlay, one line each (empty: ready to flash)."""
     problems = _systemd_verify(overlay)
@@ -160,6 +187,7 @@ def check_overlay(overlay: Path) -> list[str]:
             problems.append(f"{rel}: mode {st.st_mode & 0o7777:04o}, want {mode:04o}")
         if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
             problems.append(f"{rel}: owner {st.st_uid}:{st.st_gid}, want 0:0 (root)")
+    problems += _writable_paths(overlay, cfg.fleet.root, overlay_path(cfg.fleet))
     tmpfiles = (overlay / "usr/lib/tmpfiles.d/edge-runtime.conf").read_text()
     for need in ("/etc/edge-runtime/tls/device.key 0600 edge-runtime",
                  "/etc/edge-runtime/config.toml 0640 root edge-runtime"):

@@ -36,6 +36,7 @@ from edge_runtime import pki
 from edge_runtime.atomic import atomic_write_bytes, atomic_write_text
 from edge_runtime.config import FleetConfig, config_from_dict
 from edge_runtime.errors import ConfigError, EdgeError
+from edge_runtime.fleet.remote_config import REMOTE_FILE
 from edge_runtime.mqtt import topics
 from edge_runtime.rollout.acl import device_acl
 from edge_runtime.signing import load_public_key
@@ -151,6 +152,9 @@ def config_toml(device: Device, opts: Options, signers: list[str], operators: li
         f"broker = {json.dumps(opts.broker)}",
         f"device_id = {json.dumps(device.device_id)}",
         f"root = {json.dumps(str(STATE))}",
+        "# What signed set-config commands change (allowed keys only), merged over this",
+        "# file at each start; the daemon never writes this file.",
+        f"remote_config = {json.dumps(str(STATE / REMOTE_FILE))}",
         f"groups = {_toml_list(list(opts.groups))}",
         f"pubkeys = {_toml_list(signer_paths)}",
         f"ca_file = {json.dumps(str(tls / 'ca.pem'))}",

@@ -45,7 +45,7 @@ PROTECTED = {
     "offload.password_file": "/tmp/p", "fleet.broker": "mqtt://evil:1883",
     "fleet.pubkeys": ["/tmp/evil.pub"], "fleet.operator_keys": ["/tmp/evil.pub"],
     "fleet.tegrastats": "/tmp/evil-binary", "fleet.root": "/tmp/evil",
-    "fleet.download_ca_file": "/tmp/evil-ca.pem",
+    "fleet.download_ca_file": "/tmp/evil-ca.pem", "fleet.remote_config": "/etc/passwd",
 }
 
 
@@ -115,6 +115,8 @@ class _World:
         slots.commit()
         self.config = work / "etc" / "config.toml"
         self.config.write_text('[log]\nlevel = "info"\n')
+        self.config.chmod(0o444)  # provisioned: the agent reads it, set-config never writes it
+        self.overlay = self.root / "remote.toml"  # what set-config writes (REMOTE_KEYS only)
         (work / "broker").mkdir()
         self.broker = Broker(work / "broker")
         self.broker.start()
@@ -200,26 +202,30 @@ def _attacks(w: _World) -> list[Row]:
     assert w.acks.send(op.sign(Command("x-7", "undrain"), target)).state == "undrained"
     drain_row("replay of a captured drain after an undrain", good, "not run again")
 
+    def files() -> tuple[str, str | None]:
+        return w.config.read_text(), (w.overlay.read_text() if w.overlay.exists() else None)
+
     for i, (key, value) in enumerate(PROTECTED.items()):
-        text = w.config.read_text()
+        text = files()
         ack = w.acks.send(op.sign(Command(f"p-{i}", "set-config", {"set": {key: value}}),
                                   target))
-        rows.append(w.row(f"signed set-config of {key}", f"rejected naming {key}; file "
-                          "unchanged", ack, before, key, w.config.read_text() == text))
+        rows.append(w.row(f"signed set-config of {key}", f"rejected naming {key}; config "
+                          "and overlay unchanged", ack, before, key, files() == text))
 
-    # Key planting: the one file a command writes is the config; a PEM put there as a
-    # comment is written, but it never becomes a key, and the attacker's key stays untrusted.
+    # Key planting: the one file a command writes is the remote-config overlay; a PEM put
+    # there as a comment is written, but it never becomes a key, and the attacker's key
+    # stays untrusted.
     pem = (w.work / "keys" / "evil.pub").read_text()
     doc = '[log]\nlevel = "info"\n' + "".join(f"# {x}\n" for x in pem.splitlines())
     w.acks.send(op.sign(Command("k-1", "set-config", {"toml": doc}), target))
     try:
-        signing.load_public_key(w.config)
+        signing.load_public_key(w.overlay)
         planted_loads = True
     except SignatureError:
         planted_loads = False
     ack = w.acks.send(w.evil.sign(Command("k-2", "drain"), target))
-    rows.append(w.row("key planted in config.toml, then a drain signed with it",
-                      "config is no key file; drain rejected as untrusted", ack, before,
+    rows.append(w.row("key planted in the config overlay, then a drain signed with it",
+                      "overlay is no key file; drain rejected as untrusted", ack, before,
                       "not trusted", not planted_loads and not w.drained()))
 
     # Downgrade: v2 goes in legitimately, then a (validly signed) deploy of v1 is refused.

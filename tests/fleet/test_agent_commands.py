@@ -13,10 +13,12 @@ from bundle_fixtures import BuiltBundle
 from http_fixtures import RangeServer
 from mqtt_fixtures import Broker
 
-from edge_runtime.config import Config, load_config
+from edge_runtime.config import Config
 from edge_runtime.fleet.command_auth import device_target
 from edge_runtime.fleet.messages import Command
+from edge_runtime.fleet.remote_config import merged_config
 from edge_runtime.serving.scheduler import SchedulerConfig
+from edge_runtime.tomlconfig import read_toml
 
 
 def test_deploy_from_url_resumes_over_dropped_connections(
@@ -56,8 +58,11 @@ def test_set_config_validates_applies_atomically_and_reports_the_diff(
     broker: Broker, controller: Controller, device_root: Path, tiny_bundle: BuiltBundle,
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / "edge.toml"
-    path.write_text("# operator's file\n[server]\nport = 8000\n")
+    path = tmp_path / "edge.toml"  # provisioned: read-only, never written by the agent
+    path.write_text("# operator's file\n[server]\nport = 8000\n[log]\nlevel = \"info\"\n")
+    path.chmod(0o444)
+    provisioned = (path.read_bytes(), path.stat().st_mtime_ns, path.stat().st_ino)
+    overlay = tmp_path / "remote.toml"
     applied: list[Config] = []
     refuse = {"on": False}
 
@@ -66,8 +71,12 @@ def test_set_config_validates_applies_atomically_and_reports_the_diff(
             raise ValueError("server.port cannot change while serving")
         applied.append(cfg)
 
+    def effective() -> Config:
+        return merged_config(read_toml(path), tmp_path, str(path), overlay)[1]
+
     agent = make_agent(broker.url, device_root, tiny_bundle, config_path=path,
                        on_config=on_config)
+    assert agent.config.remote_config == overlay
     agent.start(10)
     try:
         assert agent.mqtt.wait_subscribed(10)
@@ -78,42 +87,50 @@ def test_set_config_validates_applies_atomically_and_reports_the_diff(
         default = SchedulerConfig().max_batch
         assert a.detail == {"changed": {"log.level": ["info", "warning"],
                                         "scheduler.max_batch": [default, 3]}}
-        assert load_config(path).scheduler.max_batch == 3
-        assert applied[-1].log.level == "warning"
+        assert effective().scheduler.max_batch == 3 and effective().server.port == 8000
+        assert applied[-1].log.level == "warning" and applied[-1].server.port == 8000
         controller.send(Command("s-1", "set-config", {"set": {"log.level": "error"}}))  # same id
         controller.wait(lambda: any(x.duplicate for x in controller.acks if x.id == "s-1"))
         dup = next(x for x in controller.acks if x.id == "s-1" and x.duplicate)
         assert (dup.state, dup.detail) == ("applied", a.detail)  # the stored result, not rerun
-        assert len(applied) == 1 and load_config(path).log.level == "warning"
+        assert len(applied) == 1 and effective().log.level == "warning"
+        # A whole document replaces the overlay: what it leaves out is the base's again.
         doc = "[log]\nlevel = \"debug\"\n"
         controller.send(Command("s-2", "set-config", {"toml": doc}))
         a = controller.final("s-2")
-        assert a.state == "applied" and path.read_text() == doc
-        assert a.detail is not None and a.detail["changed"]["log.level"] == ["warning", "debug"]
+        assert a.state == "applied" and overlay.read_text() == doc
+        assert a.detail == {"changed": {"log.level": ["warning", "debug"],
+                                        "scheduler.max_batch": [3, default]}}
         for cid, params, reason in [
             ("s-3", {"set": {"scheduler.max_batch": 0}}, "max_batch"),
-            ("s-4", {"set": {"server.typo": 1}}, "unknown key 'server.typo'"),
+            ("s-4", {"set": {"server.typo": 1}}, "may not change server.typo"),
+            ("s-4b", {"set": {"scheduler.typo": 1}}, "may not change scheduler.typo"),
             ("s-5", {"toml": "[server\nport=1"}, "not valid TOML"),
-            ("s-6", {"set": {"nosuch.key": 1}}, "unknown section"),
-            ("s-7", {"set": {"server.port": "80"}}, "must be int"),
+            ("s-6", {"set": {"nosuch.key": 1}}, "may not change nosuch.key"),
+            ("s-7", {"set": {"scheduler.max_queue": "80"}}, "must be int"),
             ("s-8", {"toml": doc, "set": {"a.b": 1}}, "exactly one"),
             ("s-9", {}, "exactly one"),
             ("s-9b", {"toml": doc, "path": "/etc/x"}, "unknown params ['path']"),
             ("s-9c", {"set": {"server.port": 8100}}, "may not change server.port"),
             ("s-9d", {"toml": doc + "[server]\nport = 8100\n"}, "may not change server.port"),
+            ("s-9e", {"toml": doc + "[fleet]\nremote_config = \"/etc/passwd\"\n"},
+             "may not change fleet.remote_config"),
         ]:
             controller.send(Command(cid, "set-config", params))
             r = controller.final(cid)
             assert r.state == "rejected" and reason in (r.reason or ""), (cid, r.reason)
-            assert path.read_text() == doc  # untouched
+            assert overlay.read_text() == doc  # untouched
         refuse["on"] = True
         controller.send(Command("s-10", "set-config", {"set": {"scheduler.max_queue": 9}}))
         r = controller.final("s-10")
         assert r.state == "rejected" and "cannot change while serving" in (r.reason or "")
-        assert path.read_text() == doc  # the previous file is back
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".edge.toml")]
+        assert overlay.read_text() == doc  # the previous overlay is back
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".remote.toml")]
     finally:
         agent.stop()
+    st = path.stat()
+    assert (path.read_bytes(), st.st_mtime_ns, st.st_ino) == provisioned
+    assert st.st_mode & 0o777 == 0o444
 
 
 def test_drain_and_undrain_persist_across_restarts(

@@ -23,11 +23,13 @@ from edge_runtime.fleet.command_auth import (
     device_target,
     group_target,
 )
-from edge_runtime.fleet.config_update import REDACTED, REMOTE_KEYS, redact
+from edge_runtime.fleet.config_update import REDACTED, redact
 from edge_runtime.fleet.deploy import version_key
 from edge_runtime.fleet.journal import JOURNAL
 from edge_runtime.fleet.messages import Command
+from edge_runtime.fleet.remote_config import REMOTE_KEYS, merged_config
 from edge_runtime.mqtt import topics
+from edge_runtime.tomlconfig import read_toml
 
 STRANGER = CommandSigner(Ed25519PrivateKey.generate())
 MARKER = "attacker-marker-0xdeadbeef"
@@ -133,7 +135,7 @@ PROTECTED = {
     "fleet.operator_keys": ["/tmp/k"], "fleet.username": "x", "fleet.password_file": "/tmp/p",
     "fleet.ca_file": "/tmp/ca", "fleet.cert_file": "/tmp/c", "fleet.key_file": "/tmp/k",
     "fleet.download_ca_file": "/tmp/ca", "fleet.tegrastats": "/tmp/evil-binary",
-    "fleet.session_expiry_s": 1,
+    "fleet.session_expiry_s": 1, "fleet.remote_config": "/etc/edge-runtime/config.toml",
 }
 
 
@@ -144,6 +146,7 @@ def test_set_config_refuses_every_protected_key_and_redacts_secrets(
     path = tmp_path / "edge.toml"
     original = '[server]\napi_key = "s3cret-key"\n'
     path.write_text(original)
+    overlay = tmp_path / "remote.toml"
     agent = make_agent(broker.url, device_root, tiny_bundle, config_path=path)
     agent.start(10)
     try:
@@ -154,14 +157,19 @@ def test_set_config_refuses_every_protected_key_and_redacts_secrets(
         for i, key in enumerate(PROTECTED):
             r = controller.final(f"p-{i}")
             assert r.state == "rejected" and key in (r.reason or ""), (key, r.reason)
-        assert path.read_text() == original
-        # A whole document that drops the API key is a change of server.api_key: refused.
-        controller.send(Command("p-doc", "set-config", {"toml": "[log]\nlevel = \"debug\"\n"}))
+        assert path.read_text() == original and not overlay.exists()
+        # A whole document is the overlay: it cannot name the API key, and leaving it out
+        # does not drop the provisioned one.
+        controller.send(Command("p-doc", "set-config", {"toml": "[server]\napi_key = \"x\"\n"}))
         r = controller.final("p-doc")
-        assert r.state == "rejected" and "server.api_key" in (r.reason or "")
-        assert "s3cret" not in (r.reason or "")
+        assert r.state == "rejected" and "may not change server.api_key" in (r.reason or "")
+        controller.send(Command("p-log", "set-config", {"toml": "[log]\nlevel = \"debug\"\n"}))
+        assert controller.final("p-log").state == "applied"
+        running = merged_config(read_toml(path), tmp_path, str(path), overlay)[1]
+        assert running.server.api_key == "s3cret-key" and running.log.level == "debug"
         controller.send(Command("p-ok", "set-config", {"set": {"scheduler.max_queue": 7}}))
         assert controller.final("p-ok").state == "applied"
+        assert path.read_text() == original
     finally:
         agent.stop()
     wire = json.dumps([a.to_dict() for a in controller.acks])
@@ -187,9 +195,10 @@ def test_a_key_planted_through_set_config_is_not_trusted(
         doc = "[log]\nlevel = \"debug\"\n" + "".join(f"# {line}\n" for line in pem.splitlines())
         controller.send(Command("k-1", "set-config", {"toml": doc}))
         assert controller.final("k-1").state == "applied"
-        assert "BEGIN PUBLIC KEY" in path.read_text()
+        overlay = tmp_path / "remote.toml"  # the one file a command writes
+        assert "BEGIN PUBLIC KEY" in overlay.read_text()
         with pytest.raises(SignatureError, match="not a PEM public key file"):
-            signing.load_public_key(path)
+            signing.load_public_key(overlay)
         with pytest.raises(SignatureError, match="not a PEM public key file"):
             signing.load_public_key(device_root / JOURNAL)
         controller.send(Command("k-2", "set-config", {"set": {"fleet.operator_keys":

@@ -50,6 +50,7 @@ from edge_runtime.fleet.daemon import (
 from edge_runtime.fleet.download import DownloadPolicy
 from edge_runtime.fleet.live_config import plan_config
 from edge_runtime.fleet.messages import Command
+from edge_runtime.fleet.remote_config import REMOTE_FILE, overlay_path, read_overlay
 from edge_runtime.fleet.slots import Slots
 from edge_runtime.fleet.telemetry import RUNTIME_FIELDS
 from edge_runtime.model.generator import Generator
@@ -226,13 +227,15 @@ def test_set_config_applies_live_keys_atomically_and_names_the_restart_ones(
             assert d.agent.config.telemetry_interval_s == 1800.0
             assert d.hooks.limits.max_ttft_ms == 9000.0
             assert logging.getLogger().level == logging.DEBUG
-            on_disk = load_config(config_file)
-            assert on_disk.scheduler.max_batch == 3
+            # The provisioned file is untouched; the change waits in the overlay.
+            assert "max_batch = 2" in config_file.read_text()
+            overlay = tmp_path / "dev" / REMOTE_FILE
+            assert read_overlay(overlay)["scheduler"]["max_batch"] == 3
             # Live through the API: a queue bound of 0 admits nothing locally (no cloud: 429).
             refused = _chat(d.url)
             assert refused.status_code == 429 and "queue is full" in refused.text
 
-            before = config_file.read_bytes()
+            before = config_file.read_bytes(), overlay.read_bytes()
             cases = {  # refused by the loader, or as keys only provisioning sets
                 "bad-1": ({"scheduler": {"max_queue": -1}}, "invalid config, nothing changed"),
                 "bad-2": ({"server": {"api_key_file": "missing.key"}},
@@ -246,7 +249,7 @@ def test_set_config_applies_live_keys_atomically_and_names_the_restart_ones(
                 controller.send(Command(cid, "set-config", {"set": keys}))
                 r = controller.final(cid)
                 assert r.state == "rejected" and why in (r.reason or ""), r.reason
-                assert config_file.read_bytes() == before
+                assert (config_file.read_bytes(), overlay.read_bytes()) == before
             assert w.config.max_queue == 0 and d.hooks.config.fleet.enabled
 
             controller.send(Command("cfg-2", "set-config", {"set": {"scheduler.max_queue": 8}}))
@@ -369,8 +372,10 @@ def test_config_path_and_the_fleet_section_reach_the_agent(tmp_path: Path, pki: 
         '[fleet]\nbroker = "mqtt://127.0.0.1:1"\nroot = "dev"\ntegrastats = "off"\n'
         f'download_ca_file = "{pki.ca}"\ndownload_timeout_s = 5\ndownload_attempts = 3\n')
     cfg = load_config(tmp_path / "edge.toml")
-    a = agent_config(cfg, tmp_path / "edge.toml")
+    a = agent_config(cfg, tmp_path / "edge.toml", overlay_path(cfg.fleet))
     assert a.config_path == tmp_path / "edge.toml" and a.root == tmp_path / "dev"
+    assert a.remote_config == tmp_path / "dev" / REMOTE_FILE  # the default: under the root
+    assert agent_config(cfg, tmp_path / "edge.toml").remote_config is None  # set-config off
     assert a.download == DownloadPolicy(timeout_s=5, attempts=3, ca_file=str(pki.ca))
     assert a.tegrastats is None and agent_config(Config(fleet=cfg.fleet)).config_path is None
     missing = Config(fleet=dataclasses.replace(cfg.fleet, download_ca_file=tmp_path / "no.pem"))

@@ -41,7 +41,8 @@ def test_device_commands_are_signed_answered_and_audited(
     assert "cell-1: undrain" in capsys.readouterr().out and not agent.drained
     # set-config: an allowed key applies; a protected one is refused, named, exit 1.
     config = tmp_path / "edge.toml"
-    agent.config = dataclasses.replace(agent.config, config_path=config)
+    agent.config = dataclasses.replace(agent.config, config_path=config,
+                                       remote_config=tmp_path / "remote.toml")
     assert fleet_cli.main([*base, "set-config", "--device", "cell-1", "--set",
                            "scheduler.max_queue=9", "--set", "log.level=debug"]) == 0
     out = capsys.readouterr().out

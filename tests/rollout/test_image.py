@@ -62,7 +62,19 @@ def test_the_dry_run_builds_and_checks_three_overlays(
     unit.write_text(unit.read_text().replace("Type=notify", "Type=notifyy"))
     manifest = a / "opt/edge-runtime/first-bundle/manifest.json"
     manifest.write_text(manifest.read_text().replace('"name"', '"name" ', 1))
+    config = a / "etc/edge-runtime/config.toml"
+    config.write_text(config.read_text().replace('remote_config = "/var/lib/edge-runtime/',
+                                                 'remote_config = "/etc/edge-runtime/'))
+    c = overlays / "orin-003"
+    unit_c = c / "etc/systemd/system/edge-runtime.service"
+    unit_c.write_text(unit_c.read_text().replace("ReadWritePaths=/var/lib/edge-runtime",
+                                                 "ReadWritePaths=/var/lib/edge-runtime "
+                                                 "/etc/edge-runtime"))
+    assert check_overlay(c) == ["unit: /etc/edge-runtime/config.toml is writable by the "
+                                "daemon; it must be read-only (remote changes go to "
+                                "fleet.remote_config)"]
     problems = "\n".join(check_overlay(a))
+    assert "fleet.remote_config /etc/edge-runtime/remote.toml is not writable" in problems
     assert "mode 0644, want 0600" in problems
     assert "is not the key of" in problems and "is not the device id 'orin-001'" in problems
     assert "systemd-analyze verify" in problems and "notifyy" in problems

@@ -66,6 +66,7 @@ def test_provision_three_devices_from_a_csv(
         f = cfg.fleet
         assert f.enabled and f.broker == BROKER and f.device_id == device
         assert f.groups == ("lab",) and f.root == Path("/var/lib/edge-runtime")
+        assert f.remote_config == Path("/var/lib/edge-runtime/remote.toml")  # not under /etc
         assert f.cert_file == Path("/etc/edge-runtime/tls/device.pem")
         assert f.key_file == Path("/etc/edge-runtime/tls/device.key")
         assert f.pubkeys == (Path("/etc/edge-runtime/trust/bundle-signers/signer.pub"),)
