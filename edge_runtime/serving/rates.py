@@ -1,0 +1,164 @@
+"""What a request costs here, end to end, as the scheduler's estimates need it.
+
+    estimate(request) = per_request_s                    hand-off, wake-up, last delivery
+                      + prompt_tokens / prefill rate     (prefill pauses the batch)
+                      + Σ steps (step_s[b] + b · per_token_s)
+
+- `step_s[b]`: the engine's decode step for b rows (rate_probe.py at start-up, then every
+  step the engine loop serves).
+- `per_token_s`: the serving path's own work per generated token — the engine loop's
+  bookkeeping, handing each chunk to the event loop, and the GIL it then waits for while the
+  event loop detokenizes, formats and writes the stream. The start-up probe cannot see it (it
+  measured 0.1 ms a step on the demo bundle while a served request cost 0.3-0.4 ms a token),
+  so it is learned only from the engine loop's cycles while it serves real requests: wall
+  time from one decode step to the next, less the engine's step and any prefill.
+- `per_request_s`: what a completed request cost beyond what the rates above predicted for
+  the steps and prefills it actually went through (engine_loop.py keeps that tally): the
+  per-request fixed costs, and the error left in the model.
+
+Every quantity is a robust mean over a short window of recent samples (the mean of the middle
+half): one outlier (a page fault, a GC pause, a probe on a busy CPU) counts for little or
+nothing, and a sustained change moves the estimate once it fills half the window — a few
+requests for `per_request_s`, a few dozen decode steps (one request) for step times. An
+exponentially weighted mean did neither: one 1 s hiccup left the step estimate 40x too high
+for dozens of steps, and while it was high every tight deadline was refused, so no step came
+to correct it ("local estimate 1.49s exceeds the deadline 1.00s" for a 0.2 s request).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+STEP_WINDOW = 32
+"""Decode-step samples kept per batch size (about one request's worth of steps)."""
+REQUEST_WINDOW = 8
+"""Completed-request samples kept: a sustained change is followed within ~4 requests."""
+
+
+def robust_mean(samples: deque[float] | list[float]) -> float:
+    """The mean of the middle half (the interquartile mean): ignores up to a quarter of
+    outliers on either side, yet follows the mean rather than the median of skewed noise."""
+    xs = sorted(samples)
+    n = len(xs)
+    cut = n // 4
+    middle = xs[cut : n - cut] or xs
+    return sum(middle) / len(middle)
+
+
+@dataclass(frozen=True)
+class RateSnapshot:
+    """The estimates at one moment, for /metrics (api/metrics.py)."""
+
+    step_s: dict[int, float]
+    """End to end per decode step by batch size: engine step + per-token serving work."""
+    engine_step_s: dict[int, float]
+    per_token_s: float
+    per_request_s: float
+    prefill_tokens_per_s: float
+    requests_observed: int
+
+
+@dataclass
+class Rates:
+    """Service rates: seeded by the probe, measured online from the requests served."""
+
+    prefill_tokens_per_s: float = 500.0
+    step_s: dict[int, float] = field(default_factory=lambda: {1: 0.05})
+    """The engine's decode step time at each batch size seen so far."""
+    alpha: float = 0.2
+    """0 freezes every estimate (tests with hand-set rates); anything else learns."""
+    per_token_s: float = 0.0
+    """The serving path's work per generated token, beyond the engine step."""
+    per_request_s: float = 0.0
+    """Fixed cost per request beyond its prefill and steps (never below 0)."""
+    _steps: dict[int, deque[float]] = field(default_factory=dict, repr=False)
+    _prefill: deque[float] = field(default_factory=lambda: deque(maxlen=STEP_WINDOW),
+                                   repr=False)
+    _per_token: deque[float] = field(default_factory=lambda: deque(maxlen=STEP_WINDOW),
+                                     repr=False)
+    _per_request: deque[float] = field(default_factory=lambda: deque(maxlen=REQUEST_WINDOW),
+                                       repr=False)
+    requests_observed: int = 0
+    """Completed requests measured so far (each one a `per_request_s` sample)."""
+
+    @property
+    def learning(self) -> bool:
+        return self.alpha > 0
+
+    # -- observations -----------------------------------------------------------------
+
+    def seed(self, step_s: dict[int, float], prefill_tokens_per_s: float | None) -> None:
+        """A probe's measurement (rate_probe.py): it replaces the step and prefill windows,
+        so the next samples from served requests outvote it within half a window. The
+        serving path's costs are not the probe's to measure and are kept."""
+        for batch, seconds in step_s.items():
+            self.step_s[batch] = seconds
+            self._steps[batch] = deque([seconds], maxlen=STEP_WINDOW)
+        if prefill_tokens_per_s is not None and prefill_tokens_per_s > 0:
+            self.prefill_tokens_per_s = prefill_tokens_per_s
+            self._prefill = deque([prefill_tokens_per_s], maxlen=STEP_WINDOW)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0 and self.learning:
+            self._prefill.append(tokens / seconds)
+            self.prefill_tokens_per_s = robust_mean(self._prefill)
+
+    def observe_step(self, batch: int, seconds: float) -> None:
+        if batch > 0 and seconds > 0 and self.learning:
+            window = self._steps.setdefault(batch, deque(maxlen=STEP_WINDOW))
+            window.append(seconds)
+            self.step_s[batch] = robust_mean(window)
+
+    def observe_call(self, rows: int, seconds: float, prefill: tuple[int, float]) -> None:
+        """One add() or step() of a decode batch that took `seconds`: the prefill it did
+        (`DecodeBatch.prefill_work`: tokens, seconds; a chunk may ride along a step) counts
+        as prefill, the rest as a decode step of `rows` sequences (none in add())."""
+        tokens, prefill_s = prefill
+        self.observe_prefill(tokens, prefill_s)
+        self.observe_step(rows, seconds - prefill_s)
+
+    def observe_overhead(self, rows: int, seconds: float) -> None:
+        """The engine loop's cycle around one decode step of `rows` tokens took `seconds`
+        more than the engine's step (and prefill) itself: the serving path's share."""
+        if rows > 0 and self.learning:
+            self._per_token.append(max(0.0, seconds) / rows)
+            self.per_token_s = robust_mean(self._per_token)
+
+    def observe_request(self, actual_s: float, modeled_s: float) -> None:
+        """A completed request took `actual_s` (submit → last token handed over) where the
+        rates predicted `modeled_s` for the prefills and steps it actually went through."""
+        if self.learning:
+            self.requests_observed += 1
+            self._per_request.append(actual_s - modeled_s)
+            self.per_request_s = max(0.0, robust_mean(self._per_request))
+
+    def snapshot(self) -> RateSnapshot:
+        sizes = sorted(self.step_s)
+        return RateSnapshot(
+            step_s={b: self.step_time(b) for b in sizes},
+            engine_step_s={b: self.step_s[b] for b in sizes},
+            per_token_s=self.per_token_s,
+            per_request_s=self.per_request_s,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            requests_observed=self.requests_observed,
+        )
+
+    # -- estimates ----------------------------------------------------------------------
+
+    def engine_step(self, batch: int) -> float:
+        """The engine's step time at `batch`; unseen sizes scale the nearest smaller one up
+        linearly (pessimistic: weight reads are shared, so real steps grow slower)."""
+        if batch in self.step_s:
+            return self.step_s[batch]
+        below = [b for b in self.step_s if b < batch]
+        base = max(below) if below else min(self.step_s)
+        return self.step_s[base] * batch / base
+
+    def step_time(self, batch: int) -> float:
+        """One decode step of `batch` rows as a request lives it: the engine's step plus
+        the serving path's work for each token it produces."""
+        return self.engine_step(batch) + batch * self.per_token_s
+
+    def prefill_time(self, tokens: int) -> float:
+        return tokens / self.prefill_tokens_per_s
