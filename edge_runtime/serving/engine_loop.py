@@ -122,7 +122,8 @@ class LocalWorker:
         self.peak_batch = 0
         self._tally: dict[Hashable, list[float]] = {}
         """Admitted request → [perf_counter at submit, seconds the rates predicted for the
-        prefills and steps served since]: its `per_request_s` sample when it completes."""
+        prefills and steps served since, the estimate it was admitted with (safety
+        included)]: its `per_request_s` sample when it completes."""
         self._cycle_engine_s = 0.0
         """Seconds of this engine-loop cycle spent in the engine (add() and step() calls)."""
         self._cycle_rows = 0
@@ -264,7 +265,8 @@ class LocalWorker:
             decision = self.scheduler.admit(job, now, self._cloud(), self.pressure())
             if decision.action is Action.LOCAL:
                 self._requests[job.key] = request
-                self._tally[job.key] = [time.perf_counter(), 0.0]
+                estimate = (decision.estimated_finish or now) - now
+                self._tally[job.key] = [time.perf_counter(), 0.0, estimate]
                 self._wake.notify()
         if decision.action is not Action.LOCAL and self._reprobe:
             self._sent_away = True  # the engine loop re-measures the rates when it is idle
@@ -470,7 +472,10 @@ class LocalWorker:
         for key in batch.keys:
             req = self._requests[key]
             if req.deadline is not None and now + step > req.deadline:
-                log.info("request %s reached its deadline during generation", key)
+                tally = self._tally.get(key)
+                log.info("request %s reached its deadline during generation (admitted with an "
+                         "estimate of %.3fs; %.3fs since)", key, tally[2] if tally else -1,
+                         time.perf_counter() - tally[0] if tally else -1)
                 batch.remove(key)
                 req.deliver(DeadlineExceededError(
                     f"the request's deadline came during generation ({req.deadline - now:.3f}s "
@@ -488,6 +493,9 @@ class LocalWorker:
                     if tally is not None:  # what it cost beyond what the rates predicted
                         actual = time.perf_counter() - tally[0]
                         self.scheduler.rates.observe_request(actual, tally[1])
+                        log.debug("request %s took %.4fs, admitted with an estimate of %.4fs "
+                                  "(rates predicted %.4fs for its prefills and steps)", key,
+                                  actual, tally[2], tally[1])
                 self._finish(key)
 
     def _accrue(self, seconds: float) -> None:

@@ -210,3 +210,17 @@ def test_the_engine_loop_learns_what_requests_really_cost() -> None:
             serve_one(worker, loop, 101, tokens=20, budget_s=0.3 * typical)
         assert refused.value.should_retry is False
     wait_until(lambda: not worker._thread.is_alive())
+
+
+def test_review_does_not_take_back_an_admission_over_a_small_drift() -> None:
+    s = Scheduler(SchedulerConfig(max_batch=1, safety=1.2), rates())
+    s.admit(job("a", budget=10.0), 0.0, NONE, OK)
+    s.next_batch(1)
+    # b waits for a (11 x 0.11 s) and needs 1.2 s itself: 2.46 s plain, 2.95 s padded.
+    b = s.admit(job("b", budget=3.0), 0.0, NONE, OK)
+    assert b.action is Action.LOCAL
+    s.rates.step_s = {1: 0.11, 2: 0.16}  # one more slow sample: 2.67 s plain, 3.2 padded
+    assert s.review(0.0, NONE, OK) == []  # still on time by the plain estimate: kept
+    s.rates.step_s = {1: 0.13, 2: 0.18}  # a real slowdown: 3.09 s plain
+    (gone, d), = s.review(0.0, NONE, OK)
+    assert gone.key == "b" and d.action is Action.REJECT
