@@ -12,9 +12,9 @@ project's own dependencies (httpx).
 
 1. Alone: every request shape (4 prompts x max_tokens 8, 16, 32, 64) served alone, one after
    another, no deadline: its median latency over 3 runs, as the client sees it.
-2. Rounds: `--rounds` x `--concurrency` concurrent chat requests (non-streamed, greedy), each a
-   random shape with a random budget, uniform in [`--min-ms`, `--max-ms`], sent as
-   `x-request-deadline-ms`. Outcomes: 200 (answered; late if after its budget), 504
+2. Rounds: `--rounds` x `--concurrency` concurrent chat requests (greedy; every other one
+   streamed), each a random shape with a random budget, uniform in [`--min-ms`, `--max-ms`],
+   sent as `x-request-deadline-ms`. Outcomes: 200 (answered; late if after its budget), 504
    `deadline_exceeded` (admitted, then cut off: the estimate was wrong), 429/503 (refused;
    for each: would it have finished in time alone, by phase 1's latency of its shape).
 3. Single requests with budgets of 1.5x and 0.6x their shape's latency alone: each should be
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import random
 import shutil
 import statistics
@@ -63,23 +64,38 @@ class Outcome:
     latency_s: float
     code: str | None
     message: str
+    stream: bool = False
 
 
 async def chat(client: httpx.AsyncClient, model: str, shape: tuple[int, int],
-               budget_s: float | None) -> Outcome:
+               budget_s: float | None, stream: bool = False) -> Outcome:
+    """One chat request; a streamed one's error event counts as its status (504 for
+    `deadline_exceeded` after the stream began)."""
     prompt, max_tokens = shape
     body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[prompt]}],
-            "max_tokens": max_tokens, "temperature": 0}
+            "max_tokens": max_tokens, "temperature": 0, "stream": stream}
     headers = {} if budget_s is None else {"x-request-deadline-ms": f"{budget_s * 1000:.0f}"}
     t = time.perf_counter()
-    r = await client.post("/v1/chat/completions", json=body, headers=headers)
+    err = None
+    async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+        status = r.status_code
+        if status != 200:
+            err = json.loads(await r.aread()).get("error")
+        elif stream:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"error"' in line:
+                    err = json.loads(line[6:])["error"]
+                    status = 504 if err.get("code") == "deadline_exceeded" else 500
+        else:
+            await r.aread()
     took = time.perf_counter() - t
-    err = r.json().get("error") if r.status_code != 200 else None
-    return Outcome(shape, budget_s or 0.0, r.status_code, took,
-                   err.get("code") if err else None, err.get("message", "") if err else "")
+    return Outcome(shape, budget_s or 0.0, status, took,
+                   err.get("code") if err else None, err.get("message", "") if err else "",
+                   stream)
 
 
 def config(bundle: Path | None, pubkey: Path | None) -> str:
+    # info: a cut-off request's line says what it was admitted with (--daemon-log keeps it)
     lines = ["[log]", 'access_log = ""', 'level = "info"']
     if bundle is not None:
         lines = ["[model]", f'bundle = "{bundle}"', f'pubkeys = ["{pubkey}"]', "", *lines]
@@ -102,7 +118,9 @@ async def run(args: argparse.Namespace, url: str, model: str) -> dict[str, objec
         for i in range(args.rounds):
             batch = [(rng.choice(shapes), rng.uniform(args.min_ms, args.max_ms) / 1000)
                      for _ in range(args.concurrency)]
-            got = await asyncio.gather(*(chat(client, model, s, b) for s, b in batch))
+            # every other request streamed (SSE): the serving path's per-token work too
+            got = await asyncio.gather(*(chat(client, model, s, b, stream=k % 2 == 1)
+                                         for k, (s, b) in enumerate(batch)))
             outcomes += got
             c = Counter(o.status for o in got)
             print(f"round {i + 1}: {dict(sorted(c.items()))}", flush=True)
@@ -176,6 +194,10 @@ def report(args: argparse.Namespace, res: dict[str, object], wall_s: float) -> s
         lines += [f"- {o.budget_s * 1000:.0f}, {alone[o.shape] * 1000:.0f}: {o.message}"
                   for o in feasible[:10]]
         lines.append("")
+    by_mode = {("stream" if st else "json"):
+               dict(sorted(Counter(o.status for o in outs if o.stream == st).items()))
+               for st in (False, True)}
+    lines += [f"Statuses by mode: {by_mode}.", ""]
     lines += ["The daemon's estimates at the end (`/metrics`):", "", "```",
               *res["estimates"], "```"]  # type: ignore[list-item]
     return "\n".join(lines)

@@ -165,6 +165,9 @@ class _RatesCollector(Collector):
              "engine step (hand-off, streaming, GIL).", s.per_token_s),
             ("per_request_seconds", "A request's fixed cost beyond its prefill and steps, "
              "learned from completed requests.", s.per_request_s),
+            ("per_concurrent_seconds", "What each other request in the daemon at the same "
+             "time adds to a request's time (its HTTP work holds the engine back).",
+             s.per_concurrent_s),
             ("prefill_tokens_per_second", "Prompt tokens prefilled per second.",
              s.prefill_tokens_per_s),
             ("requests_observed", "Completed requests the estimates learned from.",

@@ -123,7 +123,8 @@ class LocalWorker:
         self._tally: dict[Hashable, list[float]] = {}
         """Admitted request → [perf_counter at submit, seconds the rates predicted for the
         prefills and steps served since, the estimate it was admitted with (safety
-        included)]: its `per_request_s` sample when it completes."""
+        included), other requests beside it so far]: what it cost beyond the rates, when
+        it completes (Rates.observe_request)."""
         self._cycle_engine_s = 0.0
         """Seconds of this engine-loop cycle spent in the engine (add() and step() calls)."""
         self._cycle_rows = 0
@@ -266,7 +267,9 @@ class LocalWorker:
             if decision.action is Action.LOCAL:
                 self._requests[job.key] = request
                 estimate = (decision.estimated_finish or now) - now
-                self._tally[job.key] = [time.perf_counter(), 0.0, estimate]
+                for tally in self._tally.values():  # one more request beside each
+                    tally[3] += 1
+                self._tally[job.key] = [time.perf_counter(), 0.0, estimate, len(self._tally)]
                 self._wake.notify()
         if decision.action is not Action.LOCAL and self._reprobe:
             self._sent_away = True  # the engine loop re-measures the rates when it is idle
@@ -492,7 +495,7 @@ class LocalWorker:
                     tally = self._tally.get(key)
                     if tally is not None:  # what it cost beyond what the rates predicted
                         actual = time.perf_counter() - tally[0]
-                        self.scheduler.rates.observe_request(actual, tally[1])
+                        self.scheduler.rates.observe_request(actual, tally[1], int(tally[3]))
                         log.debug("request %s took %.4fs, admitted with an estimate of %.4fs "
                                   "(rates predicted %.4fs for its prefills and steps)", key,
                                   actual, tally[2], tally[1])

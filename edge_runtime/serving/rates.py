@@ -3,6 +3,7 @@
     estimate(request) = per_request_s                    hand-off, wake-up, last delivery
                       + prompt_tokens / prefill rate     (prefill pauses the batch)
                       + Σ steps (step_s[b] + b · per_token_s)
+                      + per_concurrent_s for each other request in the daemon with it
 
 - `step_s[b]`: the engine's decode step for b rows (rate_probe.py at start-up, then every
   step the engine loop serves).
@@ -14,15 +15,26 @@
   time from one decode step to the next, less the engine's step and any prefill.
 - `per_request_s`: what a completed request cost beyond what the rates above predicted for
   the steps and prefills it actually went through (engine_loop.py keeps that tally): the
-  per-request fixed costs, and the error left in the model.
+  per-request fixed costs, and the error left in the model. Learned from requests that had
+  the daemon to themselves.
+- `per_concurrent_s`: what each other request in the daemon at the same time (queued,
+  running, or arriving meanwhile) added on top: its HTTP parsing, chat template,
+  tokenization, admission and response run on the event loop and hold the GIL the engine
+  loop needs (in a burst of 15 requests on the demo bundle the last ones ran 30 ms past
+  what steps and prefills explained; alone, 1 ms). The scheduler charges it for every pair
+  of requests it has at once, so admitting a newcomer makes every admitted request a
+  little later, and one that would push an admitted request past its deadline is refused.
 
-Every quantity is a robust mean over a short window of recent samples (the mean of the middle
-half): one outlier (a page fault, a GC pause, a probe on a busy CPU) counts for little or
-nothing, and a sustained change moves the estimate once it fills half the window — a few
-requests for `per_request_s`, a few dozen decode steps (one request) for step times. An
+Every quantity is a trimmed mean over a short window of recent samples (the extreme 1/32 on
+each side dropped, at least one): one outlier (a page fault, a GC pause, a probe on a busy
+CPU) counts for nothing, and a sustained change moves the estimate as it fills the window — a
+few requests for `per_request_s`, a few dozen decode steps (one request) for step times. An
 exponentially weighted mean did neither: one 1 s hiccup left the step estimate 40x too high
 for dozens of steps, and while it was high every tight deadline was refused, so no step came
 to correct it ("local estimate 1.49s exceeds the deadline 1.00s" for a 0.2 s request).
+Not a median nor the middle half: on a shared CPU step times are skewed (demo bundle: median
+0.17 ms, mean 0.3-0.6 ms, from one step in ten taking milliseconds), and what a request of
+60 steps costs is their sum — an estimate at the median was 2-3x short.
 """
 
 from __future__ import annotations
@@ -30,18 +42,18 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-STEP_WINDOW = 32
+STEP_WINDOW = 64
 """Decode-step samples kept per batch size (about one request's worth of steps)."""
 REQUEST_WINDOW = 8
 """Completed-request samples kept: a sustained change is followed within ~4 requests."""
 
 
 def robust_mean(samples: deque[float] | list[float]) -> float:
-    """The mean of the middle half (the interquartile mean): ignores up to a quarter of
-    outliers on either side, yet follows the mean rather than the median of skewed noise."""
+    """The mean without the extreme 1/32 of samples on each side (at least one each): an
+    outlier is dropped, the frequent tail of skewed noise is kept (it is what requests pay)."""
     xs = sorted(samples)
     n = len(xs)
-    cut = n // 4
+    cut = -(-n // 32)
     middle = xs[cut : n - cut] or xs
     return sum(middle) / len(middle)
 
@@ -55,6 +67,7 @@ class RateSnapshot:
     engine_step_s: dict[int, float]
     per_token_s: float
     per_request_s: float
+    per_concurrent_s: float
     prefill_tokens_per_s: float
     requests_observed: int
 
@@ -78,6 +91,10 @@ class Rates:
     _per_token: deque[float] = field(default_factory=lambda: deque(maxlen=STEP_WINDOW),
                                      repr=False)
     _per_request: deque[float] = field(default_factory=lambda: deque(maxlen=REQUEST_WINDOW),
+                                       repr=False)
+    per_concurrent_s: float = 0.0
+    """What each other request in the daemon at the same time adds (never below 0)."""
+    _per_concurrent: deque[float] = field(default_factory=lambda: deque(maxlen=REQUEST_WINDOW),
                                        repr=False)
     requests_observed: int = 0
     """Completed requests measured so far (each one a `per_request_s` sample)."""
@@ -125,13 +142,20 @@ class Rates:
             self._per_token.append(max(0.0, seconds) / rows)
             self.per_token_s = robust_mean(self._per_token)
 
-    def observe_request(self, actual_s: float, modeled_s: float) -> None:
+    def observe_request(self, actual_s: float, modeled_s: float, others: int = 0) -> None:
         """A completed request took `actual_s` (submit → last token handed over) where the
-        rates predicted `modeled_s` for the prefills and steps it actually went through."""
-        if self.learning:
-            self.requests_observed += 1
-            self._per_request.append(actual_s - modeled_s)
+        rates predicted `modeled_s` for the prefills and steps it actually went through,
+        with `others` other requests in the daemon at some time during it."""
+        if not self.learning:
+            return
+        self.requests_observed += 1
+        residual = actual_s - modeled_s
+        if others == 0:
+            self._per_request.append(residual)
             self.per_request_s = max(0.0, robust_mean(self._per_request))
+        else:
+            self._per_concurrent.append((residual - self.per_request_s) / others)
+            self.per_concurrent_s = max(0.0, robust_mean(self._per_concurrent))
 
     def snapshot(self) -> RateSnapshot:
         sizes = sorted(self.step_s)
@@ -140,6 +164,7 @@ class Rates:
             engine_step_s={b: self.step_s[b] for b in sizes},
             per_token_s=self.per_token_s,
             per_request_s=self.per_request_s,
+            per_concurrent_s=self.per_concurrent_s,
             prefill_tokens_per_s=self.prefill_tokens_per_s,
             requests_observed=self.requests_observed,
         )

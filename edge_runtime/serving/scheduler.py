@@ -397,6 +397,10 @@ class Scheduler:
         active: list[tuple[Hashable, int, float]] = [r for r in running if r[1] > 0]
         pending = list(queue)
         cap, chunk = self.max_batch, self.prefill_chunk
+        # What a request costs beyond its prefill and steps: a fixed part, and a part for
+        # each other request in the daemon with it (Rates.per_concurrent_s).
+        extra = self.rates.per_request_s + self.rates.per_concurrent_s * max(
+            0, len(active) + len(pending) - 1)
         while pending or active:
             while pending and len(active) < cap:
                 j = pending.pop(0)
@@ -416,8 +420,7 @@ class Scheduler:
             left = []
             for key, rem, dl in active:
                 if rem <= k or t >= dl:
-                    # + what each request costs beyond its prefill and steps (Rates)
-                    finishes[key] = t + self.rates.per_request_s
+                    finishes[key] = t + extra
                 else:
                     left.append((key, rem - k, dl))
             if stop_at is not None and stop_at in finishes:

@@ -110,6 +110,28 @@ def test_the_estimate_is_end_to_end() -> None:
     assert s.alone_s(job("x", budget=1.0)) == pytest.approx(1.25)
 
 
+def test_each_request_beside_another_costs_both_a_little() -> None:
+    r = Rates(prefill_tokens_per_s=100.0, step_s={1: 0.1, 2: 0.15})
+    r.observe_request(actual_s=1.25, modeled_s=1.2)  # alone: 0.05 s beyond its steps
+    r.observe_request(actual_s=1.29, modeled_s=1.2, others=2)  # two beside it: 0.02 s each
+    assert (r.per_request_s, r.per_concurrent_s) == (pytest.approx(0.05), pytest.approx(0.02))
+    s = Scheduler(SchedulerConfig(max_batch=2, safety=1.0), r)
+    assert s.admit(job("a", budget=10.0), 0.0, NONE, OK).estimated_finish == \
+        pytest.approx(0.1 + 10 * 0.1 + 0.05)
+    s.next_batch(2)
+    # b beside a: both 0.02 s later; b: prefill 0.1 s, then 10 steps of a pair
+    d = s.admit(job("b", budget=10.0), 0.0, NONE, OK)
+    assert d.estimated_finish == pytest.approx(0.1 + 10 * 0.15 + 0.05 + 0.02)
+    # a, running with 11 tokens to go, would end beside c at 0.1 (c's prefill) + 10 x 0.15
+    # + 0.1 (its last step alone) + 0.05 + 0.02 = 1.77 s — 1.75 s without the pair's cost:
+    # with a deadline of 1.76 s, c is refused for a's sake, not admitted to make it late.
+    s2 = Scheduler(SchedulerConfig(max_batch=2, safety=1.0), r)
+    s2.admit(Job("a", 0.0, 1.76, 10, 11), 0.0, NONE, OK)
+    s2.next_batch(2)
+    d = s2.admit(job("c", budget=10.0), 0.0, NONE, OK)
+    assert d.action is Action.REJECT and "push an admitted request" in d.reason
+
+
 def test_a_refusal_says_when_capacity_returns_and_whether_to_retry() -> None:
     s = Scheduler(SchedulerConfig(max_batch=2, max_queue=8, safety=1.0), rates())
     for key in ("a", "b"):
