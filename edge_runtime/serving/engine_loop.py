@@ -357,6 +357,7 @@ class LocalWorker:
         with self._lock:
             rates = self.scheduler.rates
             rates.seed(step_s, prefill_tps)
+            rates.expire()  # an old per-request cost must not refuse requests for ever
         self._probed_at = time.monotonic()
         log.info("measured step times %s s, prefill %.0f tokens/s",
                  {b: round(v, 4) for b, v in sorted(step_s.items())}, rates.prefill_tokens_per_s)

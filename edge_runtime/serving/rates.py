@@ -39,6 +39,7 @@ Not a median nor the middle half: on a shared CPU step times are skewed (demo bu
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -46,6 +47,11 @@ STEP_WINDOW = 64
 """Decode-step samples kept per batch size (about one request's worth of steps)."""
 REQUEST_WINDOW = 8
 """Completed-request samples kept: a sustained change is followed within ~4 requests."""
+REQUEST_MAX_AGE_S = 30.0
+"""A completed-request sample older than this is forgotten when the engine is re-measured
+(`expire`): requests are learned from only once admitted, so a cost learned too high would
+otherwise refuse every request that could correct it (the issue's "local estimate 1.49s
+exceeds the deadline 1.00s" for a 0.2 s request, which lasted until a restart)."""
 
 
 def robust_mean(samples: deque[float] | list[float]) -> float:
@@ -90,12 +96,13 @@ class Rates:
                                    repr=False)
     _per_token: deque[float] = field(default_factory=lambda: deque(maxlen=STEP_WINDOW),
                                      repr=False)
-    _per_request: deque[float] = field(default_factory=lambda: deque(maxlen=REQUEST_WINDOW),
-                                       repr=False)
+    _per_request: deque[tuple[float, float]] = field(
+        default_factory=lambda: deque(maxlen=REQUEST_WINDOW), repr=False)
+    """(time.monotonic(), sample)"""
     per_concurrent_s: float = 0.0
     """What each other request in the daemon at the same time adds (never below 0)."""
-    _per_concurrent: deque[float] = field(default_factory=lambda: deque(maxlen=REQUEST_WINDOW),
-                                       repr=False)
+    _per_concurrent: deque[tuple[float, float]] = field(
+        default_factory=lambda: deque(maxlen=REQUEST_WINDOW), repr=False)
     requests_observed: int = 0
     """Completed requests measured so far (each one a `per_request_s` sample)."""
 
@@ -142,20 +149,35 @@ class Rates:
             self._per_token.append(max(0.0, seconds) / rows)
             self.per_token_s = robust_mean(self._per_token)
 
-    def observe_request(self, actual_s: float, modeled_s: float, others: int = 0) -> None:
+    def observe_request(self, actual_s: float, modeled_s: float, others: int = 0,
+                        now: float | None = None) -> None:
         """A completed request took `actual_s` (submit → last token handed over) where the
         rates predicted `modeled_s` for the prefills and steps it actually went through,
         with `others` other requests in the daemon at some time during it."""
         if not self.learning:
             return
         self.requests_observed += 1
+        now = time.monotonic() if now is None else now
         residual = actual_s - modeled_s
         if others == 0:
-            self._per_request.append(residual)
-            self.per_request_s = max(0.0, robust_mean(self._per_request))
+            self._per_request.append((now, residual))
         else:
-            self._per_concurrent.append((residual - self.per_request_s) / others)
-            self.per_concurrent_s = max(0.0, robust_mean(self._per_concurrent))
+            self._per_concurrent.append((now, (residual - self.per_request_s) / others))
+        self._request_costs()
+
+    def expire(self, now: float | None = None) -> None:
+        """Forget completed-request samples older than REQUEST_MAX_AGE_S (the engine loop
+        calls it whenever it re-measures the engine, as it does when idle while refusing)."""
+        now = time.monotonic() if now is None else now
+        for window in (self._per_request, self._per_concurrent):
+            while window and window[0][0] < now - REQUEST_MAX_AGE_S:
+                window.popleft()
+        self._request_costs()
+
+    def _request_costs(self) -> None:
+        self.per_request_s = max(0.0, robust_mean([v for _, v in self._per_request] or [0.0]))
+        self.per_concurrent_s = max(
+            0.0, robust_mean([v for _, v in self._per_concurrent] or [0.0]))
 
     def snapshot(self) -> RateSnapshot:
         sizes = sorted(self.step_s)

@@ -17,7 +17,13 @@ from edge_runtime.errors import OverloadedError
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.model.stream import Chunk
 from edge_runtime.serving.engine_loop import LocalWorker
-from edge_runtime.serving.rates import REQUEST_WINDOW, STEP_WINDOW, Rates, robust_mean
+from edge_runtime.serving.rates import (
+    REQUEST_MAX_AGE_S,
+    REQUEST_WINDOW,
+    STEP_WINDOW,
+    Rates,
+    robust_mean,
+)
 from edge_runtime.serving.request import Request
 from edge_runtime.serving.scheduler import (
     Action,
@@ -246,3 +252,14 @@ def test_review_does_not_take_back_an_admission_over_a_small_drift() -> None:
     s.rates.step_s = {1: 0.13, 2: 0.18}  # a real slowdown: 3.09 s plain
     (gone, d), = s.review(0.0, NONE, OK)
     assert gone.key == "b" and d.action is Action.REJECT
+
+
+def test_a_cost_learned_too_high_is_forgotten_when_the_engine_is_re_measured() -> None:
+    r = Rates()
+    for _ in range(REQUEST_WINDOW):  # e.g. requests stuck behind a model swap
+        r.observe_request(actual_s=1.5, modeled_s=0.2, now=100.0)
+    assert r.per_request_s == pytest.approx(1.3)  # every request now refused: none to learn from
+    r.expire(now=100.0 + REQUEST_MAX_AGE_S / 2)
+    assert r.per_request_s == pytest.approx(1.3)
+    r.expire(now=101.0 + REQUEST_MAX_AGE_S)  # the idle re-probe while refusing
+    assert r.per_request_s == 0.0 and r.per_concurrent_s == 0.0
