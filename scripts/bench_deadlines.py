@@ -19,6 +19,9 @@ project's own dependencies (httpx).
    for each: would it have finished in time alone, by phase 1's latency of its shape).
 3. Single requests with budgets of 1.5x and 0.6x their shape's latency alone: each should be
    admitted and answered, resp. refused at once (the estimate, without the load).
+4. The official `openai` client (a test dependency: `pip install openai`), default
+   `max_retries` (2), sends the 0.6x requests again: how long until its caller gets the
+   refusal (a retried 429 would take seconds).
 
 The section between the `bench_deadlines` markers of docs/BENCHMARKS.md (`--no-write`: skip).
 """
@@ -94,6 +97,27 @@ async def chat(client: httpx.AsyncClient, model: str, shape: tuple[int, int],
                    stream)
 
 
+def _openai_refusals(url: str, model: str, asks: list[tuple[tuple[int, int], float]]
+                     ) -> list[tuple[str, float]]:
+    """(outcome, seconds until the caller had it) per request, through the openai client."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")  # max_retries: 2
+    out = []
+    for (prompt, max_tokens), budget_s in asks:
+        t = time.perf_counter()
+        try:
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": PROMPTS[prompt]}],
+                max_tokens=max_tokens, temperature=0,
+                extra_headers={"x-request-deadline-ms": f"{budget_s * 1000:.0f}"})
+            outcome = "answered"
+        except openai.APIStatusError as e:
+            outcome = str(e.status_code)
+        out.append((outcome, time.perf_counter() - t))
+    return out
+
+
 def config(bundle: Path | None, pubkey: Path | None) -> str:
     # info: a cut-off request's line says what it was admitted with (--daemon-log keeps it)
     lines = ["[log]", 'access_log = ""', 'level = "info"']
@@ -130,7 +154,9 @@ async def run(args: argparse.Namespace, url: str, model: str) -> dict[str, objec
             for factor, want in ((1.5, "admit"), (0.6, "refuse")):
                 single.append((want, await chat(client, model, shape, factor * alone[shape])))
         metrics = (await client.get("/metrics")).text
-    return {"alone": alone, "outcomes": outcomes, "single": single,
+    openai_s = await asyncio.to_thread(_openai_refusals, url, model,
+                                       [(s, 0.6 * alone[s]) for s in shapes])
+    return {"alone": alone, "outcomes": outcomes, "single": single, "openai": openai_s,
             "estimates": [line for line in metrics.splitlines()
                           if line.startswith("edge_runtime_estimate_")]}
 
@@ -139,6 +165,7 @@ def report(args: argparse.Namespace, res: dict[str, object], wall_s: float) -> s
     alone: dict[tuple[int, int], float] = res["alone"]  # type: ignore[assignment]
     outs: list[Outcome] = res["outcomes"]  # type: ignore[assignment]
     single: list[tuple[str, Outcome]] = res["single"]  # type: ignore[assignment]
+    oa: list[tuple[str, float]] = res["openai"]  # type: ignore[assignment]
     ok = [o for o in outs if o.status == 200]
     late = [o for o in ok if o.latency_s > o.budget_s]
     cut = [o for o in outs if o.code == "deadline_exceeded"]
@@ -179,6 +206,10 @@ def report(args: argparse.Namespace, res: dict[str, object], wall_s: float) -> s
         f"{sum(o.status in (429, 503) for o in s_refuse)} of {len(s_refuse)} refused at once "
         f"(slowest refusal {max((o.latency_s for o in s_refuse), default=0) * 1000:.0f} ms), "
         f"{sum(o.code == 'deadline_exceeded' for o in s_refuse)} cut off.",
+        "",
+        f"The openai client (max_retries 2) on the 0.6x requests: "
+        f"{dict(Counter(o for o, _ in oa))}, the caller had the refusal after at most "
+        f"{max((t for o, t in oa if o != 'answered'), default=0) * 1000:.0f} ms.",
         "",
         "Latency alone by shape (ms; prompt/max_tokens): "
         + ", ".join(f"{p}/{n} {1000 * v:.0f}" for (p, n), v in sorted(alone.items())) + ".",
