@@ -183,7 +183,8 @@ def report(args: argparse.Namespace, res: dict[str, object], wall_s: float) -> s
         f"{args.concurrency} --min-ms {args.min_ms:g} --max-ms {args.max_ms:g} --seed "
         f"{args.seed}` — {now}, {cpu_model()}, {wall_s:.0f} s. `edge-runtime serve` on the demo "
         "bundle with the default configuration, no cloud path; "
-        f"{args.rounds} rounds of {args.concurrency} concurrent non-streamed chat requests, "
+        f"{args.rounds} rounds of {args.concurrency} concurrent chat requests (every other "
+        "one streamed), "
         "each one of 16 shapes (4 prompts x max_tokens 8/16/32/64) with a budget uniform in "
         f"[{args.min_ms:g}, {args.max_ms:g}] ms (`x-request-deadline-ms`). \"Alone\": the "
         "shape's median latency served alone (client-side, 3 runs).",
@@ -206,6 +207,10 @@ def report(args: argparse.Namespace, res: dict[str, object], wall_s: float) -> s
         f"{sum(o.status in (429, 503) for o in s_refuse)} of {len(s_refuse)} refused at once "
         f"(slowest refusal {max((o.latency_s for o in s_refuse), default=0) * 1000:.0f} ms), "
         f"{sum(o.code == 'deadline_exceeded' for o in s_refuse)} cut off.",
+        "",
+        *[f"- refused at 1.5x (budget {o.budget_s * 1000:.0f} ms, alone "
+          f"{alone[o.shape] * 1000:.0f} ms): {o.message}"
+          for o in s_admit if o.status != 200][:4],
         "",
         f"The openai client (max_retries 2) on the 0.6x requests: "
         f"{dict(Counter(o for o, _ in oa))}, the caller had the refusal after at most "
