@@ -95,12 +95,20 @@ class ContextLengthError(GenerationError):
 
 class OverloadedError(EdgeError):
     """No path can serve the request in time: HTTP 429 (retry later) or 503 (the cloud path
-    is down too, or the server is shutting down), with a Retry-After hint."""
+    is down too, or the server is shutting down), with a Retry-After hint. `should_retry`
+    False: retrying cannot help the caller (the API says `x-should-retry: false`)."""
 
-    def __init__(self, message: str, retry_after_s: float = 1.0, status: int = 429) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float = 1.0,
+        status: int = 429,
+        should_retry: bool | None = None,
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.status = status
+        self.should_retry = should_retry
 
 
 class DeadlineExceededError(EdgeError):

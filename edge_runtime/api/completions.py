@@ -35,7 +35,7 @@ from starlette.types import Receive
 from edge_runtime.api import schemas as s
 from edge_runtime.api.errors import SERVER_ERROR, APIError, from_edge_error
 from edge_runtime.api.metrics import REFUSED, Metrics
-from edge_runtime.api.middleware import RequestContext, request_context
+from edge_runtime.api.middleware import CLIENT_GONE, RequestContext, request_context
 from edge_runtime.errors import ContextLengthError, EdgeError, GenerationError
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.model.stream import Chunk, GenerationStats
@@ -46,8 +46,6 @@ from edge_runtime.serving.request import ModelChanged, ModelInfo, TextGenerator
 from edge_runtime.serving.request import Request as EngineRequest
 
 T = TypeVar("T")
-# 499: the client closed the connection before the response began (nginx's convention).
-CLIENT_GONE = 499
 
 
 @dataclass(frozen=True)
@@ -177,7 +175,7 @@ async def _respond(
     """One JSON body, or an SSE stream, from chunks produced here or in the cloud."""
     chunks = work.chunks
     if not body.stream:
-        collected = await _unless_disconnected(request.receive, work, _collect(chunks))
+        collected = await _unless_disconnected(request.receive, work, _collect(chunks, ctx))
         if collected is None:
             return Response(status_code=CLIENT_GONE)
         text, last = collected
@@ -217,9 +215,11 @@ def _sampling_params(
         raise APIError(400, str(e), param=e.field) from e
 
 
-async def _collect(chunks: AsyncIterator[Chunk]) -> tuple[str, Chunk]:
+async def _collect(chunks: AsyncIterator[Chunk], ctx: RequestContext) -> tuple[str, Chunk]:
     parts: list[str] = []
+    ctx.completion_tokens = 0
     async for chunk in chunks:
+        ctx.completion_tokens += len(chunk.token_ids)  # so far: what a 499 logs
         parts.append(chunk.text)
         if chunk.finish_reason is not None:
             return "".join(parts), chunk
@@ -271,7 +271,9 @@ async def _sse(
         if fmt.chat:
             yield _event(fmt.chunk(s.Delta(role="assistant", content="")))
         chunk = first
+        ctx.completion_tokens = 0
         while True:
+            ctx.completion_tokens += len(chunk.token_ids)  # so far: what a 499 logs
             if chunk.text:
                 yield _event(fmt.chunk(s.Delta(content=chunk.text), text=chunk.text))
             if chunk.finish_reason is not None:

@@ -9,6 +9,7 @@ point at it. FastAPI's own 422 for validation errors becomes 400 here: OpenAI cl
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -75,10 +76,8 @@ def from_edge_error(e: EdgeError) -> APIError:
     if isinstance(e, GenerationError):
         return APIError(400, str(e), param=e.field)
     if isinstance(e, OverloadedError):
-        retry = str(max(1, round(e.retry_after_s)))
-        return APIError(
-            e.status, str(e), SERVER_ERROR, code="overloaded", headers={"Retry-After": retry}
-        )
+        return APIError(e.status, str(e), SERVER_ERROR, code="overloaded",
+                        headers=refusal_headers(e.retry_after_s, e.should_retry))
     if isinstance(e, OffloadRemoteError) and e.code == "worker_busy":
         # Every cloud slot is taken: both paths are full. That is overload (retry later),
         # not a broken gateway.
@@ -94,6 +93,25 @@ def from_edge_error(e: EdgeError) -> APIError:
                         headers={"Retry-After": "1"})
     # Engine or bundle failures are the server's fault, not the request's.
     return APIError(500, str(e), SERVER_ERROR)
+
+
+def refusal_headers(retry_after_s: float, should_retry: bool | None = None) -> dict[str, str]:
+    """When capacity returns, and whether retrying can help at all.
+
+    `Retry-After` is whole seconds (RFC 9110), rounded up and at least 1; `retry-after-ms`
+    (what OpenAI's API sends, and its clients prefer) carries the estimate to the
+    millisecond, so a client waits 300 ms rather than a second. `x-should-retry: false`
+    (honoured by the official openai clients) stops the retries that cannot help: without
+    it they retry a 429 twice, and a refusal made in a millisecond reaches the caller
+    seconds later."""
+    seconds = max(0.0, retry_after_s)
+    headers = {
+        "Retry-After": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, math.ceil(seconds * 1000))),
+    }
+    if should_retry is not None:
+        headers["x-should-retry"] = "true" if should_retry else "false"
+    return headers
 
 
 # pydantic puts the union member it tried into `loc` (`stop.list[str]`); a client wants only

@@ -34,7 +34,9 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 CORS_METHODS = ("GET", "POST")
 CORS_HEADERS = ("authorization", "content-type", "x-request-id", "x-request-deadline-ms")
-EXPOSED_HEADERS = "x-request-id, x-served-by, x-bundle-version, retry-after"
+EXPOSED_HEADERS = (
+    "x-request-id, x-served-by, x-bundle-version, retry-after, retry-after-ms, x-should-retry"
+)
 PREFLIGHT_MAX_AGE_S = 600
 
 

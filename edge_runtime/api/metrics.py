@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from edge_runtime.model.prefix_cache import PrefixCacheStats
 from edge_runtime.model.stream import GenerationStats
+from edge_runtime.serving.rates import RateSnapshot
 
 # Latency buckets for an edge device: from a cached short answer (tens of ms) to a long
 # generation on a busy CPU (a minute).
@@ -138,6 +139,43 @@ class _PrefixCacheCollector(Collector):
             yield GaugeMetricFamily(f"{p}_{name}", doc, value=value)
 
 
+class _RatesCollector(Collector):
+    """edge_runtime_estimate_*: the rates the scheduler admits requests with
+    (serving/rates.py), read at scrape time — what an operator compares with the measured
+    latencies when requests are refused or cut off at their deadline."""
+
+    def __init__(self, read: Callable[[], RateSnapshot]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._read()
+        p = "edge_runtime_estimate"
+        for name, doc, values in (
+            ("step_seconds", "A decode step as requests live it, by batch size: the "
+             "engine's step plus the serving path's work per token.", s.step_s),
+            ("engine_step_seconds", "The engine's own decode step time, by batch size.",
+             s.engine_step_s),
+        ):
+            g = GaugeMetricFamily(f"{p}_{name}", doc, labels=["batch"])
+            for batch, seconds in values.items():
+                g.add_metric([str(batch)], seconds)
+            yield g
+        for name, doc, value in (
+            ("per_token_seconds", "The serving path's work per generated token beyond the "
+             "engine step (hand-off, streaming, GIL).", s.per_token_s),
+            ("per_request_seconds", "A request's fixed cost beyond its prefill and steps, "
+             "learned from completed requests.", s.per_request_s),
+            ("per_concurrent_seconds", "What each other request in the daemon at the same "
+             "time adds to a request's time (its HTTP work holds the engine back).",
+             s.per_concurrent_s),
+            ("prefill_tokens_per_second", "Prompt tokens prefilled per second.",
+             s.prefill_tokens_per_s),
+            ("requests_observed", "Completed requests the estimates learned from.",
+             float(s.requests_observed)),
+        ):
+            yield GaugeMetricFamily(f"{p}_{name}", doc, value=value)
+
+
 class Metrics:
     """The daemon's series; `render()` is the /metrics body."""
 
@@ -235,6 +273,10 @@ class Metrics:
         """Export the prefix cache's counters, read at scrape time (engine_loop.LocalWorker
         .prefix_cache)."""
         self.registry.register(_PrefixCacheCollector(read))
+
+    def track_rates(self, read: Callable[[], RateSnapshot]) -> None:
+        """Export the scheduler's estimates, read at scrape time (LocalWorker.estimates)."""
+        self.registry.register(_RatesCollector(read))
 
     def track_offload(self, available: Callable[[], bool]) -> None:
         """Read the cloud path's availability at scrape time (offload.OffloadClient)."""

@@ -31,6 +31,8 @@ from edge_runtime.api.metrics import Metrics
 log = logging.getLogger(__name__)
 
 CONTEXT_KEY = "edge_runtime.context"
+CLIENT_GONE = 499
+"""nginx's "client closed request": the client left before its response was complete."""
 AUTH_KEY = "edge_runtime.auth"
 # A client may bring its own request id (for tracing across services) if it is short and tame.
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -71,9 +73,13 @@ class RequestContextMiddleware:
         ctx = RequestContext(id=given if given and _CLIENT_ID.match(given) else uuid.uuid4().hex)
         scope[CONTEXT_KEY] = ctx
         status = 0
+        complete = False  # the response's last body message was sent
+        failed = False
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
             if message["type"] == "http.response.start":
                 status = message["status"]
                 # Read served_by now, not earlier: the handler decides it before responding.
@@ -90,6 +96,7 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         except Exception as e:
+            failed = True
             # The catch-all: a bug must give the client a JSON 500, never a bare close.
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             ctx.error = "internal_error"
@@ -99,7 +106,13 @@ class RequestContextMiddleware:
             # Else the response had started: all we can do is cut it short, and log it.
         finally:
             seconds = time.perf_counter() - t0
-            self.metrics.observe_request(scope["path"], status or 499, ctx.served_by, seconds)
+            if status and not complete and not failed:
+                # A response begun and never finished without an error of ours: the client
+                # went away mid-stream. Not a 200: it did not get its answer (tokens so far
+                # are in completion_tokens).
+                status, ctx.error = CLIENT_GONE, ctx.error or "client_disconnected"
+            self.metrics.observe_request(scope["path"], status or CLIENT_GONE, ctx.served_by,
+                                         seconds)
             if self.access_log is not None:
                 self.access_log.write(_record(scope, ctx, status, seconds))
 
@@ -116,8 +129,8 @@ def _record(scope: Scope, ctx: RequestContext, status: int, seconds: float) -> d
         "prompt_tokens": ctx.prompt_tokens,
         "completion_tokens": ctx.completion_tokens,
         "served_by": ctx.served_by,
-        # 499 (nginx's "client closed request"): the client left before a response began.
-        "status": status or 499,
+        # 499 (nginx's "client closed request"): the client left before its response ended.
+        "status": status or CLIENT_GONE,
         "latency_ms": round(seconds * 1000, 2),
         "error": ctx.error,
     }

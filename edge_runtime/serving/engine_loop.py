@@ -42,6 +42,7 @@ from edge_runtime.model.stream import Chunk
 from edge_runtime.serving.cloud_view import NO_CLOUD
 from edge_runtime.serving.model_swap import ServedModels
 from edge_runtime.serving.rate_probe import measure_rates
+from edge_runtime.serving.rates import RateSnapshot
 from edge_runtime.serving.request import (
     DecodeBatch,
     ModelChanged,
@@ -119,6 +120,14 @@ class LocalWorker:
         self._probed_at = 0.0
         self._reviewed_at = -1.0
         self.peak_batch = 0
+        self._tally: dict[Hashable, list[float]] = {}
+        """Admitted request → [perf_counter at submit, seconds the rates predicted for the
+        prefills and steps served since, the estimate it was admitted with (safety
+        included), other requests beside it so far]: what it cost beyond the rates, when
+        it completes (Rates.observe_request)."""
+        self._cycle_engine_s = 0.0
+        """Seconds of this engine-loop cycle spent in the engine (add() and step() calls)."""
+        self._cycle_rows = 0
         """The most sequences one decode step has served so far."""
         self.prefilling = 0
         """Long prompts being prefilled a chunk per step (set by the engine loop after each
@@ -210,6 +219,11 @@ class LocalWorker:
         cache = getattr(self.generator, "prefix_cache", None)
         return cache.stats() if cache is not None else None
 
+    def estimates(self) -> RateSnapshot:
+        """The scheduler's measured rates, read at once (for /metrics)."""
+        with self._lock:
+            return self.scheduler.rates.snapshot()
+
     @property
     def depth(self) -> int:
         """Requests waiting plus those being generated."""
@@ -252,12 +266,17 @@ class LocalWorker:
             decision = self.scheduler.admit(job, now, self._cloud(), self.pressure())
             if decision.action is Action.LOCAL:
                 self._requests[job.key] = request
+                estimate = (decision.estimated_finish or now) - now
+                for tally in self._tally.values():  # one more request beside each
+                    tally[3] += 1
+                self._tally[job.key] = [time.perf_counter(), 0.0, estimate, len(self._tally)]
                 self._wake.notify()
         if decision.action is not Action.LOCAL and self._reprobe:
             self._sent_away = True  # the engine loop re-measures the rates when it is idle
         if decision.action is Action.REJECT:
             refusal = QueueFull if decision.queue_full else OverloadedError
-            raise refusal(decision.reason, decision.retry_after_s, decision.status)
+            raise refusal(decision.reason, decision.retry_after_s, decision.status,
+                          decision.should_retry)
         return decision
 
     # -- engine-loop thread --------------------------------------------------------------
@@ -286,6 +305,8 @@ class LocalWorker:
             self._models.served = (gen, self._models.served[1])
         self._ready.set()
         while True:
+            cycle_start = time.perf_counter()
+            self._cycle_engine_s, self._cycle_rows = 0.0, 0
             with self._lock:
                 if self._models.pending is not None:
                     gen, batch = self._models.adopt(batch)
@@ -317,6 +338,11 @@ class LocalWorker:
                 self._step(batch)
             for old in draining:  # swapped-out models finish what they started
                 self._step(old)
+            if self._cycle_rows and not draining:
+                # The cycle beyond the engine's own work: the serving path's per-token cost.
+                overhead = time.perf_counter() - cycle_start - self._cycle_engine_s
+                with self._lock:
+                    self.scheduler.rates.observe_overhead(self._cycle_rows, overhead)
 
     def _limit_to(self, batch: DecodeBatch) -> None:
         """The scheduler plans with what the batch runs, not with what the config asked
@@ -330,9 +356,8 @@ class LocalWorker:
         step_s, prefill_tps = measure_rates(gen, self.config.max_batch)
         with self._lock:
             rates = self.scheduler.rates
-            rates.step_s.update(step_s)
-            if prefill_tps is not None:
-                rates.prefill_tokens_per_s = prefill_tps
+            rates.seed(step_s, prefill_tps)
+            rates.expire()  # an old per-request cost must not refuse requests for ever
         self._probed_at = time.monotonic()
         log.info("measured step times %s s, prefill %.0f tokens/s",
                  {b: round(v, 4) for b, v in sorted(step_s.items())}, rates.prefill_tokens_per_s)
@@ -357,16 +382,17 @@ class LocalWorker:
             req = self._requests.pop(job.key, None)
             if req is None:
                 continue
+            self._tally.pop(job.key, None)
             if decision.action is Action.OFFLOAD:
                 req.deliver(OffloadRequested(decision))
             else:
-                req.deliver(
-                    OverloadedError(decision.reason, decision.retry_after_s, decision.status)
-                )
+                req.deliver(OverloadedError(decision.reason, decision.retry_after_s,
+                                            decision.status, decision.should_retry))
         for job in list(self.scheduler.queue):
             if self._requests[job.key].cancelled:
                 self.scheduler.cancel(job.key)
                 self._requests.pop(job.key, None)
+                self._tally.pop(job.key, None)
         running = batch.active + sum(b.active for _, b in self._draining)
         return self.scheduler.next_batch(self.scheduler.max_batch - running)
 
@@ -387,6 +413,7 @@ class LocalWorker:
             self._finish(key)
             return
         req.started = self._clock()
+        t = time.perf_counter()
         try:
             chunks = batch.add(key, req.prompt_ids, req.params)
         except Exception as e:  # a request the engine cannot run fails alone
@@ -396,8 +423,10 @@ class LocalWorker:
             self._finish(key)
             return
         self.prefilling = batch.prefilling
+        self._cycle_engine_s += time.perf_counter() - t
         with self._lock:
             self.scheduler.rates.observe_call(0, 0.0, batch.prefill_work)
+            self._accrue(self.scheduler.rates.prefill_time(batch.prefill_work[0]))
         self._deliver(key, chunks)
 
     def _step(self, batch: DecodeBatch) -> None:
@@ -423,8 +452,13 @@ class LocalWorker:
                 self._finish(key)
             return
         self.prefilling = batch.prefilling
+        took = time.perf_counter() - t
+        self._cycle_engine_s += took
+        self._cycle_rows += size
         with self._lock:
-            self.scheduler.rates.observe_call(size, time.perf_counter() - t, batch.prefill_work)
+            rates = self.scheduler.rates
+            rates.observe_call(size, took, batch.prefill_work)
+            self._accrue(rates.step_time(size) + rates.prefill_time(batch.prefill_work[0]))
             for key in results:
                 self.scheduler.progressed(key)
         for key, chunks in results.items():
@@ -442,7 +476,10 @@ class LocalWorker:
         for key in batch.keys:
             req = self._requests[key]
             if req.deadline is not None and now + step > req.deadline:
-                log.info("request %s reached its deadline during generation", key)
+                tally = self._tally.get(key)
+                log.info("request %s reached its deadline during generation (admitted with an "
+                         "estimate of %.3fs; %.3fs since)", key, tally[2] if tally else -1,
+                         time.perf_counter() - tally[0] if tally else -1)
                 batch.remove(key)
                 req.deliver(DeadlineExceededError(
                     f"the request's deadline came during generation ({req.deadline - now:.3f}s "
@@ -455,12 +492,27 @@ class LocalWorker:
         for chunk in chunks:
             req.deliver(chunk)
             if chunk.finish_reason is not None:
+                with self._lock:
+                    tally = self._tally.get(key)
+                    if tally is not None:  # what it cost beyond what the rates predicted
+                        actual = time.perf_counter() - tally[0]
+                        self.scheduler.rates.observe_request(actual, tally[1], int(tally[3]))
+                        log.debug("request %s took %.4fs, admitted with an estimate of %.4fs "
+                                  "(rates predicted %.4fs for its prefills and steps)", key,
+                                  actual, tally[2], tally[1])
                 self._finish(key)
+
+    def _accrue(self, seconds: float) -> None:
+        """Under the lock: the engine did `seconds` of predicted work (a prefill or a step)
+        that every admitted request, queued or running, waited through."""
+        for tally in self._tally.values():
+            tally[1] += seconds
 
     def _finish(self, key: Hashable) -> None:
         with self._lock:
             self.scheduler.finished(key)
             self._requests.pop(key, None)
+            self._tally.pop(key, None)
 
 
 def _use_prefix_cache(gen: TextGenerator, budget_bytes: int) -> None:

@@ -36,10 +36,14 @@ import dataclasses
 import enum
 import math
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.model.prefix_cache import DEFAULT_BUDGET_BYTES
+from edge_runtime.serving.rates import Rates
+
+__all__ = ["Action", "CloudState", "Decision", "Job", "Pressure", "Rates", "Scheduler",
+           "SchedulerConfig", "prefill_waits"]
 
 
 class Action(enum.Enum):
@@ -56,6 +60,12 @@ class Decision:
     status: int = 200
     """For REJECT: 429 (overloaded, retry later) or 503 (no path can serve it)."""
     retry_after_s: float = 0.0
+    """For REJECT: when local capacity for this request returns (a batch slot free and
+    nobody queued ahead), from the queue and the measured rates."""
+    should_retry: bool | None = None
+    """For REJECT: False when retrying cannot help the caller (its request cannot be done
+    within its own budget even alone, or not before its deadline once capacity returns);
+    None: the client's own policy decides."""
     estimated_finish: float | None = None
     queue_full: bool = False
     """For REJECT: the queue had no room (max_queue), whatever this request asked; a front
@@ -124,46 +134,6 @@ class Job:
     """Absolute time (same clock as `now`) by which the response must be complete."""
     prompt_tokens: int
     max_tokens: int
-
-
-@dataclass
-class Rates:
-    """Service rates measured online (exponentially weighted), seeded by the warm-up."""
-
-    prefill_tokens_per_s: float = 500.0
-    step_s: dict[int, float] = field(default_factory=lambda: {1: 0.05})
-    """Seconds per decode step at each batch size seen so far."""
-    alpha: float = 0.2
-
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
-            rate = tokens / seconds
-            self.prefill_tokens_per_s += self.alpha * (rate - self.prefill_tokens_per_s)
-
-    def observe_step(self, batch: int, seconds: float) -> None:
-        if batch > 0 and seconds > 0:
-            old = self.step_s.get(batch)
-            self.step_s[batch] = seconds if old is None else old + self.alpha * (seconds - old)
-
-    def observe_call(self, rows: int, seconds: float, prefill: tuple[int, float]) -> None:
-        """One add() or step() of a decode batch that took `seconds`: the prefill it did
-        (`DecodeBatch.prefill_work`: tokens, seconds; a chunk may ride along a step) counts
-        as prefill, the rest as a decode step of `rows` sequences (none in add())."""
-        tokens, prefill_s = prefill
-        self.observe_prefill(tokens, prefill_s)
-        self.observe_step(rows, seconds - prefill_s)
-
-    def step_time(self, batch: int) -> float:
-        """Decode step time at `batch`; unseen sizes scale the nearest smaller one up
-        linearly (pessimistic: weight reads are shared, so real steps grow slower)."""
-        if batch in self.step_s:
-            return self.step_s[batch]
-        below = [b for b in self.step_s if b < batch]
-        base = max(below) if below else min(self.step_s)
-        return self.step_s[base] * batch / base
-
-    def prefill_time(self, tokens: int) -> float:
-        return tokens / self.prefill_tokens_per_s
 
 
 @dataclass(frozen=True)
@@ -272,8 +242,10 @@ class Scheduler:
         for job in list(self.queue):
             reason = trouble
             if reason is None:
-                finish = now + (finishes[job.key] - now) * self.config.safety
-                if finish <= job.deadline:
+                # Without the safety margin admission used: a job admitted near its limit is
+                # not refused a moment later because one more step sample moved the rates;
+                # it leaves once its plain estimate says it cannot finish in time.
+                if finishes[job.key] <= job.deadline:
                     continue
                 reason = f"waited {now - job.arrival:.2f}s; local finish now past its deadline"
             self.queue.remove(job)
@@ -356,17 +328,35 @@ class Scheduler:
                 f"{why}; too little time left for the cloud ({remaining:.2f}s ≤ p99 "
                 f"{p99:.2f}s at {job.max_tokens} tokens)"
             )
-            return Decision(Action.REJECT, why, 429, self._retry_after(now))
+            return self._refuse(job, now, why, 429)
         if self.config.offload_enabled and cloud.configured:
-            return Decision(
-                Action.REJECT, f"{why}; the cloud path is down too", 503, self._retry_after(now)
-            )
-        return Decision(Action.REJECT, why, 429, self._retry_after(now))
+            return self._refuse(job, now, f"{why}; the cloud path is down too", 503)
+        return self._refuse(job, now, why, 429)
 
-    def _retry_after(self, now: float) -> float:
-        """When the current local work should have drained: a hint, at least one second."""
-        drain = self._simulate(now, self._running(), self.queue, target=None)
-        return float(max(1, math.ceil(drain - now)))
+    def _refuse(self, job: Job, now: float, why: str, status: int) -> Decision:
+        """A refusal that says when capacity returns and whether a retry can help: the
+        client's budget (`x-request-deadline-ms`) comes again with a retry, but its caller's
+        deadline does not move — a retry that cannot finish before the deadline of the
+        request it replaces, or a request that misses its budget even alone, is pointless
+        (a client that retried would answer its caller 2 s later, and still a refusal)."""
+        back = self._capacity_returns(now)
+        alone = self.alone_s(job)
+        hopeless = alone > job.deadline - job.arrival or now + back + alone > job.deadline
+        return Decision(Action.REJECT, why, status, back, should_retry=False if hopeless else None)
+
+    def alone_s(self, job: Job) -> float:
+        """The job's estimate on an idle device (safety included)."""
+        end = self._simulate(0.0, [], [dataclasses.replace(job, deadline=math.inf)], job.key)
+        return end * self.config.safety
+
+    def _capacity_returns(self, now: float) -> float:
+        """Seconds until a newcomer would find a free slot with nobody queued ahead: when
+        the running and queued work is down to max_batch - 1 jobs (0: now)."""
+        finishes = sorted(self._finish_times(now, self._running(), self.queue).values())
+        extra = len(finishes) - (self.max_batch - 1)
+        if extra <= 0:
+            return 0.0
+        return max(0.0, (finishes[extra - 1] - now) * self.config.safety)
 
     def _estimate_finish(self, job: Job, now: float) -> float:
         """When a new job would finish (review() estimates queued ones in one pass)."""
@@ -407,6 +397,10 @@ class Scheduler:
         active: list[tuple[Hashable, int, float]] = [r for r in running if r[1] > 0]
         pending = list(queue)
         cap, chunk = self.max_batch, self.prefill_chunk
+        # What a request costs beyond its prefill and steps: a fixed part, and a part for
+        # each other request in the daemon with it (Rates.per_concurrent_s).
+        extra = self.rates.per_request_s + self.rates.per_concurrent_s * max(
+            0, len(active) + len(pending) - 1)
         while pending or active:
             while pending and len(active) < cap:
                 j = pending.pop(0)
@@ -426,7 +420,7 @@ class Scheduler:
             left = []
             for key, rem, dl in active:
                 if rem <= k or t >= dl:
-                    finishes[key] = t
+                    finishes[key] = t + extra
                 else:
                     left.append((key, rem - k, dl))
             if stop_at is not None and stop_at in finishes:
