@@ -109,9 +109,9 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.max_batch is None or self.max_batch >= 1,
-             f"scheduler.max_batch must be >= 1 (or unset: measured), got {self.max_batch}"),
+             f"scheduler.max_batch must be >= 1, got {self.max_batch} (or unset: measured)"),
             (self.max_queue is None or self.max_queue >= 0,
-             f"scheduler.max_queue must be >= 0 (or unset), got {self.max_queue}"),
+             f"scheduler.max_queue must be >= 0, got {self.max_queue} (or unset)"),
             (self.step_latency_target_ms > 0,
              f"scheduler.step_latency_target_ms must be > 0, got {self.step_latency_target_ms}"),
             (self.memory_headroom_mb >= 0,
