@@ -12,6 +12,8 @@
     cloud_view.py   what serving sees of the cloud path: its state for the scheduler, submit
                     for the dispatcher (protocols the offload client satisfies)
     rate_probe.py   a direct measurement of prefill and decode-step times
+    capacity.py     max_batch and the queue bound from measured step times and memory, for
+                    each model loaded (start-up, hot swap), unless the config sets max_batch
     model_swap.py   which generator new requests start on during a hot swap
 
 May import: model, engines, bundle, errors. Never offload, cloud, api, fleet or mqtt: the
