@@ -170,13 +170,28 @@ def table(runs: list[Run]) -> str:
     return "\n".join(out)
 
 
-def steps_lines(runs: list[Run]) -> list[str]:
+def step_at(steps: dict[int, float], n: int) -> float | None:
+    """The measured step time at `n` rows, linear between measured sizes (None: beyond)."""
+    if n in steps:
+        return steps[n]
+    lo = max((b for b in steps if b < n), default=None)
+    hi = min((b for b in steps if b > n), default=None)
+    if lo is None or hi is None:
+        return None
+    return steps[lo] + (steps[hi] - steps[lo]) * (n - lo) / (hi - lo)
+
+
+def steps_lines(runs: list[Run], concurrent: int) -> list[str]:
     lines = []
     for r in runs:
         if r.mode == "after" and r.step_ms:
             steps = ", ".join(f"{b}: {v:.2f}" for b, v in sorted(r.step_ms.items()))
+            at = step_at(r.step_ms, min(concurrent, r.max_batch))
+            floor = (f"; a step of {min(concurrent, r.max_batch)} rows costs "
+                     f"{at / r.step_ms[1]:.1f}× a step of one, the engine's own floor for the "
+                     f"slowest ÷ alone before any serving cost" if at and 1 in r.step_ms else "")
             lines.append(f"- **{r.bundle}, measured at start-up** (ms per token of one stream "
-                         f"by batch size): {steps}. Start-up log: `capacity: "
+                         f"by batch size): {steps}{floor}. Start-up log: `capacity: "
                          f"{r.capacity_line}`")
     return lines
 
@@ -221,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall, load_after = time.time() - t0, os.getloadavg()
     text = table(runs)
     print(text)
-    print("\n".join(steps_lines(runs)))
+    print("\n".join(steps_lines(runs, args.concurrent)))
     if args.no_write:
         return 0
     cmd = "python scripts/bench_concurrency.py" + (
@@ -251,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         text,
         "",
-        *steps_lines(runs),
+        *steps_lines(runs, args.concurrent),
     ]))
     return 0
 
