@@ -178,8 +178,8 @@ class LocalWorker:
         once the engine loop has adopted it. Requests already queued or running finish on
         the generator they were tokenized with. A generator whose engine cannot decode
         `max_batch` sequences together is refused here (EngineError), before any change.
-        Its max_batch is measured here (unless configured): while the old model still
-        serves, so on a busy device the new one gets a smaller batch, never a larger one."""
+        Its max_batch is measured here (unless configured), while the old model still
+        serves and holds its memory: on a busy device the choice errs small."""
         _use_prefix_cache(generator, self.config.prefix_cache_bytes)
         capacity = capacity_for(generator, self.config, self._measure_rates)
         batch = generator.batch(capacity.max_batch, self.config.prefill_chunk)
