@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--pubkey", **pubkey)  # type: ignore[arg-type]
     build.add_argument("--profile", default="",
                        help="max_batch=N,max_context=N[,opt_batch=N,opt_context=N] (default: "
-                       "scheduler.max_batch of --config, the bundle's context length)")
+                       "scheduler.max_batch of --config, else 16; the bundle's context length)")
     build.add_argument("--precision", default="auto",
                        choices=("auto", "fp16", "fp32", "strongly-typed"))
     build.add_argument("--config", type=Path, help="TOML config: its scheduler.max_batch")
@@ -189,6 +189,10 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+PLAN_MAX_BATCH = 16
+"""A TensorRT plan's batch limit when neither --profile nor scheduler.max_batch says."""
+
+
 def _build_engine(args: argparse.Namespace) -> int:
     from edge_runtime.engines.trt_build import BuildOptions, build_engine
     from edge_runtime.engines.trt_plan import ProfileLimits
@@ -196,9 +200,10 @@ def _build_engine(args: argparse.Namespace) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     bundle = _trusted_bundle(args.bundle, args.pubkey or [])  # never build from unverified ONNX
     cfg = _device_config(args.config)
-    limits = ProfileLimits.parse(
-        args.profile, cfg.scheduler.max_batch, bundle.manifest.generation.context_length
-    )
+    # Unset, max_batch is measured at start-up up to what the plan decodes together: a plan
+    # fixes that when it is built, so leave the measurement room.
+    limits = ProfileLimits.parse(args.profile, cfg.scheduler.max_batch or PLAN_MAX_BATCH,
+                                 bundle.manifest.generation.context_length)
     options = BuildOptions(limits, args.precision, args.opt_level, args.workspace_mb, args.force)
     result = build_engine(bundle, options, args.cache_dir, progress=print)
     r = result.record

@@ -64,6 +64,17 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "")) == Config()
 
 
+def test_max_batch_is_measured_unless_set(tmp_path: Path) -> None:
+    sc = Config().scheduler
+    # Unset: chosen at start-up from the measured step times and memory (serving/capacity.py).
+    assert (sc.max_batch, sc.max_queue) == (None, None)
+    assert (sc.step_latency_target_ms, sc.memory_headroom_mb) == (100.0, 1024)
+    sc = load_config(write(tmp_path, "[scheduler]\nstep_latency_target_ms = 40\n"
+                                     "memory_headroom_mb = 512\n")).scheduler
+    assert sc.step_latency_target_ms == 40.0 and isinstance(sc.step_latency_target_ms, float)
+    assert sc.memory_headroom_mb == 512 and sc.max_batch is None
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [
@@ -77,6 +88,12 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
         ("[model]\nbackend = 'tensorrtt'\n", "model.backend must be one of"),
         ("[scheduler]\nmax_batch = 0\n", "scheduler.max_batch must be >= 1"),
         ("[scheduler]\nprefill_chunk = -1\n", "scheduler.prefill_chunk must be >= 0 (0: off)"),
+        ("[scheduler]\nstep_latency_target_ms = 0\n",
+         "scheduler.step_latency_target_ms must be > 0, got 0"),
+        ("[scheduler]\nstep_latency_target_ms = 'fast'\n",
+         "'scheduler.step_latency_target_ms' must be"),
+        ("[scheduler]\nmemory_headroom_mb = -1\n",
+         "scheduler.memory_headroom_mb must be >= 0, got -1"),
         ("[scheduler]\nprefix_cache_bytes = -1\n",
          "scheduler.prefix_cache_bytes must be >= 0 (0: off)"),
         ("[log]\nlevel = 'loud'\n", "log.level must be one of"),

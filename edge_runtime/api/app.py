@@ -61,6 +61,7 @@ def create_app(
     metrics.track_queue(lambda: worker.depth, lambda: worker.ready, lambda: worker.prefilling)
     metrics.track_prefix_cache(lambda: worker.prefix_cache)
     metrics.track_rates(worker.estimates)
+    metrics.track_capacity(lambda: worker.capacity, lambda: worker.scheduler.max_queue)
     if offload is not None:
         metrics.track_offload(offload.available)
     state = ServingState(

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from edge_runtime.model.prefix_cache import PrefixCacheStats
 from edge_runtime.model.stream import GenerationStats
+from edge_runtime.serving.capacity import Capacity
 from edge_runtime.serving.rates import RateSnapshot
 
 # Latency buckets for an edge device: from a cached short answer (tens of ms) to a long
@@ -176,6 +177,49 @@ class _RatesCollector(Collector):
             yield GaugeMetricFamily(f"{p}_{name}", doc, value=value)
 
 
+class _CapacityCollector(Collector):
+    """edge_runtime_max_batch (labelled with what bound it), edge_runtime_max_queue and the
+    measurements behind them (serving/capacity.py), read at scrape time: a model swap
+    measures and chooses again."""
+
+    def __init__(self, read: Callable[[], Capacity | None], max_queue: Callable[[], int]) -> None:
+        self._read = read
+        self._max_queue = max_queue
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._read()
+        if c is None:
+            return
+        batch = GaugeMetricFamily(
+            "edge_runtime_max_batch", "Sequences decoded together; `bound`: what limited it "
+            "(latency, memory, engine, probe, budget, config, default).", labels=("bound",))
+        batch.add_metric((c.bound,), c.max_batch)
+        yield batch
+        yield GaugeMetricFamily("edge_runtime_max_queue", "Requests that may wait for a slot.",
+                                value=self._max_queue())
+        if c.step_s:
+            step = GaugeMetricFamily(
+                "edge_runtime_capacity_step_seconds", "Decode step time per token of one "
+                "stream measured at each batch size when max_batch was chosen.",
+                labels=("batch",))
+            for size, seconds in sorted(c.step_s.items()):
+                step.add_metric((str(size),), seconds)
+            yield step
+            yield GaugeMetricFamily(
+                "edge_runtime_capacity_step_target_seconds",
+                "scheduler.step_latency_target_ms, in seconds.", value=c.target_s)
+        if c.kv_bytes_per_seq:
+            yield GaugeMetricFamily(
+                "edge_runtime_kv_cache_bytes_per_sequence",
+                "KV cache memory of one sequence at full context (peak copies included).",
+                value=c.kv_bytes_per_seq)
+        if c.kv_memory is not None:
+            yield GaugeMetricFamily(
+                "edge_runtime_kv_cache_memory_bytes", "Memory left for KV caches when "
+                "max_batch was chosen (available - headroom - prefix cache budget).",
+                value=c.kv_memory)
+
+
 class Metrics:
     """The daemon's series; `render()` is the /metrics body."""
 
@@ -277,6 +321,11 @@ class Metrics:
     def track_rates(self, read: Callable[[], RateSnapshot]) -> None:
         """Export the scheduler's estimates, read at scrape time (LocalWorker.estimates)."""
         self.registry.register(_RatesCollector(read))
+
+    def track_capacity(self, read: Callable[[], Capacity | None],
+                       max_queue: Callable[[], int]) -> None:
+        """Export max_batch, the queue bound and why (engine_loop.LocalWorker.capacity)."""
+        self.registry.register(_CapacityCollector(read, max_queue))
 
     def track_offload(self, available: Callable[[], bool]) -> None:
         """Read the cloud path's availability at scrape time (offload.OffloadClient)."""

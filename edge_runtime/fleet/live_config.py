@@ -23,7 +23,8 @@ Applied live (LIVE_KEYS), because the code reads them at each use:
     fleet.probe_*       the thresholds of the next deploy's probe
 
 Everything else needs a restart: what is built once at start-up (the HTTP socket and its
-auth, the model and its decode batches sized by scheduler.max_batch, the MQTT clients of the
+auth, the model and its decode batches sized by scheduler.max_batch (or measured, with
+step_latency_target_ms and memory_headroom_mb), the MQTT clients of the
 offload path and of the agent, the access log file, the cloud p99 prior captured by the
 scheduler's view of the cloud).
 """

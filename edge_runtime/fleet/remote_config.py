@@ -42,7 +42,8 @@ MAX_OVERLAY_BYTES = 64 << 10
 REMOTE_KEYS: frozenset[str] = frozenset({
     *(f"scheduler.{k}" for k in ("max_batch", "max_queue", "default_deadline_s", "safety",
                                   "offload_enabled", "cloud_p99_prior_s",
-                                  "engine_error_limit", "prefill_chunk")),
+                                  "engine_error_limit", "prefill_chunk",
+                                  "step_latency_target_ms", "memory_headroom_mb")),
     "log.level",
     *(f"offload.{k}" for k in ("keepalive_s", "failure_rate", "window_s", "min_requests",
                                 "open_s", "half_open_probes", "latency_window")),

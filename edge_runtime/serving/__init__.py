@@ -14,6 +14,8 @@
     rate_probe.py   a direct measurement of prefill and decode-step times
     rates.py        what a request costs end to end, learned from the requests served
                     (engine step, serving path per token, prefill, per-request costs)
+    capacity.py     max_batch and the queue bound from measured step times and memory, for
+                    each model loaded (start-up, hot swap), unless the config sets max_batch
     model_swap.py   which generator new requests start on during a hot swap
 
 May import: model, engines, bundle, errors. Never offload, cloud, api, fleet or mqtt: the

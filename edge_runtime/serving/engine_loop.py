@@ -26,6 +26,10 @@ Hot swap (a fleet deploy): `swap(new_generator)` is called with a generator load
 up beside the serving one; the engine loop adopts it between two steps, and the old one
 finishes what it started (model_swap.py).
 
+How many sequences a batch decodes together (and how many requests may queue) is measured
+for each model, at start-up and at a swap, unless the config sets scheduler.max_batch
+(capacity.py).
+
 The request and model types that the API and this loop exchange are in request.py.
 """
 
@@ -39,6 +43,7 @@ from collections.abc import Callable, Hashable
 from edge_runtime.errors import DeadlineExceededError, EngineError, OverloadedError
 from edge_runtime.model.prefix_cache import PrefixCacheStats
 from edge_runtime.model.stream import Chunk
+from edge_runtime.serving.capacity import Capacity, capacity_for
 from edge_runtime.serving.cloud_view import NO_CLOUD
 from edge_runtime.serving.model_swap import ServedModels
 from edge_runtime.serving.rate_probe import measure_rates
@@ -181,18 +186,21 @@ class LocalWorker:
         """Serve `generator` (loaded and warmed up by the caller) for new requests; return
         once the engine loop has adopted it. Requests already queued or running finish on
         the generator they were tokenized with. A generator whose engine cannot decode
-        `max_batch` sequences together is refused here (EngineError), before any change."""
+        `max_batch` sequences together is refused here (EngineError), before any change.
+        Its max_batch is measured here (unless configured), while the old model still
+        serves and holds its memory: on a busy device the choice errs small."""
         _use_prefix_cache(generator, self.config.prefix_cache_bytes)
-        batch = generator.batch(self.config.max_batch, self.config.prefill_chunk)
+        capacity = capacity_for(generator, self.config, self._measure_rates)
+        batch = generator.batch(capacity.max_batch, self.config.prefill_chunk)
         if self._measure_rates:
             try:  # the new model's own speed, measured before it takes traffic
-                self._seed_rates(generator)
+                self._seed_rates(generator, batch.max_batch)
             except Exception as e:
                 log.warning("could not measure the new model's service rates: %s", e)
         with self._lock:
             if self._stopping:
                 raise EngineError("the server is shutting down; not swapping the model")
-            done = self._models.offer(generator, model, batch)
+            done = self._models.offer(generator, model, batch, capacity)
             self._wake.notify_all()
         while not done.wait(0.05):
             if self.error is not None or (self._thread.ident and not self._thread.is_alive()):
@@ -205,6 +213,11 @@ class LocalWorker:
         assert config.max_batch == self.config.max_batch, "max_batch changes need a restart"
         with self._lock:
             self.config = self.scheduler.config = config
+
+    @property
+    def capacity(self) -> Capacity | None:
+        """The serving model's max_batch and queue bound, and why (read by /metrics)."""
+        return self._models.capacity
 
     @property
     def ready(self) -> bool:
@@ -285,13 +298,15 @@ class LocalWorker:
         try:
             gen = self._load()
             _use_prefix_cache(gen, self.config.prefix_cache_bytes)
-            # refuses a max_batch the engine lacks
-            batch = gen.batch(self.config.max_batch, self.config.prefill_chunk)
-            self._limit_to(batch)
             gen.warmup()
+            capacity = capacity_for(gen, self.config, self._measure_rates)
+            # refuses a max_batch the engine lacks
+            batch = gen.batch(capacity.max_batch, self.config.prefill_chunk)
+            self._models.capacity = capacity
+            self._limit_to(batch)
             if self._measure_rates:
                 try:
-                    self._seed_rates(gen)
+                    self._seed_rates(gen, batch.max_batch)
                 except Exception as e:  # e.g. a graph that cannot batch: keep the priors
                     log.warning("could not measure service rates at start-up: %s", e)
         except BaseException as e:
@@ -310,7 +325,7 @@ class LocalWorker:
             with self._lock:
                 if self._models.pending is not None:
                     gen, batch = self._models.adopt(batch)
-                    self.scheduler.limit_to(batch.max_batch, batch.prefill_chunk)  # locked
+                    self._limit_to(batch, locked=True)
                 if self._draining:
                     self._models.release(
                         lambda g: any(r.generator is g for r in self._requests.values()))
@@ -328,7 +343,7 @@ class LocalWorker:
                     probe = False
             if probe:  # idle, yet work went elsewhere: the rates may be stale
                 try:
-                    self._seed_rates(gen)
+                    self._seed_rates(gen, batch.max_batch)
                 except Exception as e:
                     log.warning("could not re-measure service rates: %s", e)
                 continue
@@ -344,16 +359,22 @@ class LocalWorker:
                 with self._lock:
                     self.scheduler.rates.observe_overhead(self._cycle_rows, overhead)
 
-    def _limit_to(self, batch: DecodeBatch) -> None:
+    def _limit_to(self, batch: DecodeBatch, locked: bool = False) -> None:
         """The scheduler plans with what the batch runs, not with what the config asked
-        (one source of truth for max_batch and prefill_chunk)."""
+        (one source of truth for max_batch and prefill_chunk), and the serving model's
+        queue bound."""
+        cap = self._models.capacity
+        bound = cap.max_queue if cap is not None else None
+        if locked:
+            self.scheduler.limit_to(batch.max_batch, batch.prefill_chunk, bound)
+            return
         with self._lock:
-            self.scheduler.limit_to(batch.max_batch, batch.prefill_chunk)
+            self.scheduler.limit_to(batch.max_batch, batch.prefill_chunk, bound)
 
-    def _seed_rates(self, gen: TextGenerator) -> None:
+    def _seed_rates(self, gen: TextGenerator, max_batch: int) -> None:
         """Measure the engine's step and prefill times (rate_probe.py; engine thread) and
         give them to the scheduler."""
-        step_s, prefill_tps = measure_rates(gen, self.config.max_batch)
+        step_s, prefill_tps = measure_rates(gen, max_batch)
         with self._lock:
             rates = self.scheduler.rates
             rates.seed(step_s, prefill_tps)

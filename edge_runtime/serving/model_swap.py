@@ -1,8 +1,9 @@
 """Hot swap of the served model (a fleet deploy): which generator new requests start on, and
 the swapped-out ones that still finish what they started.
 
-    LocalWorker.swap(new) ─▶ offer(new)                  (event loop / fleet thread)
-    engine loop, between two steps ─▶ adopt(batch)      new requests start on `new`;
+    LocalWorker.swap(new) ─▶ offer(new, its batch and capacity)   (event loop / fleet thread)
+    engine loop, between two steps ─▶ adopt(batch)      new requests start on `new`, in a
+                                                        batch sized for it (capacity.py);
                                                         the old batch keeps stepping
     ─▶ release(in_use)   the old generator is dropped once nothing queued or running
                          refers to it (each request runs on the generator whose tokenizer
@@ -17,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from edge_runtime.serving.capacity import Capacity
 from edge_runtime.serving.request import DecodeBatch, ModelInfo, TextGenerator
 
 # A swap is an engine-loop event: one logger for both.
@@ -29,30 +31,35 @@ class ServedModels:
         """The serving generator (once loaded and warmed up) and its model, replaced together
         by one assignment so that a reader never sees the generator of one and the other's
         name."""
-        self.pending: tuple[TextGenerator, ModelInfo | None, DecodeBatch,
+        self.capacity: Capacity | None = None
+        """How many sequences the serving generator decodes together, and why; replaced
+        with it."""
+        self.pending: tuple[TextGenerator, ModelInfo | None, DecodeBatch, Capacity,
                             threading.Event] | None = None
         """A swap the engine loop has not adopted yet, with the new generator's (empty)
-        batch; the event is set once it has."""
+        batch and its capacity; the event is set once it has."""
         self.draining: list[tuple[TextGenerator, DecodeBatch]] = []
         """Generators swapped out, with the batch their running requests finish in."""
 
-    def offer(self, gen: TextGenerator, model: ModelInfo | None,
-              batch: DecodeBatch) -> threading.Event:
-        """Ask the engine loop to serve `gen` in `batch`; the event is set once it does."""
+    def offer(self, gen: TextGenerator, model: ModelInfo | None, batch: DecodeBatch,
+              capacity: Capacity) -> threading.Event:
+        """Ask the engine loop to serve `gen` in `batch` (sized by `capacity`); the event is
+        set once it does."""
         done = threading.Event()
-        self.pending = (gen, model, batch, done)
+        self.pending = (gen, model, batch, capacity, done)
         return done
 
     def adopt(self, batch: DecodeBatch) -> tuple[TextGenerator, DecodeBatch]:
         """On the engine thread: make the pending swap the serving model; `batch` (the old
         model's) keeps draining. The new generator and its own batch."""
         assert self.pending is not None
-        gen, model, new_batch, done = self.pending
+        gen, model, new_batch, capacity, done = self.pending
         self.pending = None
         old = self.served[0]
         if old is not None:
             self.draining.append((old, batch))
         self.served = (gen, model if model is not None else self.served[1])
+        self.capacity = capacity
         done.set()
         log.info("now serving %s; %d sequences finish on the previous model",
                  model.version if model else "a new model", batch.active)

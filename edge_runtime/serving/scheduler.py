@@ -45,6 +45,12 @@ from edge_runtime.serving.rates import Rates
 __all__ = ["Action", "CloudState", "Decision", "Job", "Pressure", "Rates", "Scheduler",
            "SchedulerConfig", "prefill_waits"]
 
+UNMEASURED_MAX_BATCH = 4
+"""max_batch until a model is loaded and measured, or where measuring failed."""
+QUEUE_WAVES = 16
+"""A queue bound of this many full batches (max_batch 4 → 64): a request behind more waves
+waits longer than any useful deadline, and each queued one is simulated at every review."""
+
 
 class Action(enum.Enum):
     LOCAL = "local"
@@ -76,10 +82,12 @@ class Decision:
 class SchedulerConfig:
     """`[scheduler]` in the config file."""
 
-    max_batch: int = 4
-    """Sequences decoded together (continuous batching)."""
-    max_queue: int = 64
-    """Requests waiting for a batch slot; beyond it, offload or reject."""
+    max_batch: int | None = None
+    """Sequences decoded together (continuous batching). Unset: chosen when a model is
+    loaded from its measured decode steps and the memory left (serving/capacity.py)."""
+    max_queue: int | None = None
+    """Requests waiting for a batch slot; beyond it, offload or reject. Unset: 16 x the
+    batch the engine runs."""
     default_deadline_s: float = 30.0
     """Deadline of a request that does not send `x-request-deadline-ms`."""
     safety: float = 1.2
@@ -94,6 +102,14 @@ class SchedulerConfig:
     """Prompts longer than this are prefilled this many tokens per decode step, so a long
     prompt delays the running streams by one chunk at a time, not by its whole prefill
     (0: whole prompts at once; TensorRT plans always prefill whole prompts)."""
+    step_latency_target_ms: float = 100.0
+    """For a measured max_batch: a decode step, which is each stream's time per token, stays
+    within this at the chosen batch (100 ms: 10 tokens/s per stream, twice reading speed).
+    Applied when a model is loaded or swapped in (serving/capacity.py). The key's name says
+    step, not token: config keys with "token" in them are redacted as secrets."""
+    memory_headroom_mb: int = 1024
+    """For a measured max_batch: memory left to the OS and other processes beside the
+    model's weights and its KV caches at full context."""
     prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES
     """Memory for the KV caches of prompt prefixes (system prompt, chat history) that later
     prompts starting with the same tokens reuse instead of prefilling them again; least
@@ -102,8 +118,14 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_batch >= 1, f"scheduler.max_batch must be >= 1, got {self.max_batch}"),
-            (self.max_queue >= 0, f"scheduler.max_queue must be >= 0, got {self.max_queue}"),
+            (self.max_batch is None or self.max_batch >= 1,
+             f"scheduler.max_batch must be >= 1, got {self.max_batch} (or unset: measured)"),
+            (self.max_queue is None or self.max_queue >= 0,
+             f"scheduler.max_queue must be >= 0, got {self.max_queue} (or unset)"),
+            (self.step_latency_target_ms > 0,
+             f"scheduler.step_latency_target_ms must be > 0, got {self.step_latency_target_ms}"),
+            (self.memory_headroom_mb >= 0,
+             f"scheduler.memory_headroom_mb must be >= 0, got {self.memory_headroom_mb}"),
             (
                 self.default_deadline_s > 0,
                 f"scheduler.default_deadline_s must be > 0, got {self.default_deadline_s}",
@@ -182,17 +204,31 @@ class Scheduler:
         self.limits: tuple[int, int] | None = None
         """(max_batch, prefill_chunk) the engine's decode batch actually runs with, set by
         the engine loop from the batch (`limit_to`); None: the config's, until it is built."""
+        self.queue_bound: int | None = None
+        """The queue bound chosen with a measured max_batch (serving/capacity.py)."""
 
-    def limit_to(self, max_batch: int, prefill_chunk: int) -> None:
+    def limit_to(self, max_batch: int, prefill_chunk: int, queue_bound: int | None = None) -> None:
         """Plan with the batch's own limits: an engine compiled for fixed shape ranges (a
         TensorRT plan) prefills whole prompts whatever `prefill_chunk` the config asks for,
         and a chunk the batch will not take must not enter the estimates."""
         self.limits = (max_batch, prefill_chunk)
+        self.queue_bound = queue_bound
 
     @property
     def max_batch(self) -> int:
-        """Sequences decoded together: the batch's, else the config's."""
-        return self.config.max_batch if self.limits is None else self.limits[0]
+        """Sequences decoded together: the batch's, else the config's (else, before a model
+        is measured, UNMEASURED_MAX_BATCH)."""
+        if self.limits is not None:
+            return self.limits[0]
+        return self.config.max_batch or UNMEASURED_MAX_BATCH
+
+    @property
+    def max_queue(self) -> int:
+        """Requests that may wait: the config's when set (a live set-config too), else the
+        bound chosen with max_batch."""
+        if self.config.max_queue is not None:
+            return self.config.max_queue
+        return self.queue_bound if self.queue_bound is not None else QUEUE_WAVES * self.max_batch
 
     @property
     def prefill_chunk(self) -> int:
@@ -207,9 +243,9 @@ class Scheduler:
         trouble = self._local_trouble(pressure)
         full = False
         if trouble is None:
-            if len(self.queue) >= self.config.max_queue:
+            if len(self.queue) >= self.max_queue:
                 full = True
-                trouble = f"the local queue is full ({self.config.max_queue} waiting)"
+                trouble = f"the local queue is full ({self.max_queue} waiting)"
             else:
                 finish = self._estimate_finish(job, now)
                 if finish > job.deadline:

@@ -220,7 +220,7 @@ def test_set_config_applies_live_keys_atomically_and_names_the_restart_ones(
                 "scheduler.default_deadline_s", "scheduler.max_queue"]
             assert detail["needs_restart"] == ["scheduler.max_batch"]
             assert detail["overridden_by_flags"] == []
-            assert detail["changed"]["scheduler.max_queue"] == [64, 0]
+            assert detail["changed"]["scheduler.max_queue"] == [None, 0]  # None: measured
             w = d.worker
             assert (w.config.max_queue, w.scheduler.config.max_queue) == (0, 0)
             assert w.config.default_deadline_s == 12.5 and w.config.max_batch == 2
@@ -409,7 +409,7 @@ def test_a_config_that_turns_the_agent_off_is_refused_and_changes_nothing(
     hooks = FleetServing(worker, [], tmp_path, config=running)
     with pytest.raises(ConfigError, match=r"fleet\.enabled = false"):
         hooks.on_config(Config(scheduler=SchedulerConfig(max_queue=1)))
-    assert hooks.config is running and worker.config.max_queue == 64
+    assert hooks.config is running and worker.config.max_queue is None  # unchanged: measured
     # The same file under a daemon whose --fleet flag pins the agent on is fine.
     hooks.flags = {"fleet.enabled": True, "fleet.broker": fleet.broker, "fleet.root": tmp_path}
     assert hooks.on_config(Config(scheduler=SchedulerConfig(max_queue=1)))["applied_live"] == [
