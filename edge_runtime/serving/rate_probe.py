@@ -36,11 +36,20 @@ def measure_rates(
     prompt = [0] * prompt_tokens
     prefill: list[float] = []
     step_s: dict[int, float] = {}
+    # Powers of two and the largest batch: a measured max_batch can be 32, and every size
+    # from 1 would cost the start-up (and each idle re-probe) hundreds of steps at growing
+    # widths; Rates.engine_step interpolates between the sizes measured.
+    sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+    keys = 0
     try:
-        for size in range(1, max_batch + 1):
-            t = time.perf_counter()
-            batch.add(size, prompt, params)
-            prefill.append(time.perf_counter() - t)
+        for size in sizes:
+            added, t = 0, time.perf_counter()
+            while batch.active < size:
+                keys += 1
+                batch.add(keys, prompt, params)
+                added += 1
+            if added:
+                prefill.append((time.perf_counter() - t) / added)
             samples = []
             for i in range(steps + warm):
                 if batch.active != size:  # a sequence finished early (EOS): stop here

@@ -194,11 +194,17 @@ class Rates:
     # -- estimates ----------------------------------------------------------------------
 
     def engine_step(self, batch: int) -> float:
-        """The engine's step time at `batch`; unseen sizes scale the nearest smaller one up
-        linearly (pessimistic: weight reads are shared, so real steps grow slower)."""
+        """The engine's step time at `batch`: between two measured sizes, the straight line
+        through them (the probe measures powers of two); above the largest, that one scaled
+        up linearly (pessimistic: weight reads are shared, so real steps grow slower)."""
         if batch in self.step_s:
             return self.step_s[batch]
         below = [b for b in self.step_s if b < batch]
+        above = [b for b in self.step_s if b > batch]
+        if below and above:
+            lo, hi = max(below), min(above)
+            f = (batch - lo) / (hi - lo)
+            return self.step_s[lo] + f * (self.step_s[hi] - self.step_s[lo])
         base = max(below) if below else min(self.step_s)
         return self.step_s[base] * batch / base
 

@@ -1,0 +1,31 @@
+"""The start-up rate probe: which batch sizes it times, and how the rates fill the gaps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge_runtime.bundle.manifest import verify_bundle
+from edge_runtime.model.generator import Generator
+from edge_runtime.serving.rate_probe import measure_rates
+from edge_runtime.serving.rates import Rates
+from edge_runtime.signing import trusted_keys
+
+
+def test_the_probe_times_powers_of_two_and_the_largest_batch(tiny_bundle: Any) -> None:
+    """A measured max_batch can be 32: timing every size from 1 cost the start-up (and each
+    idle re-probe) hundreds of steps at growing widths."""
+    gen = Generator.from_bundle(verify_bundle(tiny_bundle.path, trusted_keys([tiny_bundle.pubkey])),
+                                threads=1)
+    gen.warmup()
+    step_s, prefill_tps = measure_rates(gen, 6, steps=3)
+    assert sorted(step_s) == [1, 2, 4, 6]
+    assert all(v > 0 for v in step_s.values())
+    assert prefill_tps is not None and prefill_tps > 0
+
+
+def test_unmeasured_sizes_lie_on_the_line_between_measured_ones() -> None:
+    rates = Rates()
+    rates.seed({1: 0.001, 4: 0.004, 8: 0.006}, None)
+    assert abs(rates.engine_step(2) - 0.002) < 1e-12
+    assert abs(rates.engine_step(6) - 0.005) < 1e-12
+    assert abs(rates.engine_step(16) - 0.012) < 1e-12  # above the largest: scaled up linearly
