@@ -21,7 +21,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> BuiltBundle:
     # is handed one built by `edge-build demo --preset tiny` (see scripts/test.sh).
     prebuilt = os.environ.get("EDGE_TEST_PREBUILT")
     if prebuilt:
-        root = Path(prebuilt)
+        root = Path(prebuilt).resolve()  # configs written by tests resolve paths from their dir
         work = root / "bundle.work"
         return BuiltBundle(path=root / "bundle", pubkey=work / "signing.pub",
                            key=work / "signing.key", work=work)
@@ -41,7 +41,7 @@ def tiny_fused_bundle(tiny_bundle: BuiltBundle, tmp_path_factory: pytest.TempPat
     right-padded), signed with the same key. Prebuilt for the device leg (scripts/test.sh)."""
     prebuilt = os.environ.get("EDGE_TEST_PREBUILT")
     if prebuilt:
-        return Path(prebuilt) / "fused"
+        return Path(prebuilt).resolve() / "fused"
     from edge_build import fuse, package
 
     root = tmp_path_factory.mktemp("fused")
