@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from bench import artifacts
 from bench.report import cpu_model, update_section
 from overload.procs import Procs, free_port, tail
 from prometheus_client.parser import text_string_to_metric_families
@@ -198,11 +199,7 @@ def steps_lines(runs: list[Run], concurrent: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--demo-bundle", type=Path,
-                    help="the demo bundle (default: edge-runtime serve's, built if missing)")
-    ap.add_argument("--demo-pubkey", type=Path)
-    ap.add_argument("--no-qwen05", action="store_true", help="skip the Qwen2-0.5B shapes")
-    ap.add_argument("--workdir", type=Path, default=Path("~/.cache/edge-bench"))
+    artifacts.add_bundle_args(ap)
     ap.add_argument("--concurrent", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
@@ -215,8 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.demo_bundle, args.demo_pubkey = default_bundle()
     bundles = [("demo bundle", args.demo_bundle.resolve(), args.demo_pubkey.resolve())]
     if not args.no_qwen05:
-        from bench import artifacts
-
         work = args.workdir.expanduser().resolve()
         hf = artifacts.build_hf_model(work)
         bundles.append(("Qwen2-0.5B shapes (int4, fused)", artifacts.build_fused_bundle(work, hf),

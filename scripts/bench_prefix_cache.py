@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import artifacts
 from bench.report import cpu_model, update_section
 from bench_batching import load_generator
 
@@ -142,11 +143,7 @@ def table(results: list[tuple[str, int, list[dict[str, Any]]]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--demo-bundle", type=Path,
-                    help="the demo bundle (default: edge-runtime serve's, built if missing)")
-    ap.add_argument("--demo-pubkey", type=Path)
-    ap.add_argument("--no-qwen05", action="store_true", help="skip the Qwen2-0.5B shapes")
-    ap.add_argument("--workdir", type=Path, default=Path("~/.cache/edge-bench"))
+    artifacts.add_bundle_args(ap)
     ap.add_argument("--prefix-tokens", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -155,8 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundles: list[tuple[str, Path | None, Path | None]] = [
         ("demo recipe (fused, right-padded)", args.demo_bundle, args.demo_pubkey)]
     if not args.no_qwen05:
-        from bench import artifacts
-
         work = args.workdir.expanduser().resolve()
         hf = artifacts.build_hf_model(work)
         pub = work / "keys" / "bench.pub"

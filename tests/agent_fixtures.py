@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -159,3 +162,19 @@ def controller(broker: Broker) -> Iterator[Controller]:
     c = Controller(broker.url)
     yield c
     c.mqtt.stop()
+
+
+@contextmanager
+def serve_process(proc: subprocess.Popen[str], controller: Controller) -> Iterator[None]:
+    """Around a started `edge-runtime serve --fleet` process: on leaving, SIGINT as systemd's
+    stop sends it; it must exit 130 and its retained status go offline. Killed if it is
+    still running after a failure, so no daemon outlives its test."""
+    try:
+        yield
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        controller.wait(lambda: controller.status.get("online") is False)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -16,6 +16,7 @@ temporary name and renames it into place, so an interrupted run never leaves a h
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -60,6 +61,16 @@ FUSED_FP16_BUNDLE_DIR = "bundle-int4-b128-acc4-fused-fp16"
 GGUF_DIR = "gguf"
 INT4_BLOCK_SIZE = 128
 INT4_ACCURACY_LEVEL = 4
+
+
+def add_bundle_args(ap: argparse.ArgumentParser) -> None:
+    """The serving benchmarks' model options: the demo bundle (else edge-runtime serve's own,
+    built if missing) and whether to add the Qwen2-0.5B-shape bundles built in --workdir."""
+    ap.add_argument("--demo-bundle", type=Path,
+                    help="the demo bundle (default: edge-runtime serve's, built if missing)")
+    ap.add_argument("--demo-pubkey", type=Path)
+    ap.add_argument("--no-qwen05", action="store_true", help="skip the Qwen2-0.5B shapes")
+    ap.add_argument("--workdir", type=Path, default=Path("~/.cache/edge-bench"))
 
 
 def _log(msg: str) -> None:

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_fixtures import DEVICE, Controller, deploy, operator_pub
+from agent_fixtures import DEVICE, Controller, deploy, operator_pub, serve_process
 from live_server import serve_in_thread, wait_until
 from mqtt_fixtures import Broker
 from test_cli import _read_line
@@ -275,7 +274,7 @@ def test_serve_fleet_cli_first_boot_deploy_and_restart(
     for argv, version in ((["--bundle", str(releases.v1)], "1"), ([], "2")):
         proc = subprocess.Popen(cmd + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
+        with serve_process(proc, controller):
             match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", _read_line(proc, 120))
             assert match
             url = match.group(1)
@@ -285,13 +284,6 @@ def test_serve_fleet_cli_first_boot_deploy_and_restart(
                 controller.send(deploy("cli-2", releases.v2, tiny_bundle))
                 assert controller.final("cli-2").state == "active"
                 assert _version(url) == "2"
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(30) == 130
-            controller.wait(lambda: controller.status.get("online") is False)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agent_fixtures import DEVICE, Controller, deploy, operator_pub
+from agent_fixtures import DEVICE, Controller, deploy, operator_pub, serve_process
 from http_fixtures import RangeServer
 from live_server import serve_in_thread, wait_until
 from mqtt_fixtures import Broker, Pki
@@ -304,18 +304,11 @@ def test_serve_fleet_cli_config_under_the_root_drain_to_cloud_and_telemetry_name
     def daemon(argv: list[str]) -> Iterator[str]:
         proc = subprocess.Popen(cmd + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=env)
-        try:
+        with serve_process(proc, controller):
             match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", _read_line(proc, 120))
             assert match
             controller.wait(lambda: controller.status.get("online") is True)
             yield match.group(1)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(30) == 130
-            controller.wait(lambda: controller.status.get("online") is False)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
 
     with daemon(["--bundle", str(releases.v1)]) as url:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from agent_fixtures import DEVICE, Controller, operator_pub
+from agent_fixtures import DEVICE, Controller, operator_pub, serve_process
 from bundle_fixtures import BuiltBundle
 from mqtt_fixtures import Broker
 from test_cli import _read_line
@@ -75,17 +74,12 @@ def test_set_config_goes_to_the_overlay_survives_a_restart_and_a_tampered_one_is
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                                     env=env)
         try:
-            line = _read_line(proc, 120)
-            assert re.search(r"at http://127\.0\.0\.1:\d+/v1", line), line
-            controller.wait(lambda: controller.status.get("online") is True)
-            yield
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(30) == 130
-            controller.wait(lambda: controller.status.get("online") is False)
+            with serve_process(proc, controller):
+                line = _read_line(proc, 120)
+                assert re.search(r"at http://127\.0\.0\.1:\d+/v1", line), line
+                controller.wait(lambda: controller.status.get("online") is True)
+                yield
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
             runs.append(log.read_text())
         assert "Traceback" not in runs[-1]
 
