@@ -157,10 +157,11 @@ def test_the_daemon_started_as_the_unit_does_says_ready_and_pings_the_watchdog(
 
 
 def test_first_boot_connects_with_its_certificate_and_publishes_its_status(
-    tmp_path: Path, tiny_bundle: Any, wheel: Path
+    tmp_path: Path, tiny_bundle: Any, wheel: Path, capsys: Any
 ) -> None:
     """A real Mosquitto with TLS and required client certificates from the fleet CA: the
-    booted device publishes its retained status, read back with another fleet identity."""
+    booted device publishes its retained status, read back with another fleet identity,
+    and `edge-fleet devices` lists it."""
     overlay = _provision_and_image(tmp_path, tiny_bundle, wheel, ["orin-001"]) / "orin-001"
     prov = tmp_path / "prov"
     assert cli.main(["provision", "--out", str(prov), "--device-broker", BROKER,
@@ -181,8 +182,16 @@ def test_first_boot_connects_with_its_certificate_and_publishes_its_status(
 
     try:
         got, err = _boot_as_the_unit_does(tmp_path, overlay, broker.url, read_status)
+        capsys.readouterr()
+        listed = cli.main(["--broker", broker.url, "--connect-timeout", "5", "--ca-file",
+                           str(server.ca), "--cert-file", str(server.client_cert),
+                           "--key-file", str(server.client_key), "devices", "--json",
+                           "--wait", "1"])
+        devices = capsys.readouterr()
     finally:
         broker.stop()
+    assert listed == 0, devices.err
+    assert json.loads(devices.out)["orin-001"]["device"] == "orin-001", devices.out
     assert any(m.startswith("READY=1") for m in got), err
     assert seen, err
     status = json.loads(seen[0].strip().splitlines()[0])
