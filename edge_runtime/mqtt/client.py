@@ -305,6 +305,8 @@ class MqttClient:
         self._set_reconnect_delay()
         if not was:
             self._tls_refused()
+        else:  # an error that ended a working connection says nothing about the certificate
+            self._client.tls_error = None
         if was:
             if not self._stopping:
                 log.warning("lost the broker at %s:%d: %s", self.url.host, self.url.port, rc)
@@ -320,16 +322,17 @@ class MqttClient:
         logged once, not on every retry."""
         err = self._client.tls_error
         self._client.tls_error = None
-        if err is None:
+        if err is None or "alert" not in err.lower():  # an alert is the broker's own word
             return
         low = err.lower()
         cause = ("it is revoked: the fleet's CRL lists it" if "revoked" in low
                  else "it has expired" if "expired" in low
+                 else "another CA signed it" if "unknown ca" in low
                  else "revoked, expired or not from the broker's CA?")
         where = f"{self.url.host}:{self.url.port}"
         msg = (f"the MQTT broker at {where} refused the TLS certificate of {self.identity} "
-               f"({cause}): {err}; re-provision this device (edge-fleet provision) and "
-               "install the new certificate")
+               f"({cause}): {err}; issue it a new certificate (edge-fleet provision for a device) "
+               "and install it")
         level = logging.ERROR if msg != self.tls_refusal else logging.DEBUG
         self.tls_refusal = msg
         log.log(level, "%s", msg)
