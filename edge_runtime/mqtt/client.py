@@ -328,6 +328,7 @@ class MqttClient:
         cause = ("it is revoked: the fleet's CRL lists it" if "revoked" in low
                  else "it has expired" if "expired" in low
                  else "another CA signed it" if "unknown ca" in low
+                 else "the broker wants one and none was given" if "required" in low
                  else "revoked, expired or not from the broker's CA?")
         where = f"{self.url.host}:{self.url.port}"
         msg = (f"the MQTT broker at {where} refused the TLS certificate of {self.identity} "
