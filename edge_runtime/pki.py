@@ -11,6 +11,7 @@ appear in a message.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -202,3 +203,66 @@ def check_device_cert(
         problems.append(f"{key_path} has mode {mode:04o}, readable by others: chmod 0600 "
                         f"{key_path}")
     return CertCheck(problems, warnings, common_name(cert), cert.not_valid_after_utc)
+
+
+CRL_DAYS = 365
+"""How far ahead a CRL's next_update lies. OpenSSL (so Mosquitto) refuses EVERY client once
+the CRL it checks is past next_update, so it is generous; re-running `edge-fleet revoke`
+(even with no device) re-signs the list with a fresh date."""
+
+
+def load_crl(path: Path, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
+             ) -> x509.CertificateRevocationList | None:
+    """The CRL at path (None if there is none), refused unless this CA signed it: a list
+    from another CA would silently drop this fleet's earlier revocations."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ConfigError(f"cannot read the CRL {path}: {e.strerror}") from e
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError as e:
+        raise ConfigError(f"{path} is not a PEM CRL ({e}): move it away or pass another "
+                          "--out") from e
+    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_key.public_key()):
+        raise ConfigError(f"the CRL {path} was not signed by the CA {common_name(ca_cert)!r} "
+                          f"(issuer {crl.issuer.rfc4514_string()!r}): pass this fleet's CA "
+                          "(--ca) or another --out")
+    return crl
+
+
+def build_crl(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+    previous: x509.CertificateRevocationList | None, serials: list[int],
+    days: int = CRL_DAYS, now: dt.datetime | None = None,
+) -> x509.CertificateRevocationList:
+    """previous's revocations (their dates kept) plus serials, with a CRL number one above
+    previous's (RFC 5280 asks it to increase), signed by the CA."""
+    now = now or _now()
+    number = 1
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+         .last_update(now - dt.timedelta(minutes=5))
+         .next_update(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)))
+    seen: set[int] = set()
+    if previous is not None:
+        for r in previous:
+            b = b.add_revoked_certificate(r)
+            seen.add(r.serial_number)
+        with contextlib.suppress(x509.ExtensionNotFound):  # a CRL from elsewhere: start at 1
+            ext = previous.extensions.get_extension_for_class(x509.CRLNumber)
+            number = ext.value.crl_number + 1
+    for serial in serials:
+        if serial not in seen:
+            seen.add(serial)
+            b = b.add_revoked_certificate(x509.RevokedCertificateBuilder()
+                                          .serial_number(serial).revocation_date(now).build())
+    b = b.add_extension(x509.CRLNumber(number), critical=False).add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    return b.sign(ca_key, hashes.SHA256())
+
+
+def write_crl(path: Path, crl: x509.CertificateRevocationList) -> None:
+    atomic_write_bytes(path, crl.public_bytes(serialization.Encoding.PEM))
+    os.chmod(path, 0o644)  # the broker's user reads it; it holds no secret

@@ -12,6 +12,8 @@ the operator, so every TLS connection of the compose file is checked end to end.
     OUT/broker/acl                              deploy/mosquitto/acl verbatim + each device's
                                                 block (rollout/acl.py, as provisioning writes)
     OUT/broker/passwd                           empty: every client here has a certificate
+    OUT/broker/crl.pem                          the fleet CA's CRL (edge-fleet revoke's; kept,
+                                                re-signed on every run)
     OUT/worker/{ca.pem,worker.pem,worker.key}   CN worker-cloud, the worker the shipped ACL names
     OUT/operator/{ca.pem,operator.pem,operator.key}  CN operator-admin: `edge-fleet` on the host
                                                 (--broker mqtts://localhost:8883)
@@ -40,6 +42,7 @@ from edge_runtime.rollout.provision import (
     load_or_create_ca,
     provision,
 )
+from edge_runtime.rollout.revoke import revoke
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_ACL = ROOT / "deploy" / "mosquitto" / "acl"
@@ -89,6 +92,8 @@ def make(out: Path, signers: list[Path], operators: list[Path], devices: list[st
         acl += "\n" + (out / "devices" / d / "broker.acl").read_text()
     (out / "broker" / "acl").write_text(acl)
     (out / "broker" / "passwd").write_text("")  # mosquitto.conf names one; nobody is in it
+    # mosquitto.conf's crlfile: earlier revocations kept, a fresh next update.
+    revoke(out / "ca", out / "broker" / "crl.pem", [])
     shutil.copyfile(signers[0], out / "bundle-signer.pub")
     return owners
 

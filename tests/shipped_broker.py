@@ -24,6 +24,7 @@ from mqtt_fixtures import Broker, Pki, free_port, issue_client, make_pki
 
 from edge_runtime.mqtt.client import TlsFiles
 from edge_runtime.rollout.acl import device_acl, operator_acl, worker_acl
+from edge_runtime.rollout.revoke import revoke
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
 OPERATOR = "operator-admin"
@@ -83,6 +84,7 @@ def shipped_broker(workdir: Path, devices: dict[str, list[str]],
     shutil.copy(pki.server_cert, etc / "server.pem")
     shutil.copy(pki.server_key, etc / "server.key")
     certs = {who: issue_client(pki, who) for who in (*devices, OPERATOR, WORKER)}
+    revoke(pki.ca.parent, etc / "crl.pem", [])  # the shipped config's crlfile: none revoked
     acl = (DEPLOY / "acl").read_text()
     for user in password_users:
         acl += "\n" + (operator_acl(user) if user.startswith("operator-") else worker_acl(user))

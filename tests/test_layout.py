@@ -36,7 +36,7 @@ RULES: dict[str, set[str]] = {
     "cloud": {"serving", "model", "engines", "bundle", "mqtt", "offload.messages",
               "api.schemas", "config", "errors"},
     "fleet": {"serving", "model", "engines", "bundle", "mqtt", "api.metrics", "config",
-              "tomlconfig", "signing", "atomic", "errors"},
+              "tomlconfig", "signing", "pki", "atomic", "errors"},
     "rollout": {"fleet.messages", "fleet.slots", "fleet.command_auth", "fleet.audit",
                 "fleet.config_update", "fleet.remote_config", "bundle", "mqtt", "signing",
                 "config", "pki",

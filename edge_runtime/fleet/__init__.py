@@ -17,5 +17,6 @@
 
 May import: serving, model, engines, bundle, mqtt, api (metrics only, from daemon.py),
 config, tomlconfig (remote_config.py reads its overlay as config.py reads the file), signing,
-atomic, errors.
+pki (daemon.py checks the device's own certificate at start, as the doctor does), atomic,
+errors.
 """

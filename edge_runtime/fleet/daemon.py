@@ -65,6 +65,7 @@ from edge_runtime.fleet.telemetry import RUNTIME_FIELDS
 from edge_runtime.model import probe
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.mqtt.client import broker_credentials
+from edge_runtime.pki import check_device_cert
 from edge_runtime.serving.engine_loop import LocalWorker
 from edge_runtime.serving.request import ModelInfo, Request
 from edge_runtime.serving.scheduler import Action
@@ -343,6 +344,7 @@ def attach(app: FastAPI, worker: LocalWorker, cfg: Config, trusted: list[Ed25519
     """The fleet agent of `serve --fleet`, wired into `app` (whose lifespan starts it)."""
     hooks = FleetServing(worker, trusted, serving, cfg.fleet.thresholds(), app.state.metrics,
                          cfg.model.backend, cfg.model.threads, cfg, flags, cloud_path)
+    check_own_certificate(cfg.fleet)
     hooks.make_agent(agent_config(cfg, config_path, overlay_path(cfg.fleet)))
     app.state.fleet = hooks
     return hooks
@@ -351,6 +353,24 @@ def attach(app: FastAPI, worker: LocalWorker, cfg: Config, trusted: list[Ed25519
 def config_path(fleet_root: Path, given: Path | None) -> Path:
     """The provisioned config: `serve --config`'s, else CONFIG_FILE under the root."""
     return given if given is not None else fleet_root / CONFIG_FILE
+
+
+def check_own_certificate(f: FleetConfig) -> list[str]:
+    """At start, the device's own certificate through the doctor's check (pki): expired, not
+    yet valid, expiring within pki.EXPIRY_WARNING, another CA, a wrong key. Each is an ERROR
+    in the log (the broker will refuse, or soon refuse, this device) but not a refusal to
+    start: the device still serves locally and the operator sees the line. Returned for
+    tests; no key material in any message."""
+    if not (f.cert_file and f.key_file and f.ca_file):
+        return []
+    try:
+        c = check_device_cert(Path(f.cert_file), Path(f.key_file), Path(f.ca_file))
+        lines = c.problems + c.warnings
+    except EdgeError as e:
+        lines = [str(e)]
+    for line in lines:
+        log.error("the fleet broker will refuse this device's certificate: %s", line)
+    return lines
 
 
 def agent_config(cfg: Config, config_path: Path | None = None,

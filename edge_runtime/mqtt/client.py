@@ -30,6 +30,7 @@ import asyncio
 import logging
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -110,6 +111,7 @@ class MqttClient:
         c.on_socket_open = self._on_socket_open
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
@@ -120,6 +122,9 @@ class MqttClient:
         self.refusal: str | None = None
         """The broker's reason for refusing the last CONNECT (CONNACK `Not authorized`,
         `Bad user name or password`, …); None once a connection is accepted."""
+        self.tls_refusal: str | None = None
+        """Why the broker refused this client at the TLS level (an alert such as `certificate
+        revoked`), with the likely cause; None once a connection is accepted."""
         self.refused_filters: dict[str, str] = {}
         """Subscriptions the broker refused (SUBACK reason code >= 0x80), with the reason."""
         self._sub_mids: dict[int, str] = {}
@@ -181,6 +186,8 @@ class MqttClient:
             return BrokerError(f"the MQTT broker at {where} refused the connection of "
                                f"{self.identity}: {self.refusal} (check the credentials and "
                                "the broker's ACL)")
+        if self.tls_refusal is not None:
+            return BrokerError(self.tls_refusal)
         if self.refused_filters:
             refused = ", ".join(f"{f!r} ({r})" for f, r in sorted(self.refused_filters.items()))
             return BrokerError(f"the MQTT broker at {where} refused {self.identity} the "
@@ -270,6 +277,7 @@ class MqttClient:
                     self.identity, rc)
             return
         self.refusal = None
+        self.tls_refusal = None
         log.info("connected to mqtt://%s:%d as %s", self.url.host, self.url.port,
                  self.client_id)
         with self._lock:
@@ -295,10 +303,40 @@ class MqttClient:
             self._acks.clear()  # those PUBACKs will never come; callers see the disconnect
             self._early_acks.clear()
         self._set_reconnect_delay()
+        if not was:
+            self._tls_refused()
+        else:  # an error that ended a working connection says nothing about the certificate
+            self._client.tls_error = None
         if was:
             if not self._stopping:
                 log.warning("lost the broker at %s:%d: %s", self.url.host, self.url.port, rc)
             self._notify(False)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._tls_refused()
+
+    def _tls_refused(self) -> None:
+        """After a connection that never got its CONNACK: a TLS error on it (the broker's
+        alert: Mosquitto sends `certificate revoked` / `certificate expired` when its CRL or
+        the dates refuse a client certificate) becomes an ERROR naming the likely cause,
+        logged once, not on every retry."""
+        err = self._client.tls_error
+        self._client.tls_error = None
+        if err is None or "alert" not in err.lower():  # an alert is the broker's own word
+            return
+        low = err.lower()
+        cause = ("it is revoked: the fleet's CRL lists it" if "revoked" in low
+                 else "it has expired" if "expired" in low
+                 else "another CA signed it" if "unknown ca" in low
+                 else "the broker wants one and none was given" if "required" in low
+                 else "revoked, expired or not from the broker's CA?")
+        where = f"{self.url.host}:{self.url.port}"
+        msg = (f"the MQTT broker at {where} refused the TLS certificate of {self.identity} "
+               f"({cause}): {err}; issue it a new certificate (edge-fleet provision for a device) "
+               "and install it")
+        level = logging.ERROR if msg != self.tls_refusal else logging.DEBUG
+        self.tls_refusal = msg
+        log.log(level, "%s", msg)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         t = time.perf_counter()
@@ -447,11 +485,31 @@ class _Client(paho.Client):
     It overrides one private method, `_handle_publish` (the same in paho 2.0–2.2, hence the
     pin `paho-mqtt>=2.0,<2.3` in pyproject.toml), and hands every packet the fast path does
     not take (QoS 2, topic aliases, anything malformed) to paho's own.
-    tests/mqtt/test_mqtt_props.py checks that the fast path is the one in use.
+    tests/mqtt/test_mqtt_props.py checks that the fast path is the one in use. It also wraps
+    `reconnect` and the private `_sock_recv` to keep the TLS error paho only logs.
     """
 
     fast_publishes = 0
     """PUBLISH packets this client decoded itself (for tests and curiosity)."""
+
+    tls_error: str | None = None
+    """The last TLS error on this client's socket (paho only logs it), for MqttClient to
+    say why the broker refused it."""
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except ssl.SSLError as e:  # a handshake the broker ended with an alert
+            self.tls_error = str(e)
+            raise
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        # paho turns SSLWantRead/Write into BlockingIOError first: what is left is real
+        try:
+            return super()._sock_recv(bufsize)
+        except ssl.SSLError as e:
+            self.tls_error = str(e)
+            raise
 
     def _handle_publish(self) -> MQTTErrorCode:
         if self._protocol != paho.MQTTv5:

@@ -9,6 +9,7 @@
     abort_rules.py  the `--abort-if` expression (a small parser, no eval)
     acl.py          the broker ACL blocks of devices, operators, workers (deploy/mosquitto)
     provision.py    edge-fleet provision: device keys, certificates (pki), config.toml
+    revoke.py       edge-fleet revoke: device certificates onto the fleet CA's CRL
     image.py        edge-fleet image: a device's rootfs overlay for L4T flashing, checked
 
 May import: fleet.messages (the wire format it shares with devices), fleet.slots (a .tar is

@@ -48,7 +48,7 @@ from edge_runtime.errors import ConfigError, EdgeError, MessageError
 from edge_runtime.mqtt import topics
 from edge_runtime.mqtt.auth import BrokerAuth, add_auth_options, auth_from_args
 from edge_runtime.mqtt.client import Message, MqttClient
-from edge_runtime.rollout import image, provision
+from edge_runtime.rollout import image, provision, revoke
 
 
 def _decode(msg: Message) -> dict[str, Any]:
@@ -351,6 +351,7 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_rollouts)
     provision.register(sub)  # edge-fleet provision (#12)
+    revoke.register(sub)  # edge-fleet revoke (#12)
     image.register(sub)  # edge-fleet image (#12)
     return p
 

@@ -14,8 +14,11 @@ or the spy over SETTLE_S (loopback delivers in well under 5 ms).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -27,10 +30,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 from mqtt_fixtures import Broker  # noqa: E402
 from shipped_broker import OPERATOR, WORKER, ShippedBroker, shipped_broker  # noqa: E402
 
+from edge_runtime import pki  # noqa: E402
 from edge_runtime.cloud.worker import CloudWorker  # noqa: E402
 from edge_runtime.errors import BrokerError  # noqa: E402
 from edge_runtime.mqtt.client import Message, MqttClient, TlsFiles  # noqa: E402
 from edge_runtime.mqtt.types import PublishProps  # noqa: E402
+from edge_runtime.rollout.revoke import revoke  # noqa: E402
 
 from .row import Row  # noqa: E402
 
@@ -193,7 +198,7 @@ def _identity_rows(sb: ShippedBroker) -> list[Row]:
     rows = []
 
     def attempt(attack: str, c: MqttClient, expected: str,
-                check: Callable[[MqttClient, str], bool]) -> None:
+                check: Callable[[MqttClient, str], bool], up_expected: bool = False) -> None:
         seen = len(sb.broker.log.read_bytes())
         try:
             up = c.start(wait_s=2)
@@ -205,7 +210,7 @@ def _identity_rows(sb: ShippedBroker) -> list[Row]:
                 msg += f"; broker log: {why}"
             msg = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", msg)  # stable doc diffs
             rows.append(Row(AREA, f"[shipped ACL+TLS] {attack}", expected, msg,
-                            not up and check(c, msg)))
+                            up == up_expected and check(c, msg)))
         finally:
             c.stop()
 
@@ -226,7 +231,51 @@ def _identity_rows(sb: ShippedBroker) -> list[Row]:
             "TLS handshake refused by the broker (certificate verify failed)",
             lambda c, m: sb.broker.log.read_text(errors="replace").count(
                 "certificate verify failed") > log_before)
+    # Last: dev-b's certificate goes onto the shipped crlfile (edge-fleet revoke's code) and
+    # the broker re-reads it on SIGHUP, as deploy/mosquitto/README.md tells an operator.
+    revoke(sb.pki.ca.parent, sb.broker.workdir / "etc" / "crl.pem",
+           [("dev-b", sb.certs["dev-b"][0])])
+    os.kill(sb.broker.pid, signal.SIGHUP)
+    time.sleep(1.0)  # the reload is asynchronous and logs nothing
+    attempt("revoked device certificate (dev-b on the CRL, broker SIGHUPed)",
+            MqttClient(sb.cert_url, "dev-b", tls=sb.tls("dev-b")),
+            "TLS alert 'certificate revoked'; the device's log names the cause",
+            lambda c, m: "certificate revoked" in m and "it is revoked" in m)
+    cert, key = _expired(sb, "dev-a")
+    attempt("expired device certificate (CN dev-a, same CA)",
+            MqttClient(sb.cert_url, "dev-a-old", tls=TlsFiles(str(sb.pki.ca), cert, key)),
+            "TLS alert 'certificate expired'; the device's log names the cause",
+            lambda c, m: "certificate expired" in m and "it has expired" in m)
+    attempt("control: dev-a's valid certificate after both",
+            MqttClient(sb.cert_url, "dev-a", tls=sb.tls("dev-a")),
+            "connected", lambda c, m: True, up_expected=True)
     return rows
+
+
+def _expired(sb: ShippedBroker, cn: str) -> tuple[str, str]:
+    """A certificate of the broker's CA for `cn` that expired yesterday, and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca = pki.load_cert(sb.pki.ca)
+    ca_key = pki.load_ec_key(sb.pki.ca.with_suffix(".key"))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=2))
+            .not_valid_after(now - dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    out = sb.broker.workdir / "expired"
+    out.mkdir(exist_ok=True)
+    pki.write_cert(out / f"{cn}.pem", cert)
+    pki.write_private_key(out / f"{cn}.key", key)
+    return str(out / f"{cn}.pem"), str(out / f"{cn}.key")
 
 
 def _open(workdir: Path) -> list[Row]:

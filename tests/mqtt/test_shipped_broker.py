@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
+import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -152,7 +156,9 @@ def test_certificate_of_another_ca_and_anonymous_are_refused(sb: ShippedBroker) 
             assert not c.start(wait_s=1.5)
         assert rogue.refusal is None  # the TLS handshake failed: no CONNACK ever came
         assert "certificate verify failed" in sb.broker.log.read_text()
-        assert "within" in str(rogue.failure(1.5)) and "CN=dev-1" in str(rogue.failure(1.5))
+        # The broker's TLS alert is what the client reports, not a timeout.
+        err = str(rogue.failure(1.5))
+        assert "another CA signed it" in err and "unknown ca" in err and "CN=dev-1" in err
         for c, who in ((anon, "anonymous"), (wrong, "user 'operator-pw'")):
             err = str(c.failure(1.5))
             assert "Not authorized" in err and who in err and "cannot reach" not in err
@@ -330,3 +336,48 @@ def test_cloud_worker_cli_says_not_authorized(sb: ShippedBroker) -> None:
             p.kill()
     assert p.returncode == 1
     assert "Not authorized" in err and "worker-pw" in err and "wrong-password" not in err
+
+
+def _tls_alert(sb: ShippedBroker, identity: str) -> str | None:
+    """The broker's TLS alert to a plain TLS client with `identity`'s certificate, or None
+    when it is let in."""
+    t = sb.tls(identity)
+    ctx = ssl.create_default_context(cafile=t.ca_file)
+    assert t.cert_file is not None
+    ctx.load_cert_chain(t.cert_file, t.key_file)
+    with socket.create_connection(("127.0.0.1", sb.cert_port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(b"\xc0\x00")  # PINGREQ before CONNECT: the broker just closes
+                s.recv(1)
+        except ssl.SSLError as e:
+            return str(e) if "alert" in str(e) else None
+    return None
+
+
+def test_a_revoked_device_is_refused_after_sighup(sb: ShippedBroker, peers: list[Peer],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The shipped crlfile: `edge-fleet revoke` writes it, SIGHUP makes the broker read it,
+    and the device's client logs why it is refused; another device of the CA connects."""
+    peer(peers, sb, "dev-a")  # connected before the revocation
+    assert _tls_alert(sb, "dev-a") is None
+    crl = sb.broker.workdir / "etc" / "crl.pem"
+    assert fleet_cli.main(["revoke", "--cert", str(sb.certs["dev-a"][0]),
+                           "--ca", str(sb.pki.ca.parent), "--out", str(crl)]) == 0
+    os.kill(sb.broker.pid, signal.SIGHUP)
+    wait_until(lambda: _tls_alert(sb, "dev-a") is not None, 5)  # the reload is asynchronous
+    assert "certificate revoked" in str(_tls_alert(sb, "dev-a"))
+    assert _tls_alert(sb, "dev-b") is None
+    again = MqttClient(sb.cert_url, "dev-a-again", tls=sb.tls("dev-a"), reconnect_min_s=0.1,
+                       reconnect_max_s=0.3)
+    other = MqttClient(sb.cert_url, "dev-b", tls=sb.tls("dev-b"))
+    try:
+        with caplog.at_level(logging.ERROR, logger="edge_runtime.mqtt.client"):
+            assert other.start(wait_s=10)
+            assert not again.start(wait_s=1.5)
+        assert "it is revoked" in str(again.failure(1.5))
+        assert any("CN=dev-a" in r.getMessage() and "certificate revoked" in r.getMessage()
+                   for r in caplog.records if r.levelno == logging.ERROR)
+    finally:
+        again.stop()
+        other.stop()

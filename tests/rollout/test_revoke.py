@@ -1,0 +1,153 @@
+"""`edge-fleet revoke` and a real Mosquitto that checks its CRL: a revoked or expired device
+certificate is refused by the broker, a good one of the same CA connects, and the device's
+MQTT client says why in its log."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from mqtt_fixtures import MOSQUITTO, Broker, Pki, issue_client, make_pki
+
+from edge_runtime import pki as fleet_pki
+from edge_runtime.mqtt.client import MqttClient, TlsFiles
+from edge_runtime.rollout import cli
+from edge_runtime.rollout.provision import Device, Options, provision_device
+
+
+def _revoke(*args: str | Path) -> int:
+    return cli.main(["revoke", *map(str, args)])
+
+
+def _serials(crl_path: Path) -> set[int]:
+    return {r.serial_number for r in x509.load_pem_x509_crl(crl_path.read_bytes())}
+
+
+def _serial(cert: Path) -> int:
+    return x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+
+
+def test_revoke_by_device_id_keeps_earlier_revocations(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    out, ca_dir, crl = tmp_path / "out", tmp_path / "ca", tmp_path / "crl.pem"
+    ca_key, ca = fleet_pki.new_ca("fleet CA")
+    ca_dir.mkdir()
+    fleet_pki.write_private_key(ca_dir / "ca.key", ca_key)
+    fleet_pki.write_cert(ca_dir / "ca.pem", ca)
+    for d in ("orin-1", "orin-2", "orin-3"):
+        provision_device(out, (ca_key, ca), Device("", d), Options("mqtts://b:8883"))
+    cert = {d: out / "devices" / d / "etc/edge-runtime/tls/device.pem"
+            for d in ("orin-1", "orin-2", "orin-3")}
+
+    assert _revoke("orin-1", "--ca", ca_dir, "--provisioned", out, "--out", crl) == 0
+    assert _serials(crl) == {_serial(cert["orin-1"])}
+    assert _revoke("orin-2", "--ca", ca_dir, "--provisioned", out, "--out", crl) == 0
+    got = x509.load_pem_x509_crl(crl.read_bytes())
+    assert _serials(crl) == {_serial(cert["orin-1"]), _serial(cert["orin-2"])}
+    assert got.is_signature_valid(ca.public_key())
+    assert got.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 2
+    assert got.next_update_utc is not None
+    assert got.next_update_utc - dt.datetime.now(dt.timezone.utc) > dt.timedelta(days=300)
+    printed = capsys.readouterr()
+    assert f"revoked orin-2: certificate {_serial(cert['orin-2']):x}" in printed.out
+    assert "PRIVATE" not in printed.out + printed.err
+    assert oct(crl.stat().st_mode & 0o777) == "0o644"
+
+    # No device: re-signed with the same entries (a fresh next_update for the broker).
+    assert _revoke("--ca", ca_dir, "--out", crl) == 0
+    assert len(_serials(crl)) == 2
+
+
+def test_revoke_refusals_are_one_named_line(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    p = make_pki(tmp_path / "pki")
+    other = make_pki(tmp_path / "other")
+    foreign_crl = tmp_path / "foreign.pem"
+    assert _revoke("--cert", other.client_cert, "--ca", other.ca.parent,
+                   "--out", foreign_crl) == 0
+    before = foreign_crl.read_bytes()
+    capsys.readouterr()
+    # A CRL this CA did not sign is never extended (it would drop the fleet's revocations).
+    assert _revoke("--cert", p.client_cert, "--ca", p.ca.parent, "--out", foreign_crl) == 1
+    err = capsys.readouterr().err
+    assert "was not signed by the CA" in err and err.count("\n") == 1
+    assert foreign_crl.read_bytes() == before
+    # A certificate of another CA.
+    assert _revoke("--cert", other.client_cert, "--ca", p.ca.parent,
+                   "--out", tmp_path / "crl.pem") == 1
+    assert "was not issued by the CA" in capsys.readouterr().err
+    assert not (tmp_path / "crl.pem").exists()
+    # A device id without where its certificate is.
+    assert _revoke("orin-1", "--ca", p.ca.parent, "--out", tmp_path / "crl.pem") == 1
+    assert "need --provisioned" in capsys.readouterr().err
+    assert _revoke("--ca", tmp_path / "nothing", "--out", tmp_path / "crl.pem") == 1
+    assert "holds no fleet CA" in capsys.readouterr().err
+
+
+def _expired_client(p: Pki, cn: str) -> tuple[Path, Path]:
+    ca = x509.load_pem_x509_certificate(p.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(p.ca.with_suffix(".key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=2))
+            .not_valid_after(now - dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    c, k = p.ca.parent / f"{cn}.pem", p.ca.parent / f"{cn}.key"
+    fleet_pki.write_cert(c, cert)
+    fleet_pki.write_private_key(k, key)
+    return c, k
+
+
+def _connect(b: Broker, p: Pki, cert: Path, key: Path, cn: str) -> MqttClient:
+    c = MqttClient(b.url, cn, tls=TlsFiles(str(p.ca), str(cert), str(key)),
+                   reconnect_min_s=0.1, reconnect_max_s=0.3)
+    c.start()
+    return c
+
+
+@pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
+def test_broker_refuses_revoked_and_expired_device_certificates(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = make_pki(tmp_path / "pki")  # the CA's key lies next to it: a CA directory
+    crl = tmp_path / "crl.pem"
+    assert _revoke("--cert", p.client_cert, "--ca", p.ca.parent, "--out", crl) == 0
+    good = issue_client(p, "dev-2")
+    expired = _expired_client(p, "dev-3")
+    b = Broker(tmp_path / "broker", pki=p, extra=[f"crlfile {crl}"])
+    b.start()
+    clients: list[MqttClient] = []
+    try:
+        with caplog.at_level(logging.ERROR, logger="edge_runtime.mqtt.client"):
+            ok = _connect(b, p, *good, "dev-2")
+            revoked = _connect(b, p, p.client_cert, p.client_key, "dev-1")
+            old = _connect(b, p, *expired, "dev-3")
+            clients += [ok, revoked, old]
+            assert ok.wait_connected(10)
+            assert not revoked.wait_connected(1.5) and not old.wait_connected(0.1)
+            assert "it is revoked" in str(revoked.failure(1.5))
+            assert "certificate revoked" in str(revoked.failure(1.5))
+            assert "it has expired" in str(old.failure(1.5))
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any("CN=dev-1" in m and "revoked" in m for m in errors), errors
+        assert any("CN=dev-3" in m and "expired" in m for m in errors), errors
+        assert not any("CN=dev-2" in m for m in errors), errors
+        # Logged once per cause, not on every retry.
+        assert sum("CN=dev-1" in m for m in errors) == 1
+    finally:
+        for c in clients:
+            c.stop()
+        b.stop()
