@@ -124,9 +124,11 @@ def make_pki(out: Path, client_cn: str = "dev-1") -> Pki:
                other_ca_path, *write("other-client", *other))
 
 
-def issue_client(pki: Pki, cn: str, out: Path | None = None) -> tuple[Path, Path]:
+def issue_client(pki: Pki, cn: str, out: Path | None = None, expired: bool = False
+                 ) -> tuple[Path, Path]:
     """Another client certificate and key (CN `cn`) signed by `pki`'s CA (its key lies next
-    to it): one identity per device, operator or worker of a test."""
+    to it): one identity per device, operator or worker of a test. `expired`: valid from
+    two days ago until yesterday, for the broker to refuse."""
     import datetime
 
     from cryptography import x509
@@ -143,8 +145,10 @@ def issue_client(pki: Pki, cn: str, out: Path | None = None) -> tuple[Path, Path
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
             .issuer_name(ca.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(now - (datetime.timedelta(days=2) if expired
+                                     else datetime.timedelta(minutes=5)))
+            .not_valid_after(now + (-datetime.timedelta(days=1) if expired
+                                    else datetime.timedelta(days=1)))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)

@@ -14,7 +14,6 @@ or the spy over SETTLE_S (loopback delivers in well under 5 ms).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import re
@@ -27,10 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from mqtt_fixtures import Broker  # noqa: E402
+from mqtt_fixtures import Broker, issue_client  # noqa: E402
 from shipped_broker import OPERATOR, WORKER, ShippedBroker, shipped_broker  # noqa: E402
 
-from edge_runtime import pki  # noqa: E402
 from edge_runtime.cloud.worker import CloudWorker  # noqa: E402
 from edge_runtime.errors import BrokerError  # noqa: E402
 from edge_runtime.mqtt.client import Message, MqttClient, TlsFiles  # noqa: E402
@@ -254,28 +252,10 @@ def _identity_rows(sb: ShippedBroker) -> list[Row]:
 
 def _expired(sb: ShippedBroker, cn: str) -> tuple[str, str]:
     """A certificate of the broker's CA for `cn` that expired yesterday, and its key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    ca = pki.load_cert(sb.pki.ca)
-    ca_key = pki.load_ec_key(sb.pki.ca.with_suffix(".key"))
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=2))
-            .not_valid_after(now - dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
     out = sb.broker.workdir / "expired"
     out.mkdir(exist_ok=True)
-    pki.write_cert(out / f"{cn}.pem", cert)
-    pki.write_private_key(out / f"{cn}.key", key)
-    return str(out / f"{cn}.pem"), str(out / f"{cn}.key")
+    cert, key = issue_client(sb.pki, cn, out, expired=True)
+    return str(cert), str(key)
 
 
 def _open(workdir: Path) -> list[Row]:

@@ -10,9 +10,6 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from mqtt_fixtures import MOSQUITTO, Broker, Pki, issue_client, make_pki
 
 from edge_runtime import pki as fleet_pki
@@ -91,26 +88,6 @@ def test_revoke_refusals_are_one_named_line(tmp_path: Path,
     assert "holds no fleet CA" in capsys.readouterr().err
 
 
-def _expired_client(p: Pki, cn: str) -> tuple[Path, Path]:
-    ca = x509.load_pem_x509_certificate(p.ca.read_bytes())
-    ca_key = serialization.load_pem_private_key(p.ca.with_suffix(".key").read_bytes(), None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=2))
-            .not_valid_after(now - dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
-    c, k = p.ca.parent / f"{cn}.pem", p.ca.parent / f"{cn}.key"
-    fleet_pki.write_cert(c, cert)
-    fleet_pki.write_private_key(k, key)
-    return c, k
-
-
 def _connect(b: Broker, p: Pki, cert: Path, key: Path, cn: str) -> MqttClient:
     c = MqttClient(b.url, cn, tls=TlsFiles(str(p.ca), str(cert), str(key)),
                    reconnect_min_s=0.1, reconnect_max_s=0.3)
@@ -126,7 +103,7 @@ def test_broker_refuses_revoked_and_expired_device_certificates(
     crl = tmp_path / "crl.pem"
     assert _revoke("--cert", p.client_cert, "--ca", p.ca.parent, "--out", crl) == 0
     good = issue_client(p, "dev-2")
-    expired = _expired_client(p, "dev-3")
+    expired = issue_client(p, "dev-3", expired=True)
     b = Broker(tmp_path / "broker", pki=p, extra=[f"crlfile {crl}"])
     b.start()
     clients: list[MqttClient] = []
