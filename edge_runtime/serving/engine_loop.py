@@ -35,10 +35,11 @@ The request and model types that the API and this loop exchange are in request.p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 
 from edge_runtime.errors import DeadlineExceededError, EngineError, OverloadedError
 from edge_runtime.model.prefix_cache import PrefixCacheStats
@@ -128,8 +129,14 @@ class LocalWorker:
         self._tally: dict[Hashable, list[float]] = {}
         """Admitted request → [perf_counter at submit, seconds the rates predicted for the
         prefills and steps served since, the estimate it was admitted with (safety
-        included), other requests beside it so far]: what it cost beyond the rates, when
-        it completes (Rates.observe_request)."""
+        included), other requests beside it so far, 1.0 once a measurement disturbed it]:
+        what it cost beyond the rates, when it completes (Rates.observe_request)."""
+        self._measuring = 0
+        """Measurements running beside the engine loop (a swap's capacity and rate probes
+        of the new model): they take the CPU and the GIL from the requests being served,
+        whose steps, cycles and totals then say nothing about serving. Learned from, a
+        swap's probes made steps beside them "cost" tens of milliseconds, and new requests
+        were refused with estimates of 30 s (tests/fleet/test_fleet_serving.py)."""
         self._cycle_engine_s = 0.0
         """Seconds of this engine-loop cycle spent in the engine (add() and step() calls)."""
         self._cycle_rows = 0
@@ -190,13 +197,14 @@ class LocalWorker:
         Its max_batch is measured here (unless configured), while the old model still
         serves and holds its memory: on a busy device the choice errs small."""
         _use_prefix_cache(generator, self.config.prefix_cache_bytes)
-        capacity = capacity_for(generator, self.config, self._measure_rates)
-        batch = generator.batch(capacity.max_batch, self.config.prefill_chunk)
-        if self._measure_rates:
-            try:  # the new model's own speed, measured before it takes traffic
-                self._seed_rates(generator, batch.max_batch)
-            except Exception as e:
-                log.warning("could not measure the new model's service rates: %s", e)
+        with self._disturbing():
+            capacity = capacity_for(generator, self.config, self._measure_rates)
+            batch = generator.batch(capacity.max_batch, self.config.prefill_chunk)
+            if self._measure_rates:
+                try:  # the new model's own speed, measured before it takes traffic
+                    self._seed_rates(generator, batch.max_batch)
+                except Exception as e:
+                    log.warning("could not measure the new model's service rates: %s", e)
         with self._lock:
             if self._stopping:
                 raise EngineError("the server is shutting down; not swapping the model")
@@ -205,6 +213,20 @@ class LocalWorker:
         while not done.wait(0.05):
             if self.error is not None or (self._thread.ident and not self._thread.is_alive()):
                 raise EngineError("the engine loop is not running; cannot swap the model")
+
+    @contextlib.contextmanager
+    def _disturbing(self) -> Iterator[None]:
+        """Around a measurement beside the engine loop: no request served meanwhile is
+        learned from (see _measuring)."""
+        with self._lock:
+            self._measuring += 1
+            for tally in self._tally.values():
+                tally[4] = 1.0
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._measuring -= 1
 
     def reconfigure(self, config: SchedulerConfig) -> None:
         """Scheduler settings for the decisions from now on (a fleet set-config). max_batch
@@ -282,7 +304,8 @@ class LocalWorker:
                 estimate = (decision.estimated_finish or now) - now
                 for tally in self._tally.values():  # one more request beside each
                     tally[3] += 1
-                self._tally[job.key] = [time.perf_counter(), 0.0, estimate, len(self._tally)]
+                self._tally[job.key] = [time.perf_counter(), 0.0, estimate, len(self._tally),
+                                        float(self._measuring > 0)]
                 self._wake.notify()
         if decision.action is not Action.LOCAL and self._reprobe:
             self._sent_away = True  # the engine loop re-measures the rates when it is idle
@@ -353,7 +376,7 @@ class LocalWorker:
                 self._step(batch)
             for old in draining:  # swapped-out models finish what they started
                 self._step(old)
-            if self._cycle_rows and not draining:
+            if self._cycle_rows and not draining and not self._measuring:
                 # The cycle beyond the engine's own work: the serving path's per-token cost.
                 overhead = time.perf_counter() - cycle_start - self._cycle_engine_s
                 with self._lock:
@@ -446,7 +469,8 @@ class LocalWorker:
         self.prefilling = batch.prefilling
         self._cycle_engine_s += time.perf_counter() - t
         with self._lock:
-            self.scheduler.rates.observe_call(0, 0.0, batch.prefill_work)
+            if not self._measuring:
+                self.scheduler.rates.observe_call(0, 0.0, batch.prefill_work)
             self._accrue(self.scheduler.rates.prefill_time(batch.prefill_work[0]))
         self._deliver(key, chunks)
 
@@ -478,7 +502,8 @@ class LocalWorker:
         self._cycle_rows += size
         with self._lock:
             rates = self.scheduler.rates
-            rates.observe_call(size, took, batch.prefill_work)
+            if not self._measuring:  # a probe beside it took the CPU: not a serving cost
+                rates.observe_call(size, took, batch.prefill_work)
             self._accrue(rates.step_time(size) + rates.prefill_time(batch.prefill_work[0]))
             for key in results:
                 self.scheduler.progressed(key)
@@ -515,7 +540,7 @@ class LocalWorker:
             if chunk.finish_reason is not None:
                 with self._lock:
                     tally = self._tally.get(key)
-                    if tally is not None:  # what it cost beyond what the rates predicted
+                    if tally is not None and not tally[4]:  # cost beyond the rates' prediction
                         actual = time.perf_counter() - tally[0]
                         self.scheduler.rates.observe_request(actual, tally[1], int(tally[3]))
                         log.debug("request %s took %.4fs, admitted with an estimate of %.4fs "

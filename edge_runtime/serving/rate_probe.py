@@ -30,16 +30,19 @@ def measure_rates(
     engine with a batch of its own (call it on the thread that owns the generator)."""
     batch = gen.batch(max_batch)
     warm = 2  # the first steps at a new shape are slow (allocation, thread wake-up)
-    params = SamplingParams(max_tokens=(steps + warm) * max_batch + 2, temperature=0.0)
+    # Powers of two and the largest batch: a measured max_batch can be 32, and every size
+    # from 1 would cost the start-up (and each idle re-probe) hundreds of steps at growing
+    # widths; Rates.engine_step interpolates between the sizes measured.
+    sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+    # The first sequence decodes through every size's steps: what it may generate grows with
+    # the number of sizes, not with max_batch (sized by max_batch, 32 rows asked for 322
+    # tokens of a 256-token model, the probe failed, and the 0.05 s/step priors stayed).
+    params = SamplingParams(max_tokens=(steps + warm) * len(sizes) + 2, temperature=0.0)
     # a small model's context must still hold the prompt and the steps
     prompt_tokens = max(1, min(prompt_tokens, gen.context_length - params.max_tokens - 1))
     prompt = [0] * prompt_tokens
     prefill: list[float] = []
     step_s: dict[int, float] = {}
-    # Powers of two and the largest batch: a measured max_batch can be 32, and every size
-    # from 1 would cost the start-up (and each idle re-probe) hundreds of steps at growing
-    # widths; Rates.engine_step interpolates between the sizes measured.
-    sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
     keys = 0
     try:
         for size in sizes:

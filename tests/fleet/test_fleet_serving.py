@@ -179,9 +179,11 @@ def test_deploy_under_traffic_fails_no_request(
     with fleet_daemon(broker, tmp_path / "dev", releases.v1, tiny_bundle.pubkey) as d:
         assert _version(d.url) == "1"
         old = d.worker.generator
-        # Long enough answers (the tiny model never stops early) that the engine is always busy:
-        # the switch happens with sequences running on the old model.
-        with Traffic(d.url, max_tokens=64) as traffic:
+        # Long enough answers (the tiny model never stops early) from enough clients that the
+        # engine is always busy: the switch happens with sequences running on the old model.
+        # (3 clients of 64 tokens were once all between requests at the switch, while the new
+        # model's capacity probe shared the two cores.)
+        with Traffic(d.url, clients=6, max_tokens=128) as traffic:
             traffic.wait_for(6)
             controller.send(deploy("up-2", releases.v2, tiny_bundle))
             final = controller.final("up-2")

@@ -29,3 +29,14 @@ def test_unmeasured_sizes_lie_on_the_line_between_measured_ones() -> None:
     assert abs(rates.engine_step(2) - 0.002) < 1e-12
     assert abs(rates.engine_step(6) - 0.005) < 1e-12
     assert abs(rates.engine_step(16) - 0.012) < 1e-12  # above the largest: scaled up linearly
+
+
+def test_the_probe_fits_a_short_context_at_a_wide_batch(tiny_bundle: Any) -> None:
+    """The tiny model's context is 256 tokens; a measured max_batch of 32 once made the
+    probe ask for 322 tokens a sequence, fail, and leave the 0.05 s/step priors in place
+    (every request beside a few others then 'took' seconds and was refused)."""
+    gen = Generator.from_bundle(verify_bundle(tiny_bundle.path, trusted_keys([tiny_bundle.pubkey])),
+                                threads=1)
+    assert gen.context_length <= 256
+    step_s, _ = measure_rates(gen, 32)
+    assert sorted(step_s) == [1, 2, 4, 8, 16, 32]
