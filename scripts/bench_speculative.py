@@ -109,13 +109,9 @@ def run(gen: Generator, ids: list[int], tokens: int, k: int | str | None) -> dic
     params = SamplingParams(max_tokens=tokens, temperature=0.0)
     out: list[int] = []
     last = None
-    for c in dec.add(0, ids, params):
+    for c in dec.decode_alone(ids, params):
         out.extend(c.token_ids)
         last = c
-    while dec.active:
-        for c in dec.step()[0]:
-            out.extend(c.token_ids)
-            last = c
     assert last is not None and last.stats is not None
     st = last.stats
     return {"ids": out, "tps": st.decode_tokens_per_s, "drafted": st.draft_tokens,

@@ -41,7 +41,7 @@ import numpy as np
 
 from edge_runtime.errors import EngineError, GenerationError
 from edge_runtime.model.sampling import Sampler, SamplingParams
-from edge_runtime.model.stream import Chunk, GenerationStats, StopMatcher
+from edge_runtime.model.stream import Chunk, ChunkStream, GenerationStats, StopMatcher
 from edge_runtime.model.tokenizer import IncrementalDecoder
 
 if TYPE_CHECKING:  # generator.py imports this module to build its batch
@@ -213,6 +213,14 @@ class BatchDecoder:
             return chunks  # finished on its first token: never joins the batch
         self._join(seq, job.cache)
         return chunks
+
+    def decode_alone(self, prompt_ids: Sequence[int], params: SamplingParams,
+                     key: Hashable = 0) -> ChunkStream:
+        """Add one sequence and step until it finishes, yielding its chunks as they come
+        (the last carries finish and stats): a batch of one, speculating when it can."""
+        yield from self.add(key, prompt_ids, params)
+        while self.active:
+            yield from self.step()[key]
 
     def step(self) -> dict[Hashable, list[Chunk]]:
         """One decode step for the whole batch, then the next prefill chunk of the oldest

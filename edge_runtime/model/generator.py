@@ -257,10 +257,7 @@ class Generator:
 
         A batch of one: the same code path as continuous batching, without its surgery.
         """
-        dec = self.batch(1)
-        yield from dec.add(0, prompt_ids, params)
-        while dec.active:
-            yield from dec.step()[0]
+        yield from self.batch(1).decode_alone(prompt_ids, params)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
         parts: list[str] = []

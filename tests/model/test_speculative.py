@@ -42,13 +42,9 @@ def _run(gen, ids, params, fixed_k=None, max_batch=1):
         dec.spec = Speculator(gen, gen.draft, fixed_k=fixed_k)
     out = []
     last = None
-    for c in dec.add(0, ids, params):
+    for c in dec.decode_alone(ids, params):
         out.extend(c.token_ids)
         last = c
-    while dec.active:
-        for c in dec.step()[0]:
-            out.extend(c.token_ids)
-            last = c
     assert last is not None and last.finish_reason is not None
     return out, last
 
