@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge_runtime.bundle.manifest import verify_bundle
 from edge_runtime.errors import GenerationError
 from edge_runtime.model.batching import BatchDecoder
-from edge_runtime.model.generator import Generator
 from edge_runtime.model.sampling import SamplingParams
-from edge_runtime.signing import load_public_key
 
 PROMPTS = [
     "def main(argv):\n    ",
@@ -18,18 +15,6 @@ PROMPTS = [
     "# Copyright 2001 Python Software Foundation\n\n\"\"\"Utilities for",
     "x = [i * 2 for i in range(",
 ]
-
-
-@pytest.fixture(scope="module", params=["decomposed", "fused"])
-def gen(request, tiny_bundle) -> Generator:
-    """The exported graph (left-padded batches) and its GroupQueryAttention fusion
-    (right-padded batches): every test runs on both cache layouts."""
-    path = tiny_bundle.path if request.param == "decomposed" else \
-        request.getfixturevalue("tiny_fused_bundle")
-    g = Generator.from_bundle(verify_bundle(path, [load_public_key(tiny_bundle.pubkey)]))
-    assert g.graph.right_padded_batch == (request.param == "fused")
-    g._eos = frozenset()  # fixed lengths: what is compared is tokens, not when EOS comes
-    return g
 
 
 def _run_batched(gen, jobs, max_batch, join_every=3):

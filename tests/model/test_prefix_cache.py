@@ -7,30 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_runtime.bundle.manifest import verify_bundle
 from edge_runtime.model.batching import BatchDecoder
 from edge_runtime.model.generator import Generator
 from edge_runtime.model.prefix_cache import PrefixCache
 from edge_runtime.model.sampling import SamplingParams
-from edge_runtime.signing import load_public_key
 
 SYSTEM = ("# Utilities for reading configuration files\n\nimport os\nimport sys\n\n"
           "class Reader:\n    def __init__(self, path):\n        self.path = path\n")
 QUESTIONS = ["    def read(self):\n        return ", "    def close(self):\n        ",
              "def main(argv):\n    ", "x = [i * 2 for i in range("]
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
-
-
-@pytest.fixture(scope="module", params=["decomposed", "fused"])
-def gen(request, tiny_bundle) -> Generator:
-    """The exported graph (left-padded batches) and its GroupQueryAttention fusion
-    (right-padded batches)."""
-    path = tiny_bundle.path if request.param == "decomposed" else \
-        request.getfixturevalue("tiny_fused_bundle")
-    g = Generator.from_bundle(verify_bundle(path, [load_public_key(tiny_bundle.pubkey)]))
-    assert g.graph.right_padded_batch == (request.param == "fused")
-    g._eos = frozenset()  # fixed lengths: what is compared is tokens, not when EOS comes
-    return g
 
 
 @pytest.fixture
