@@ -438,7 +438,7 @@ class LocalWorker:
                 self._requests.pop(job.key, None)
                 self._tally.pop(job.key, None)
         running = batch.active + sum(b.active for _, b in self._draining)
-        return self.scheduler.next_batch(self.scheduler.max_batch - running)
+        return self.scheduler.next_batch(self.scheduler.max_batch - running, now)
 
     def _start(self, batch: DecodeBatch, key: Hashable) -> None:
         req = self._requests[key]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from edge_runtime.errors import ConfigError
@@ -165,7 +167,7 @@ def run_engine(s: Scheduler, arrivals: list[Job], cloud: CloudState = UP) -> dic
                 out[j.key] = d.action.value
         for j, d in s.review(t, cloud, OK):
             out[j.key] = d.action.value
-        for j in s.next_batch(s.config.max_batch - len(active)):
+        for j in s.next_batch(s.config.max_batch - len(active), t):
             t += s.rates.prefill_time(j.prompt_tokens)
             active[j.key] = j.max_tokens - 1
         if not active:
@@ -201,6 +203,24 @@ def test_newcomers_cannot_push_an_admitted_long_request_past_its_deadline():
     assert [k for k in local if out[k] == "late"] == []
     assert len(local) > 10, "the rule should refuse only what would do harm"
     assert "offload" in out.values()
+
+
+def test_a_newcomer_with_time_to_spare_waits_instead_of_being_refused():
+    """bench_deadlines' refusals in miniature: three requests due in 0.45 s decode together
+    (0.40 s); a fourth with a 2 s budget would slow every step (18 → 22 ms) and push them past
+    their deadlines. It used to be sent away (offloaded here; refused without a cloud) though
+    it needs 0.44 s alone. Now it waits for them and starts when they are done."""
+    r = Rates(prefill_tokens_per_s=1000.0, step_s={1: 0.010, 2: 0.014, 3: 0.018, 4: 0.022})
+    s = Scheduler(SchedulerConfig(max_batch=4, safety=1.0), r)
+    tight = [Job(f"t{i}", 0.0, 0.45, prompt_tokens=20, max_tokens=20) for i in range(3)]
+    patient = Job("patient", 0.001, 2.001, prompt_tokens=20, max_tokens=20)
+    out = run_engine(s, [*tight, patient])
+    assert out == {"t0": "done", "t1": "done", "t2": "done", "patient": "done"}
+    # The same arrivals with a budget it cannot wait out: still sent away, nobody late.
+    s = Scheduler(SchedulerConfig(max_batch=4, safety=1.0), r)
+    hasty = dataclasses.replace(patient, deadline=0.6)
+    out = run_engine(s, [*tight, hasty])
+    assert out == {"t0": "done", "t1": "done", "t2": "done", "patient": "offload"}
 
 
 def test_a_running_job_holds_its_slot_until_its_deadline_at_most():
