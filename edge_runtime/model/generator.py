@@ -282,5 +282,7 @@ class Generator:
             {"role": "user", "content": "Warm up: say hello."},
         ])
         limit = max(1, self.context_length - 8)
-        for _ in self.stream(ids[-limit:], SamplingParams(max_tokens=8, temperature=0.0)):
+        # Not through the prefix cache: a warm-up is no request, its prompt no prefix to keep.
+        alone = self.batch(1, reuse_prefixes=False)
+        for _ in alone.decode_alone(ids[-limit:], SamplingParams(max_tokens=8, temperature=0.0)):
             pass
