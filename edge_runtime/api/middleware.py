@@ -17,7 +17,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -50,6 +50,9 @@ class RequestContext:
     error: str | None = None
     bundle_version: str | None = None
     """The version of the bundle whose model generated the response (`x-bundle-version`)."""
+    arrived: float = field(default_factory=time.perf_counter)
+    """When the app first saw the request (its headers parsed, its body not yet read):
+    where a client's latency budget starts counting (api/completions.py)."""
 
 
 def request_context(scope: Scope) -> RequestContext:

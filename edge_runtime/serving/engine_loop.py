@@ -57,6 +57,7 @@ from edge_runtime.serving.request import (
     QueueFull,
     Request,
     TextGenerator,
+    deliver_all,
 )
 from edge_runtime.serving.scheduler import (
     Action,
@@ -507,8 +508,10 @@ class LocalWorker:
             self._accrue(rates.step_time(size) + rates.prefill_time(batch.prefill_work[0]))
             for key in results:
                 self.scheduler.progressed(key)
+        out: list[tuple[Request, Chunk | BaseException]] = []
         for key, chunks in results.items():
-            self._deliver(key, chunks)
+            self._deliver(key, chunks, out)
+        deliver_all(out)
 
     def _expire(self, batch: DecodeBatch) -> None:
         """End the running requests that the next decode step cannot serve in time."""
@@ -533,10 +536,15 @@ class LocalWorker:
                 ))
                 self._finish(key)
 
-    def _deliver(self, key: Hashable, chunks: list[Chunk]) -> None:
+    def _deliver(self, key: Hashable, chunks: list[Chunk],
+                 out: list[tuple[Request, Chunk | BaseException]] | None = None) -> None:
+        """Hand `key`'s chunks to its client, at once or (`out`) with a whole step's."""
         req = self._requests[key]
         for chunk in chunks:
-            req.deliver(chunk)
+            if out is None:
+                req.deliver(chunk)
+            else:
+                out.append((req, chunk))
             if chunk.finish_reason is not None:
                 with self._lock:
                     tally = self._tally.get(key)

@@ -168,6 +168,10 @@ class Request:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.cancel()
 
+    def put(self, item: Chunk | BaseException) -> None:
+        """On the event loop: hand `item` to whoever reads `chunks()`."""
+        self.events.put_nowait(item)
+
     async def chunks(self) -> AsyncIterator[Chunk]:
         """The generated chunks, ending with the one that has `finish_reason`; raises errors."""
         while True:
@@ -177,3 +181,24 @@ class Request:
             yield item
             if item.finish_reason is not None:
                 return
+
+
+def deliver_all(items: Sequence[tuple[Request, Chunk | BaseException]]) -> None:
+    """Worker thread → event loops: many deliveries, one wake-up per event loop.
+    `call_soon_threadsafe` writes to the loop's self-pipe on every call (a system call and a
+    wake-up of the loop's thread, which then competes for the GIL with the engine loop): a
+    decode step of 15 streams made 15 of them, one step of the engine loop's serving cost."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Request, Chunk | BaseException]]] = {}
+    for req, item in items:
+        by_loop.setdefault(req.loop, []).append((req, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            for req, _ in batch:
+                req.cancel()
+
+
+def _put_all(batch: list[tuple[Request, Chunk | BaseException]]) -> None:
+    for req, item in batch:
+        req.put(item)

@@ -505,14 +505,25 @@ class Scheduler:
         active: list[tuple[Hashable, int, float]] = [r for r in running if r[1] > 0]
         pending = list(queue)
         cap, chunk = self.max_batch, self.prefill_chunk
-        # What a request costs beyond its prefill and steps: a fixed part, and a part for
-        # each other request in the daemon with it (Rates.per_concurrent_s).
-        extra = self.rates.per_request_s + self.rates.per_concurrent_s * max(
-            0, len(active) + len(pending) - 1)
         # Keys still running or queued, for deferred jobs (Job.may_start), as next_batch sees
         # them: finished jobs leave it, jobs started stay.
         present = {key for key, _, _ in active} | {j.key for j in pending}
         deferred = any(j.waits_for for j in pending)
+        # What a request costs beyond its prefill and steps: a fixed part, and a part for
+        # each other request in the daemon with it (Rates.per_concurrent_s) — not counting
+        # those deferred behind it, nor those it is deferred behind: a deferred request was
+        # parsed before and answers after them, and what it costs in between is its wait.
+        others = len(active) + len(pending) - 1
+        apart: dict[Hashable, int] = {}
+        for j in pending:
+            for key in j.waits_for & present:
+                apart[key] = apart.get(key, 0) + 1
+                apart[j.key] = apart.get(j.key, 0) + 1
+
+        def extra(key: Hashable) -> float:
+            return self.rates.per_request_s + self.rates.per_concurrent_s * max(
+                0, others - apart.get(key, 0))
+
         while pending or active:
             while pending and len(active) < cap:
                 i = next((n for n, j in enumerate(pending)
@@ -546,7 +557,7 @@ class Scheduler:
             left = []
             for key, rem, dl in active:
                 if rem <= k or t >= dl:
-                    finishes[key] = t + extra
+                    finishes[key] = t + extra(key)
                     present.discard(key)
                 else:
                     left.append((key, rem - k, dl))

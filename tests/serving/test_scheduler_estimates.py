@@ -131,14 +131,14 @@ def test_each_request_beside_another_costs_both_a_little() -> None:
     # a, running with 11 tokens to go, would end beside c at 0.1 (c's prefill) + 10 x 0.15
     # + 0.1 (its last step alone) + 0.05 + 0.02 = 1.77 s — 1.75 s without the pair's cost:
     # with a deadline of 1.76 s, c may not join a. With 10 s to spare it is deferred: it
-    # starts when a's last step ends (1.1 s), then 0.1 s prefill + 10 steps alone + 0.05 +
-    # 0.02 (a was beside it when it was planned) = 2.27 s.
+    # starts when a's last step ends (1.1 s), then 0.1 s prefill + 10 steps alone + 0.05 =
+    # 2.25 s (a, which it waits for, is not beside it).
     s2 = Scheduler(SchedulerConfig(max_batch=2, safety=1.0), r)
     s2.admit(Job("a", 0.0, 1.76, 10, 11), 0.0, NONE, OK)
     s2.next_batch(2)
     d = s2.admit(job("c", budget=10.0), 0.0, NONE, OK)
     assert d.action is Action.LOCAL and "starting after 1 admitted request" in d.reason
-    assert d.estimated_finish == pytest.approx(2.27)
+    assert d.estimated_finish == pytest.approx(2.25)
     assert s2.queue[0].waits_for == {"a"} and s2.queue[0].waits_until == 1.76
     assert s2.next_batch(2, now=1.0) == []  # a runs: c waits though a slot is free
     # With 2 s it cannot wait that long: refused for a's sake, not admitted to make it late.
