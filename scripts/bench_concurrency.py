@@ -38,6 +38,7 @@ import asyncio
 import datetime as dt
 import math
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -69,6 +70,12 @@ class Run:
     refused: int = 0
     tokens: list[int] = field(default_factory=list)
     capacity_line: str = ""
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    """CPU seconds by who and when: `daemon`/`clients` x `alone`/`round` (one request
+    alone; one round of concurrent requests), with `wall_round` the rounds' wall time."""
+
+    def cpu_ms(self, key: str) -> float:
+        return 1000 * statistics.median(self.cpu.get(key) or [0.0])
 
     @property
     def single(self) -> float:
@@ -103,8 +110,29 @@ def scrape(base: str) -> tuple[int, str, dict[int, float]]:
     return batch, bound, steps
 
 
-async def measure(base: str, model: str, run: Run, args: argparse.Namespace) -> None:
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def measure(base: str, model: str, run: Run, args: argparse.Namespace,
+                  daemon_pid: int) -> None:
     import openai
+
+    def cpu_mark() -> tuple[float, float, float]:
+        return process_cpu_s(daemon_pid), own_cpu_s(), time.perf_counter()
+
+    def cpu_note(kind: str, since: tuple[float, float, float], n: int = 1) -> None:
+        now = cpu_mark()
+        run.cpu.setdefault(f"daemon_{kind}", []).append((now[0] - since[0]) / n)
+        run.cpu.setdefault(f"clients_{kind}", []).append((now[1] - since[1]) / n)
+        run.cpu.setdefault(f"wall_{kind}", []).append((now[2] - since[2]) / n)
 
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0,
                                 timeout=120)
@@ -124,13 +152,17 @@ async def measure(base: str, model: str, run: Run, args: argparse.Namespace) -> 
     for i in range(2):  # warm-up: first-request costs (connections, lazy imports)
         await ask(i)
     run.tokens.clear()
+    mark = cpu_mark()
     for i in range(args.single):
         took = await ask(i % args.concurrent)
         if took is None:
             raise RuntimeError("a request alone was refused")
         run.alone.append(took)
+    cpu_note("alone", mark, args.single)
     for _ in range(args.rounds):
+        mark = cpu_mark()
         got = await asyncio.gather(*(ask(i) for i in range(args.concurrent)))
+        cpu_note("round", mark)
         run.together += [g for g in got if g is not None]
         run.refused += sum(g is None for g in got)
         await asyncio.sleep(0.2)  # rounds do not overlap
@@ -147,7 +179,7 @@ def one(procs: Procs, label: str, bundle: Path, pubkey: Path, mode: str,
     try:
         model = procs.wait_daemon(proc, base, timeout_s=600)
         run.max_batch, run.bound, run.step_ms = scrape(base)
-        asyncio.run(measure(base, model, run, args))
+        asyncio.run(measure(base, model, run, args, proc.popen.pid))
         log = tail(proc.log, 1_000_000)
         run.capacity_line = next((line.split("capacity: ", 1)[1] for line in log.splitlines()
                                   if "capacity: " in line), "")
@@ -197,6 +229,23 @@ def steps_lines(runs: list[Run], concurrent: int) -> list[str]:
     return lines
 
 
+def cpu_lines(runs: list[Run], concurrent: int) -> list[str]:
+    """Where a round's time goes: the CPU the daemon and the clients (same machine) used."""
+    cores = os.cpu_count() or 1
+    lines = []
+    for r in runs:
+        if r.mode != "after" or not r.cpu:
+            continue
+        wall, dae, cli = r.cpu_ms("wall_round"), r.cpu_ms("daemon_round"), r.cpu_ms("clients_round")
+        lines.append(
+            f"- **{r.bundle}, CPU per round** (median; {cores} cores = {cores * wall:.0f} ms of "
+            f"CPU in a {wall:.0f} ms round): daemon {dae:.0f} ms, the {concurrent} `openai` "
+            f"clients {cli:.0f} ms ({100 * cli / max(dae + cli, 1e-9):.0f}% of what both used); "
+            f"alone, per request: daemon {r.cpu_ms('daemon_alone'):.1f} ms, client "
+            f"{r.cpu_ms('clients_alone'):.1f} ms in {r.cpu_ms('wall_alone'):.1f} ms")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     artifacts.add_bundle_args(ap)
@@ -232,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = table(runs)
     print(text)
     print("\n".join(steps_lines(runs, args.concurrent)))
+    print("\n".join(cpu_lines(runs, args.concurrent)))
     if args.no_write:
         return 0
     cmd = "python scripts/bench_concurrency.py" + (
@@ -262,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text,
         "",
         *steps_lines(runs, args.concurrent),
+        *cpu_lines(runs, args.concurrent),
     ]))
     return 0
 
