@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Deadline admission: can a client rely on the daemon's estimates?
 
-    python scripts/bench_deadlines.py [--rounds 10] [--concurrency 15] [--bundle DIR --pubkey PEM]
-        [--min-ms 60] [--max-ms 2000] [--seed 14] [--no-write]
+    python scripts/bench_deadlines.py [--rounds 20] [--concurrency 15] [--bundle DIR --pubkey PEM]
+        [--min-ms 60] [--max-ms 2000] [--seeds 14 15 16] [--no-write]
 
-Starts one `edge-runtime serve` (its own process group, a free loopback port) on the demo
+For each seed (the issue asks across repeated runs), starts one `edge-runtime serve` (its
+own process group, a free loopback port) on the demo
 bundle (the cached default bundle of `edge-runtime serve`, or `edge-build demo --out DIR`;
 built on first use, a few CPU minutes) with the default configuration (no [scheduler] keys:
 whatever the daemon picks itself), and no cloud path (refusals are final). Needs only the
@@ -126,8 +127,8 @@ def config(bundle: Path | None, pubkey: Path | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def run(args: argparse.Namespace, url: str, model: str) -> dict[str, object]:
-    rng = random.Random(args.seed)
+async def run(args: argparse.Namespace, url: str, model: str, seed: int) -> dict[str, object]:
+    rng = random.Random(seed)
     shapes = [(p, n) for p in range(len(PROMPTS)) for n in MAX_TOKENS]
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         for shape in shapes:  # warm every shape once (first runs allocate)
@@ -161,81 +162,104 @@ async def run(args: argparse.Namespace, url: str, model: str) -> dict[str, objec
                           if line.startswith("edge_runtime_estimate_")]}
 
 
-def report(args: argparse.Namespace, res: dict[str, object], wall_s: float) -> str:
-    alone: dict[tuple[int, int], float] = res["alone"]  # type: ignore[assignment]
-    outs: list[Outcome] = res["outcomes"]  # type: ignore[assignment]
-    single: list[tuple[str, Outcome]] = res["single"]  # type: ignore[assignment]
-    oa: list[tuple[str, float]] = res["openai"]  # type: ignore[assignment]
-    ok = [o for o in outs if o.status == 200]
-    late = [o for o in ok if o.latency_s > o.budget_s]
-    cut = [o for o in outs if o.code == "deadline_exceeded"]
-    refused = [o for o in outs if o.status in (429, 503)]
-    other = [o for o in outs if o.status not in (200, 429, 503) and o not in cut]
-    feasible = [o for o in refused if alone[o.shape] <= o.budget_s]
-    reasons = Counter(_reason(o.message) for o in refused)
+def report(args: argparse.Namespace, runs: list[tuple[int, dict[str, object]]],
+           wall_s: float) -> str:
+    """One section for all seeds: a column per seed, the details of every seed together."""
+    rows: dict[str, list[int]] = {}
+    cut_lines: list[str] = []
+    feasible_lines: list[str] = []
+    reasons: Counter[str] = Counter()
+    modes: list[str] = []
+    for seed, res in runs:
+        alone: dict[tuple[int, int], float] = res["alone"]  # type: ignore[assignment]
+        outs: list[Outcome] = res["outcomes"]  # type: ignore[assignment]
+        ok = [o for o in outs if o.status == 200]
+        cut = [o for o in outs if o.code == "deadline_exceeded"]
+        refused = [o for o in outs if o.status in (429, 503)]
+        other = [o for o in outs if o.status not in (200, 429, 503) and o not in cut]
+        feasible = [o for o in refused if alone[o.shape] <= o.budget_s]
+        for label, n in (
+            ("sent", len(outs)),
+            ("admitted and answered (200)", len(ok)),
+            ("of which answered after their budget (client clock)",
+             sum(o.latency_s > o.budget_s for o in ok)),
+            ("admitted, then cut off (504 `deadline_exceeded`)", len(cut)),
+            ("refused (429/503)", len(refused)),
+            ("of which would have finished in time alone", len(feasible)),
+            ("other statuses", len(other)),
+        ):
+            rows.setdefault(label, []).append(n)
+        reasons.update(_reason(o.message) for o in refused)
+        daemon: list[str] = res["cutoffs"]  # type: ignore[assignment]
+        cut_lines += [f"- seed {seed}: budget {o.budget_s * 1000:.0f} ms, alone "
+                      f"{alone[o.shape] * 1000:.0f} ms" for o in cut]
+        cut_lines += [f"  - the daemon: {line}" for line in daemon]
+        feasible_lines += [f"- seed {seed}: {o.budget_s * 1000:.0f}, {alone[o.shape] * 1000:.0f}"
+                           f": {o.message}" for o in feasible]
+        by_mode = {("stream" if st else "json"):
+                   dict(sorted(Counter(o.status for o in outs if o.stream == st).items()))
+                   for st in (False, True)}
+        modes.append(f"seed {seed} {by_mode}")
+    seed0, res0 = runs[0]
+    alone0: dict[tuple[int, int], float] = res0["alone"]  # type: ignore[assignment]
+    single: list[tuple[str, Outcome]] = res0["single"]  # type: ignore[assignment]
+    oa: list[tuple[str, float]] = res0["openai"]  # type: ignore[assignment]
     s_admit = [o for want, o in single if want == "admit"]
     s_refuse = [o for want, o in single if want == "refuse"]
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    seeds = [seed for seed, _ in runs]
     lines = [
         "## Deadline admission: estimates a client can rely on (#14 item 0)",
         "",
-        f"`python scripts/bench_deadlines.py --rounds {args.rounds} --concurrency "
-        f"{args.concurrency} --min-ms {args.min_ms:g} --max-ms {args.max_ms:g} --seed "
-        f"{args.seed}` — {now}, {cpu_model()}, {wall_s:.0f} s. `edge-runtime serve` on the demo "
-        "bundle with the default configuration, no cloud path; "
-        f"{args.rounds} rounds of {args.concurrency} concurrent chat requests (every other "
-        "one streamed), "
-        "each one of 16 shapes (4 prompts x max_tokens 8/16/32/64) with a budget uniform in "
-        f"[{args.min_ms:g}, {args.max_ms:g}] ms (`x-request-deadline-ms`). \"Alone\": the "
-        "shape's median latency served alone (client-side, 3 runs).",
+        "_Generated by `scripts/bench_deadlines.py`; do not edit between the markers._",
         "",
-        "| outcome | requests |",
-        "|---|---:|",
-        f"| sent | {len(outs)} |",
-        f"| admitted and answered (200) | {len(ok)} |",
-        f"| of which answered after their budget (client clock) | {len(late)} |",
-        f"| admitted, then cut off (504 `deadline_exceeded`) | {len(cut)} |",
-        f"| refused (429/503) | {len(refused)} |",
-        f"| of which would have finished in time alone | {len(feasible)} |",
-        f"| other statuses | {len(other)} |",
+        f"`python scripts/bench_deadlines.py --rounds {args.rounds} --concurrency "
+        f"{args.concurrency} --min-ms {args.min_ms:g} --max-ms {args.max_ms:g} --seeds "
+        f"{' '.join(map(str, seeds))}` — {now}, {cpu_model()}, {wall_s:.0f} s. For each seed "
+        "a fresh `edge-runtime serve` on the demo bundle with the default configuration, no "
+        f"cloud path; {args.rounds} rounds of {args.concurrency} concurrent chat requests "
+        "(every other one streamed), each one of 16 shapes (4 prompts x max_tokens "
+        f"8/16/32/64) with a budget uniform in [{args.min_ms:g}, {args.max_ms:g}] ms "
+        "(`x-request-deadline-ms`). \"Alone\": the shape's median latency served alone "
+        "(client-side, 3 runs).",
+        "",
+        "| outcome | " + " | ".join(f"seed {x}" for x in seeds) + " | all |",
+        "|---|" + "---:|" * (len(seeds) + 1),
+        *[f"| {label} | " + " | ".join(map(str, ns)) + f" | {sum(ns)} |"
+          for label, ns in rows.items()],
         "",
         "Refusal reasons: " + (", ".join(f"{k} {v}" for k, v in reasons.most_common()) or "—")
         + ".",
         "",
-        f"Single requests (no load): budget 1.5x alone — {sum(o.status == 200 for o in s_admit)}"
-        f" of {len(s_admit)} admitted and answered; budget 0.6x alone — "
-        f"{sum(o.status in (429, 503) for o in s_refuse)} of {len(s_refuse)} refused at once "
-        f"(slowest refusal {max((o.latency_s for o in s_refuse), default=0) * 1000:.0f} ms), "
+        f"Single requests (no load, seed {seed0}'s daemon): budget 1.5x alone — "
+        f"{sum(o.status == 200 for o in s_admit)} of {len(s_admit)} admitted and answered; "
+        f"budget 0.6x alone — {sum(o.status in (429, 503) for o in s_refuse)} of "
+        f"{len(s_refuse)} refused at once (slowest refusal "
+        f"{max((o.latency_s for o in s_refuse), default=0) * 1000:.0f} ms), "
         f"{sum(o.code == 'deadline_exceeded' for o in s_refuse)} cut off.",
         "",
         *[f"- refused at 1.5x (budget {o.budget_s * 1000:.0f} ms, alone "
-          f"{alone[o.shape] * 1000:.0f} ms): {o.message}"
+          f"{alone0[o.shape] * 1000:.0f} ms): {o.message}"
           for o in s_admit if o.status != 200][:4],
         "",
         f"The openai client (max_retries 2) on the 0.6x requests: "
         f"{dict(Counter(o for o, _ in oa))}, the caller had the refusal after at most "
         f"{max((t for o, t in oa if o != 'answered'), default=0) * 1000:.0f} ms.",
         "",
-        "Latency alone by shape (ms; prompt/max_tokens): "
-        + ", ".join(f"{p}/{n} {1000 * v:.0f}" for (p, n), v in sorted(alone.items())) + ".",
+        f"Latency alone by shape (seed {seed0}; ms; prompt/max_tokens): "
+        + ", ".join(f"{p}/{n} {1000 * v:.0f}" for (p, n), v in sorted(alone0.items())) + ".",
         "",
     ]
-    if cut:
-        lines += ["Cut off (budget ms, alone ms, message):", ""]
-        lines += [f"- {o.budget_s * 1000:.0f}, {alone[o.shape] * 1000:.0f}: {o.message}"
-                  for o in cut[:10]]
-        lines.append("")
-    if feasible:
-        lines += ["Refused though feasible alone (budget ms, alone ms, reason):", ""]
-        lines += [f"- {o.budget_s * 1000:.0f}, {alone[o.shape] * 1000:.0f}: {o.message}"
-                  for o in feasible[:10]]
-        lines.append("")
-    by_mode = {("stream" if st else "json"):
-               dict(sorted(Counter(o.status for o in outs if o.stream == st).items()))
-               for st in (False, True)}
-    lines += [f"Statuses by mode: {by_mode}.", ""]
-    lines += ["The daemon's estimates at the end (`/metrics`):", "", "```",
-              *res["estimates"], "```"]  # type: ignore[list-item]
+    if cut_lines:
+        lines += ["Cut off, with the daemon's log line for each (what it was admitted with):",
+                  "", *cut_lines, ""]
+    if feasible_lines:
+        lines += ["Refused though feasible alone (budget ms, alone ms, reason):", "",
+                  *feasible_lines, ""]
+    lines += [f"Statuses by mode: {'; '.join(modes)}.", ""]
+    estimates: list[str] = res0["estimates"]  # type: ignore[assignment]
+    lines += [f"The daemon's estimates at the end of seed {seed0}'s run (`/metrics`):", "",
+              "```", *estimates, "```"]
     return "\n".join(lines)
 
 
@@ -252,12 +276,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, help="bundle directory (default: the demo bundle)")
     ap.add_argument("--pubkey", type=Path, help="the bundle's public key (PEM)")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--concurrency", type=int, default=15)
     ap.add_argument("--min-ms", type=float, default=60.0)
     ap.add_argument("--max-ms", type=float, default=2000.0)
-    ap.add_argument("--seed", type=int, default=14)
-    ap.add_argument("--daemon-log", type=Path, help="keep the daemon's log here")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[14, 15, 16],
+                    help="one run (a fresh daemon) per seed of the random shapes and budgets")
+    ap.add_argument("--daemon-log", type=Path,
+                    help="keep the daemons' logs here (a directory: serve-SEED.log)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/BENCHMARKS.md")
     return ap.parse_args(argv)
 
@@ -269,19 +295,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args.bundle, args.pubkey = default_bundle()  # cached after the first build
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-deadlines-") as tmp:
-        procs = Procs(Path(tmp))
-        try:
-            port = free_port()
-            daemon = procs.daemon("serve", config(args.bundle, args.pubkey), port)
-            url = f"http://127.0.0.1:{port}"
-            model = procs.wait_daemon(daemon, url)
-            res = asyncio.run(run(args, url, model))
-        finally:
-            procs.close()
-            if args.daemon_log is not None:  # why each cut-off happened, in the daemon's words
-                shutil.copy(Path(tmp) / "serve.log", args.daemon_log)
-    md = report(args, res, time.perf_counter() - t0)
+    runs: list[tuple[int, dict[str, object]]] = []
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench-deadlines-") as tmp:
+            procs = Procs(Path(tmp))
+            try:
+                port = free_port()
+                daemon = procs.daemon("serve", config(args.bundle, args.pubkey), port)
+                url = f"http://127.0.0.1:{port}"
+                model = procs.wait_daemon(daemon, url)
+                res = asyncio.run(run(args, url, model, seed))
+            finally:
+                procs.close()
+            log = (Path(tmp) / "serve.log").read_text(errors="replace")
+            if args.daemon_log is not None:
+                args.daemon_log.mkdir(parents=True, exist_ok=True)
+                shutil.copy(Path(tmp) / "serve.log", args.daemon_log / f"serve-{seed}.log")
+        # why each cut-off happened, in the daemon's words
+        res["cutoffs"] = [line.split("engine_loop: ", 1)[-1] for line in log.splitlines()
+                          if "reached its deadline" in line]
+        runs.append((seed, res))
+    md = report(args, runs, time.perf_counter() - t0)
     print(md)
     if not args.no_write:
         update_section(DOC, MARK, md)

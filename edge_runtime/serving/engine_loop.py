@@ -526,9 +526,18 @@ class LocalWorker:
             req = self._requests[key]
             if req.deadline is not None and now + step > req.deadline:
                 tally = self._tally.get(key)
+                with self._lock:
+                    running = self.scheduler.running.get(key)
+                left = running.remaining if running is not None else -1
+                # What an operator needs to tell a wrong estimate from a changed load: the
+                # promise, the company it was made in, and how far the request got.
                 log.info("request %s reached its deadline during generation (admitted with an "
-                         "estimate of %.3fs; %.3fs since)", key, tally[2] if tally else -1,
-                         time.perf_counter() - tally[0] if tally else -1)
+                         "estimate of %.3fs; %d other request(s) in the daemon with it "
+                         "since; %.3fs since; waited "
+                         "%.3fs to start; %d of %d tokens generated; %d rows in the batch)",
+                         key, tally[2] if tally else -1, int(tally[3]) if tally else -1,
+                         time.perf_counter() - tally[0] if tally else -1, req.queue_wait_s,
+                         req.params.max_tokens - left, req.params.max_tokens, batch.active)
                 batch.remove(key)
                 req.deliver(DeadlineExceededError(
                     f"the request's deadline came during generation ({req.deadline - now:.3f}s "
