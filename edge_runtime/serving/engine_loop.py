@@ -499,15 +499,24 @@ class LocalWorker:
             return
         self.prefilling = batch.prefilling
         took = time.perf_counter() - t
+        # A batch of one may decode speculatively (model/speculative.py): one call, several
+        # tokens. The rates are per token, so such a call counts as that many steps (counted
+        # as one, a 3-token round made the batch-1 step 3x too slow, and every request that
+        # would run alone was refused: bench_deadlines' single requests, 0 of 16 admitted).
+        per_row = {key: sum(len(c.token_ids) for c in chunks) for key, chunks in results.items()}
+        tokens = max(per_row.values(), default=1) if size == 1 else 1
         self._cycle_engine_s += took
-        self._cycle_rows += size
+        self._cycle_rows += size * tokens
         with self._lock:
             rates = self.scheduler.rates
             if not self._measuring:  # a probe beside it took the CPU: not a serving cost
-                rates.observe_call(size, took, batch.prefill_work)
-            self._accrue(rates.step_time(size) + rates.prefill_time(batch.prefill_work[0]))
+                prefill_s = batch.prefill_work[1]
+                rates.observe_call(size, prefill_s + (took - prefill_s) / max(1, tokens),
+                                   batch.prefill_work)
+            self._accrue(tokens * rates.step_time(size)
+                         + rates.prefill_time(batch.prefill_work[0]))
             for key in results:
-                self.scheduler.progressed(key)
+                self.scheduler.progressed(key, max(1, per_row[key]))
         out: list[tuple[Request, Chunk | BaseException]] = []
         for key, chunks in results.items():
             self._deliver(key, chunks, out)

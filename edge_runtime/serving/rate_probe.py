@@ -29,6 +29,11 @@ def measure_rates(
     """(seconds per decode step by batch size, prefill tokens/s or None), timed on `gen`'s
     engine with a batch of its own (call it on the thread that owns the generator)."""
     batch = gen.batch(max_batch)
+    if getattr(batch, "spec", None) is not None:
+        # Plain steps: a speculative round of a batch of one makes several tokens, as many as
+        # the text lets the draft guess (this prompt is not text); served requests teach the
+        # rates what speculation gives per token (engine_loop.py counts a round's tokens).
+        batch.spec = None  # type: ignore[attr-defined]
     warm = 2  # the first steps at a new shape are slow (allocation, thread wake-up)
     # Powers of two and the largest batch: a measured max_batch can be 32, and every size
     # from 1 would cost the start-up (and each idle re-probe) hundreds of steps at growing

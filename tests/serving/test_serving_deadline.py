@@ -193,3 +193,60 @@ def test_api_deadline_mid_generation_is_504_or_an_error_event() -> None:
                 max_tokens=60, extra_headers=headers,
             )
         assert e.value.status_code == 504
+
+
+class SpeculatingBatch(StreamBatch):
+    """A lone sequence advances `burst` chunks per step, as a speculative round does."""
+
+    burst = 4
+
+    def step(self) -> dict:
+        if len(self._its) != 1:
+            return super().step()
+        self.prefill_work = (0, 0.0)
+        (key, it), = self._its.items()
+        out: list[Chunk] = []
+        for _ in range(self.burst):
+            chunk = next(it)
+            out.append(chunk)
+            if chunk.finish_reason is not None:
+                self._its.pop(key).close()
+                break
+        return {key: out}
+
+
+class SpeculatingGenerator(FakeGenerator):
+    def batch(self, max_batch: int, prefill_chunk: int = 0) -> StreamBatch:
+        return SpeculatingBatch(self, max_batch, prefill_chunk)
+
+
+def test_a_speculative_step_counts_as_the_tokens_it_made() -> None:
+    """Each token costs the generator 5 ms; alone, a step makes 4 of them (20 ms). The rates
+    are per token: counted as one step, the batch-1 step was learned 4x too slow, and every
+    request that would run alone was refused for it. The scheduler's count of the tokens a
+    running request has left moves by 4 a step too."""
+    gen = SpeculatingGenerator(reply="abcdefghijklmnopqrstuvwx", delay_s=0.005)
+    w = LocalWorker(lambda: gen, SchedulerConfig(max_batch=2, safety=1.0), measure_rates=False)
+    w.scheduler.rates.alpha = 1.0  # learn (LocalWorker without a probe keeps the priors)
+    left: list[int] = []
+
+    async def run() -> str:
+        req = Request("r", [1, 2, 3], SamplingParams(max_tokens=24), asyncio.get_running_loop())
+        w.submit(req)
+        text = ""
+        async for c in req.chunks():
+            text += c.text
+            r = w.scheduler.running.get("r")
+            if r is not None:
+                left.append(r.remaining)
+        return text
+
+    w.start()
+    try:
+        assert w.wait_ready(10)
+        assert asyncio.run(run()) == "abcdefghijklmnopqrstuvwx"
+        step = w.scheduler.rates.step_s[1]
+    finally:
+        w.stop()
+    assert 0.004 < step < 0.009, f"batch-1 step learned as {step * 1000:.1f} ms, not ~5 ms"
+    assert min(left) <= 4, f"the scheduler still counted {min(left)} tokens left"
