@@ -367,7 +367,7 @@ class LocalWorker:
                     probe = False
             if probe:  # idle, yet work went elsewhere: the rates may be stale
                 try:
-                    self._seed_rates(gen, batch.max_batch)
+                    self._seed_rates(gen, batch.max_batch, idle=True)
                 except Exception as e:
                     log.warning("could not re-measure service rates: %s", e)
                 continue
@@ -395,10 +395,17 @@ class LocalWorker:
         with self._lock:
             self.scheduler.limit_to(batch.max_batch, batch.prefill_chunk, bound)
 
-    def _seed_rates(self, gen: TextGenerator, max_batch: int) -> None:
+    def _seed_rates(self, gen: TextGenerator, max_batch: int, idle: bool = False) -> None:
         """Measure the engine's step and prefill times (rate_probe.py; engine thread) and
-        give them to the scheduler."""
-        step_s, prefill_tps = measure_rates(gen, max_batch)
+        give them to the scheduler. `idle`: a re-probe while nothing runs, which gives way
+        to the first request that arrives (it blocked the engine loop for its whole 0.1 s
+        on the demo bundle, 3 s on Qwen2-0.5B shapes: a request behind it missed its
+        deadline in bench_deadlines)."""
+        step_s, prefill_tps = measure_rates(
+            gen, max_batch, interrupted=(lambda: bool(self.scheduler.queue)) if idle else None)
+        if not step_s and prefill_tps is None:
+            self._probed_at = time.monotonic()
+            return
         with self._lock:
             rates = self.scheduler.rates
             rates.seed(step_s, prefill_tps)

@@ -18,16 +18,20 @@ never takes (or is counted as) a cache entry.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.serving.request import TextGenerator
 
 
 def measure_rates(
-    gen: TextGenerator, max_batch: int, prompt_tokens: int = 24, steps: int = 8
+    gen: TextGenerator, max_batch: int, prompt_tokens: int = 24, steps: int = 8,
+    interrupted: Callable[[], bool] | None = None,
 ) -> tuple[dict[int, float], float | None]:
     """(seconds per decode step by batch size, prefill tokens/s or None), timed on `gen`'s
-    engine with a batch of its own (call it on the thread that owns the generator)."""
+    engine with a batch of its own (call it on the thread that owns the generator).
+    `interrupted`: asked before each batch size; True ends the probe with the sizes timed
+    so far (the engine loop's idle re-probe gives way to a request that arrives)."""
     batch = gen.batch(max_batch)
     if getattr(batch, "spec", None) is not None:
         # Plain steps: a speculative round of a batch of one makes several tokens, as many as
@@ -51,6 +55,8 @@ def measure_rates(
     keys = 0
     try:
         for size in sizes:
+            if interrupted is not None and interrupted():
+                break
             added, t = 0, time.perf_counter()
             while batch.active < size:
                 keys += 1
@@ -58,9 +64,12 @@ def measure_rates(
                 added += 1
             if added:
                 prefill.append((time.perf_counter() - t) / added)
-            samples = []
+            samples: list[float] = []
             for i in range(steps + warm):
                 if batch.active != size:  # a sequence finished early (EOS): stop here
+                    break
+                if interrupted is not None and interrupted():
+                    samples = []  # this size half-timed: keep the sizes before it
                     break
                 t = time.perf_counter()
                 batch.step()

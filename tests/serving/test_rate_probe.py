@@ -40,3 +40,25 @@ def test_the_probe_fits_a_short_context_at_a_wide_batch(tiny_bundle: Any) -> Non
     assert gen.context_length <= 256
     step_s, _ = measure_rates(gen, 32)
     assert sorted(step_s) == [1, 2, 4, 8, 16, 32]
+
+
+def test_an_idle_re_probe_gives_way_to_a_request(tiny_bundle: Any) -> None:
+    """The engine loop re-measures while idle after sending work away; the request that
+    arrives meanwhile must not wait for the whole probe (0.1 s on the demo bundle, 3 s on
+    Qwen2-0.5B shapes): asked before each size and step, the probe stops and keeps the
+    sizes it finished."""
+    gen = Generator.from_bundle(verify_bundle(tiny_bundle.path, trusted_keys([tiny_bundle.pubkey])),
+                                threads=1)
+    gen.warmup()
+    asked = 0
+
+    def arrived() -> bool:  # a request arrives after size 1's check and its 5 steps
+        nonlocal asked
+        asked += 1
+        return asked > 6
+
+    step_s, _ = measure_rates(gen, 6, steps=3, interrupted=arrived)
+    assert sorted(step_s) == [1]
+    asked = 3  # now it comes during size 1's steps: nothing half-timed is kept
+    step_s, _ = measure_rates(gen, 6, steps=3, interrupted=arrived)
+    assert step_s == {}
