@@ -193,7 +193,7 @@ def report(args: argparse.Namespace, runs: list[tuple[int, dict[str, object]]],
         daemon: list[str] = res["cutoffs"]  # type: ignore[assignment]
         cut_lines += [f"- seed {seed}: budget {o.budget_s * 1000:.0f} ms, alone "
                       f"{alone[o.shape] * 1000:.0f} ms" for o in cut]
-        cut_lines += [f"  - the daemon: {line}" for line in daemon]
+        cut_lines += [f"  - seed {seed}'s daemon: {line}" for line in daemon]
         feasible_lines += [f"- seed {seed}: {o.budget_s * 1000:.0f}, {alone[o.shape] * 1000:.0f}"
                            f": {o.message}" for o in feasible]
         by_mode = {("stream" if st else "json"):
@@ -251,7 +251,9 @@ def report(args: argparse.Namespace, runs: list[tuple[int, dict[str, object]]],
         "",
     ]
     if cut_lines:
-        lines += ["Cut off, with the daemon's log line for each (what it was admitted with):",
+        lines += ["Cut off (the rounds' requests), and the daemon's log line for every request "
+                  "it cut off (the single requests' too): what it was admitted with, how far "
+                  "it got:",
                   "", *cut_lines, ""]
     if feasible_lines:
         lines += ["Refused though feasible alone (budget ms, alone ms, reason):", "",

@@ -30,8 +30,8 @@ def measure_rates(
 ) -> tuple[dict[int, float], float | None]:
     """(seconds per decode step by batch size, prefill tokens/s or None), timed on `gen`'s
     engine with a batch of its own (call it on the thread that owns the generator).
-    `interrupted`: asked before each batch size; True ends the probe with the sizes timed
-    so far (the engine loop's idle re-probe gives way to a request that arrives)."""
+    `interrupted`: asked before each prefill and step; True ends the probe with the sizes
+    timed so far (the engine loop's idle re-probe gives way to a request that arrives)."""
     batch = gen.batch(max_batch)
     if getattr(batch, "spec", None) is not None:
         # Plain steps: a speculative round of a batch of one makes several tokens, as many as
@@ -53,12 +53,13 @@ def measure_rates(
     prefill: list[float] = []
     step_s: dict[int, float] = {}
     keys = 0
+    stop = interrupted or (lambda: False)
     try:
         for size in sizes:
-            if interrupted is not None and interrupted():
-                break
             added, t = 0, time.perf_counter()
             while batch.active < size:
+                if stop():
+                    return step_s, _prefill_rate(prompt_tokens, prefill)
                 keys += 1
                 batch.add(keys, prompt, params)
                 added += 1
@@ -68,7 +69,7 @@ def measure_rates(
             for i in range(steps + warm):
                 if batch.active != size:  # a sequence finished early (EOS): stop here
                     break
-                if interrupted is not None and interrupted():
+                if stop():
                     samples = []  # this size half-timed: keep the sizes before it
                     break
                 t = time.perf_counter()
@@ -82,5 +83,8 @@ def measure_rates(
     finally:
         for key in batch.keys:
             batch.remove(key)
-    prefill_tps = prompt_tokens / sorted(prefill)[len(prefill) // 2] if prefill else None
-    return step_s, prefill_tps
+    return step_s, _prefill_rate(prompt_tokens, prefill)
+
+
+def _prefill_rate(prompt_tokens: int, prefill: list[float]) -> float | None:
+    return prompt_tokens / sorted(prefill)[len(prefill) // 2] if prefill else None
