@@ -250,3 +250,60 @@ def test_a_speculative_step_counts_as_the_tokens_it_made() -> None:
         w.stop()
     assert 0.004 < step < 0.009, f"batch-1 step learned as {step * 1000:.1f} ms, not ~5 ms"
     assert min(left) <= 4, f"the scheduler still counted {min(left)} tokens left"
+
+
+class LoggingBatch(StreamBatch):
+    """Notes when each sequence joins and leaves the batch."""
+
+    def __init__(self, gen: FakeGenerator, max_batch: int, prefill_chunk: int = 0) -> None:
+        super().__init__(gen, max_batch, prefill_chunk)
+        self.log: list[tuple[str, object]] = []
+
+    def add(self, key, prompt_ids, params):  # type: ignore[no-untyped-def]
+        self.log.append(("join", key))
+        return super().add(key, prompt_ids, params)
+
+    def step(self) -> dict:
+        out = super().step()
+        self.log += [("leave", key) for key, chunks in out.items()
+                     if chunks and chunks[-1].finish_reason is not None]
+        return out
+
+
+class LoggingGenerator(FakeGenerator):
+    batches: list[LoggingBatch]
+
+    def batch(self, max_batch: int, prefill_chunk: int = 0) -> StreamBatch:
+        b = LoggingBatch(self, max_batch, prefill_chunk)
+        self.batches = [*getattr(self, "batches", []), b]
+        return b
+
+
+def test_a_deferred_request_joins_once_the_request_it_waits_for_is_done() -> None:
+    """The engine loop keeps the scheduler's deferral: a request admitted to start after
+    another (joining at once would push that one past its deadline) does not join the batch
+    while a slot is free, and is served once the other has left."""
+    clock = Clock()  # frozen: nobody reaches a deadline, the decisions are the rates'
+    gen = LoggingGenerator(reply="abcdefghij", delay_s=0.005)
+    with worker(gen, clock, max_batch=2) as w:
+        w.scheduler.rates.alpha = 0.0
+        w.scheduler.rates.step_s = {1: 0.05, 2: 0.1}  # a pair steps twice as slowly
+        w.scheduler.rates.prefill_tokens_per_s = 1000.0
+
+        async def scenario() -> tuple[str, str, str]:
+            loop = asyncio.get_running_loop()
+            params = SamplingParams(max_tokens=10, temperature=0.0)
+            # alone: 9 steps of 0.05 s = 0.45 s; beside another, 0.9 s: past 0.6 s
+            first = Request("first", list(b"hi"), params, loop, deadline=clock() + 0.6)
+            second = Request("second", list(b"hi"), params, loop, deadline=clock() + 5.0)
+            assert w.submit(first).action.value == "local"
+            decision = w.submit(second)
+            texts = ["".join([c.text async for c in r.chunks()]) for r in (first, second)]
+            return decision.reason, texts[0], texts[1]
+
+        reason, a, b = asyncio.run(scenario())
+    assert "starting after 1 admitted request" in reason
+    assert a == b == "abcdefghij"
+    log = gen.batches[-1].log
+    assert log == [("join", "first"), ("leave", "first"), ("join", "second"),
+                   ("leave", "second")], log
