@@ -298,7 +298,9 @@ def test_a_deferred_request_joins_once_the_request_it_waits_for_is_done() -> Non
             second = Request("second", list(b"hi"), params, loop, deadline=clock() + 5.0)
             assert w.submit(first).action.value == "local"
             decision = w.submit(second)
-            texts = ["".join([c.text async for c in r.chunks()]) for r in (first, second)]
+            texts = []
+            for r in (first, second):  # py3.10: no async comprehension inside a comprehension
+                texts.append("".join([c.text async for c in r.chunks()]))
             return decision.reason, texts[0], texts[1]
 
         reason, a, b = asyncio.run(scenario())
