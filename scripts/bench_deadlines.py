@@ -170,6 +170,7 @@ def report(args: argparse.Namespace, runs: list[tuple[int, dict[str, object]]],
     feasible_lines: list[str] = []
     reasons: Counter[str] = Counter()
     modes: list[str] = []
+    late_ms: list[float] = []
     for seed, res in runs:
         alone: dict[tuple[int, int], float] = res["alone"]  # type: ignore[assignment]
         outs: list[Outcome] = res["outcomes"]  # type: ignore[assignment]
@@ -196,6 +197,7 @@ def report(args: argparse.Namespace, runs: list[tuple[int, dict[str, object]]],
         cut_lines += [f"  - seed {seed}'s daemon: {line}" for line in daemon]
         feasible_lines += [f"- seed {seed}: {o.budget_s * 1000:.0f}, {alone[o.shape] * 1000:.0f}"
                            f": {o.message}" for o in feasible]
+        late_ms += [1000 * (o.latency_s - o.budget_s) for o in ok if o.latency_s > o.budget_s]
         by_mode = {("stream" if st else "json"):
                    dict(sorted(Counter(o.status for o in outs if o.stream == st).items()))
                    for st in (False, True)}
@@ -230,6 +232,9 @@ def report(args: argparse.Namespace, runs: list[tuple[int, dict[str, object]]],
         "",
         "Refusal reasons: " + (", ".join(f"{k} {v}" for k, v in reasons.most_common()) or "—")
         + ".",
+        "",
+        "Answered after their budget, by (client clock, ms): "
+        + (", ".join(f"{v:.1f}" for v in sorted(late_ms)) or "—") + ".",
         "",
         f"Single requests (no load, seed {seed0}'s daemon): budget 1.5x alone — "
         f"{sum(o.status == 200 for o in s_admit)} of {len(s_admit)} admitted and answered; "
