@@ -282,6 +282,12 @@ class BatchDecoder:
             self._prefilling.remove(p)
         return bool(idx or jobs)
 
+    def clear(self) -> None:
+        """Drop every sequence at once (a probe's own batch when it is done): removing them
+        one by one rebuilt the remaining cache each time (3 ms for 32 demo-bundle rows)."""
+        self._seqs, self._cache, self._width = [], {}, 0
+        self._prefilling.clear()
+
     # -- per sequence --------------------------------------------------------------------
 
     def _advance(self, s: _Seq, logits: np.ndarray) -> list[Chunk]:

@@ -45,7 +45,7 @@ from typing import Any
 
 from edge_runtime.errors import EngineError
 from edge_runtime.model.sampling import SamplingParams
-from edge_runtime.serving.request import DecodeBatch, TextGenerator
+from edge_runtime.serving.request import TextGenerator, empty
 from edge_runtime.serving.scheduler import QUEUE_WAVES, UNMEASURED_MAX_BATCH, SchedulerConfig
 
 __all__ = [
@@ -328,12 +328,7 @@ def measure_step_s(
                 return out, False
         return out, True
     finally:
-        _empty(batch)
-
-
-def _empty(batch: DecodeBatch) -> None:
-    for key in batch.keys:
-        batch.remove(key)
+        empty(batch)
 
 
 def plan_capacity(

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from edge_runtime.model.sampling import SamplingParams
-from edge_runtime.serving.request import TextGenerator
+from edge_runtime.serving.request import TextGenerator, empty
 
 
 def measure_rates(
@@ -81,8 +81,7 @@ def measure_rates(
             # Lower quartile: on a shared CPU, noise only ever makes a step slower.
             step_s[size] = sorted(samples)[len(samples) // 4]
     finally:
-        for key in batch.keys:
-            batch.remove(key)
+        empty(batch)
     return step_s, _prefill_rate(prompt_tokens, prefill)
 
 

@@ -202,3 +202,15 @@ def deliver_all(items: Sequence[tuple[Request, Chunk | BaseException]]) -> None:
 def _put_all(batch: list[tuple[Request, Chunk | BaseException]]) -> None:
     for req, item in batch:
         req.put(item)
+
+
+def empty(batch: DecodeBatch) -> None:
+    """Drop every sequence of a probe's own batch (rate_probe.py, capacity.py): at once where
+    the batch can (BatchDecoder.clear), else one by one. A request that arrives during the
+    idle re-probe waits for this."""
+    clear = getattr(batch, "clear", None)
+    if clear is not None:
+        clear()
+        return
+    for key in batch.keys:
+        batch.remove(key)

@@ -82,6 +82,22 @@ def test_remove_leaves_the_others_untouched(gen):
     assert dec.active == 0
 
 
+def test_clear_empties_the_batch_at_once_and_it_serves_again(gen):
+    ids = [gen.text_prompt(p) for p in PROMPTS[:3]]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    dec = BatchDecoder(gen, max_batch=3, prefill_chunk=4)
+    for k in range(3):
+        dec.add(k, ids[k], params)  # some of them still prefilling, chunk by chunk
+    dec.step()
+    dec.clear()
+    assert dec.active == 0 and dec.prefilling == 0 and dec.keys == []
+    assert dec.step() == {}
+    again = [t for c in dec.add("again", ids[1], params) for t in c.token_ids]
+    while dec.active:
+        again += [t for c in dec.step().get("again", []) for t in c.token_ids]
+    assert again == gen.generate(ids[1], params).token_ids
+
+
 def test_full_batch_and_empty_prompt_are_refused(gen):
     dec = BatchDecoder(gen, max_batch=1)
     dec.add("a", gen.text_prompt("x"), SamplingParams(max_tokens=5))
