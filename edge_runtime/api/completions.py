@@ -149,6 +149,7 @@ async def _create_completion(
         loop=asyncio.get_running_loop(),
         deadline=deadline,
         generator=gen,
+        stream=bool(body.stream),
     )
     call = CloudCall(functools.partial(body.model_dump, mode="json", exclude_none=True),
                      "chat" if chat else "completions", body.stream)
@@ -181,7 +182,7 @@ async def _respond(
     """One JSON body, or an SSE stream, from chunks produced here or in the cloud."""
     chunks = work.chunks
     if not body.stream:
-        collected = await _unless_disconnected(request.receive, work, _collect(chunks, ctx))
+        collected = await _unless_disconnected(request.receive, work, _collect(chunks, ctx), ctx)
         if collected is None:
             return Response(status_code=CLIENT_GONE)
         text, last = collected
@@ -189,7 +190,7 @@ async def _respond(
         usage = s.Usage.of(stats.prompt_tokens, stats.completion_tokens)
         assert last.finish_reason is not None
         return JSONResponse(fmt.complete(text, last.finish_reason, usage).model_dump())
-    first = await _unless_disconnected(request.receive, work, anext(chunks))
+    first = await _unless_disconnected(request.receive, work, anext(chunks), ctx)
     if first is None:
         return Response(status_code=CLIENT_GONE)
     events = _sse(fmt, first, chunks, work, state.metrics, ctx, body.include_usage)
@@ -233,7 +234,7 @@ async def _collect(chunks: AsyncIterator[Chunk], ctx: RequestContext) -> tuple[s
 
 
 async def _unless_disconnected(
-    receive: Receive, req: Route, work: Awaitable[T]
+    receive: Receive, req: Route, work: Awaitable[T], ctx: RequestContext
 ) -> T | None:
     """`work`'s result, or None (and the generation cancelled) if the client goes away first."""
 
@@ -252,6 +253,10 @@ async def _unless_disconnected(
         return task.result()
     req.cancel()
     task.cancel()
+    # What a 499 logs, as for a stream cut mid-way (middleware.py): why, and the tokens made
+    # so far (a request that does not stream gets its chunks only at the end).
+    ctx.error = ctx.error or "client_disconnected"
+    ctx.completion_tokens = max(ctx.completion_tokens or 0, req.req.generated)
     return None
 
 

@@ -566,10 +566,17 @@ class LocalWorker:
         """Hand `key`'s chunks to its client, at once or (`out`) with a whole step's."""
         req = self._requests[key]
         for chunk in chunks:
-            if out is None:
-                req.deliver(chunk)
-            else:
-                out.append((req, chunk))
+            req.generated += len(chunk.token_ids)
+            if not req.stream and chunk.finish_reason is None:
+                req.held.append(chunk)  # the whole answer goes at once, with the last chunk
+                continue
+            ready = [*req.held, chunk] if req.held else [chunk]
+            req.held.clear()
+            for item in ready:
+                if out is None:
+                    req.deliver(item)
+                else:
+                    out.append((req, item))
             if chunk.finish_reason is not None:
                 with self._lock:
                     tally = self._tally.get(key)

@@ -147,6 +147,16 @@ class Request:
     events: asyncio.Queue[Chunk | BaseException] = field(default_factory=asyncio.Queue)
     generator: TextGenerator | None = None
     """The generator whose tokenizer made `prompt_ids` (None: the one serving at submit)."""
+    stream: bool = True
+    """The client reads the chunks as they come (SSE). False: only the whole answer is
+    used, so the engine loop holds the chunks back and hands them over with the last one —
+    one wake-up of the event loop per request instead of one per decode step, each of which
+    cost the engine loop the GIL while the event loop ran (demo bundle: a request alone 13.1
+    → 11.1 ms, a round of 15 concurrent ones 97 → 88 ms)."""
+    held: list[Chunk] = field(default_factory=list)
+    """Chunks held back for a request that does not stream (worker thread only)."""
+    generated: int = 0
+    """Tokens generated so far (worker thread; read by the event loop for a 499's log)."""
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property

@@ -77,6 +77,7 @@ def test_a_pointless_retry_is_not_made_and_retry_after_says_when() -> None:
 def _raw_stream_then_close(url: str, events: int) -> None:
     """POST a streamed chat over a raw socket, read `events` SSE events, hang up."""
     host, port = urlsplit(url).hostname, urlsplit(url).port
+    assert port is not None
     body = json.dumps({**CHAT, "stream": True, "max_tokens": 300}).encode()
     with socket.create_connection((host, port), timeout=10) as sock:
         sock.sendall(
@@ -124,3 +125,27 @@ def test_metrics_show_the_estimates(server: tuple[str, str]) -> None:
     assert values[("edge_runtime_estimate_prefill_tokens_per_second", "")] > 0
     end_to_end = values[("edge_runtime_estimate_step_seconds", "1")]
     assert end_to_end >= values[("edge_runtime_estimate_engine_step_seconds", "1")] > 0
+
+
+def test_a_client_that_hangs_up_before_a_whole_answer_is_logged_with_its_tokens() -> None:
+    """A request that does not stream gets its chunks only with the last one (the engine
+    loop holds them back: one event-loop wake-up per request, not per step), so the tokens
+    a 499 logs come from the engine loop's own count."""
+    gen = FakeGenerator(reply="x" * 300, context_length=512, delay_s=0.01)
+    log = io.StringIO()
+    with serve(gen, log) as url:
+        parts = urlsplit(url)
+        assert parts.port is not None
+        body = json.dumps({**CHAT, "max_tokens": 300}).encode()
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            wait_until(lambda: gen.produced >= 10)
+        wait_until(lambda: len(records(log)) == 1)
+    (gone,) = records(log)
+    assert gone["status"] == 499 and gone["error"] == "client_disconnected", gone
+    tokens = gone["completion_tokens"]
+    assert isinstance(tokens, int) and 10 <= tokens < 300, gone
