@@ -405,7 +405,7 @@ def _run_server(
 
         offload = OffloadClient.from_config(cfg.offload)  # started on the server's loop
     worker = LocalWorker(load, cfg.scheduler, cloud=cloud_state(offload, cfg.scheduler),
-                         on_failure=on_failure)
+                         on_failure=on_failure, freeze_heap=True)
     access_log = AccessLog.open(cfg.log.access_log)
     app = create_app(worker, ModelInfo.from_bundle(bundle), cfg, access_log, offload)
     if fleet is not None:  # the app's lifespan starts it once the model is warm

@@ -42,3 +42,25 @@ def test_a_whole_answer_comes_at_once_and_a_stream_as_it_goes(stream: bool) -> N
         assert waiting < 3, "a stream's chunks must not be held back"
     else:
         assert waiting == 8, "the whole answer (7 more chunks and the finish) at once"
+
+
+def test_a_daemon_process_freezes_its_heap_once_the_model_is_warm() -> None:
+    """`freeze_heap` (the CLI's serve): what is alive once the model is warm leaves the
+    cyclic collector's sight, so a full collection no longer stalls every request for 10-20
+    ms. Off by default: a test process must not freeze its own heap."""
+    import gc
+
+    gc.unfreeze()
+    try:
+        plain = LocalWorker(FakeGenerator, measure_rates=False)
+        plain.start()
+        assert plain.wait_ready(10)
+        plain.stop()
+        assert gc.get_freeze_count() == 0
+        daemon = LocalWorker(FakeGenerator, measure_rates=False, freeze_heap=True)
+        daemon.start()
+        assert daemon.wait_ready(10)
+        daemon.stop()
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
