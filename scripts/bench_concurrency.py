@@ -38,7 +38,6 @@ import asyncio
 import datetime as dt
 import math
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -49,7 +48,7 @@ from pathlib import Path
 
 import httpx
 from bench import artifacts
-from bench.report import cpu_model, update_section
+from bench.report import cpu_model, process_cpu_s, update_section
 from overload.procs import Procs, free_port, tail
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -110,23 +109,12 @@ def scrape(base: str) -> tuple[int, str, dict[int, float]]:
     return batch, bound, steps
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid`, all its threads (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 async def measure(base: str, model: str, run: Run, args: argparse.Namespace,
                   daemon_pid: int) -> None:
     import openai
 
     def cpu_mark() -> tuple[float, float, float]:
-        return process_cpu_s(daemon_pid), own_cpu_s(), time.perf_counter()
+        return process_cpu_s(daemon_pid), process_cpu_s(), time.perf_counter()
 
     def cpu_note(kind: str, since: tuple[float, float, float], n: int = 1) -> None:
         now = cpu_mark()

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.report import cpu_model, update_section
+from bench.report import cpu_model, process_cpu_s, update_section
 from mosquitto_broker import Broker
 
 from edge_runtime.offload.client import LatencyStats, OffloadClient
@@ -75,19 +75,11 @@ async def measure(
         client.stop()
 
 
-def cpu_s(pid: int | None = None) -> float:
-    """CPU time (user + system) of a process: ours (None) or another one (from /proc)."""
-    if pid is None:
-        return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _measure(client: OffloadClient, n: int, warmup: int) -> list[float]:
     rtts: list[float] = []
     for i in range(n + warmup):
         if i == warmup:
-            CPU.update({k: cpu_s(pid) for k, pid in PIDS.items()})
+            CPU.update({k: process_cpu_s(pid) for k, pid in PIDS.items()})
         t0 = time.perf_counter()
         stream = client.submit(BODY, "completions", time.monotonic() + 5.0, stream=False)
         async for chunk in stream:
@@ -95,7 +87,7 @@ async def _measure(client: OffloadClient, n: int, warmup: int) -> list[float]:
                 break
         if i >= warmup:
             rtts.append(time.perf_counter() - t0)
-    CPU.update({k: cpu_s(pid) - CPU[k] for k, pid in PIDS.items()})
+    CPU.update({k: process_cpu_s(pid) - CPU[k] for k, pid in PIDS.items()})
     return rtts
 
 

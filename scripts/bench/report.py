@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,15 @@ def cpu_model() -> str:
 
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
+
+
+def process_cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process, all its threads: ours (None) or another one
+    (/proc/PID/stat)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_busy_s() -> float:
