@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 from edge_runtime.errors import ConfigError
@@ -172,11 +172,9 @@ class Job:
     """A deferred job starts by this time whatever (the latest deadline of `waits_for`: the
     engine loop ends a request at its deadline, so waiting longer is for nothing)."""
 
-    def may_start(self, now: float, present: Callable[[], set[Hashable]]) -> bool:
-        """Whether it may join the batch at `now`, given the keys still running or queued
-        (a callable: built only for a deferred job)."""
-        return not self.waits_for or now >= self.waits_until or not (
-            self.waits_for & present())
+    def may_start(self, now: float, present: set[Hashable]) -> bool:
+        """Whether it may join the batch at `now`, given the keys still running or queued."""
+        return not self.waits_for or now >= self.waits_until or not self.waits_for & present
 
 
 @dataclass(frozen=True)
@@ -317,19 +315,14 @@ class Scheduler:
         """Queued jobs to start at `now` (earliest deadline first; a deferred job once those
         it waits for are gone or its time has come — at the default, infinitely late, every
         job); they count as running."""
-        present: set[Hashable] | None = None
-
-        def keys() -> set[Hashable]:
-            nonlocal present
-            if present is None:
-                present = set(self.running) | {j.key for j in self.queue}
-            return present
-
+        # Built only when some queued job is deferred (it is what may_start reads then).
+        present = set(self.running) | {j.key for j in self.queue} if any(
+            j.waits_for for j in self.queue) else set()
         take: list[Job] = []
         for job in self.queue:
             if len(take) >= free_slots:
                 break
-            if job.may_start(now, keys):
+            if job.may_start(now, present):
                 take.append(job)
         taken = {j.key for j in take}
         self.queue = [j for j in self.queue if j.key not in taken]
@@ -374,6 +367,11 @@ class Scheduler:
     def _running(self) -> list[tuple[Hashable, int, float]]:
         return [(key, r.remaining, r.deadline) for key, r in self.running.items()]
 
+    def _deadlines(self) -> dict[Hashable, float]:
+        """The deadline of every admitted job, running or queued."""
+        return {key: r.deadline for key, r in self.running.items()} | {
+            j.key: j.deadline for j in self.queue}
+
     def _join_or_defer(self, job: Job, now: float) -> tuple[str | None, tuple[Job, float] | None]:
         """(None, None) when `job` may join at once; else (None, (deferred job, its finish))
         when it can wait for the admitted jobs it would delay and still meet its deadline;
@@ -386,8 +384,7 @@ class Scheduler:
         # Waiting for one request can push the newcomer into another's way: widen the set a
         # few times (each round is two simulations); the last round waits for every request
         # admitted so far, which nobody's deadline can object to.
-        deadlines = {key: dl for key, _, dl in self._running()} | {
-            j.key: j.deadline for j in self.queue}
+        deadlines = self._deadlines()
         for n in range(DEFER_ROUNDS):
             waits |= set(deadlines) if n == DEFER_ROUNDS - 1 else {key for key, *_ in pushed}
             job = dataclasses.replace(job, waits_for=frozenset(waits),
@@ -415,10 +412,9 @@ class Scheduler:
             return []
         before = self._finish_times(now, running, queue)
         after = self._finish_times(now, running, sorted([*queue, job], key=lambda j: j.deadline))
-        deadlines = {key: dl for key, _, dl in running} | {j.key: j.deadline for j in queue}
         safety = self.config.safety
         out = []
-        for key, dl in deadlines.items():
+        for key, dl in self._deadlines().items():
             if key not in before or key not in after:
                 continue
             if now + (before[key] - now) * safety <= dl < now + (after[key] - now) * safety:
@@ -526,8 +522,7 @@ class Scheduler:
 
         while pending or active:
             while pending and len(active) < cap:
-                i = next((n for n, j in enumerate(pending)
-                          if j.may_start(t, lambda: present)), None)
+                i = next((n for n, j in enumerate(pending) if j.may_start(t, present)), None)
                 if i is None:
                     if active:
                         break
