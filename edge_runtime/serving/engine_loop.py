@@ -105,8 +105,8 @@ class LocalWorker:
         rates decide). `clock`: the deadlines' clock (the cloud worker's is the wall clock
         its requests' deadlines are written in). `freeze_heap`: once the model is warm,
         take every object alive out of the cyclic garbage collector's sight (`gc.freeze`),
-        for a process that is this daemon (the CLI's serve, the cloud worker), not a test
-        run: see _freeze_heap."""
+        for a process that is this daemon (the CLI's serve), not a test run: see
+        _freeze_heap."""
         self._load = load
         self._freeze_heap = freeze_heap
         self._measure_rates = measure_rates
@@ -488,7 +488,9 @@ class LocalWorker:
             if not self._measuring:
                 self.scheduler.rates.observe_call(0, 0.0, batch.prefill_work)
             self._accrue(self.scheduler.rates.prefill_time(batch.prefill_work[0]))
-        self._deliver(key, chunks)
+        out: list[tuple[Request, Chunk | BaseException]] = []
+        self._deliver(key, chunks, out)
+        deliver_all(out)
 
     def _step(self, batch: DecodeBatch) -> None:
         for key in batch.keys:
@@ -577,21 +579,17 @@ class LocalWorker:
                 self._finish(key)
 
     def _deliver(self, key: Hashable, chunks: list[Chunk],
-                 out: list[tuple[Request, Chunk | BaseException]] | None = None) -> None:
-        """Hand `key`'s chunks to its client, at once or (`out`) with a whole step's."""
+                 out: list[tuple[Request, Chunk | BaseException]]) -> None:
+        """Add `key`'s chunks for its client to `out`, which the caller hands over with one
+        wake-up of the event loop (request.deliver_all)."""
         req = self._requests[key]
         for chunk in chunks:
             req.generated += len(chunk.token_ids)
             if not req.stream and chunk.finish_reason is None:
                 req.held.append(chunk)  # the whole answer goes at once, with the last chunk
                 continue
-            ready = [*req.held, chunk] if req.held else [chunk]
+            out += [(req, item) for item in (*req.held, chunk)]
             req.held.clear()
-            for item in ready:
-                if out is None:
-                    req.deliver(item)
-                else:
-                    out.append((req, item))
             if chunk.finish_reason is not None:
                 with self._lock:
                     tally = self._tally.get(key)

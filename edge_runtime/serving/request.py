@@ -172,11 +172,9 @@ class Request:
         return (self.started if self.started is not None else time.monotonic()) - self.arrival
 
     def deliver(self, item: Chunk | BaseException) -> None:
-        """Worker thread → event loop. asyncio.Queue is not thread-safe; the loop is."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancel()
+        """Worker thread → event loop (asyncio.Queue is not thread-safe; the loop is): one
+        item, as deliver_all hands over many."""
+        deliver_all([(self, item)])
 
     def put(self, item: Chunk | BaseException) -> None:
         """On the event loop: hand `item` to whoever reads `chunks()`."""
@@ -194,7 +192,8 @@ class Request:
 
 
 def deliver_all(items: Sequence[tuple[Request, Chunk | BaseException]]) -> None:
-    """Worker thread → event loops: many deliveries, one wake-up per event loop.
+    """Worker thread → event loops: many deliveries, one wake-up per event loop (a closed
+    loop has nobody listening: its requests are cancelled).
     `call_soon_threadsafe` writes to the loop's self-pipe on every call (a system call and a
     wake-up of the loop's thread, which then competes for the GIL with the engine loop): a
     decode step of 15 streams made 15 of them, one step of the engine loop's serving cost."""
