@@ -68,26 +68,13 @@ def device_cert(
     days: int = DEVICE_DAYS,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A fresh P-256 key and a client certificate for it: CN = device id, client auth only."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
-    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(_serial())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    return key, cert
+    return _leaf(ca_key, ca_cert, device_id, days, [
+        (x509.KeyUsage(digital_signature=True, content_commitment=False,
+                       key_encipherment=False, data_encipherment=False, key_agreement=False,
+                       key_cert_sign=False, crl_sign=False, encipher_only=False,
+                       decipher_only=False), True),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+    ])
 
 
 def server_cert(
@@ -104,23 +91,35 @@ def server_cert(
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
+    return _leaf(ca_key, ca_cert, hosts[0], days, [
+        (x509.SubjectAlternativeName(names), False),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+    ])
+
+
+def _leaf(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str, days: int,
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A fresh P-256 key and an end-entity certificate the CA signs: CN `common_name`, valid
+    from 5 minutes ago (clock skew) for `days` but never past the CA, not a CA itself, with
+    `extensions` (each with its criticality) and the CA's key identifier."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key()).serial_number(_serial())
         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
     )  # fmt: skip
-    return key, cert
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
 
 
 def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
