@@ -9,6 +9,8 @@ timing (a blocked warm-up, a slow or failing generation) or must not depend on t
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
@@ -55,6 +57,16 @@ def wait_until(predicate: Any, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(0.01)
+
+
+def stop_process(proc: subprocess.Popen[Any], wait_s: float = 30.0) -> None:
+    """SIGTERM (the process's clean shutdown), SIGKILL if it is still there after `wait_s`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def sse_events(lines: Iterator[str]) -> list[Any]:

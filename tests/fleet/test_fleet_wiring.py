@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -27,7 +26,7 @@ import httpx
 import pytest
 from agent_fixtures import DEVICE, Controller, deploy, operator_pub, serve_process
 from http_fixtures import RangeServer
-from live_server import serve_in_thread, wait_until
+from live_server import serve_in_thread, stop_process, wait_until
 from mqtt_fixtures import Broker, Pki
 from test_cli import _read_line
 from test_fleet_serving import Releases, releases  # noqa: F401  (a module-scoped fixture)
@@ -350,12 +349,7 @@ def test_serve_fleet_cli_config_under_the_root_drain_to_cloud_and_telemetry_name
             assert controller.final("undrain-1").state == "undrained"
             assert _chat(url).headers["x-served-by"] == "local"
     finally:
-        cloud.send_signal(signal.SIGTERM)
-        try:
-            cloud.wait(30)
-        except subprocess.TimeoutExpired:
-            cloud.kill()
-            cloud.wait()
+        stop_process(cloud)
 
 
 def test_config_path_and_the_fleet_section_reach_the_agent(tmp_path: Path, pki: Pki) -> None:

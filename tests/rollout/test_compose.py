@@ -7,7 +7,6 @@ another CA refused."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from bundle_fixtures import BuiltBundle
-from live_server import wait_until
+from live_server import stop_process, wait_until
 from mqtt_fixtures import Broker, free_port, make_pki
 from test_cli import _read_line
 
@@ -148,10 +147,5 @@ def test_compose_runs_on_the_generated_pki_and_the_shipped_broker_config(
         for c in clients:
             c.stop()
         if worker is not None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker)
         broker.stop()
