@@ -4,7 +4,7 @@ max_batch fixed at 4 (before) and chosen by measurement (after: the default conf
 
     python scripts/bench_concurrency.py [--demo-bundle DIR --demo-pubkey PEM] [--no-qwen05]
         [--workdir ~/.cache/edge-bench] [--concurrent 15] [--tokens 32] [--rounds 5]
-        [--single 7] [--no-write]
+        [--single 7] [--device cuda] [--no-write]
 
 What is measured (issue #14's scenario): a real daemon (`edge-runtime serve`, uvicorn, the
 default configuration apart from the bundle: `[model] bundle` and `pubkeys`; "before" adds
@@ -29,6 +29,13 @@ Bundles: the demo bundle (`edge-build demo --out DIR`, or the cached default bun
 int4 fused bundle of scripts/bench_decode.py (random weights; built into `--workdir` by
 scripts/bench/artifacts.py if missing, which needs torch). Results are printed and written to
 docs/BENCHMARKS.md between the `bench_concurrency` markers (`--no-write` to skip).
+
+`--device cuda` (onnxruntime-gpu installed, CUDA's libraries loadable by the daemon): the same
+on ONNX Runtime's CUDA provider, with the Qwen2-0.5B shapes' fused graph in float16 (ONNX
+Runtime's CUDA GroupQueryAttention takes float16 only; give a demo bundle built with
+`fuse.activations = "float16"` for the same reason); each daemon must log that it loaded its
+decoder on CUDAExecutionProvider, else the run stops. Results go between the
+`bench_concurrency_gpu` markers, with the GPU's name.
 """
 
 from __future__ import annotations
@@ -157,6 +164,14 @@ async def measure(base: str, model: str, run: Run, args: argparse.Namespace,
     await client.close()
 
 
+def providers_of(log: str) -> str:
+    """The providers the daemon's decoder session got ("loaded PATH with providers [...]")."""
+    for line in log.splitlines():
+        if "decoder" in line and "with providers " in line:
+            return line.split("with providers ", 1)[1].strip()
+    return ""
+
+
 def one(procs: Procs, label: str, bundle: Path, pubkey: Path, mode: str,
         args: argparse.Namespace) -> Run:
     port = free_port()
@@ -166,6 +181,11 @@ def one(procs: Procs, label: str, bundle: Path, pubkey: Path, mode: str,
                         config(bundle, pubkey, 4 if mode == "before" else None), port)
     try:
         model = procs.wait_daemon(proc, base, timeout_s=600)
+        if args.device == "cuda":
+            got = providers_of(tail(proc.log, 1_000_000))
+            if not got.startswith("['CUDAExecutionProvider'"):
+                raise RuntimeError(f"{label}: the daemon's decoder is not on CUDA: "
+                                   f"{got or 'no providers line'}; {tail(proc.log)}")
         run.max_batch, run.bound, run.step_ms = scrape(base)
         asyncio.run(measure(base, model, run, args, proc.popen.pid))
         log = tail(proc.log, 1_000_000)
@@ -234,6 +254,18 @@ def cpu_lines(runs: list[Run], concurrent: int) -> list[str]:
     return lines
 
 
+def gpu_name() -> str:
+    """The GPU's name from nvidia-smi ("" without one)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.strip().splitlines()[0] if out.strip() else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     artifacts.add_bundle_args(ap)
@@ -241,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--single", type=int, default=7)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     if args.demo_bundle is None:
@@ -251,8 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_qwen05:
         work = args.workdir.expanduser().resolve()
         hf = artifacts.build_hf_model(work)
-        bundles.append(("Qwen2-0.5B shapes (int4, fused)", artifacts.build_fused_bundle(work, hf),
-                        work / "keys" / "bench.pub"))
+        if args.device == "cuda":
+            bundles.append(("Qwen2-0.5B shapes (int4, fused, fp16)",
+                            artifacts.build_fused_fp16_bundle(work, hf),
+                            work / "keys" / "bench.pub"))
+        else:
+            bundles.append(("Qwen2-0.5B shapes (int4, fused)",
+                            artifacts.build_fused_bundle(work, hf), work / "keys" / "bench.pub"))
     load_before, t0 = os.getloadavg(), time.time()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="bench-concurrency-") as tmp:
@@ -275,11 +313,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = "python scripts/bench_concurrency.py" + (
         " --no-qwen05" if args.no_qwen05 else "") + "".join(
         f" --{k} {getattr(args, k)}" for k, d in
-        (("concurrent", 15), ("tokens", 32), ("rounds", 5), ("single", 7))
+        (("concurrent", 15), ("tokens", 32), ("rounds", 5), ("single", 7), ("device", "cpu"))
         if getattr(args, k) != d)
-    update_section(DOC, MARK, "\n".join([
+    gpu = gpu_name() if args.device == "cuda" else ""
+    machine = (f"{gpu} (ONNX Runtime's CUDA provider), host {cpu_model()}, {os.cpu_count()} "
+               "logical cores" if gpu else f"{cpu_model()}, {os.cpu_count()} logical cores")
+    update_section(DOC, MARK + ("_gpu" if gpu else ""), "\n".join([
         f"## {args.concurrent} concurrent requests: the slowest ÷ one request alone, max_batch "
-        "fixed vs measured",
+        "fixed vs measured" + (f" ({gpu})" if gpu else ""),
         "",
         "_Generated by `scripts/bench_concurrency.py`; do not edit between the markers._",
         "",
@@ -287,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the same as `edge-build demo --out DIR`'s)",
         f"- **Date:** {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC (total wall time "
         f"{wall:.0f} s)",
-        f"- **Machine:** {cpu_model()}, {os.cpu_count()} logical cores; load average "
+        f"- **Machine:** {machine}; load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (shared with other work); "
         "the `openai` clients run on the same cores as the daemon",
         f"- **Workload:** `edge-runtime serve` with the default configuration apart from the "

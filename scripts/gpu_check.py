@@ -198,8 +198,17 @@ def margin(row: np.ndarray) -> float:
     return float(top2[1] - top2[0])
 
 
+# The bar against the same graph on the CPU at accuracy level 0 (top-1 agreement, max relative
+# logit error). float32 activations: the two providers differ by summation order only. float16
+# activations (the fused GPU graph): each provider rounds every activation to 11 bits at its
+# own points (fused kernels round once, the CPU's Cast-wrapped ops several times), so logits
+# differ by ~1e-3 relative and near-ties flip; 0.95 / 5e-2 still catches a wrong kernel (a
+# broken graph agrees on ~1/vocab of its tokens).
+STRICT_BAR = {"float32": (0.99, 1e-2), "float16": (0.95, 5e-2)}
+
+
 def compare_greedy(rep: Report, name: str, gpu: Generator, ref: Generator, ref_name: str,
-                   prompts: list[list[int]], strict: bool) -> None:
+                   prompts: list[list[int]], strict: bool, dtype: str = "float32") -> None:
     """Teacher-forced agreement + free-running divergence of `gpu` against `ref`."""
     agree = total = 0
     errs: list[float] = []
@@ -223,7 +232,9 @@ def compare_greedy(rep: Report, name: str, gpu: Generator, ref: Generator, ref_n
     if diverged:
         detail += " — diverges at " + "; ".join(diverged)
     if strict:
-        rep.check(rate >= 0.99 and max(errs) < 1e-2, f"{name} greedy", detail)
+        min_rate, max_err = STRICT_BAR.get(dtype, STRICT_BAR["float32"])
+        detail += f" (bar for {dtype} activations: >= {min_rate:.0%}, < {max_err:.0e})"
+        rep.check(rate >= min_rate and max(errs) < max_err, f"{name} greedy", detail)
     else:
         rep.add("INFO", f"{name} greedy", detail)
 
@@ -573,9 +584,10 @@ def bundle_checks(rep: Report, name: str, bundle: Bundle, outdir: Path,
         src = bundle.path(bundle.graph("decoder").file)
         fp32 = save_fp32_activations(src, Path(tmp) / "decoder.onnx")
         cpu32 = generator(bundle, CPU, graph_file=fp32)
+        kv = bundle.graph("decoder").kv_cache
         compare_greedy(rep, f"{name} CUDA", gpu, cpu32,
                        "CPU at accuracy level 0 (no int8 rounding)",
-                       prompts, strict=True)
+                       prompts, strict=True, dtype=kv.dtype if kv else "float32")
         cpu32.engine.close()
     cpu.engine.close()
     graph = gpu.graph

@@ -84,6 +84,18 @@ def test_verify_missing_dir_and_unreadable_key(
     assert code == 1 and "cannot read public key" in err and "Traceback" not in err
 
 
+def test_python_dash_m_runs_the_same_command_line(tmp_path: Path) -> None:
+    """`python -m edge_runtime` (a source tree without the console script, as on the GPU
+    benchmark machine) is the same program: same version line, same exit status on error."""
+    ok = subprocess.run([sys.executable, "-m", "edge_runtime", "--version"],
+                        check=False, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.startswith("edge-runtime ")
+    bad = subprocess.run([sys.executable, "-m", "edge_runtime", "verify", str(tmp_path / "nope"),
+                          "--pubkey", str(tmp_path / "missing.pub")],
+                         check=False, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "edge-runtime: error:" in bad.stderr
+
+
 def test_usage_error_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main([])

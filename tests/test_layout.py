@@ -46,6 +46,7 @@ RULES: dict[str, set[str]] = {
     "pki": {"atomic", "errors"},  # the fleet CA and device certificates (ECDSA P-256)
     "doctor": {"engines", "config", "pki", "errors"},  # `edge-runtime doctor`: only reads
     "cli": {"*"},
+    "__main__": {"cli"},  # `python -m edge_runtime` = the edge-runtime command
     "edge_runtime": {"bundle", "model", "errors"},  # the package's public API re-exports
 }
 # Every unit may read the package's version (edge_runtime/__init__.py).

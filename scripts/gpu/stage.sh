@@ -15,7 +15,7 @@ if [ ! -d "$G/pipe/mistral_common" ] && ls "$G"/mistral_common-*.whl >/dev/null 
         "$G"/mistral_common-*.whl && echo "stage: mistral_common installed"
 fi
 # Bundles carried by a call stay in $G for later calls (a carried path not named again is gone).
-for d in demo spec; do [ -d ".gpu/$d" ] && mkdir -p "$G/$d" && cp -r ".gpu/$d/." "$G/$d/"; done
+for d in demo demo16 spec spec16; do [ -d ".gpu/$d" ] && mkdir -p "$G/$d" && cp -r ".gpu/$d/." "$G/$d/"; done
 n=$(ls "$G/pieces" | wc -l)
 echo "stage: $n of 5 onnxruntime-gpu pieces here"
 if [ ! -d "$G/ortgpu/onnxruntime" ] && [ "$n" -eq 5 ]; then

@@ -25,6 +25,13 @@ __all__ = ["BIN", "Proc", "Procs", "daemon_config", "free_port", "tail"]
 BIN = Path(sys.executable).parent
 
 
+def edge_runtime_cmd() -> list[str]:
+    """The installed `edge-runtime` console script, or `python -m edge_runtime` where only
+    the source tree is on PYTHONPATH (the GPU machine runs the daemon from a carried tree)."""
+    script = BIN / "edge-runtime"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "edge_runtime"]
+
+
 def tail(path: Path, chars: int = 2000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -114,7 +121,7 @@ class Procs:
         """One `edge-runtime cloud-worker`: `concurrency` sequences in one batch, streamed
         tokens coalesced `chunk` = (tokens, ms) per message."""
         return self.spawn(f"cloud-worker-{i}", [
-            str(BIN / "edge-runtime"), "cloud-worker", "--bundle", str(bundle),
+            *edge_runtime_cmd(), "cloud-worker", "--bundle", str(bundle),
             "--pubkey", str(pubkey), "--broker", broker, "--concurrency", str(concurrency),
             "--threads", str(threads), "--chunk-tokens", str(chunk[0]),
             "--chunk-ms", str(chunk[1]), "--log-level", "warning",
@@ -131,7 +138,7 @@ class Procs:
         conf = self.workdir / f"{name}.toml"
         conf.write_text(config_toml)
         return self.spawn(name, [
-            str(BIN / "edge-runtime"), "serve", "--config", str(conf), "--port", str(port),
+            *edge_runtime_cmd(), "serve", "--config", str(conf), "--port", str(port),
         ], self.device_cpus)
 
     def wait_daemon(self, proc: Proc, base_url: str, timeout_s: float = 180.0) -> str:
