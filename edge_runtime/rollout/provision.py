@@ -12,21 +12,28 @@ copies into the root-file-system overlay:
     OUT/devices/ID/etc/edge-runtime/trust/bundle-signers/*.pub
     OUT/devices/ID/etc/edge-runtime/trust/operators/*.pub
     OUT/devices/ID/broker.acl                      its block for the broker's ACL (acl.py)
+    OUT/replaced/ID/SERIAL.pem                     certificates --force replaced
 
-Private keys go through atomic.py (0600 from creation, fsync, rename) and are never printed.
+`--force` re-issues a device (a new key and certificate); the certificate it replaces is
+signed by the same CA and stays valid until it expires or is revoked, so it is kept under
+OUT/replaced/ (outside the device's tree: it is never flashed) and the output line gives the
+`edge-fleet revoke ID --replaced` command that puts it on the CRL while the new one stays good.
+
+Private keys go through atomic.py (0600 from creation, fsync, rename) and are never printed;
+a replaced device's old key is deleted with its tree (only the certificate is kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import os
 import re
 import shutil
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from cryptography import x509
@@ -34,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edge_runtime import pki
 from edge_runtime.atomic import atomic_write_bytes, atomic_write_text
-from edge_runtime.config import FleetConfig, config_from_dict
+from edge_runtime.config import config_from_dict
 from edge_runtime.errors import ConfigError, EdgeError
 from edge_runtime.fleet.remote_config import REMOTE_FILE
 from edge_runtime.mqtt import topics
@@ -161,14 +168,7 @@ def config_toml(device: Device, opts: Options, signers: list[str], operators: li
         f"cert_file = {json.dumps(str(tls / 'device.pem'))}",
         f"key_file = {json.dumps(str(tls / 'device.key'))}",
     ]
-    operators_dir = json.dumps(str(ETC / "trust" / "operators"))
-    if "operator_keys" in {f.name for f in dataclasses.fields(FleetConfig)}:
-        lines.append(f"operator_keys = [{operators_dir}]")
-    else:
-        # TODO(#12, control plane): config.py on this branch has no [fleet] operator_keys
-        # yet; once the signed-commands work lands, this branch writes the line itself.
-        lines.append(f"# TODO: operator_keys = [{operators_dir}]  (needs [fleet] "
-                     "operator_keys in config.py; written automatically once it exists)")
+    lines.append(f"operator_keys = [{json.dumps(str(ETC / 'trust' / 'operators'))}]")
     text = "\n".join(lines) + "\n"
     try:
         config_from_dict(tomllib.loads(text), ETC, source=f"config of {device.device_id}")
@@ -189,6 +189,24 @@ def _copy_keys(sources: tuple[Path, ...], dest: Path) -> list[str]:
     return names
 
 
+def replaced_dir(out: Path, device_id: str) -> Path:
+    """Where --force keeps the certificates it replaced (named by serial, hex)."""
+    return out / "replaced" / device_id
+
+
+def _keep_replaced(out: Path, device_id: str, cert_path: Path) -> x509.Certificate | None:
+    """Copy the certificate about to be replaced to OUT/replaced/ID/SERIAL.pem (atomically,
+    before its tree is deleted); None when the tree holds no readable certificate."""
+    try:
+        cert = pki.load_cert(cert_path)
+    except EdgeError:
+        return None
+    dest = replaced_dir(out, device_id) / f"{cert.serial_number:x}.pem"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pki.write_cert(dest, cert)
+    return cert
+
+
 def provision_device(out: Path, ca: CA, device: Device, opts: Options) -> Path:
     """Write one device's tree under out/devices/ID; returns its etc/edge-runtime."""
     root = out / "devices" / device.device_id
@@ -197,6 +215,7 @@ def provision_device(out: Path, ca: CA, device: Device, opts: Options) -> Path:
         if not opts.force:
             raise ConfigError(f"{device.device_id} is already provisioned at {root}: pass "
                               "--force to issue it a new key and certificate")
+        _keep_replaced(out, device.device_id, etc / "tls" / "device.pem")
         shutil.rmtree(root)
     for d in (etc / "tls", etc / "trust" / "bundle-signers", etc / "trust" / "operators"):
         d.mkdir(parents=True, exist_ok=True)
@@ -227,13 +246,29 @@ def provision(out: Path, ca_dir: Path | None, devices: list[Device], opts: Optio
     (key, ca), made = load_or_create_ca(ca_dir or out / "ca")
     lines = [f"{'made' if made else 'using'} fleet CA {(ca_dir or out / 'ca') / 'ca.pem'} "
              f"(serial {ca.serial_number:x})"]
+    now = datetime.now(timezone.utc)
     for device in devices:
+        before = set(replaced_certs(out, device.device_id))
         etc = provision_device(out, (key, ca), device, opts)
         cert = pki.load_cert(etc / "tls" / "device.pem")
         lines.append(f"provisioned {device.device_id} (serial {device.serial}): certificate "
                      f"{cert.serial_number:x} valid until {cert.not_valid_after_utc:%Y-%m-%d}, "
                      f"files in {etc}")
+        for path in sorted(set(replaced_certs(out, device.device_id)) - before):
+            old = pki.load_cert(path)
+            if old.not_valid_after_utc > now:
+                lines.append(
+                    f"replaced certificate {old.serial_number:x} of {device.device_id} is still "
+                    f"valid until {old.not_valid_after_utc:%Y-%m-%d} (kept as {path}): revoke it "
+                    f"with edge-fleet revoke {device.device_id} --replaced --provisioned {out} "
+                    f"--ca {ca_dir or out / 'ca'} --out crl.pem")
     return lines
+
+
+def replaced_certs(out: Path, device_id: str) -> list[Path]:
+    """The certificates --force replaced for this device, oldest serial file first."""
+    d = replaced_dir(out, device_id)
+    return sorted(d.glob("*.pem")) if d.is_dir() else []
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

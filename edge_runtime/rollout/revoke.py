@@ -1,6 +1,7 @@
 """`edge-fleet revoke`: put devices' certificates on the fleet CA's revocation list.
 
     edge-fleet revoke orin-017 orin-018 --ca OUT/ca --provisioned OUT --out crl.pem
+    edge-fleet revoke orin-017 --replaced --ca OUT/ca --provisioned OUT --out crl.pem
     edge-fleet revoke --cert lost-device.pem --ca OUT/ca --out crl.pem
     edge-fleet revoke --ca OUT/ca --out crl.pem        (no device: re-sign, fresh next_update)
 
@@ -9,6 +10,11 @@ drop this fleet's earlier revocations); its entries are kept, the new serials ar
 and the result is signed and written atomically (atomic.py). The broker checks it on its
 certificate listener (`crlfile` in deploy/mosquitto/mosquitto.conf) and reads it again on
 SIGHUP. Only serials and the CA's public parts are printed; never a key.
+
+A device id revokes the device's current certificate and every one `edge-fleet provision
+--force` replaced (kept under OUT/replaced/ID/): a retired device leaves nothing valid behind.
+With `--replaced`, only those replaced ones: the device was re-issued (its old key lost or
+exposed) and keeps its new certificate.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 
 from edge_runtime import pki
 from edge_runtime.errors import ConfigError
-from edge_runtime.rollout.provision import check_device_id, load_or_create_ca
+from edge_runtime.rollout.provision import check_device_id, load_or_create_ca, replaced_certs
 
 
 def device_cert_path(provisioned: Path, device_id: str) -> Path:
@@ -70,6 +76,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="edge-fleet provision's --out, where the devices' certificates are")
     p.add_argument("--cert", action="append", type=Path, default=[],
                    help="a certificate file to revoke (repeatable)")
+    p.add_argument("--replaced", action="store_true",
+                   help="only the certificates provision --force replaced for these devices "
+                   "(their current ones stay valid)")
     p.add_argument("--days", type=int, default=pki.CRL_DAYS,
                    help="days until the CRL's next update (the broker refuses everyone after)")
     p.set_defaults(fn=cmd_revoke)
@@ -82,13 +91,24 @@ def cmd_revoke(a: argparse.Namespace) -> int:
     if a.device and a.provisioned is None:
         raise ConfigError(f"device ids {', '.join(a.device)} need --provisioned (edge-fleet "
                           "provision's --out), or pass their certificates with --cert")
+    if a.replaced and not a.device:
+        raise ConfigError("--replaced needs the device ids whose replaced certificates to "
+                          "revoke (and --provisioned)")
     for device in a.device:
         check_device_id(device)
         path = device_cert_path(a.provisioned, device)
+        old = [(f"{device} (replaced)", p) for p in replaced_certs(a.provisioned, device)]
+        if a.replaced:
+            if not old:
+                raise ConfigError(f"{device} has no replaced certificates under "
+                                  f"{a.provisioned / 'replaced' / device}: nothing to revoke")
+            certs.extend(old)
+            continue
         if not path.is_file():
             raise ConfigError(f"{device} has no certificate at {path}: check --provisioned or "
                               "pass its certificate with --cert")
         certs.append((device, path))
+        certs.extend(old)
     certs.extend((str(c), c) for c in a.cert)
     for line in revoke(a.ca, a.out, certs, a.days):
         print(line)

@@ -33,6 +33,13 @@ from edge_runtime.cloud.worker import CloudWorker  # noqa: E402
 from edge_runtime.errors import BrokerError  # noqa: E402
 from edge_runtime.mqtt.client import Message, MqttClient, TlsFiles  # noqa: E402
 from edge_runtime.mqtt.types import PublishProps  # noqa: E402
+from edge_runtime.rollout.provision import (  # noqa: E402
+    Device,
+    Options,
+    load_or_create_ca,
+    provision_device,
+    replaced_certs,
+)
 from edge_runtime.rollout.revoke import revoke  # noqa: E402
 
 from .row import Row  # noqa: E402
@@ -231,14 +238,26 @@ def _identity_rows(sb: ShippedBroker) -> list[Row]:
                 "certificate verify failed") > log_before)
     # Last: dev-b's certificate goes onto the shipped crlfile (edge-fleet revoke's code) and
     # the broker re-reads it on SIGHUP, as deploy/mosquitto/README.md tells an operator.
-    revoke(sb.pki.ca.parent, sb.broker.workdir / "etc" / "crl.pem",
-           [("dev-b", sb.certs["dev-b"][0])])
+    crl = sb.broker.workdir / "etc" / "crl.pem"
+    revoke(sb.pki.ca.parent, crl, [("dev-b", sb.certs["dev-b"][0])])
+    # dev-a re-issued with provision --force (its old key presumed stolen): the certificate it
+    # replaced is revoked with `edge-fleet revoke dev-a --replaced` (these functions).
+    stolen, fresh, replaced = _reissued(sb, "dev-a")
+    revoke(sb.pki.ca.parent, crl, [("dev-a (replaced)", c) for c in replaced])
     os.kill(sb.broker.pid, signal.SIGHUP)
     time.sleep(1.0)  # the reload is asynchronous and logs nothing
     attempt("revoked device certificate (dev-b on the CRL, broker SIGHUPed)",
             MqttClient(sb.cert_url, "dev-b", tls=sb.tls("dev-b")),
             "TLS alert 'certificate revoked'; the device's log names the cause",
             lambda c, m: "certificate revoked" in m and "it is revoked" in m)
+    attempt("a re-issued device's replaced certificate (CN dev-a, provision --force, then "
+            "revoke dev-a --replaced)",
+            MqttClient(sb.cert_url, "dev-a-stolen", tls=stolen),
+            "TLS alert 'certificate revoked'; the device's log names the cause",
+            lambda c, m: "certificate revoked" in m and "it is revoked" in m)
+    attempt("control: the re-issued dev-a's new certificate",
+            MqttClient(sb.cert_url, "dev-a-new", tls=fresh),
+            "connected", lambda c, m: True, up_expected=True)
     cert, key = _expired(sb, "dev-a")
     attempt("expired device certificate (CN dev-a, same CA)",
             MqttClient(sb.cert_url, "dev-a-old", tls=TlsFiles(str(sb.pki.ca), cert, key)),
@@ -248,6 +267,24 @@ def _identity_rows(sb: ShippedBroker) -> list[Row]:
             MqttClient(sb.cert_url, "dev-a", tls=sb.tls("dev-a")),
             "connected", lambda c, m: True, up_expected=True)
     return rows
+
+
+def _reissued(sb: ShippedBroker, cn: str) -> tuple[TlsFiles, TlsFiles, list[Path]]:
+    """Provision `cn` from the broker's CA, copy its key pair away (the thief's copy),
+    re-provision it with --force: (the stolen pair, the new pair, the kept replaced certs)."""
+    out = sb.broker.workdir / "provisioned"
+    ca = load_or_create_ca(sb.pki.ca.parent)[0]
+    opts = Options("mqtts://127.0.0.1:8883")
+    tls = provision_device(out, ca, Device("", cn), opts) / "tls"
+    thief = sb.broker.workdir / "stolen"
+    thief.mkdir(exist_ok=True)
+    for f in ("device.pem", "device.key"):
+        (thief / f).write_bytes((tls / f).read_bytes())
+        (thief / f).chmod(0o600)
+    provision_device(out, ca, Device("", cn), Options(opts.broker, force=True))
+    stolen = TlsFiles(str(sb.pki.ca), str(thief / "device.pem"), str(thief / "device.key"))
+    fresh = TlsFiles(str(sb.pki.ca), str(tls / "device.pem"), str(tls / "device.key"))
+    return stolen, fresh, replaced_certs(out, cn)
 
 
 def _expired(sb: ShippedBroker, cn: str) -> tuple[str, str]:

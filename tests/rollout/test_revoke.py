@@ -16,6 +16,7 @@ from edge_runtime import pki as fleet_pki
 from edge_runtime.mqtt.client import MqttClient, TlsFiles
 from edge_runtime.rollout import cli
 from edge_runtime.rollout.provision import Device, Options, provision_device
+from edge_runtime.signing import generate_keypair
 
 
 def _revoke(*args: str | Path) -> int:
@@ -128,3 +129,70 @@ def test_broker_refuses_revoked_and_expired_device_certificates(
         for c in clients:
             c.stop()
         b.stop()
+
+
+def _provision(out: Path, ca_dir: Path, signer: Path, *extra: str) -> int:
+    return cli.main(["provision", "--out", str(out), "--ca", str(ca_dir), "--device", "orin-7",
+                     "--device-broker", "mqtts://b:8883", "--bundle-signer", str(signer),
+                     *extra])
+
+
+@pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
+def test_a_reissued_device_can_revoke_its_old_certificate_and_keep_the_new(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """provision --force used to delete the old certificate, which the CA had signed and the
+    broker still accepted: whoever held the old key (the reason to re-issue) kept access, and
+    there was no file left to revoke. Now it is kept outside the device's tree, the output
+    says how to revoke it, and `revoke ID --replaced` leaves the new certificate valid."""
+    p = make_pki(tmp_path / "pki")
+    ca_dir, out, crl = p.ca.parent, tmp_path / "fleet", tmp_path / "crl.pem"
+    signer = tmp_path / "signer.pub"
+    generate_keypair(tmp_path / "signer.key", signer)
+    tls = out / "devices" / "orin-7" / "etc" / "edge-runtime" / "tls"
+    assert _provision(out, ca_dir, signer) == 0
+    stolen = tmp_path / "stolen"  # what a thief copied off the device before it was re-issued
+    stolen.mkdir()
+    for f in ("device.pem", "device.key"):
+        (stolen / f).write_bytes((tls / f).read_bytes())
+    old_serial = _serial(tls / "device.pem")
+    capsys.readouterr()
+
+    assert _provision(out, ca_dir, signer, "--force") == 0
+    printed = capsys.readouterr().out
+    new_serial = _serial(tls / "device.pem")
+    kept = out / "replaced" / "orin-7" / f"{old_serial:x}.pem"
+    assert new_serial != old_serial and kept.read_bytes() == (stolen / "device.pem").read_bytes()
+    assert f"replaced certificate {old_serial:x} of orin-7 is still valid" in printed
+    assert "edge-fleet revoke orin-7 --replaced" in printed and "PRIVATE" not in printed
+    assert not list((out / "devices").rglob(f"{old_serial:x}.pem"))  # never flashed
+
+    assert _revoke("orin-7", "--replaced", "--provisioned", out, "--ca", ca_dir,
+                   "--out", crl) == 0
+    assert _serials(crl) == {old_serial}
+    assert "revoked orin-7 (replaced)" in capsys.readouterr().out
+
+    b = Broker(tmp_path / "broker", pki=p, extra=[f"crlfile {crl}"])
+    b.start()
+    clients: list[MqttClient] = []
+    try:
+        new = _connect(b, p, tls / "device.pem", tls / "device.key", "orin-7")
+        old = _connect(b, p, stolen / "device.pem", stolen / "device.key", "orin-7")
+        clients += [new, old]
+        assert new.wait_connected(10)
+        assert not old.wait_connected(1.5)
+        assert "it is revoked" in str(old.failure(1.5))
+    finally:
+        for c in clients:
+            c.stop()
+        b.stop()
+
+    # Retiring the device: its current certificate and every replaced one.
+    assert _revoke("orin-7", "--provisioned", out, "--ca", ca_dir, "--out", crl) == 0
+    assert _serials(crl) == {old_serial, new_serial}
+    # --replaced for a device that was never re-issued is a named refusal.
+    assert _provision(tmp_path / "f2", ca_dir, signer) == 0
+    capsys.readouterr()
+    assert _revoke("orin-7", "--replaced", "--provisioned", tmp_path / "f2", "--ca", ca_dir,
+                   "--out", crl) == 1
+    assert "has no replaced certificates" in capsys.readouterr().err
