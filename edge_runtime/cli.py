@@ -280,7 +280,7 @@ def _serve(args: argparse.Namespace) -> int:
     _check_server(cfg, args)
     if fleet:
         assert config_file is not None
-        return _run_server(cfg, bundle, sock, (_trust(pubkeys), config_file, flags))
+        return _run_server(cfg, bundle, sock, (_trust(pubkeys), config_file, flags, ignored))
     return _run_server(cfg, bundle, sock)
 
 
@@ -372,9 +372,10 @@ def _cloud_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-FleetWiring = tuple[list[Ed25519PublicKey], Path, Mapping[str, Any]]
-"""serve --fleet: the keys trusted to sign deploys, the config file set-config replaces, and
-the command-line flags (config keys) that stay on top of it."""
+FleetWiring = tuple[list[Ed25519PublicKey], Path, Mapping[str, Any], str | None]
+"""serve --fleet: the keys trusted to sign deploys, the config file set-config replaces, the
+command-line flags (config keys) that stay on top of it, and why the remote-config overlay
+was ignored (None: merged or absent)."""
 
 
 def _run_server(
@@ -411,9 +412,9 @@ def _run_server(
     if fleet is not None:  # the app's lifespan starts it once the model is warm
         from edge_runtime.fleet.daemon import attach
 
-        trust, config_file, flags = fleet
+        trust, config_file, flags, ignored = fleet
         attach(app, worker, cfg, trust, bundle.root, config_file, flags,
-               cloud_path=offload is not None)
+               cloud_path=offload is not None, overlay_ignored=ignored)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -2,9 +2,11 @@
 
 One line per check, each with its fix: the JetPack/L4T release, CUDA, TensorRT, ONNX
 Runtime's execution providers, the power mode, free memory and disk, the fleet broker
-(TCP, TLS with the device certificate, MQTT CONNECT) and the device certificate (validity,
-chain to the CA, key match). It only reads: nothing is written, no key material is printed.
-On a Jetson a missing GPU piece fails; elsewhere (an x86 box serving on the CPU) it warns.
+(TCP, TLS with the device certificate, MQTT CONNECT), the device certificate (validity,
+chain to the CA, key match) and the remote-config overlay that signed set-config commands
+write (merged, or refused whole and why). It only reads: nothing is written, no key
+material is printed. On a Jetson a missing GPU piece fails; elsewhere (an x86 box serving on
+the CPU) it warns.
 """
 
 from __future__ import annotations
@@ -263,6 +265,30 @@ def check_broker(cfg: Config, timeout: float = 5.0) -> list[Check]:
     return checks
 
 
+def check_remote_config(cfg: Config, path: Path | None) -> Check:
+    """The overlay serve merges over the config file: what it sets, or why serve ignores it
+    (serve reads it the same way, fleet/remote_config.py)."""
+    from edge_runtime.fleet.remote_config import (
+        load_device_config,
+        overlay_path,
+        read_overlay,
+        table_keys,
+    )
+
+    overlay = overlay_path(cfg.fleet) if cfg.fleet.enabled else None
+    if overlay is None:
+        return Check("remote config", SKIP, "the fleet agent is off: no overlay")
+    if not overlay.exists() and not overlay.is_symlink():
+        return Check("remote config", OK, f"no overlay at {overlay} (no set-config yet)")
+    loaded = load_device_config(path, {})
+    if loaded.ignored is not None:
+        return Check("remote config", WARN, loaded.ignored,
+                     f"send a whole-document set-config (edge-fleet set-config --device "
+                     f"{cfg.fleet.device_id or 'ID'} --toml FILE) or delete {overlay}")
+    keys = table_keys(read_overlay(overlay))
+    return Check("remote config", OK, f"{overlay} merged: {', '.join(keys) or 'no keys'}")
+
+
 def run_checks(cfg: Config) -> list[Check]:
     jetson = TEGRA_RELEASE.exists()
     state = cfg.fleet.root or Path("/var/lib/edge-runtime")
@@ -281,7 +307,7 @@ def report(cfg: Config, path: Path | None) -> int:
     """Print every check; 1 if any failed."""
     from edge_runtime import __version__
 
-    checks = run_checks(cfg)
+    checks = [*run_checks(cfg), check_remote_config(cfg, path)]
     print(f"edge-runtime {__version__} doctor, config {path or '(defaults)'}")
     for c in checks:
         print(c.line())

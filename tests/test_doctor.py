@@ -106,3 +106,27 @@ def test_doctor_exit_status_follows_failures(tmp_path: Path, pki: Pki) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 1 and "[FAIL] broker" in proc.stdout  # unreachable broker
     assert "BEGIN" not in proc.stdout + proc.stderr  # no key material, ever
+
+
+def test_doctor_reports_the_remote_config_overlay_merged_or_ignored(tmp_path: Path) -> None:
+    """What serve merges over the config file, or why it ignores it: the doctor reads the
+    overlay with serve's own loader, and names only keys (never values)."""
+    from edge_runtime.config import Config, load_config
+    from edge_runtime.doctor import WARN, check_remote_config
+
+    state = tmp_path / "state"
+    state.mkdir()
+    base = tmp_path / "config.toml"
+    base.write_text(f'[fleet]\nenabled = true\nbroker = "mqtt://127.0.0.1:1"\n'
+                    f'device_id = "orin-1"\nroot = "{state}"\n')
+    cfg = load_config(base)
+    assert check_remote_config(cfg, base).detail.startswith("no overlay at")
+    overlay = state / "remote.toml"
+    overlay.write_text("[scheduler]\nmax_queue = 9\n")
+    ok = check_remote_config(cfg, base)
+    assert ok.status == "ok" and "merged: scheduler.max_queue" in ok.detail
+    overlay.write_text('[server]\napi_key = "s3cret-planted"\n')
+    bad = check_remote_config(cfg, base)
+    assert bad.status == WARN and "only provisioning may set" in bad.detail
+    assert "s3cret" not in bad.line() and "--toml FILE" in bad.fix and str(overlay) in bad.fix
+    assert check_remote_config(Config(), None).status == "skip"  # no fleet agent, no overlay

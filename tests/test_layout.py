@@ -44,7 +44,7 @@ RULES: dict[str, set[str]] = {
     "sdnotify": set(),  # systemd's notify protocol, called by cli's serve
     "startup": {"engines", "errors"},  # serve's checks before the model loads
     "pki": {"atomic", "errors"},  # the fleet CA and device certificates (ECDSA P-256)
-    "doctor": {"engines", "config", "pki", "errors"},  # `edge-runtime doctor`: only reads
+    "doctor": {"engines", "config", "pki", "fleet.remote_config", "errors"},  # only reads
     "cli": {"*"},
     "__main__": {"cli"},  # `python -m edge_runtime` = the edge-runtime command
     "edge_runtime": {"bundle", "model", "errors"},  # the package's public API re-exports

@@ -94,6 +94,9 @@ class AgentConfig:
     """The overlay set-config writes (fleet/remote_config.py: only REMOTE_KEYS, merged over
     config_path at each load); None refuses set-config."""
     download: DownloadPolicy = field(default_factory=DownloadPolicy)
+    overlay_ignored: str | None = None
+    """Why the daemon started without the overlay (it was refused whole): the retained status
+    carries it as `remote_config_ignored` until a set-config replaces the overlay."""
     tegrastats: str | None = "auto"
     """Jetson telemetry: "auto" (if on PATH), a path to the binary, or None."""
 
@@ -112,6 +115,7 @@ class DeviceAgent:
         operators: list[Ed25519PublicKey] | None = None,
     ) -> None:
         self.config = config
+        self.overlay_ignored = config.overlay_ignored
         self.device = topics.check_device(config.device)
         # Operator keys command this device; `trusted` (bundle signers) only vouch for
         # bundles. With no operator key every command is refused, never run unsigned.
@@ -280,7 +284,7 @@ class DeviceAgent:
             self._audit(cmd.id, cmd.type, self._signers.pop(cmd.id, None), final.state,
                         final.reason, bundle=final.bundle)
             self._publish_final(final)
-            if final.state in ("active", "rolled_back", "drained", "undrained"):
+            if final.state in ("active", "rolled_back", "drained", "undrained", "applied"):
                 self._publish(topics.fleet_status(self.device), self._status(True),
                               retain=True)
 
@@ -322,6 +326,7 @@ class DeviceAgent:
                     atomic_write_bytes(path, old)
                 return self._reject(cmd, f"the daemon refused the config ({type(e).__name__}: "
                                          f"{e}); the previous file is back")
+        self.overlay_ignored = None  # a valid overlay now: the status stops reporting one
         return fm.Ack(cmd.id, self.device, "applied", detail=detail)
 
     def _set_drain(self, cmd: fm.Command, on: bool) -> fm.Ack:
@@ -363,12 +368,14 @@ class DeviceAgent:
 
     def _status(self, online: bool) -> bytes:
         from edge_runtime import __version__
+        extra = ({"remote_config_ignored": self.overlay_ignored}
+                 if self.overlay_ignored is not None else {})
         return fm.status_payload(
             self.device, online, bundle=self.slots.active, runtime_version=__version__,
             hostname=socket.gethostname(), machine=platform.machine(),
             python=platform.python_version(), cpu_count=os.cpu_count(),
             mem_total_mb=meminfo().get("MemTotal", 0) >> 20, groups=list(self.config.groups),
-            drained=self.drained,
+            drained=self.drained, **extra,
         )
 
     def _ack(self, ack: fm.Ack) -> None:

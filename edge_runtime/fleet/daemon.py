@@ -340,12 +340,13 @@ class FleetServing:
 
 def attach(app: FastAPI, worker: LocalWorker, cfg: Config, trusted: list[Ed25519PublicKey],
            serving: Path, config_path: Path, flags: Mapping[str, Any] | None = None,
-           cloud_path: bool = False) -> FleetServing:
-    """The fleet agent of `serve --fleet`, wired into `app` (whose lifespan starts it)."""
+           cloud_path: bool = False, overlay_ignored: str | None = None) -> FleetServing:
+    """The fleet agent of `serve --fleet`, wired into `app` (whose lifespan starts it);
+    `overlay_ignored`: why serve started without the remote-config overlay."""
     hooks = FleetServing(worker, trusted, serving, cfg.fleet.thresholds(), app.state.metrics,
                          cfg.model.backend, cfg.model.threads, cfg, flags, cloud_path)
     check_own_certificate(cfg.fleet)
-    hooks.make_agent(agent_config(cfg, config_path, overlay_path(cfg.fleet)))
+    hooks.make_agent(agent_config(cfg, config_path, overlay_path(cfg.fleet), overlay_ignored))
     app.state.fleet = hooks
     return hooks
 
@@ -374,7 +375,8 @@ def check_own_certificate(f: FleetConfig) -> list[str]:
 
 
 def agent_config(cfg: Config, config_path: Path | None = None,
-                 remote_config: Path | None = None) -> AgentConfig:
+                 remote_config: Path | None = None,
+                 overlay_ignored: str | None = None) -> AgentConfig:
     """The DeviceAgent's settings from [fleet] (and [offload]'s device id); `config_path`
     is the provisioned file set-config validates against, `remote_config` the overlay it
     writes (None: set-config is refused)."""
@@ -393,4 +395,5 @@ def agent_config(cfg: Config, config_path: Path | None = None,
                        session_expiry_s=f.session_expiry_s, tls=tls, username=f.username,
                        password=password, config_path=config_path,
                        remote_config=remote_config, download=download,
+                       overlay_ignored=overlay_ignored,
                        tegrastats=None if f.tegrastats == "off" else f.tegrastats)

@@ -110,8 +110,10 @@ def _row(device: str, st: dict[str, Any]) -> str:
         return f"{device:<24} {'?':<8} {st['error']}"
     state = "online" if st.get("online") else "offline"
     age = time.time() - float(st.get("ts", time.time()))
+    note = ("  remote config ignored (see --json)" if st.get("remote_config_ignored")
+            else "")
     return (f"{device:<24} {state:<8} {st.get('bundle') or '-':<36} "
-            f"{st.get('runtime_version') or '-':<10} {age:>8.0f}s")
+            f"{st.get('runtime_version') or '-':<10} {age:>8.0f}s{note}")
 
 
 def cmd_devices(a: argparse.Namespace) -> int:

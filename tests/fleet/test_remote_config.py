@@ -114,6 +114,10 @@ def test_set_config_goes_to_the_overlay_survives_a_restart_and_a_tampered_one_is
     # permitted one. The daemon refuses the overlay whole and runs on the provisioned file.
     overlay.write_text('[log]\nlevel = "debug"\n[fleet]\nbroker = "mqtt://127.0.0.1:9"\n')
     with daemon():  # online: it connected to the provisioned broker, not the planted one
+        # The operator sees it without reading the device's log: the retained status says so.
+        controller.wait(lambda: "only provisioning may set" in str(
+            controller.status.get("remote_config_ignored")))
+        assert "sets fleet.broker" in str(controller.status["remote_config_ignored"])
         controller.send(Command("rc-4", "set-config", {"set": {"log.level": "warning"}}))
         r = controller.final("rc-4")
         assert r.state == "rejected" and "send a whole document" in (r.reason or "")
@@ -121,6 +125,8 @@ def test_set_config_goes_to_the_overlay_survives_a_restart_and_a_tampered_one_is
         ack = controller.final("rc-5")
         assert ack.state == "applied", ack.reason
         assert ack.detail is not None and ack.detail["applied_live"] == ["scheduler.max_queue"]
+        # A valid overlay again: the status republished without the note.
+        controller.wait(lambda: "remote_config_ignored" not in controller.status)
     log = runs[-1]
     assert "sets fleet.broker, which only provisioning may set: ignored whole" in log
     assert " ERROR " in log and " DEBUG " not in log  # its log.level was not merged either

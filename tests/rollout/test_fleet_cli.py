@@ -27,8 +27,10 @@ def test_devices_lists_retained_statuses(broker: Broker, capsys: Any) -> None:
     acked = threading.Semaphore(0)
     try:
         for device, online in (("cell-1", True), ("cell-2", True), ("kiosk-9", False)):
+            note = ({"remote_config_ignored": "the remote config ... is refused"}
+                    if device == "cell-2" else {})
             payload = status_payload(device, online, bundle=f"demo-{device}",
-                                     runtime_version="0.1.0")
+                                     runtime_version="0.1.0", **note)
             pub.publish(topics.fleet_status(device), payload, retain=True,
                         on_ack=lambda rc: acked.release())
         pub.publish(topics.fleet_status("broken"), b"{not json", retain=True,
@@ -47,6 +49,8 @@ def test_devices_lists_retained_statuses(broker: Broker, capsys: Any) -> None:
     assert fleet_cli.main(["--broker", broker.url, "devices", "--wait", "1.5"]) == 0
     table = capsys.readouterr().out
     assert "4 devices, 2 online" in table and "kiosk-9" in table and "offline" in table
+    flagged = [ln for ln in table.splitlines() if "remote config ignored" in ln]
+    assert len(flagged) == 1 and flagged[0].startswith("cell-2 "), table
 
 
 def test_telemetry_streams_json_lines(broker: Broker, capsys: Any) -> None:
