@@ -350,7 +350,7 @@ def _cloud_worker(args: argparse.Namespace) -> int:
     auth = auth_from_args(args, "EDGE_CLOUD")
     worker = CloudWorker(args.broker, load, group=args.group, concurrency=args.concurrency,
                          chunk=chunk, prefill_chunk=args.prefill_chunk,
-                         model=model,
+                         model=model, freeze_heap=True,
                          **auth.mqtt_options())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -83,10 +83,13 @@ def _budget_s(request: Request) -> float | None:
     except ValueError:
         budget_ms = float("nan")
     if not 0 < budget_ms <= 86_400_000:  # also rejects nan and inf
+        shown = raw if len(raw) <= 64 else f"{raw[:64]}... ({len(raw)} characters)"
         raise APIError(
             400,
-            f"{DEADLINE_HEADER} must be a number of milliseconds in (0, 86400000], got {raw!r}",
+            f"{DEADLINE_HEADER} must be a number of milliseconds in (0, 86400000], got "
+            f"{shown!r}",
             param=DEADLINE_HEADER,
+            code="invalid_deadline",
         )
     return budget_ms / 1000
 

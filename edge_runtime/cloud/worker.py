@@ -94,6 +94,7 @@ class CloudWorker:
         default_timeout_s: float = 60.0,
         wall_clock: Callable[[], float] = time.time,
         model: str | None = None,
+        freeze_heap: bool = False,
         **mqtt_options: Any,
     ) -> None:
         """`load` builds the generator (on the engine thread); None answers at once (echo
@@ -101,7 +102,9 @@ class CloudWorker:
         `max_queued`: requests waiting beyond those (default 2 x concurrency); `chunk`: token
         coalescing of streamed answers (default ChunkPolicy()); `prefill_chunk`: prompt
         tokens prefilled per step (0: whole prompts); `model`: the name requests must ask for
-        (None: any). `mqtt_options` go to MqttClient."""
+        (None: any); `freeze_heap`: once the model is warm, out of the garbage collector's
+        sight (the `cloud-worker` command; as serve, engine_loop._freeze_heap). `mqtt_options`
+        go to MqttClient."""
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
         if prefill_chunk < 0:
@@ -124,7 +127,8 @@ class CloudWorker:
                 prefill_chunk=prefill_chunk)
             # Measured at start-up, then online from the steps it serves; a refusal here is
             # final (no other path), so no re-measuring while idle.
-            self.engine = LocalWorker(load, config, clock=wall_clock, reprobe_idle=False)
+            self.engine = LocalWorker(load, config, clock=wall_clock, reprobe_idle=False,
+                                      freeze_heap=freeze_heap)
         self._echo_rates = Rates()
         self._stopping = threading.Event()
         self._ids = itertools.count()

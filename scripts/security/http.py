@@ -115,6 +115,16 @@ def _open_attacks(d: Daemon) -> list[Row]:
             f"{d.url}/v1/completions", content="[" * 100_000 + "]" * 100_000, timeout=30,
             headers={"Content-Type": "application/json"}), 400, "invalid_json"),
     ]
+    # The latency budget header: every value that is not a finite budget in (0, 1 day] is a
+    # 400 before any admission arithmetic (nan compares false, inf never expires, a negative
+    # budget would be refused as "cannot meet the deadline" with a misleading reason).
+    for value in ("nan", "inf", "-5", "0", "1e400", "9" * 4000):
+        shown = value if len(value) < 12 else f"{value[:4]}... ({len(value)} digits)"
+        attacks.append((
+            f"x-request-deadline-ms: {shown}", "400 invalid_deadline", lambda v=value: httpx.post(
+                f"{d.url}/v1/chat/completions", content=chat, timeout=30, headers={
+                    "Content-Type": "application/json", "x-request-deadline-ms": v}),
+            400, "invalid_deadline"))
     return [_http_row(d, *a) for a in attacks]
 
 

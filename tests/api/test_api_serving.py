@@ -214,6 +214,11 @@ def test_deadline_the_device_cannot_meet_is_refused_at_arrival() -> None:
         )
         assert bad.status_code == 400
         assert bad.json()["error"]["param"] == "x-request-deadline-ms"
+        assert bad.json()["error"]["code"] == "invalid_deadline"
+        long = httpx.post(f"{url}/v1/chat/completions", json=CHAT,
+                          headers={"x-request-deadline-ms": "9" * 4000})
+        assert long.status_code == 400 and "(4000 characters)" in long.json()["error"]["message"]
+        assert len(long.json()["error"]["message"]) < 200  # the value is not echoed whole
         gate.set()
         first.join(10)
 

@@ -62,5 +62,15 @@ def test_a_daemon_process_freezes_its_heap_once_the_model_is_warm() -> None:
         assert daemon.wait_ready(10)
         daemon.stop()
         assert gc.get_freeze_count() > 1000
+        gc.unfreeze()
+        # The cloud-worker command's engine loop, the same way.
+        from edge_runtime.cloud.worker import CloudWorker
+
+        cloud = CloudWorker("mqtt://127.0.0.1:1", FakeGenerator, freeze_heap=True)
+        assert cloud.engine is not None
+        cloud.engine.start()
+        assert cloud.engine.wait_ready(10)
+        cloud.engine.stop()
+        assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()
