@@ -29,8 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.report import cpu_model, update_section
-from bench_offload_rtt import DOC, cpu_s, pct
+from bench.report import cpu_model, process_cpu_s, update_section
+from bench_offload_rtt import DOC, pct
 from mosquitto_broker import Broker
 
 from edge_runtime.offload.client import OffloadClient
@@ -86,8 +86,9 @@ async def run(url: str, n: int, concurrency: int, max_tokens: int, seed: int,
 
         for p in PROMPTS[:concurrency]:  # warm-up, not counted
             await one(p)
-        msgs.clear(), first.clear(), last.clear(), gaps.clear(), tokens.clear()
-        cpu0, wcpu0 = cpu_s(), cpu_s(worker_pid)
+        for kept in (msgs, first, last, gaps, tokens):
+            kept.clear()
+        cpu0, wcpu0 = process_cpu_s(), process_cpu_s(worker_pid)
         sem = asyncio.Semaphore(concurrency)
 
         async def bounded() -> None:
@@ -95,7 +96,7 @@ async def run(url: str, n: int, concurrency: int, max_tokens: int, seed: int,
                 await one(rng.choice(PROMPTS))
 
         await asyncio.gather(*(bounded() for _ in range(n)))
-        cpu, wcpu = cpu_s() - cpu0, cpu_s(worker_pid) - wcpu0
+        cpu, wcpu = process_cpu_s() - cpu0, process_cpu_s(worker_pid) - wcpu0
     finally:
         client.stop()
     return {"messages": sum(msgs) / n, "tokens": sum(tokens) / n,
