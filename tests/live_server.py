@@ -191,6 +191,22 @@ class StreamBatch:
             it.close()
         return [first]
 
+    prefill_batched = False  # one prompt per "prefill", as add() does them
+
+    def add_many(self, items: Sequence[tuple[Hashable, Sequence[int], SamplingParams]]
+                 ) -> dict[Hashable, list[Chunk] | Exception]:
+        """One add() per item (a subclass's own add() too), each failing alone."""
+        out: dict[Hashable, list[Chunk] | Exception] = {}
+        tokens, seconds = 0, 0.0
+        for key, ids, params in items:
+            try:
+                out[key] = self.add(key, ids, params)
+            except Exception as e:
+                out[key] = e
+            tokens, seconds = tokens + self.prefill_work[0], seconds + self.prefill_work[1]
+        self.prefill_work = (tokens, seconds)
+        return out
+
     def step(self) -> dict[Hashable, list[Chunk]]:
         self.prefill_work = (0, 0.0)
         out: dict[Hashable, list[Chunk]] = {}

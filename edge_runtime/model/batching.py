@@ -11,6 +11,17 @@ stop every running stream for its whole prefill (seconds on a CPU); with it, the
 streams' steps are delayed by one chunk at most, and the long prompt's first token comes
 about as soon as it would have.
 
+Prompts that arrive together (add_many) are prefilled together: one engine run of a padded
+[B, S] batch instead of B runs, where the graph allows it — a decomposed graph always (every
+row's last position is its own last token: left padding), a fused one when it returns a
+window of last positions (GraphSpec.logits_window: the rows' last tokens sit at different
+columns), and never on an engine with fixed shape ranges. Prompts of one run differ in
+length by at most TOGETHER_SPREAD tokens (padding is computed and discarded, and a fused
+graph's window spans the spread); prompts with a prefix-cache hit or longer than the
+prefill chunk go their own way. On a GPU a prefill run costs about what a decode step does
+(kernel launches, not arithmetic), so 15 requests that arrive at once wait for 1 prefill
+run instead of 15; on a CPU the arithmetic dominates and the gain is small.
+
 Prefix cache (prefix_cache.py, the generator's, when it has one): add() starts a prompt's
 prefill after the longest cached prefix of it (its KV taken as the sequence's own cache),
 and a prompt's KV is stored once fully prefilled, before the sequence joins the batch.
@@ -32,6 +43,7 @@ when one sequence is left the cache is exactly its own, unpadded.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +60,8 @@ if TYPE_CHECKING:  # generator.py imports this module to build its batch
     from edge_runtime.engines.protocol import DeviceTensor
     from edge_runtime.model.generator import Generator
     from edge_runtime.model.speculative import Speculator
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -81,6 +95,10 @@ class _Prefill:
     cache: dict[str, DeviceTensor]
     """The sequence's own cache: the first `done` prompt tokens."""
     done: int = 0
+
+
+TOGETHER_SPREAD = 16
+"""Most tokens by which the prompts of one batched prefill run may differ in length."""
 
 
 class BatchDecoder:
@@ -118,7 +136,13 @@ class BatchDecoder:
         self.prefill_chunk = 0 if limit is not None else prefill_chunk
         """Prompt tokens prefilled per step; 0: whole prompts in add()."""
         self.prefill_work: tuple[int, float] = (0, 0.0)
-        """(prompt tokens, seconds) of prefill done by the last add() or step() call."""
+        """(prompt tokens, seconds) of prefill done by the last add(), add_many() or step()
+        call (several runs summed)."""
+        self.prefill_batched = False
+        """The last add_many() prefilled several prompts in one run: its prefill_work is not
+        what one prompt alone would cost (the rate learner skips it)."""
+        self._together = limit is None and (not self._right or gen.windowed)
+        """Prompts can be prefilled in one run (see the module docstring)."""
         self.reuse_prefixes = reuse_prefixes
         """Use the generator's prefix cache (off: a measurement of real prefills)."""
         self._prefilling: list[_Prefill] = []
@@ -153,12 +177,56 @@ class BatchDecoder:
         """Prefill a new sequence and sample its first token; the chunks it produced. A
         prompt longer than `prefill_chunk` is only queued here (no chunks back): the next
         steps prefill it, and the one that finishes it carries its first token."""
-        self.prefill_work = (0, 0.0)
-        if self.active >= self.max_batch:
-            raise GenerationError(f"batch is full ({self.max_batch} sequences)")
-        if not prompt_ids:
-            raise GenerationError("prompt is empty", "prompt")
+        got = self.add_many([(key, prompt_ids, params)])[key]
+        if isinstance(got, Exception):
+            raise got
+        return got
 
+    def add_many(
+        self, items: Sequence[tuple[Hashable, Sequence[int], SamplingParams]]
+    ) -> dict[Hashable, list[Chunk] | Exception]:
+        """add() for several new sequences at once, prefilled together where the graph
+        allows (module docstring); per key, its chunks, or the exception that made it fail
+        alone (the others of its run are prefilled again one by one). A GenerationError
+        before any work when they do not fit the batch, a key is repeated or a prompt is
+        empty."""
+        self.prefill_work, self.prefill_batched = (0, 0.0), False
+        if self.active + len(items) > self.max_batch:
+            raise GenerationError(f"batch is full ({self.max_batch} sequences)")
+        keys = [key for key, _, _ in items]
+        if len(set(keys)) != len(keys) or set(keys) & set(self.keys):
+            raise GenerationError("a sequence key is already in the batch")
+        if any(not ids for _, ids, _ in items):
+            raise GenerationError("prompt is empty", "prompt")
+        result: dict[Hashable, list[Chunk] | Exception] = {}
+        now: list[_Prefill] = []
+        for key, ids, params in items:
+            job = self._new_job(key, ids, params)
+            if 0 < self.prefill_chunk < job.prompt.shape[1] - job.done:
+                # Not even a first chunk here: the running streams' next step comes first,
+                # so that they never wait for more than one chunk (plus their own step).
+                self._prefilling.append(job)
+                result[key] = []
+            else:
+                now.append(job)
+        for group in self._groups(now):
+            if len(group) > 1:
+                together = self._prefill_together(group)
+                if together is not None:
+                    result.update(together)
+                    continue
+            for job in group:
+                try:
+                    chunks = self._prefill(job)
+                    assert chunks is not None
+                    result[job.seq.key] = chunks
+                except Exception as e:
+                    result[job.seq.key] = e
+        return result
+
+    def _new_job(self, key: Hashable, prompt_ids: Sequence[int],
+                 params: SamplingParams) -> _Prefill:
+        """A new sequence, started after the longest cached prefix of its prompt."""
         gen = self.gen
         n = len(prompt_ids)
         seq = _Seq(
@@ -176,15 +244,24 @@ class BatchDecoder:
         prefixes = gen.prefix_cache if self.reuse_prefixes else None
         done, kv = prefixes.take(prompt[0]) if prefixes is not None else (0, None)
         seq.stats.cached_tokens = done
-        job = _Prefill(seq, prompt, kv if kv is not None else gen.empty_cache(1), done)
-        if 0 < self.prefill_chunk < n - done:
-            # Not even a first chunk here: the running streams' next step comes first, so
-            # that they never wait for more than one chunk (plus their own step).
-            self._prefilling.append(job)
-            return []
-        chunks = self._prefill(job)
-        assert chunks is not None
-        return chunks
+        return _Prefill(seq, prompt, kv if kv is not None else gen.empty_cache(1), done)
+
+    def _groups(self, jobs: list[_Prefill]) -> list[list[_Prefill]]:
+        """Runs of prompts to prefill together: fresh prompts (nothing cached) whose lengths
+        differ by at most TOGETHER_SPREAD; every other job alone."""
+        if not self._together or len(jobs) < 2:
+            return [[j] for j in jobs]
+        fresh = sorted((j for j in jobs if j.done == 0), key=lambda j: j.prompt.shape[1])
+        groups: list[list[_Prefill]] = [[j] for j in jobs if j.done != 0]
+        run: list[_Prefill] = []
+        for job in fresh:
+            if run and job.prompt.shape[1] - run[0].prompt.shape[1] > TOGETHER_SPREAD:
+                groups.append(run)
+                run = []
+            run.append(job)
+        if run:
+            groups.append(run)
+        return groups
 
     def _prefill(self, job: _Prefill) -> list[Chunk] | None:
         """Prefill the job's next chunk (its whole prompt when not chunked); once the prompt
@@ -200,7 +277,8 @@ class BatchDecoder:
         logits, job.cache = gen.forward(job.prompt[:, start:end], gen.ones[:, :end],
                                         gen.positions[:, start:end], job.cache, out=out)
         job.done = end
-        self.prefill_work = (end - start, time.perf_counter() - t)
+        tokens, seconds = self.prefill_work
+        self.prefill_work = (tokens + end - start, seconds + time.perf_counter() - t)
         if end < job.prompt.shape[1]:
             return None
         prefixes = gen.prefix_cache if self.reuse_prefixes else None
@@ -213,6 +291,58 @@ class BatchDecoder:
             return chunks  # finished on its first token: never joins the batch
         self._join(seq, job.cache)
         return chunks
+
+    def _prefill_together(self, group: list[_Prefill]) -> dict[Hashable, list[Chunk]] | None:
+        """One engine run prefills every prompt of `group` (fresh: nothing cached), padded
+        to the longest on the batch's side; each row's first token is sampled from its own
+        last position, and the rows join the batch in one cache merge. None when the engine
+        run failed (nothing changed: the caller prefills them one by one, so that a prompt
+        the engine cannot run fails alone)."""
+        gen, engine = self.gen, self.gen.engine
+        lengths = [j.prompt.shape[1] for j in group]
+        width, shortest = max(lengths), min(lengths)
+        ids = np.zeros((len(group), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        positions = np.zeros_like(ids)
+        for i, (job, n) in enumerate(zip(group, lengths, strict=True)):
+            cols = slice(0, n) if self._right else slice(width - n, width)
+            ids[i, cols] = job.prompt[0]
+            mask[i, cols] = 1
+            # Padding's positions are never attended to (mask 0); right of a row they run on.
+            positions[i] = gen.positions[0, :width] if self._right else 0
+            positions[i, cols] = gen.positions[0, :n]
+        # A fused graph's last column is padding for every shorter row: ask for the columns
+        # from the shortest prompt's last token on.
+        window = width - shortest + 1 if self._right else 0
+        t = time.perf_counter()
+        try:
+            logits, cache = gen.forward(ids, mask, positions, gen.empty_cache(len(group)),
+                                        window=window)
+        except Exception as e:
+            log.warning("%d prompts prefilled together failed (%s): one by one", len(group), e)
+            return None
+        tokens, seconds = self.prefill_work
+        self.prefill_work = (tokens + sum(lengths), seconds + time.perf_counter() - t)
+        self.prefill_batched = True
+        host = {name: engine.to_host(t) for name, t in cache.items()}
+        prefixes = gen.prefix_cache if self.reuse_prefixes else None
+        result: dict[Hashable, list[Chunk]] = {}
+        joining: list[tuple[int, _Seq]] = []
+        for i, (job, n) in enumerate(zip(group, lengths, strict=True)):
+            cols = slice(0, n) if self._right else slice(width - n, width)
+            if prefixes is not None:  # exactly this prompt's cache, as a prefill alone stores
+                prefixes.store(job.prompt[0], {
+                    name: engine.from_host(np.ascontiguousarray(h[i : i + 1, :, cols, :]))
+                    for name, h in host.items()})
+            last = n - 1 - (width - logits.shape[1]) if self._right else logits.shape[1] - 1
+            chunks = self._advance(job.seq, logits[i, last])
+            result[job.seq.key] = chunks
+            if not (chunks and chunks[-1].finish_reason is not None):
+                joining.append((i, job.seq))  # one that finished on its first token never joins
+        if joining:
+            rows = [i for i, _ in joining]
+            self._join_rows([seq for _, seq in joining], {n: h[rows] for n, h in host.items()})
+        return result
 
     def decode_alone(self, prompt_ids: Sequence[int], params: SamplingParams,
                      key: Hashable = 0) -> ChunkStream:
@@ -333,17 +463,28 @@ class BatchDecoder:
     # -- cache surgery (only when the batch changes) -------------------------------------
 
     def _join(self, seq: _Seq, cache: dict[str, DeviceTensor]) -> None:
-        if not self._seqs:
+        if not self._seqs:  # its own cache, unpadded: no copy
             self._seqs, self._cache, self._width = [seq], cache, seq.length
             return
         engine = self.gen.engine
-        width = max(self._width, seq.length)
+        self._join_rows([seq], {name: engine.to_host(t) for name, t in cache.items()})
+
+    def _join_rows(self, seqs: list[_Seq], rows: dict[str, np.ndarray]) -> None:
+        """Merge new sequences into the batch in one copy: `rows` are their caches on the
+        host, [k, H, W, D] laid out as the batch's (a row's tokens first on the right-padded
+        side, last on the left-padded one), W at least their longest."""
+        engine = self.gen.engine
+        need = max(s.length for s in seqs)  # columns beyond it are padding for every new row
+        have = next(iter(rows.values())).shape[2]
+        cols = slice(0, need) if self._right else slice(have - need, have)
+        width = max(self._width, need) if self._seqs else need
         merged = {}
-        for name, batch_t in self._cache.items():
-            old = _pad(engine.to_host(batch_t), width, self._right)
-            new = _pad(engine.to_host(cache[name]), width, self._right)
-            merged[name] = engine.from_host(np.concatenate([old, new], axis=0))
-        self._seqs.append(seq)
+        for name, new in rows.items():
+            parts = [_pad(engine.to_host(self._cache[name]), width, self._right)] \
+                if self._seqs else []
+            parts.append(_pad(new[:, :, cols, :], width, self._right))
+            merged[name] = engine.from_host(np.ascontiguousarray(np.concatenate(parts, axis=0)))
+        self._seqs.extend(seqs)
         self._cache, self._width = merged, width
 
     def _drop(self, rows: list[int]) -> None:

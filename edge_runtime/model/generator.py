@@ -130,6 +130,13 @@ class Generator:
         return gen
 
     @property
+    def windowed(self) -> bool:
+        """This last-position graph returns the logits of its last k positions on request
+        (GraphSpec.logits_window): speculative verification, and prompts of different
+        lengths prefilled together on a right-padded graph."""
+        return self._window is not None
+
+    @property
     def speculative(self) -> bool:
         """A draft model is loaded and this graph returns logits for k + 1 positions."""
         return self.draft is not None and self._window is not None

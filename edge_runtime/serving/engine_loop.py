@@ -379,8 +379,8 @@ class LocalWorker:
                 except Exception as e:
                     log.warning("could not re-measure service rates: %s", e)
                 continue
-            for job in starting:
-                self._start(batch, job.key)
+            if starting:
+                self._start(batch, [job.key for job in starting])
             if batch.active:
                 self._step(batch)
             for old in draining:  # swapped-out models finish what they started
@@ -456,40 +456,63 @@ class LocalWorker:
         running = batch.active + sum(b.active for _, b in self._draining)
         return self.scheduler.next_batch(self.scheduler.max_batch - running, now)
 
-    def _start(self, batch: DecodeBatch, key: Hashable) -> None:
-        req = self._requests[key]
-        if req.generator is not None and req.generator is not self.generator:
-            # Tokenized by a swapped-out model: it runs there (kept alive for it).
-            batch = self._models.batch_of(req.generator)
-        if req.cancelled:
-            self._finish(key)
-            return
-        if req.deadline is not None and self._clock() >= req.deadline:
-            late = self._clock() - req.deadline
-            log.info("request %s reached its deadline before its prefill", key)
-            req.deliver(DeadlineExceededError(
-                f"the request's deadline passed while it waited ({late:.2f}s ago): not started"
-            ))
-            self._finish(key)
-            return
-        req.started = self._clock()
+    def _start(self, batch: DecodeBatch, keys: list[Hashable]) -> None:
+        """Prefill the jobs the scheduler let start, together where the engine can (one run
+        for prompts that arrived at once; BatchDecoder.add_many); a request the engine
+        cannot run fails alone."""
+        by_batch: dict[int, tuple[DecodeBatch, list[Hashable]]] = {}
+        for key in keys:
+            req = self._requests[key]
+            target = batch
+            if req.generator is not None and req.generator is not self.generator:
+                # Tokenized by a swapped-out model: it runs there (kept alive for it).
+                target = self._models.batch_of(req.generator)
+            if req.cancelled:
+                self._finish(key)
+                continue
+            if req.deadline is not None and self._clock() >= req.deadline:
+                late = self._clock() - req.deadline
+                log.info("request %s reached its deadline before its prefill", key)
+                req.deliver(DeadlineExceededError(
+                    f"the request's deadline passed while it waited ({late:.2f}s ago): not "
+                    "started"))
+                self._finish(key)
+                continue
+            req.started = self._clock()
+            by_batch.setdefault(id(target), (target, []))[1].append(key)
+        for target, ks in by_batch.values():
+            self._prefill(target, ks)
+        self.prefilling = batch.prefilling
+
+    def _prefill(self, batch: DecodeBatch, keys: list[Hashable]) -> None:
         t = time.perf_counter()
         try:
-            chunks = batch.add(key, req.prompt_ids, req.params)
-        except Exception as e:  # a request the engine cannot run fails alone
-            log.exception("request %s failed in prefill", key)
-            self._engine_errors.append(self._clock())
-            req.deliver(e)
-            self._finish(key)
-            return
-        self.prefilling = batch.prefilling
+            got = batch.add_many([(k, self._requests[k].prompt_ids, self._requests[k].params)
+                                  for k in keys])
+        except Exception as e:  # refused before any work (cannot happen: the scheduler
+            if len(keys) > 1:   # sized the batch): one by one, so that only a bad one fails
+                for key in keys:
+                    self._prefill(batch, [key])
+                return
+            got = {keys[0]: e}
         self._cycle_engine_s += time.perf_counter() - t
         with self._lock:
-            if not self._measuring:
+            # Several prompts in one run cost less than each alone: the rates keep what one
+            # alone costs (the scheduler's estimate for a newcomer), learned from those.
+            if not self._measuring and not batch.prefill_batched:
                 self.scheduler.rates.observe_call(0, 0.0, batch.prefill_work)
             self._accrue(self.scheduler.rates.prefill_time(batch.prefill_work[0]))
         out: list[tuple[Request, Chunk | BaseException]] = []
-        self._deliver(key, chunks, out)
+        for key in keys:
+            chunks = got[key]
+            if isinstance(chunks, Exception):  # a request the engine cannot run fails alone
+                log.error("request %s failed in prefill: %s", key, chunks,
+                          exc_info=chunks)
+                self._engine_errors.append(self._clock())
+                self._requests[key].deliver(chunks)
+                self._finish(key)
+                continue
+            self._deliver(key, chunks, out)
         deliver_all(out)
 
     def _step(self, batch: DecodeBatch) -> None:

@@ -58,9 +58,22 @@ class DecodeBatch(Protocol):
         """(prompt tokens, seconds) of prefill done by the last add() or step() call."""
         ...
 
+    @property
+    def prefill_batched(self) -> bool:
+        """The last add_many() ran several prompts in one prefill: its prefill_work is not
+        what one prompt costs alone."""
+        ...
+
     def add(
         self, key: Hashable, prompt_ids: Sequence[int], params: SamplingParams
     ) -> list[Chunk]: ...
+
+    def add_many(
+        self, items: Sequence[tuple[Hashable, Sequence[int], SamplingParams]]
+    ) -> dict[Hashable, list[Chunk] | Exception]:
+        """add() for several new sequences (prefilled together where the engine can); per
+        key its chunks or the exception it failed with alone."""
+        ...
 
     def step(self) -> dict[Hashable, list[Chunk]]: ...
 

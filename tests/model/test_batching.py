@@ -190,3 +190,120 @@ def test_a_prefilling_sequence_can_be_removed_and_counts_against_the_batch(gen):
     while dec.active:
         got.extend(t for c in dec.step().get("b", []) for t in c.token_ids)
     assert got == ref
+
+
+# -- prompts prefilled together ------------------------------------------------------------
+
+
+def _drain(dec: BatchDecoder, first: dict) -> dict:
+    """Every key's tokens: what add_many returned, then every step's."""
+    out = {key: [t for c in chunks for t in c.token_ids] for key, chunks in first.items()}
+    for _ in range(1_000):
+        if not dec.active:
+            return out
+        for key, chunks in dec.step().items():
+            out[key].extend(t for c in chunks for t in c.token_ids)
+    raise AssertionError("did not finish")
+
+
+def _together_case(gen, dec: BatchDecoder) -> None:
+    # Different lengths (within the spread: one run), one finishing on its first token
+    # (max_tokens 1: never joins), and the rest of different lengths of answer.
+    jobs = [(i, gen.text_prompt(p), SamplingParams(max_tokens=1 if i == 2 else 9 + 4 * i,
+                                                   temperature=0.0))
+            for i, p in enumerate([PROMPTS[0], PROMPTS[2], PROMPTS[4], PROMPTS[0] + "pass"])]
+    lengths = [len(ids) for _, ids, _ in jobs]
+    assert len(set(lengths)) > 1 and max(lengths) - min(lengths) <= 16, lengths
+    single = {key: gen.generate(ids, params).token_ids for key, ids, params in jobs}
+    first = dec.add_many(jobs)
+    assert not any(isinstance(v, Exception) for v in first.values())
+    assert first[2][-1].finish_reason == "length" and 2 not in dec.keys
+    assert dec.prefill_work[0] == sum(lengths) and dec.active == 3
+    assert _drain(dec, first) == single  # type: ignore[arg-type]
+
+
+def test_prompts_added_together_decode_as_single_streams(gen):
+    """The decomposed graph prefills them in one left-padded run; the fused one without a
+    logits window cannot (its last column is padding for shorter rows) and prefills them
+    one by one. The tokens are a single stream's either way."""
+    dec = BatchDecoder(gen, max_batch=4)
+    _together_case(gen, dec)
+    assert dec.prefill_batched == (not gen.graph.right_padded_batch)
+
+
+@pytest.fixture(scope="module", params=["decomposed", "fused"])
+def windowed(request, spec_bundles, tiny_bundle):
+    """The tiny model's graphs that return a window of last positions (bundles with a draft):
+    the fused one prefills right-padded prompts together too. Speculation off: batch rows."""
+    from edge_runtime.bundle.manifest import verify_bundle
+    from edge_runtime.model.generator import Generator
+    from edge_runtime.signing import load_public_key
+
+    b = verify_bundle(spec_bundles[request.param], [load_public_key(tiny_bundle.pubkey)])
+    g = Generator.from_bundle(b, speculative=False)
+    assert g.windowed
+    g._eos = frozenset()
+    return g
+
+
+def test_prompts_added_together_on_a_windowed_graph_share_one_run(windowed):
+    dec = BatchDecoder(windowed, max_batch=4)
+    _together_case(windowed, dec)
+    assert dec.prefill_batched
+
+
+def test_a_lone_row_of_a_run_is_unpadded_and_far_apart_prompts_run_apart(windowed):
+    gen = windowed
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    short, long = gen.text_prompt(PROMPTS[2]), gen.text_prompt(LONG)
+    assert len(long) - len(short) > 16
+    dec = BatchDecoder(gen, max_batch=4)
+    # short and its twin finish at once (max_tokens 1); the long one alone joins.
+    jobs = [("s", short, SamplingParams(max_tokens=1)), ("t", short + short[-1:],
+            SamplingParams(max_tokens=1)), ("long", long, params)]
+    first = dec.add_many(jobs)
+    assert dec.keys == ["long"] and dec._width == len(long)  # unpadded, its own length
+    assert dec.prefill_batched  # the two short ones shared a run; the long one ran alone
+    out = _drain(dec, first)
+    assert out["long"] == gen.generate(long, params).token_ids
+
+
+def test_add_many_mixes_cached_chunked_and_fresh_prompts(gen):
+    """A prompt with a prefix-cache hit and one longer than the prefill chunk go their own
+    way; the fresh ones run together; every stream's tokens are a single stream's."""
+    gen.use_prefix_cache(1 << 24, min_tokens=4)
+    try:
+        params = SamplingParams(max_tokens=8, temperature=0.0)
+        base = gen.text_prompt(PROMPTS[1])
+        BatchDecoder(gen, max_batch=1).add("warm", base, SamplingParams(max_tokens=1))
+        jobs = [("hit", base + gen.text_prompt(" x"), params),
+                ("long", gen.text_prompt(LONG), params),
+                ("a", gen.text_prompt(PROMPTS[0]), params),
+                ("b", gen.text_prompt(PROMPTS[4]), params)]
+        gen.use_prefix_cache(0)
+        single = {key: gen.generate(ids, p).token_ids for key, ids, p in jobs}
+        gen.use_prefix_cache(1 << 24, min_tokens=4)
+        BatchDecoder(gen, max_batch=1).add("warm", base, SamplingParams(max_tokens=1))
+        chunk = max(len(jobs[2][1]), len(jobs[3][1]), len(jobs[0][1]) - len(base)) + 1
+        assert len(jobs[1][1]) > chunk
+        dec = BatchDecoder(gen, max_batch=4, prefill_chunk=chunk)
+        first = dec.add_many(jobs)
+        assert first["long"] == [] and dec.prefilling == 1  # queued for chunks
+        assert first["hit"]  # prefilled after its cached prefix, alone
+        assert dec.prefill_batched == (not gen.graph.right_padded_batch)  # "a" with "b"
+        assert _drain(dec, first) == single  # type: ignore[arg-type]
+    finally:
+        gen.use_prefix_cache(0)
+
+
+def test_add_many_refuses_before_any_work(gen):
+    params = SamplingParams(max_tokens=3)
+    dec = BatchDecoder(gen, max_batch=2)
+    ids = gen.text_prompt("x")
+    with pytest.raises(GenerationError, match="batch is full"):
+        dec.add_many([(k, ids, params) for k in range(3)])
+    with pytest.raises(GenerationError, match="empty"):
+        dec.add_many([(0, ids, params), (1, [], params)])
+    with pytest.raises(GenerationError, match="already"):
+        dec.add_many([(0, ids, params), (0, ids, params)])
+    assert dec.active == 0 and dec.prefill_work == (0, 0.0)
