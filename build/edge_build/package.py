@@ -42,7 +42,9 @@ DECODER_TRT = "model/decoder_trt.onnx"
 DRAFT = "model/draft.onnx"
 """The draft model speculative decoding proposes with (edge_runtime/model/speculative.py)."""
 LOGITS_WINDOW = "logits_start"
-"""The decoder's logits-window input when the bundle has a draft (bundle.GraphSpec)."""
+"""The decoder's logits-window input (bundle.GraphSpec) when the bundle has a draft (the
+verify pass) or the graph is fused (prompts of different lengths prefilled together in one
+right-padded run: each row's last token sits at its own column)."""
 ROTARY_TABLE = "gqa/cos_cache"
 """fuse.py's rotary table [positions, head_dim / 2]."""
 _TWO_GB = 2**31 - 1
@@ -401,7 +403,7 @@ def run(
                     f"context_length {ctx} exceeds the {rows} positions the fused graph's "
                     f"rotary tables hold (edge-build fuse --max-positions)"
                 )
-        window = LOGITS_WINDOW if draft_dir is not None else None
+        window = LOGITS_WINDOW if draft_dir is not None or fused else None
         files, inputs, outputs = _stage_graph(
             model, input_dir / "model.onnx", DECODER, kv, Path(work), window
         )

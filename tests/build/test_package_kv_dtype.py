@@ -79,3 +79,14 @@ def test_an_fp16_fused_graph_packages_and_decodes(tiny_bundle, tmp_path) -> None
             for c in chunks:
                 got[int(str(key))].extend(c.token_ids)
     assert [got[0], got[1]] == single
+    # A fused graph carries the logits window even without a draft: prompts that arrive
+    # together are prefilled in one right-padded run, each row sampled at its own last token.
+    assert graph.logits_window == "logits_start" and gen.windowed and not gen.speculative
+    dec = gen.batch(2)
+    first = dec.add_many([(0, [5, 6, 7], params), (1, [9, 10], params)])
+    assert dec.prefill_batched
+    together = {k: [t for c in v for t in c.token_ids] for k, v in first.items()}  # type: ignore[union-attr]
+    while dec.active:
+        for key, chunks in dec.step().items():
+            together[int(str(key))].extend(t for c in chunks for t in c.token_ids)
+    assert [together[0], together[1]] == single

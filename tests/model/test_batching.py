@@ -223,12 +223,17 @@ def _together_case(gen, dec: BatchDecoder) -> None:
 
 
 def test_prompts_added_together_decode_as_single_streams(gen):
-    """The decomposed graph prefills them in one left-padded run; the fused one without a
-    logits window cannot (its last column is padding for shorter rows) and prefills them
-    one by one. The tokens are a single stream's either way."""
+    """The decomposed graph prefills them in one left-padded run, the fused one in one
+    right-padded run when it returns a logits window (packaged since the window came to
+    every fused graph), else one by one (its last column is padding for shorter rows). The
+    tokens are a single stream's either way."""
     dec = BatchDecoder(gen, max_batch=4)
     _together_case(gen, dec)
-    assert dec.prefill_batched == (not gen.graph.right_padded_batch)
+    assert dec.prefill_batched == (gen.windowed or not gen.graph.right_padded_batch)
+    apart = BatchDecoder(gen, max_batch=4)
+    apart._together = False  # a fused bundle packaged before every fused graph had a window
+    _together_case(gen, apart)
+    assert not apart.prefill_batched
 
 
 @pytest.fixture(scope="module", params=["decomposed", "fused"])
@@ -290,7 +295,7 @@ def test_add_many_mixes_cached_chunked_and_fresh_prompts(gen):
         first = dec.add_many(jobs)
         assert first["long"] == [] and dec.prefilling == 1  # queued for chunks
         assert first["hit"]  # prefilled after its cached prefix, alone
-        assert dec.prefill_batched == (not gen.graph.right_padded_batch)  # "a" with "b"
+        assert dec.prefill_batched == (gen.windowed or not gen.graph.right_padded_batch)
         assert _drain(dec, first) == single  # type: ignore[arg-type]
     finally:
         gen.use_prefix_cache(0)
