@@ -324,7 +324,7 @@ class BatchDecoder:
         tokens, seconds = self.prefill_work
         self.prefill_work = (tokens + sum(lengths), seconds + time.perf_counter() - t)
         self.prefill_batched = True
-        host = {name: engine.to_host(t) for name, t in cache.items()}
+        host = {name: engine.to_host(tensor) for name, tensor in cache.items()}
         prefixes = gen.prefix_cache if self.reuse_prefixes else None
         result: dict[Hashable, list[Chunk]] = {}
         joining: list[tuple[int, _Seq]] = []
@@ -341,7 +341,8 @@ class BatchDecoder:
                 joining.append((i, job.seq))  # one that finished on its first token never joins
         if joining:
             rows = [i for i, _ in joining]
-            self._join_rows([seq for _, seq in joining], {n: h[rows] for n, h in host.items()})
+            self._join_rows([seq for _, seq in joining],
+                            {name: h[rows] for name, h in host.items()})
         return result
 
     def decode_alone(self, prompt_ids: Sequence[int], params: SamplingParams,
