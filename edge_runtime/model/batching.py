@@ -330,7 +330,7 @@ class BatchDecoder:
         joining: list[tuple[int, _Seq]] = []
         for i, (job, n) in enumerate(zip(group, lengths, strict=True)):
             cols = slice(0, n) if self._right else slice(width - n, width)
-            if prefixes is not None:  # exactly this prompt's cache, as a prefill alone stores
+            if prefixes is not None and prefixes.keeps(n):  # its own cache, as alone
                 prefixes.store(job.prompt[0], {
                     name: engine.from_host(np.ascontiguousarray(h[i : i + 1, :, cols, :]))
                     for name, h in host.items()})

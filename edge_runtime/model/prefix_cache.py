@@ -134,13 +134,18 @@ class PrefixCache:
         return k, {name: engine.from_host(np.ascontiguousarray(engine.to_host(t)[:, :, :k]))
                    for name, t in best.kv.items()}
 
+    def keeps(self, n: int) -> bool:
+        """Whether a prompt of `n` tokens can be stored (store() drops the others): a caller
+        that must copy a cache out of a batch checks first."""
+        return self.min_tokens <= n and n * self.token_bytes <= self.budget_bytes
+
     def store(self, tokens: np.ndarray, kv: Mapping[str, DeviceTensor]) -> None:
         """Keep `kv`, the cache of exactly `tokens` ([S] int64; [1, H, S, D] tensors), for
         later prompts. It supersedes entries it extends (a conversation's earlier turn); it
         is dropped if an entry already extends it."""
         n = len(tokens)
         nbytes = n * self.token_bytes
-        if n < self.min_tokens or nbytes > self.budget_bytes:
+        if not self.keeps(n):
             return
         head = self._head(tokens)
         for e in list(self._by_head.get(head, ())):

@@ -296,7 +296,21 @@ def test_add_many_mixes_cached_chunked_and_fresh_prompts(gen):
         assert first["long"] == [] and dec.prefilling == 1  # queued for chunks
         assert first["hit"]  # prefilled after its cached prefix, alone
         assert dec.prefill_batched == (gen.windowed or not gen.graph.right_padded_batch)
+        # Prefilled together, each prompt's own cache was stored as one alone stores it.
+        import numpy as np
+
+        for key, ids, _ in jobs[2:]:
+            done, kv = gen.prefix_cache.take(np.asarray([*ids, 7], dtype=np.int64))
+            assert done == len(ids) and kv is not None, key
         assert _drain(dec, first) == single  # type: ignore[arg-type]
+        # ...and a later prompt that extends one decodes over it as over its own prefill.
+        longer = jobs[2][1] + gen.text_prompt(" y = 1")
+        hit = BatchDecoder(gen, max_batch=1)
+        started = hit.add("x", longer, params)
+        assert hit._seqs[0].stats.cached_tokens == len(jobs[2][1])  # the stored row, reused
+        got = _drain(hit, {"x": started})["x"]
+        gen.use_prefix_cache(0)
+        assert got == gen.generate(longer, params).token_ids
     finally:
         gen.use_prefix_cache(0)
 
