@@ -2,8 +2,11 @@
 # The repo root is the current directory; .gpusrc/ is this branch's tree (carried), .gpu/ the
 # small artifacts (wheels: transformers 4.57.6, optimum 2.1.0, optimum-onnx 0.1.0,
 # tokenizers 0.22.2, huggingface_hub 0.36.2, cryptography 44.0.3 + cffi + pycparser, which the
-# image lacks and edge_runtime imports; the demo bundle; llama.cpp source), .gpuw0-4/ the
-# onnxruntime-gpu wheel in 5 pieces (mistral_common's wheel rides with .gpuw0). A carried
+# image lacks and edge_runtime imports; the daemon's and the benchmark client's: fastapi,
+# starlette, uvicorn, pydantic(-core), annotated-types, typing-inspection, typing_extensions,
+# opentelemetry-api, openai, httpx2, httpcore2, truststore, jiter, sniffio, distro,
+# paho-mqtt, PyJWT, at CI's versions; mistral_common for llama.cpp's converter; the fp16
+# demo bundle; llama.cpp source), .gpuw0-4/ the onnxruntime-gpu wheel in 5 pieces. A carried
 # path that a later call does not name again is gone on the machine for that call: every
 # call carries .gpusrc and what it reads (docs/BENCHMARKS.md, "GPU", says which).
 G=/tmp/gpuw

@@ -10,7 +10,11 @@ import torch
 print("torch", torch.__version__, torch.cuda.get_device_name(0))
 import onnxruntime as ort
 print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())
-for m in ("transformers", "optimum", "tokenizers", "huggingface_hub", "onnx", "numpy"):
+# The pipeline's modules, then the daemon's and the benchmark client's (bench_concurrency
+# runs a real `edge-runtime serve`): a missing one is named here, not minutes later.
+for m in ("transformers", "optimum", "tokenizers", "huggingface_hub", "onnx", "numpy",
+          "fastapi", "uvicorn", "pydantic", "openai", "paho.mqtt", "jwt", "cryptography",
+          "prometheus_client", "edge_runtime.cli", "edge_runtime.api.app"):
     try:
         mod = importlib.import_module(m)
         print(m, getattr(mod, "__version__", "?"), mod.__file__)
