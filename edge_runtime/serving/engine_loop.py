@@ -5,7 +5,8 @@ what joins it, what goes to the cloud and what is refused.
     ────────────────                               ──────────────────
     LocalWorker.submit(Request) ─▶ scheduler.admit ─▶ LOCAL: queued (deadline order)
                                                     ─▶ review(): late ones → offload/refuse
-         ◀── OFFLOAD / REJECT decision              ─▶ next_batch(free slots) → batch.add
+         ◀── OFFLOAD / REJECT decision              ─▶ next_batch(free slots) → batch.add_many
+                                                       (prompts that came together: one run)
                                                     ─▶ batch.step() → a token per sequence
                                                        (+ a chunk of a long prompt's prefill)
     async for c in request.chunks() ◀── loop.call_soon_threadsafe(put_nowait) ◀── each Chunk
@@ -481,10 +482,10 @@ class LocalWorker:
             req.started = self._clock()
             by_batch.setdefault(id(target), (target, []))[1].append(key)
         for target, ks in by_batch.values():
-            self._prefill(target, ks)
+            self._add_together(target, ks)
         self.prefilling = batch.prefilling
 
-    def _prefill(self, batch: DecodeBatch, keys: list[Hashable]) -> None:
+    def _add_together(self, batch: DecodeBatch, keys: list[Hashable]) -> None:
         t = time.perf_counter()
         try:
             got = batch.add_many([(k, self._requests[k].prompt_ids, self._requests[k].params)
@@ -492,7 +493,7 @@ class LocalWorker:
         except Exception as e:  # refused before any work (cannot happen: the scheduler
             if len(keys) > 1:   # sized the batch): one by one, so that only a bad one fails
                 for key in keys:
-                    self._prefill(batch, [key])
+                    self._add_together(batch, [key])
                 return
             got = {keys[0]: e}
         self._cycle_engine_s += time.perf_counter() - t
