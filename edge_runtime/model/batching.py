@@ -92,8 +92,9 @@ class _Prefill:
     seq: _Seq
     prompt: np.ndarray
     """[1, S] int64: the whole prompt."""
-    cache: dict[str, DeviceTensor]
-    """The sequence's own cache: the first `done` prompt tokens."""
+    cache: dict[str, DeviceTensor] | None
+    """The sequence's own cache: the first `done` prompt tokens (None: nothing yet; its first
+    chunk starts from an empty one, and a prompt prefilled with others never needs one)."""
     done: int = 0
 
 
@@ -244,7 +245,7 @@ class BatchDecoder:
         prefixes = gen.prefix_cache if self.reuse_prefixes else None
         done, kv = prefixes.take(prompt[0]) if prefixes is not None else (0, None)
         seq.stats.cached_tokens = done
-        return _Prefill(seq, prompt, kv if kv is not None else gen.empty_cache(1), done)
+        return _Prefill(seq, prompt, kv, done)
 
     def _groups(self, jobs: list[_Prefill]) -> list[list[_Prefill]]:
         """Runs of prompts to prefill together: fresh prompts (nothing cached) whose lengths
@@ -274,22 +275,23 @@ class BatchDecoder:
         # A last-position graph yields [1, 1, V]: borrow row 0 of the batch buffer (read
         # before the next forward writes it).
         out = self._logits[:1] if gen.last_token_logits and self._logits is not None else None
-        logits, job.cache = gen.forward(job.prompt[:, start:end], gen.ones[:, :end],
-                                        gen.positions[:, start:end], job.cache, out=out)
-        job.done = end
+        past = job.cache if job.cache is not None else gen.empty_cache(1)
+        logits, cache = gen.forward(job.prompt[:, start:end], gen.ones[:, :end],
+                                    gen.positions[:, start:end], past, out=out)
+        job.cache, job.done = cache, end
         tokens, seconds = self.prefill_work
         self.prefill_work = (tokens + end - start, seconds + time.perf_counter() - t)
         if end < job.prompt.shape[1]:
             return None
         prefixes = gen.prefix_cache if self.reuse_prefixes else None
         if prefixes is not None:
-            prefixes.store(job.prompt[0], job.cache)
+            prefixes.store(job.prompt[0], cache)
         if job in self._prefilling:
             self._prefilling.remove(job)
         chunks = self._advance(seq, logits[0, -1])
         if chunks and chunks[-1].finish_reason is not None:
             return chunks  # finished on its first token: never joins the batch
-        self._join(seq, job.cache)
+        self._join(seq, cache)
         return chunks
 
     def _prefill_together(self, group: list[_Prefill]) -> dict[Hashable, list[Chunk]] | None:
@@ -301,11 +303,12 @@ class BatchDecoder:
         gen, engine = self.gen, self.gen.engine
         lengths = [j.prompt.shape[1] for j in group]
         width, shortest = max(lengths), min(lengths)
+        # Each row's own columns: its tokens first (right-padded) or last (left-padded).
+        spans = [slice(0, n) if self._right else slice(width - n, width) for n in lengths]
         ids = np.zeros((len(group), width), dtype=np.int64)
         mask = np.zeros_like(ids)
         positions = np.zeros_like(ids)
-        for i, (job, n) in enumerate(zip(group, lengths, strict=True)):
-            cols = slice(0, n) if self._right else slice(width - n, width)
+        for i, (job, n, cols) in enumerate(zip(group, lengths, spans, strict=True)):
             ids[i, cols] = job.prompt[0]
             mask[i, cols] = 1
             # Padding's positions are never attended to (mask 0); right of a row they run on.
@@ -328,8 +331,7 @@ class BatchDecoder:
         prefixes = gen.prefix_cache if self.reuse_prefixes else None
         result: dict[Hashable, list[Chunk]] = {}
         joining: list[tuple[int, _Seq]] = []
-        for i, (job, n) in enumerate(zip(group, lengths, strict=True)):
-            cols = slice(0, n) if self._right else slice(width - n, width)
+        for i, (job, n, cols) in enumerate(zip(group, lengths, spans, strict=True)):
             if prefixes is not None and prefixes.keeps(n):  # its own cache, as alone
                 prefixes.store(job.prompt[0], {
                     name: engine.from_host(np.ascontiguousarray(h[i : i + 1, :, cols, :]))

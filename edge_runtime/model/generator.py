@@ -116,7 +116,7 @@ class Generator:
         if m.tokenizer.chat_template:
             tokenizer.chat_template = m.tokenizer.chat_template
         gen = cls(engine, graph, tokenizer, engine_defaults(engine, m.generation))
-        if speculative and DRAFT in m.graphs and gen._window is not None:
+        if speculative and DRAFT in m.graphs and gen.windowed:
             # The draft has no TensorRT plan of its own: "tensorrt" means the decoder's. One
             # CPU thread: its steps alternate with the decoder's, and a second ONNX Runtime
             # pool spinning beside the decoder's took half the CPU from it (measured: 2x
@@ -139,7 +139,7 @@ class Generator:
     @property
     def speculative(self) -> bool:
         """A draft model is loaded and this graph returns logits for k + 1 positions."""
-        return self.draft is not None and self._window is not None
+        return self.draft is not None and self.windowed
 
     def speculator(self) -> Speculator | None:
         """The speculative decoder of this generator's batches of one (None without a

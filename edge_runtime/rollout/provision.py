@@ -194,17 +194,16 @@ def replaced_dir(out: Path, device_id: str) -> Path:
     return out / "replaced" / device_id
 
 
-def _keep_replaced(out: Path, device_id: str, cert_path: Path) -> x509.Certificate | None:
+def _keep_replaced(out: Path, device_id: str, cert_path: Path) -> None:
     """Copy the certificate about to be replaced to OUT/replaced/ID/SERIAL.pem (atomically,
-    before its tree is deleted); None when the tree holds no readable certificate."""
+    before its tree is deleted); nothing when the tree holds no readable certificate."""
     try:
         cert = pki.load_cert(cert_path)
     except EdgeError:
-        return None
+        return
     dest = replaced_dir(out, device_id) / f"{cert.serial_number:x}.pem"
     dest.parent.mkdir(parents=True, exist_ok=True)
     pki.write_cert(dest, cert)
-    return cert
 
 
 def provision_device(out: Path, ca: CA, device: Device, opts: Options) -> Path:

@@ -26,7 +26,12 @@ from cryptography.exceptions import InvalidSignature
 
 from edge_runtime import pki
 from edge_runtime.errors import ConfigError
-from edge_runtime.rollout.provision import check_device_id, load_or_create_ca, replaced_certs
+from edge_runtime.rollout.provision import (
+    check_device_id,
+    load_or_create_ca,
+    replaced_certs,
+    replaced_dir,
+)
 
 
 def device_cert_path(provisioned: Path, device_id: str) -> Path:
@@ -101,7 +106,7 @@ def cmd_revoke(a: argparse.Namespace) -> int:
         if a.replaced:
             if not old:
                 raise ConfigError(f"{device} has no replaced certificates under "
-                                  f"{a.provisioned / 'replaced' / device}: nothing to revoke")
+                                  f"{replaced_dir(a.provisioned, device)}: nothing to revoke")
             certs.extend(old)
             continue
         if not path.is_file():
