@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 from bench.report import cpu_model, update_section
 from overload.load import pct
-from overload.procs import BIN, Procs, free_port, tail
+from overload.procs import Procs, edge_runtime_cmd, free_port, tail
 
 from edge_runtime import signing
 from edge_runtime.bundle.manifest import MANIFEST, verify_bundle, write_bundle
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         conf.write_text("[fleet]\ntelemetry_interval_s = 0.5\n"
                         "probe_max_ttft_ms = 10000\n[log]\naccess_log = ''\n")
         daemon = procs.spawn("daemon", [
-            str(BIN / "edge-runtime"), "serve", "--config", str(conf), "--fleet",
+            *edge_runtime_cmd(), "serve", "--config", str(conf), "--fleet",
             "--fleet-broker", broker, "--fleet-root", str(work / "device"),
             "--device-id", DEVICE, "--bundle", str(base / "bundle"), "--pubkey", str(pub),
             "--port", str(port), "--threads", str(a.threads), "--log-level", "warning"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 from mosquitto_broker import Broker, free_port
 
-__all__ = ["BIN", "Proc", "Procs", "daemon_config", "free_port", "tail"]
+__all__ = ["BIN", "Proc", "Procs", "daemon_config", "edge_runtime_cmd", "free_port", "tail"]
 
 BIN = Path(sys.executable).parent
 
